@@ -1,0 +1,187 @@
+"""``mmkv.generate``: prefill -> compress -> (streaming) decode, returning the answer and a Trace.
+
+Query-aware (default, as in LOOK-M / MEDA / MadaKV / HybridKV): the whole prompt, question included,
+is prefilled with the full cache and compressed afterwards, so the *first* answer token is computed
+before any eviction. Query-agnostic (``query_aware=False``, kvpress-style): only the context (images,
+video and text before the final question) is prefilled and compressed; the question is then
+processed against the compressed cache, so compression can change every answer token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from transformers import DynamicCache
+
+from .methods import Method
+from .models import PreparedInputs, adapter_for
+from .models.base import Chat
+from .session import Session
+from .trace import Trace
+
+# Prompt-side inputs that are per token and must be split with the query-agnostic context.
+_PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    trace: Trace
+    prepared: PreparedInputs
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def check_prompt_length(model: torch.nn.Module, prompt_length: int, max_new_tokens: int) -> None:
+    """Raise a fixable error when prompt + answer exceed the model's context window."""
+    cfg = model.config.get_text_config(decoder=True)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit is not None and prompt_length + max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt has {prompt_length} tokens and {max_new_tokens} new tokens were asked for, but the model's "
+            f"context is {limit} tokens: shorten the text, attach fewer images or video frames, or lower max_new_tokens"
+        )
+
+
+class Generation:
+    """An in-progress generation: iterate for text deltas; ``result`` is set when it ends."""
+
+    def __init__(self, steps: Iterator[str]) -> None:
+        self._steps = steps
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._steps
+
+    def run(self) -> GenerationResult:
+        for _ in self._steps:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+def _select(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    if not do_sample:
+        return int(logits.argmax(-1))
+    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cut = sorted_p.cumsum(-1) - sorted_p > top_p
+        sorted_p[cut] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def _reset_rope_state(model: torch.nn.Module) -> None:
+    """Qwen-VL models keep ``rope_deltas`` between calls; clear it so a new prompt recomputes it."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "rope_deltas"):
+        inner.rope_deltas = None
+
+
+def _ensure_rope_state(model: torch.nn.Module, device: torch.device) -> None:
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "rope_deltas") and inner.rope_deltas is None:
+        inner.rope_deltas = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+
+def generate(
+    model: torch.nn.Module,
+    processor: Any,
+    chat: Chat | str,
+    method: str | Method = "snapkv",
+    budget: float | int = 0.2,
+    *,
+    max_new_tokens: int = 64,
+    query_aware: bool = True,
+    stream: bool = False,
+    num_frames: int | None = 8,
+    video_fps: float | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    record_attention: bool = True,
+    record_scores: bool = False,
+    prepared: PreparedInputs | None = None,
+    **method_params: Any,
+) -> GenerationResult | Generation:
+    """Answer ``chat`` with a compressed KV cache.
+
+    ``method`` is a name (``"snapkv"``, ``"adakv"``, ...) or a :class:`~mmkv.methods.Method`;
+    ``budget`` a ratio in (0, 1] of the compressed span or an absolute token count (int) per layer
+    and KV head. Returns a :class:`GenerationResult` (text, token ids, Trace), or with
+    ``stream=True`` a :class:`Generation` to iterate for text deltas.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    adapter = adapter_for(model)
+    if prepared is None:
+        prepared = adapter.prepare(model, processor, chat, num_frames=num_frames, video_fps=video_fps)
+    check_prompt_length(model, prepared.length, max_new_tokens)
+    context = prepared.length if query_aware else prepared.context_length
+    if not 0 < context <= prepared.length:
+        raise ValueError("query-agnostic mode needs a context before the question: put images/text before it")
+    session = Session(
+        model, method, budget,
+        modality=prepared.modality if query_aware else prepared.modality.prefix(context),
+        record_attention=record_attention, record_scores=record_scores, query_aware=query_aware,
+        method_params=method_params,
+    )
+    tokenizer = getattr(processor, "tokenizer", processor)
+    generation = Generation(iter(()))
+    generation._steps = _run(model, tokenizer, prepared, session, context, max_new_tokens,
+                             do_sample, temperature, top_p, seed, generation)
+    return generation if stream else generation.run()
+
+
+def _run(model, tokenizer, prepared, session, context, max_new_tokens, do_sample, temperature, top_p, seed, generation):
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    eos = _eos_ids(model, tokenizer)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    inputs = dict(prepared.inputs)
+    ids: list[int] = []
+    text = ""
+    _reset_rope_state(model)
+
+    def forward(**kwargs: Any) -> Any:
+        with session.bound(), torch.inference_mode():
+            return model(**kwargs, past_key_values=cache, use_cache=True)
+
+    with session.activate(bind=False):
+        if context == prepared.length:
+            out = forward(**inputs)
+        else:
+            head = {k: (v[:, :context] if k in _PER_TOKEN_KEYS and torch.is_tensor(v) else v) for k, v in inputs.items()}
+            forward(**head)
+            _ensure_rope_state(model, device)
+            out = forward(input_ids=inputs["input_ids"][:, context:])
+        _ensure_rope_state(model, device)
+        logits = out.logits[0, -1]
+        for step in range(max_new_tokens):
+            token = _select(logits, do_sample, temperature, top_p, generator)
+            ids.append(token)
+            new_text = tokenizer.decode(ids, skip_special_tokens=True)
+            if new_text != text:
+                yield new_text[len(text):] if new_text.startswith(text) else new_text
+                text = new_text
+            if token in eos or step == max_new_tokens - 1:
+                break
+            out = forward(input_ids=torch.tensor([[token]], device=device))
+            logits = out.logits[0, -1]
+    trace = session.trace
+    trace.prompt_length = prepared.length
+    trace.answer = text
+    trace.generated_ids = ids
+    generation.result = GenerationResult(text=text, token_ids=ids, trace=trace, prepared=prepared)

@@ -1,0 +1,53 @@
+"""AdaKV (Ada-SnapKV): adaptive per-head budgets inside a layer (Feng et al., arXiv 2407.11550).
+
+Per layer, the ``H_kv * b`` slots (``b = C - w``) go to the globally best pooled window scores
+across heads, so concentrated heads give slots to dispersed ones; a floor ``alpha * b`` per head
+keeps every head alive: ``cap_h = round(n_h * (1 - alpha) + floor(b * alpha))`` where ``n_h`` is
+the number of head ``h``'s entries in the layer-wide top-k (algorithms.md §6.5; repo defaults:
+window 32, kernel 7, max pooling, alpha 0.2). Heads then keep different numbers of tokens: the cache
+stores them ragged, so the savings are physical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import LayerContext, LayerPlan
+from .snapkv import SnapKV
+
+
+@dataclass
+class AdaKV(SnapKV):
+    """Ada-SnapKV with floor ``alpha`` (share of the base budget guaranteed to each head)."""
+
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+    alpha: float = 0.2
+
+    name = "adakv"
+    reference = "Feng et al. 2024, Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation (arXiv 2407.11550)"
+
+    def head_capacities(self, ctx: LayerContext) -> list[int]:
+        """Per-KV-head capacities (window included)."""
+        length, capacity = ctx.length, ctx.capacity
+        if capacity >= length:
+            return [length] * ctx.num_kv_heads
+        window = min(self.window, capacity, length)
+        base = capacity - window
+        scores = self.scores(ctx)[:, : length - window]  # [H_kv, L - w]
+        h_kv, span = scores.shape
+        flat = scores.reshape(-1)
+        top = torch.topk(flat, min(h_kv * base, flat.numel())).indices
+        counts = torch.bincount(top // span, minlength=h_kv)
+        floor = int(base * self.alpha)
+        caps = [min(span, round(int(n) * (1 - self.alpha) + floor)) + window for n in counts]
+        return caps
+
+    def plan_layer(self, ctx: LayerContext) -> LayerPlan:
+        caps = self.head_capacities(ctx)
+        plan = self.keep(ctx, caps)
+        plan.info["head_capacities"] = caps
+        return plan

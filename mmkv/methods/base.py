@@ -1,0 +1,163 @@
+"""The method contract: statistics in, a plan out.
+
+A method is a small dataclass. It declares the prefill statistics it needs (:meth:`stats_request`)
+and turns a :class:`LayerContext` into a :class:`LayerPlan`: per KV head, which *logical* prompt
+positions stay in the cache (and, for merging methods, the new keys/values of the kept tokens).
+
+- *Layer-local* methods implement :meth:`Method.plan_layer`; the cache compresses each layer right
+  after its prefill attention, so the full KV of all layers never coexists.
+- *Global* methods (budget depends on all layers: MEDA, MadaKV's compensation, HybridKV) set
+  ``is_global = True`` and implement :meth:`Method.plan`, which runs once after the whole prefill,
+  before the first decode step.
+
+``capacity`` is the average number of tokens a (layer, KV head) may keep, resolved by the driver
+from the user's budget (a ratio of the compressed span, or an absolute token count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..modality import ModalityMap
+from ..stats import LayerStats, StatsRequest
+
+
+@dataclass
+class LayerContext:
+    """What a method sees for one decoder layer at the end of prefill."""
+
+    layer: int
+    num_layers: int
+    num_kv_heads: int
+    num_q_heads: int
+    length: int  # L: tokens in the compressed span (positions 0..L-1)
+    capacity: int  # average tokens per KV head the budget allows in this layer (window included)
+    modality: ModalityMap  # provenance of the L tokens
+    stats: LayerStats
+    keys: torch.Tensor | None = None  # [H_kv, L, d] post-RoPE, for merging methods
+    values: torch.Tensor | None = None  # [H_kv, L, d]
+
+    @property
+    def group_size(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+
+@dataclass
+class MergeRecord:
+    """One KV head's merges: evicted position ``source[i]`` was folded into kept position ``target[i]``."""
+
+    source: torch.Tensor  # long [m]
+    target: torch.Tensor  # long [m]
+    similarity: torch.Tensor  # float [m]
+
+
+@dataclass
+class LayerPlan:
+    """Decision for one layer.
+
+    - ``kept[h]``: sorted logical positions kept for KV head ``h`` (long tensor).
+    - ``keys`` / ``values``: optional replacement contents for the kept tokens, ``[n_h, d]`` per head
+      (merging methods); ``None`` means "gather the original keys/values".
+    - ``merges``: optional per-head :class:`MergeRecord` for the trace.
+    - ``decode``: optional decode-time policy (e.g. ``{"policy": "h2o", "capacity": C, "recent": w,
+      "scores": [H_kv, n]}``), applied by the cache at every decode step.
+    - ``info``: small per-layer numbers for the trace (budgets, entropies, ...).
+    """
+
+    kept: list[torch.Tensor]
+    keys: list[torch.Tensor] | None = None
+    values: list[torch.Tensor] | None = None
+    merges: list[MergeRecord] | None = None
+    decode: dict[str, Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def budgets(self) -> list[int]:
+        return [int(k.numel()) for k in self.kept]
+
+    @classmethod
+    def keep_all(cls, num_kv_heads: int, length: int, device: torch.device | str = "cpu") -> "LayerPlan":
+        full = torch.arange(length, device=device)
+        return cls(kept=[full.clone() for _ in range(num_kv_heads)])
+
+
+@dataclass
+class Method:
+    """Base of all methods. Subclasses are dataclasses whose fields are the method's hyper-parameters."""
+
+    name: ClassVar[str] = "base"
+    is_global: ClassVar[bool] = False
+    #: Paper/code reference shown in the app and docs.
+    reference: ClassVar[str] = ""
+
+    def stats_request(self) -> StatsRequest:
+        return StatsRequest()
+
+    def plan_layer(self, ctx: LayerContext) -> LayerPlan:
+        raise NotImplementedError(f"{type(self).__name__} is global: use plan()")
+
+    def plan(self, contexts: list[LayerContext]) -> list[LayerPlan]:
+        """Plan every layer at once (global methods override this)."""
+        return [self.plan_layer(ctx) for ctx in contexts]
+
+    @property
+    def compresses(self) -> bool:
+        """False for the Full baseline: no statistics, no plan, the cache stays as it is."""
+        return True
+
+
+# ---- helpers shared by the methods (each is the formula named in its docstring) -------------
+
+
+def reduce_to_kv_heads(scores: torch.Tensor, num_kv_heads: int, how: str = "mean") -> torch.Tensor:
+    """GQA: reduce per-query-head scores ``[H_q, L]`` to KV heads ``[H_kv, L]`` (algorithms.md §1.2).
+
+    Query heads ``h*G .. h*G+G-1`` share KV head ``h`` (the transformers ``repeat_kv`` layout).
+    """
+    h_q, length = scores.shape
+    grouped = scores.view(num_kv_heads, h_q // num_kv_heads, length)
+    if how == "mean":
+        return grouped.mean(1)
+    if how == "max":
+        return grouped.amax(1)
+    raise ValueError(f"unknown GQA reduction {how!r}: use 'mean' or 'max'")
+
+
+def pool1d(scores: torch.Tensor, kernel: int, how: str = "max") -> torch.Tensor:
+    """SnapKV's 1-D pooling over positions with padding ``kernel // 2`` and stride 1 (same length)."""
+    if kernel <= 1:
+        return scores
+    x = scores.unsqueeze(1)
+    if how == "max":
+        y = torch.nn.functional.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    elif how == "avg":
+        y = torch.nn.functional.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    else:
+        raise ValueError(f"unknown pooling {how!r}: use 'max' or 'avg'")
+    return y.squeeze(1)[..., : scores.shape[-1]]
+
+
+def topk_plus_recent(scores: torch.Tensor, keep: int | list[int], recent: int) -> list[torch.Tensor]:
+    """Per head: the ``keep[h]`` best of ``scores[h, :L-recent]`` plus the last ``recent`` positions.
+
+    ``scores`` is ``[H_kv, L]``; ties break toward the earlier position. Returns sorted positions.
+    """
+    h_kv, length = scores.shape
+    recent = min(recent, length)
+    head = length - recent
+    counts = [keep] * h_kv if isinstance(keep, int) else list(keep)
+    tail = torch.arange(head, length, device=scores.device)
+    kept = []
+    for h in range(h_kv):
+        n = max(0, min(int(counts[h]), head))
+        if n:
+            # stable descending sort so equal scores keep the earlier position
+            order = torch.sort(scores[h, :head], descending=True, stable=True).indices[:n]
+            chosen = torch.cat([order, tail])
+        else:
+            chosen = tail
+        kept.append(torch.sort(chosen).values)
+    return kept

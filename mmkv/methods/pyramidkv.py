@@ -1,0 +1,49 @@
+"""PyramidKV: SnapKV scoring with a linear layer budget (Cai et al., arXiv 2406.02069).
+
+Lower layers keep more, upper layers less (algorithms.md §6.3, KVCache-Factory defaults: window 8,
+kernel 7, max pooling, beta 20). With base ``b = C - w``: ``min = b // beta``,
+``max = 2b - min`` (clipped to ``L - w`` with ``min`` re-balanced), and layer ``l`` keeps
+``max - l * (max - min) // (N_L - 1)`` plus the window. Prompts shorter than ``2b`` fall back to
+uniform SnapKV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import LayerContext, LayerPlan
+from .snapkv import SnapKV
+
+
+@dataclass
+class PyramidKV(SnapKV):
+    """SnapKV with a pyramid of per-layer capacities; ``beta`` sets the top/bottom ratio."""
+
+    window: int = 8
+    kernel: int = 7
+    pooling: str = "max"
+    beta: int = 20
+
+    name = "pyramidkv"
+    reference = "Cai et al. 2024, PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling (arXiv 2406.02069)"
+
+    def layer_capacity(self, ctx: LayerContext) -> int:
+        """Capacity (window included) of layer ``ctx.layer``."""
+        length, capacity = ctx.length, ctx.capacity
+        window = min(self.window, capacity, length)
+        base = capacity - window
+        if capacity >= length or length < 2 * base or ctx.num_layers == 1:
+            return capacity
+        low = base // self.beta
+        high = 2 * base - low
+        if high >= length - window:
+            high = length - window
+            low = 2 * base - high
+        step = (high - low) // (ctx.num_layers - 1)
+        return high - ctx.layer * step + window
+
+    def plan_layer(self, ctx: LayerContext) -> LayerPlan:
+        cap = self.layer_capacity(ctx)
+        plan = self.keep(ctx, cap)
+        plan.info["layer_capacity"] = cap
+        return plan

@@ -1,0 +1,51 @@
+"""SnapKV: observation-window voting with pooling (Li et al., NeurIPS 2024, arXiv 2404.14469).
+
+Score = attention of the last ``window`` prompt queries summed per key, pooled along positions
+(``kernel``, avg or max) so neighbours of a strong key survive together; keep the top
+``capacity - window`` keys before the window plus the window itself (algorithms.md §6.1; defaults
+of the SnapKV repository: window 32, kernel 5, avg pooling). When the capacity is smaller than the
+window, only the last ``capacity`` tokens are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..stats import StatsRequest
+from .base import LayerContext, LayerPlan, Method, pool1d, reduce_to_kv_heads, topk_plus_recent
+
+
+@dataclass
+class SnapKV(Method):
+    """Observation window ``window``, pooling ``kernel``/``pooling``, GQA reduction ``gqa_reduce``."""
+
+    window: int = 32
+    kernel: int = 5
+    pooling: str = "avg"
+    gqa_reduce: str = "mean"
+
+    name = "snapkv"
+    reference = "Li et al. 2024, SnapKV: LLM Knows What You are Looking for Before Generation (arXiv 2404.14469)"
+
+    def stats_request(self) -> StatsRequest:
+        return StatsRequest(window=self.window)
+
+    def scores(self, ctx: LayerContext) -> torch.Tensor:
+        """Pooled window scores per KV head ``[H_kv, L]``."""
+        scores = reduce_to_kv_heads(ctx.stats.window_scores, ctx.num_kv_heads, self.gqa_reduce)
+        return pool1d(scores, self.kernel, self.pooling)
+
+    def keep(self, ctx: LayerContext, capacity: int | list[int]) -> LayerPlan:
+        """Keep ``capacity`` (per head, or one value for all) tokens: top scores + the window."""
+        length = ctx.length
+        caps = [capacity] * ctx.num_kv_heads if isinstance(capacity, int) else list(capacity)
+        if min(caps) >= length:
+            return LayerPlan.keep_all(ctx.num_kv_heads, length)
+        window = min(self.window, ctx.stats.window or self.window, length, min(caps))
+        kept = topk_plus_recent(self.scores(ctx), [c - window for c in caps], window)
+        return LayerPlan(kept=kept, info={"window": window})
+
+    def plan_layer(self, ctx: LayerContext) -> LayerPlan:
+        return self.keep(ctx, ctx.capacity)

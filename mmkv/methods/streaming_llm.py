@@ -1,0 +1,32 @@
+"""StreamingLLM: attention sinks + a recent window (Xiao et al., ICLR 2024, arXiv 2309.17453).
+
+As a prefill compressor (the KVCache-Factory form, algorithms.md §6.4): keep the first ``sinks``
+tokens and the last ``capacity - sinks`` tokens. Positions are *not* re-encoded: kept tokens keep
+their original RoPE positions, and new tokens continue at the logical length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import LayerContext, LayerPlan, Method
+
+
+@dataclass
+class StreamingLLM(Method):
+    """Keep ``sinks`` initial tokens and the most recent ``capacity - sinks`` tokens (no scores)."""
+
+    sinks: int = 4
+
+    name = "streamingllm"
+    reference = "Xiao et al. 2024, Efficient Streaming Language Models with Attention Sinks (arXiv 2309.17453)"
+
+    def plan_layer(self, ctx: LayerContext) -> LayerPlan:
+        length, capacity = ctx.length, ctx.capacity
+        if capacity >= length:
+            return LayerPlan.keep_all(ctx.num_kv_heads, length)
+        sinks = min(self.sinks, capacity)
+        kept = torch.cat([torch.arange(sinks), torch.arange(length - (capacity - sinks), length)])
+        return LayerPlan(kept=[kept.clone() for _ in range(ctx.num_kv_heads)], info={"sinks": sinks})

@@ -1,0 +1,397 @@
+"""A compression session: hooks a model, collects statistics at prefill, applies the plan, records the Trace.
+
+Used by :func:`mmkv.generate` and directly as a context manager around a plain ``model.generate``::
+
+    with mmkv.compress(model, "snapkv", budget=0.2) as session:
+        out = model.generate(**inputs, max_new_tokens=32)
+    session.trace.summary()
+
+Mechanics (no model class is patched):
+
+- the model is switched to the registered ``"mmkv"`` attention for the session's duration;
+- a forward pre-hook on the language decoder spots the prefill (an empty cache receiving a prompt)
+  and grabs the cache object that ``generate`` (or our driver) passes in;
+- during that prefill the attention function computes the method's statistics per layer and, for
+  layer-local methods, replaces the layer's cache by its compressed version right away;
+- a forward hook on the decoder runs global methods' plan once all layers are prefilled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .attention import ACTIVE_SESSION, ATTENTION_NAME, register
+from .cache import BatchSizeError, CompressedLayer, H2ODecodeLayer, apply_plan, cache_bytes, layer_bytes
+from .methods import Method, make_method
+from .methods.base import LayerContext, LayerPlan, reduce_to_kv_heads
+from .modality import ModalityMap
+from .models.base import resolve_text_model
+from .stats import LayerStats, StatsRequest, compute_layer_stats
+from .trace import LayerTrace, Timings, Trace
+
+
+def resolve_capacity(budget: float | int, length: int) -> int:
+    """Tokens per (layer, KV head): a ratio ``0 < r <= 1`` of ``length``, or an absolute count (int)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be a ratio in (0, 1] or a positive int token count, got {budget!r}")
+    if isinstance(budget, int):
+        if budget < 1:
+            raise ValueError(f"an absolute budget must be at least 1 token, got {budget}")
+        return min(budget, length)
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(
+            f"a budget ratio must be in (0, 1], got {budget}; for an absolute token count pass an int (e.g. budget=256)"
+        )
+    return max(1, min(length, round(budget * length)))
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _text_config(model: torch.nn.Module) -> Any:
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+class Session:
+    """State of one compressed generation on one model (batch size 1)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        method: str | Method = "snapkv",
+        budget: float | int = 0.2,
+        *,
+        modality: ModalityMap | None = None,
+        record_attention: bool = True,
+        record_scores: bool = False,
+        query_aware: bool = True,
+        method_params: dict[str, Any] | None = None,
+    ) -> None:
+        register()
+        self.model = model
+        self.method = make_method(method, **(method_params or {}))
+        resolve_capacity(budget, 1_000_000)  # validate early, before any forward
+        self.budget = budget
+        self.modality_override = modality
+        self.record_scores = record_scores
+        self.query_aware = query_aware
+        self.text_model = resolve_text_model(model)
+        self._layer_of = {id(layer.self_attn): i for i, layer in enumerate(self.text_model.layers)}
+        cfg = _text_config(model)
+        self.num_layers = len(self.text_model.layers)
+        self.num_q_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_q_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        request = self.method.stats_request() if self.method.compresses else StatsRequest()
+        if record_attention:
+            request = request | StatsRequest(modality_mass=True, entropy=True)
+        self.request = request
+        self.cache: Any = None
+        self.trace: Trace | None = None
+        self.collecting = False
+        self._pending: dict[int, LayerStats] = {}
+        self._layer_traces: dict[int, LayerTrace] = {}
+        self._captured: dict[str, Any] = {}
+        self._forward_start = 0.0
+        self._forward_is_prefill = False
+        self._handles: list[Any] = []
+
+    # ---- lookups used by the attention function ------------------------------------------
+    def layer_index(self, module: torch.nn.Module) -> int | None:
+        return self._layer_of.get(id(module))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- activation ------------------------------------------------------------------------
+    @contextmanager
+    def activate(self, bind: bool = True) -> Iterator["Session"]:
+        """Hook the model; with ``bind`` also make this the active session in the current context.
+
+        The driver binds only around its own forward calls (:meth:`bound`), so a streaming consumer
+        running other forwards between tokens is never routed through this session. Hooks act only
+        while their session is the active one, so several sessions may share one model.
+        """
+        _switch_attention(self.model, +1)
+        self._handles = [
+            self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
+            self.model.register_forward_hook(self._model_post_hook, with_kwargs=True),
+            self.text_model.register_forward_pre_hook(self._text_pre_hook, with_kwargs=True),
+            self.text_model.register_forward_hook(self._text_post_hook, with_kwargs=True),
+        ]
+        try:
+            if bind:
+                with self.bound():
+                    yield self
+            else:
+                yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            _switch_attention(self.model, -1)
+            self.finish()
+
+    @contextmanager
+    def bound(self) -> Iterator["Session"]:
+        """Make this the active session in the current context for the block."""
+        token = ACTIVE_SESSION.set(self)
+        try:
+            yield self
+        finally:
+            ACTIVE_SESSION.reset(token)
+
+    def _is_active(self) -> bool:
+        return ACTIVE_SESSION.get() is self
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def _model_pre_hook(self, module, args, kwargs):
+        if not self._is_active():
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.dim() == 2 and ids.shape[0] != 1:
+            raise BatchSizeError(
+                f"mmkv supports batch size 1, got a batch of {ids.shape[0]}: loop over prompts instead"
+            )
+        self._captured = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        if ids is not None and "input_ids" not in self._captured:
+            self._captured["input_ids"] = ids
+        self._forward_start = _sync(self.device)
+
+    def _model_post_hook(self, module, args, kwargs, output):
+        if not self._is_active():
+            return output
+        elapsed = _sync(self.device) - self._forward_start
+        if self.trace is None:
+            return output
+        if self._forward_is_prefill:
+            self.trace.timings.prefill_s += elapsed
+        else:
+            self.trace.timings.decode_s.append(elapsed)
+        return output
+
+    def _text_pre_hook(self, module, args, kwargs):
+        if not self._is_active():
+            return None
+        cache = kwargs.get("past_key_values")
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = kwargs.get("input_ids", args[0] if args else None)
+        q_len = int(embeds.shape[1]) if embeds is not None else 0
+        if embeds is not None and embeds.shape[0] != 1:
+            raise BatchSizeError(f"mmkv supports batch size 1, got a batch of {embeds.shape[0]}")
+        self._forward_is_prefill = q_len > 1
+        if cache is None or q_len == 0 or cache.get_seq_length() != 0:
+            return None
+        self._start_prefill(cache, q_len)
+        return None
+
+    def _text_post_hook(self, module, args, kwargs, output):
+        if not self.collecting or not self._is_active():
+            return output
+        t0 = _sync(self.device)
+        if self.method.is_global and self.method.compresses:
+            order = sorted(self._pending)
+            contexts = [self._context(i, self._pending[i]) for i in order]
+            plans = self.method.plan(contexts)
+            for i, plan in zip(order, plans):
+                self._apply(i, plan, self._pending[i])
+            self._pending.clear()
+        self.trace.timings.compress_s += _sync(self.device) - t0
+        self.collecting = False
+        self.trace.layers = [self._layer_traces[i] for i in sorted(self._layer_traces)]
+        return output
+
+    # ---- prefill ---------------------------------------------------------------------------
+    def _modality_for(self, length: int) -> ModalityMap:
+        if self.modality_override is not None:
+            modality = self.modality_override
+        else:
+            from .models import adapter_for  # local import: adapters import heavy processor code
+
+            modality = adapter_for(self.model).modality_map(self.model, self._captured)
+        if len(modality) != length:
+            raise ValueError(
+                f"the modality map covers {len(modality)} tokens but the compressed prefill has {length}; "
+                "pass the map of exactly the prefilled tokens"
+            )
+        return modality
+
+    def _start_prefill(self, cache: Any, length: int) -> None:
+        self.cache = cache
+        self.modality = self._modality_for(length)
+        self.codes = self.modality.modality.to(self.device)
+        self.capacity = resolve_capacity(self.budget, length)
+        self._layer_traces = {}
+        self._pending = {}
+        bytes_per = 2 * self.head_dim * next(self.model.parameters()).element_size()
+        self.trace = Trace(
+            method=self.method.name,
+            params={k: v for k, v in vars(self.method).items() if not k.startswith("_")},
+            budget=self.budget,
+            capacity=self.capacity,
+            query_aware=self.query_aware,
+            prompt_length=length,
+            span_length=length,
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            num_q_heads=self.num_q_heads,
+            head_dim=self.head_dim,
+            bytes_per_token_head=bytes_per,
+            modality=self.modality,
+            timings=Timings(),
+            model=getattr(self.model.config, "_name_or_path", ""),
+            family=getattr(self.model.config, "model_type", ""),
+        )
+        self.collecting = True
+
+    def attend(self, layer_idx, module, query, key, value, attention_mask, dropout, scaling, kwargs) -> torch.Tensor:
+        """Attention for decoder layer ``layer_idx`` inside the session."""
+        cache_layer = self.cache.layers[layer_idx] if self.cache is not None and layer_idx < len(self.cache.layers) else None
+        if isinstance(cache_layer, CompressedLayer):
+            return cache_layer.attend(module, query, key, value, scaling, dropout)
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if self.collecting and query.shape[2] == key.shape[2] == self.trace.span_length and layer_idx not in self._layer_traces:
+            self._on_prefill_layer(layer_idx, query, key, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        return out
+
+    def _on_prefill_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        t0 = _sync(self.device)
+        stats = LayerStats() if self.request.empty else compute_layer_stats(query, key, self.codes, self.request, scaling)
+        t1 = _sync(self.device)
+        self.trace.timings.stats_s += t1 - t0
+        if self.method.compresses and self.method.is_global:
+            self._pending[layer_idx] = stats
+            self._layer_traces[layer_idx] = self._record(layer_idx, LayerPlan.keep_all(self.num_kv_heads, 0), stats, 0, 0)
+            return
+        plan = (
+            self.method.plan_layer(self._context(layer_idx, stats))
+            if self.method.compresses
+            else LayerPlan.keep_all(self.num_kv_heads, self.trace.span_length)
+        )
+        self._apply(layer_idx, plan, stats)
+        self.trace.timings.compress_s += _sync(self.device) - t1
+
+    def _context(self, layer_idx: int, stats: LayerStats) -> LayerContext:
+        layer = self.cache.layers[layer_idx]
+        return LayerContext(
+            layer=layer_idx,
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            num_q_heads=self.num_q_heads,
+            length=self.trace.span_length,
+            capacity=self.capacity,
+            modality=self.modality,
+            stats=stats,
+            keys=layer.keys[0],
+            values=layer.values[0],
+        )
+
+    def _apply(self, layer_idx: int, plan: LayerPlan, stats: LayerStats) -> None:
+        before = layer_bytes(self.cache.layers[layer_idx])
+        if self.method.compresses:
+            apply_plan(self.cache, layer_idx, plan)
+        after = layer_bytes(self.cache.layers[layer_idx])
+        self._layer_traces[layer_idx] = self._record(layer_idx, plan, stats, before, after)
+
+    def _record(self, layer_idx: int, plan: LayerPlan, stats: LayerStats, before: int, after: int) -> LayerTrace:
+        scores = None
+        if self.record_scores:
+            source = stats.window_scores if stats.window_scores is not None else stats.column_sums
+            if source is not None:
+                scores = reduce_to_kv_heads(source, self.num_kv_heads).cpu().tolist()
+        merges = None
+        if plan.merges is not None:
+            merges = [
+                {"source": m.source.tolist(), "target": m.target.tolist(), "similarity": m.similarity.tolist()}
+                for m in plan.merges
+            ]
+        return LayerTrace(
+            layer=layer_idx,
+            kept=[k.cpu().tolist() for k in plan.kept],
+            bytes_before=before,
+            bytes_after=after,
+            merges=merges,
+            info=_jsonable(plan.info),
+            modality_mass=stats.modality_mass.cpu().tolist() if stats.modality_mass is not None else None,
+            entropy=stats.entropy.cpu().tolist() if stats.entropy is not None else None,
+            scores=scores,
+        )
+
+    # ---- end -------------------------------------------------------------------------------
+    def finish(self) -> Trace | None:
+        """Record end-of-generation facts (bytes held, decode-time evictions) into the trace."""
+        if self.trace is None or self.cache is None:
+            return self.trace
+        self.trace.bytes_end = cache_bytes(self.cache)
+        for layer_trace in self.trace.layers:
+            layer = self.cache.layers[layer_trace.layer]
+            if isinstance(layer, H2ODecodeLayer):
+                layer_trace.decode_evictions = [list(step) for step in layer.evictions]
+        return self.trace
+
+
+_ATTENTION_USERS: dict[int, tuple[int, Any]] = {}
+_ATTENTION_LOCK = threading.Lock()
+
+
+def _switch_attention(model: torch.nn.Module, delta: int) -> None:
+    """Switch ``model`` to the mmkv attention while at least one session uses it; restore it after."""
+    with _ATTENTION_LOCK:
+        count, previous = _ATTENTION_USERS.get(id(model), (0, None))
+        if delta > 0 and count == 0:
+            previous = getattr(model.config, "_attn_implementation", None)
+            if previous != ATTENTION_NAME:
+                model.set_attn_implementation(ATTENTION_NAME)
+        count += delta
+        if count <= 0:
+            _ATTENTION_USERS.pop(id(model), None)
+            if previous is not None and previous != ATTENTION_NAME:
+                model.set_attn_implementation(previous)
+        else:
+            _ATTENTION_USERS[id(model)] = (count, previous)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@contextmanager
+def compress(
+    model: torch.nn.Module,
+    method: str | Method = "snapkv",
+    budget: float | int = 0.2,
+    *,
+    modality: ModalityMap | None = None,
+    record_attention: bool = True,
+    record_scores: bool = False,
+    **method_params: Any,
+) -> Iterator[Session]:
+    """Compress the KV cache of every ``model.generate`` / forward prefill inside the block.
+
+    The prompt (context + question) is compressed after its prefill, as in the papers
+    (query-aware). ``modality`` defaults to the map the model's adapter builds from the inputs.
+    """
+    session = Session(
+        model, method, budget, modality=modality, record_attention=record_attention,
+        record_scores=record_scores, method_params=method_params,
+    )
+    with session.activate():
+        yield session

@@ -1,0 +1,137 @@
+"""The Trace: everything a run decided and measured, JSON round-trippable, for viz and the app."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .modality import ModalityMap
+
+
+@dataclass
+class LayerTrace:
+    """One decoder layer: what was kept per KV head and why."""
+
+    layer: int
+    kept: list[list[int]]  # per KV head: logical prompt positions kept after compression
+    bytes_before: int  # physical KV bytes of this layer right after prefill
+    bytes_after: int  # ... and right after compression
+    merges: list[dict[str, list]] | None = None  # per KV head: {"source", "target", "similarity"}
+    info: dict[str, Any] = field(default_factory=dict)  # method-specific numbers (capacities, entropy, ...)
+    modality_mass: list[list[float]] | None = None  # per query head: share on [text, image, video]
+    entropy: list[float] | None = None  # per query head, window queries (nats)
+    scores: list[list[float]] | None = None  # per KV head, the method's token scores (optional)
+    decode_evictions: list[list[int]] | None = None  # per decode step, evicted position per KV head
+
+    @property
+    def budgets(self) -> list[int]:
+        return [len(k) for k in self.kept]
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds (device-synchronised on GPU)."""
+
+    prefill_s: float = 0.0  # the whole prefill forward, statistics and layer-local compression included
+    stats_s: float = 0.0  # computing the requested attention statistics (inside prefill)
+    compress_s: float = 0.0  # planning + applying the plan (inside prefill, plus the global pass)
+    decode_s: list[float] = field(default_factory=list)  # one entry per decode forward
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        return 1000.0 * sum(self.decode_s) / len(self.decode_s) if self.decode_s else 0.0
+
+
+@dataclass
+class Trace:
+    """A run of one method on one prompt."""
+
+    method: str
+    params: dict[str, Any]
+    budget: float | int
+    capacity: int  # average tokens per (layer, KV head) the budget allows
+    query_aware: bool
+    prompt_length: int  # tokens in the whole prompt
+    span_length: int  # tokens in the compressed span (== prompt_length when query-aware)
+    num_layers: int
+    num_kv_heads: int
+    num_q_heads: int
+    head_dim: int
+    bytes_per_token_head: int  # bytes of one token's key+value in one KV head
+    modality: ModalityMap | None = None
+    layers: list[LayerTrace] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
+    model: str = ""
+    family: str = ""
+    answer: str = ""
+    generated_ids: list[int] = field(default_factory=list)
+    bytes_end: int = 0  # physical KV bytes when generation ended (generated tokens included)
+
+    # ---- summaries -------------------------------------------------------------------------
+    @property
+    def bytes_full(self) -> int:
+        return sum(layer.bytes_before for layer in self.layers)
+
+    @property
+    def bytes_compressed(self) -> int:
+        return sum(layer.bytes_after for layer in self.layers)
+
+    @property
+    def kept_tokens(self) -> int:
+        """Kept (token, KV head) pairs summed over layers."""
+        return sum(sum(layer.budgets) for layer in self.layers)
+
+    @property
+    def kept_ratio(self) -> float:
+        total = self.span_length * self.num_kv_heads * self.num_layers
+        return self.kept_tokens / total if total else 1.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "budget": self.budget,
+            "query_aware": self.query_aware,
+            "prompt_tokens": self.prompt_length,
+            "compressed_span": self.span_length,
+            "kept_ratio": round(self.kept_ratio, 4),
+            "kv_bytes_full": self.bytes_full,
+            "kv_bytes_compressed": self.bytes_compressed,
+            "kv_bytes_end": self.bytes_end,
+            "prefill_ms": round(1000 * self.timings.prefill_s, 2),
+            "stats_ms": round(1000 * self.timings.stats_s, 2),
+            "compress_ms": round(1000 * self.timings.compress_s, 2),
+            "decode_ms_per_token": round(self.timings.decode_ms_per_token, 3),
+            "new_tokens": len(self.generated_ids),
+        }
+
+    # ---- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("modality", "layers", "timings")}
+        d["modality"] = self.modality.to_dict() if self.modality is not None else None
+        d["layers"] = [asdict(layer) for layer in self.layers]
+        d["timings"] = asdict(self.timings)
+        return d
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict())
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Trace":
+        d = dict(d)
+        modality = ModalityMap.from_dict(d.pop("modality")) if d.get("modality") else None
+        d.pop("modality", None)
+        layers = [LayerTrace(**layer) for layer in d.pop("layers")]
+        timings = Timings(**d.pop("timings"))
+        return cls(**d, modality=modality, layers=layers, timings=timings)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "Trace":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
+        return cls.from_dict(json.loads(text))
