@@ -49,7 +49,7 @@ class StatsRequest:
 
     @property
     def empty(self) -> bool:
-        return not (self.window or self.column_sums or self.full_entropy)
+        return not (self.window or self.column_sums or self.full_entropy or self.modality_mass or self.entropy)
 
 
 @dataclass

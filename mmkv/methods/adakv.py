@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerContext, LayerPlan
+from .base import LayerContext, LayerPlan, check_fraction
 from .snapkv import SnapKV
 
 
@@ -30,6 +30,10 @@ class AdaKV(SnapKV):
     name = "adakv"
     reference = "Feng et al. 2024, Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation (arXiv 2407.11550)"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fraction(self, "alpha")
+
     def head_capacities(self, ctx: LayerContext) -> list[int]:
         """Per-KV-head capacities (window included)."""
         length, capacity = ctx.length, ctx.capacity
@@ -37,14 +41,13 @@ class AdaKV(SnapKV):
             return [length] * ctx.num_kv_heads
         window = min(self.window, capacity, length)
         base = capacity - window
-        scores = self.scores(ctx)[:, : length - window]  # [H_kv, L - w]
+        scores = self.scores(ctx, window)  # [H_kv, L - w]
         h_kv, span = scores.shape
         flat = scores.reshape(-1)
         top = torch.topk(flat, min(h_kv * base, flat.numel())).indices
         counts = torch.bincount(top // span, minlength=h_kv)
         floor = int(base * self.alpha)
-        caps = [min(span, round(int(n) * (1 - self.alpha) + floor)) + window for n in counts]
-        return caps
+        return [min(span, round(int(n) * (1 - self.alpha) + floor)) + window for n in counts]
 
     def plan_layer(self, ctx: LayerContext) -> LayerPlan:
         caps = self.head_capacities(ctx)

@@ -109,6 +109,26 @@ class Method:
         return True
 
 
+def check_positive(method: "Method", *names: str) -> None:
+    """Raise a clear error when a hyper-parameter that must be a positive integer is not."""
+    for name in names:
+        value = getattr(method, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{method.name}: {name} must be a positive integer, got {value!r}")
+
+
+def check_fraction(method: "Method", name: str, low: float = 0.0, high: float = 1.0) -> None:
+    value = getattr(method, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{method.name}: {name} must be a number in [{low}, {high}], got {value!r}")
+
+
+def check_choice(method: "Method", name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(method, name)
+    if value not in choices:
+        raise ValueError(f"{method.name}: {name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 # ---- helpers shared by the methods (each is the formula named in its docstring) -------------
 
 
@@ -134,18 +154,21 @@ def pool1d(scores: torch.Tensor, kernel: int, how: str = "max") -> torch.Tensor:
     if how == "max":
         y = torch.nn.functional.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
     elif how == "avg":
-        y = torch.nn.functional.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        # padding counts as zeros (SnapKV's F.avg_pool1d default): every output is window sum / kernel
+        y = torch.nn.functional.avg_pool1d(x, kernel, stride=1, padding=kernel // 2)
     else:
         raise ValueError(f"unknown pooling {how!r}: use 'max' or 'avg'")
     return y.squeeze(1)[..., : scores.shape[-1]]
 
 
-def topk_plus_recent(scores: torch.Tensor, keep: int | list[int], recent: int) -> list[torch.Tensor]:
+def topk_plus_recent(scores: torch.Tensor, keep: int | list[int], recent: int, length: int | None = None) -> list[torch.Tensor]:
     """Per head: the ``keep[h]`` best of ``scores[h, :L-recent]`` plus the last ``recent`` positions.
 
-    ``scores`` is ``[H_kv, L]``; ties break toward the earlier position. Returns sorted positions.
+    ``scores`` is ``[H_kv, L]`` or already sliced to ``[H_kv, L - recent]`` (then pass ``length``);
+    ties break toward the earlier position. Returns sorted positions.
     """
-    h_kv, length = scores.shape
+    h_kv = scores.shape[0]
+    length = scores.shape[1] if length is None else length
     recent = min(recent, length)
     head = length - recent
     counts = [keep] * h_kv if isinstance(keep, int) else list(keep)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..stats import StatsRequest
-from .base import LayerContext, LayerPlan, Method, reduce_to_kv_heads, topk_plus_recent
+from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction, reduce_to_kv_heads, topk_plus_recent
 
 
 @dataclass
@@ -27,6 +27,10 @@ class H2O(Method):
 
     name = "h2o"
     reference = "Zhang et al. 2023, H2O: Heavy-Hitter Oracle (arXiv 2306.14048)"
+
+    def __post_init__(self) -> None:
+        check_fraction(self, "recent_ratio")
+        check_choice(self, "gqa_reduce", ("mean", "max"))
 
     def stats_request(self) -> StatsRequest:
         return StatsRequest(column_sums=True)
@@ -42,7 +46,7 @@ class H2O(Method):
         if self.decode_evict:
             plan.decode = {
                 "policy": "h2o",
-                "capacity": min(capacity, length),
+                "capacity": capacity,
                 "recent": recent,
                 "scores": [scores[h, k] for h, k in enumerate(plan.kept)],
             }

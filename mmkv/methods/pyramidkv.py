@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import LayerContext, LayerPlan
+from .base import LayerContext, LayerPlan, check_positive
 from .snapkv import SnapKV
 
 
@@ -27,10 +27,14 @@ class PyramidKV(SnapKV):
     name = "pyramidkv"
     reference = "Cai et al. 2024, PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling (arXiv 2406.02069)"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "beta")
+
     def layer_capacity(self, ctx: LayerContext) -> int:
         """Capacity (window included) of layer ``ctx.layer``."""
         length, capacity = ctx.length, ctx.capacity
-        window = min(self.window, capacity, length)
+        window = self.effective_window(ctx, capacity)
         base = capacity - window
         if capacity >= length or length < 2 * base or ctx.num_layers == 1:
             return capacity

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..stats import StatsRequest
-from .base import LayerContext, LayerPlan, Method, pool1d, reduce_to_kv_heads, topk_plus_recent
+from .base import LayerContext, LayerPlan, Method, check_choice, check_positive, pool1d, reduce_to_kv_heads, topk_plus_recent
 
 
 @dataclass
@@ -32,10 +32,23 @@ class SnapKV(Method):
     def stats_request(self) -> StatsRequest:
         return StatsRequest(window=self.window)
 
-    def scores(self, ctx: LayerContext) -> torch.Tensor:
-        """Pooled window scores per KV head ``[H_kv, L]``."""
+    def __post_init__(self) -> None:
+        check_positive(self, "window", "kernel")
+        check_choice(self, "pooling", ("max", "avg"))
+        check_choice(self, "gqa_reduce", ("mean", "max"))
+
+    def effective_window(self, ctx: LayerContext, capacity: int) -> int:
+        """The recent window kept verbatim: never more than the capacity or the prompt."""
+        return min(self.window, capacity, ctx.length)
+
+    def scores(self, ctx: LayerContext, window: int) -> torch.Tensor:
+        """Pooled window scores of the positions before the window, per KV head ``[H_kv, L - window]``.
+
+        The slice comes before the pooling (SnapKV Alg. 1), so the window's own scores do not leak
+        into the positions just before it.
+        """
         scores = reduce_to_kv_heads(ctx.stats.window_scores, ctx.num_kv_heads, self.gqa_reduce)
-        return pool1d(scores, self.kernel, self.pooling)
+        return pool1d(scores[:, : ctx.length - window], self.kernel, self.pooling)
 
     def keep(self, ctx: LayerContext, capacity: int | list[int]) -> LayerPlan:
         """Keep ``capacity`` (per head, or one value for all) tokens: top scores + the window."""
@@ -43,8 +56,8 @@ class SnapKV(Method):
         caps = [capacity] * ctx.num_kv_heads if isinstance(capacity, int) else list(capacity)
         if min(caps) >= length:
             return LayerPlan.keep_all(ctx.num_kv_heads, length)
-        window = min(self.window, ctx.stats.window or self.window, length, min(caps))
-        kept = topk_plus_recent(self.scores(ctx), [c - window for c in caps], window)
+        window = self.effective_window(ctx, min(caps))
+        kept = topk_plus_recent(self.scores(ctx, window), [c - window for c in caps], window, length)
         return LayerPlan(kept=kept, info={"window": window})
 
     def plan_layer(self, ctx: LayerContext) -> LayerPlan:

@@ -23,6 +23,10 @@ class StreamingLLM(Method):
     name = "streamingllm"
     reference = "Xiao et al. 2024, Efficient Streaming Language Models with Attention Sinks (arXiv 2309.17453)"
 
+    def __post_init__(self) -> None:
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"streamingllm: sinks must be a non-negative integer, got {self.sinks!r}")
+
     def plan_layer(self, ctx: LayerContext) -> LayerPlan:
         length, capacity = ctx.length, ctx.capacity
         if capacity >= length:

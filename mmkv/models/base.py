@@ -35,6 +35,7 @@ class VideoFrames:
     frames: list[Image.Image]
     timestamps: list[float]
     fps: float  # sampling rate of the returned frames (frames per second of video time)
+    duration: float | None = None  # length of the whole source video in seconds, when known
 
 
 @dataclass
@@ -87,6 +88,16 @@ class ModelAdapter(ABC):
     ) -> PreparedInputs:
         """Render the chat with the processor's template, encode it, and build the ModalityMap."""
 
+    @abstractmethod
+    def modality_map(self, model: torch.nn.Module, inputs: dict[str, Any], **kwargs: Any) -> ModalityMap:
+        """Per-token provenance built from the *encoded* inputs only (token ids / ``mm_token_type_ids`` and
+        the grid information the processor returned), never from assumed token counts.
+
+        Adapters that feed video frames as images accept ``sources=[(modality, source, frame), ...]`` (one
+        entry per image input, in order); Idefics3/SmolVLM need ``processor=`` to name tiles from their
+        marker tokens.
+        """
+
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The language decoder (the module with ``.layers`` whose attention we compress)."""
         return resolve_text_model(model)
@@ -132,3 +143,279 @@ def as_chat(chat: Chat | str) -> Chat:
     ):
         raise ValueError("the prompt is empty: write a question or attach an image or video")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by the adapters (prompt rendering, the question boundary, offline processors).
+# ----------------------------------------------------------------------------------------------
+
+
+def common_prefix_length(a: Any, b: Any) -> int:
+    """Number of leading positions where two id sequences (lists or 1-D/[1, L] tensors) agree."""
+    a = _flat_ids(a)
+    b = _flat_ids(b)
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _flat_ids(ids: Any) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        return ids.reshape(-1).tolist()
+    if ids and isinstance(ids[0], (list, tuple)):
+        return list(ids[0])
+    return list(ids)
+
+
+def question_probe(chat: Chat) -> Chat:
+    """The chat with the *question* changed, to locate where it starts.
+
+    The question is the last user message's final text part: it is replaced by an empty string. If
+    that message has no (non-empty) text, a text part ``"?"`` is appended instead, so the boundary
+    falls right after the message's images/videos.
+    """
+    probe = [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in chat]
+    users = [i for i, m in enumerate(probe) if m["role"] == "user"]
+    if not users:
+        return probe
+    content = probe[users[-1]]["content"]
+    texts = [j for j, p in enumerate(content) if p["type"] == "text"]
+    if texts and content[texts[-1]].get("text", "").strip():
+        content[texts[-1]]["text"] = ""
+    else:
+        content.append({"type": "text", "text": "?"})
+    return probe
+
+
+def context_length_of(encode: Any, chat: Chat, input_ids: Any) -> int:
+    """Tokens before the question: common prefix of ``input_ids`` and ``encode(question_probe(chat))``.
+
+    ``encode`` maps a chat to its token ids exactly the way the prompt was encoded (same template,
+    same placeholder expansion), so the prefix ends where the question's first token starts.
+    """
+    return common_prefix_length(input_ids, encode(question_probe(chat)))
+
+
+def render_chat(processor: Any, chat: Chat) -> str:
+    """The processor's chat template applied to one conversation, with the generation prompt.
+
+    Calls :meth:`ProcessorMixin.apply_chat_template` directly: some processors (SmolVLM) override it
+    and consult their video processor, which does not exist without torchvision.
+    """
+    from transformers.processing_utils import ProcessorMixin
+
+    if getattr(processor, "chat_template", None) is None and getattr(processor.tokenizer, "chat_template", None) is None:
+        raise ValueError("the processor has no chat template; load a checkpoint that ships one (chat_template.jinja)")
+    template = processor.chat_template if processor.chat_template is not None else processor.tokenizer.chat_template
+    return ProcessorMixin.apply_chat_template(processor, chat, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+
+def expand_placeholders(text: str, replacements: dict[str, list[str]]) -> str:
+    """Replace the i-th occurrence of each placeholder token with ``replacements[token][i]``."""
+    import re
+
+    tokens = [t for t, r in replacements.items() if r is not None]
+    if not tokens:
+        return text
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+    counters = dict.fromkeys(tokens, 0)
+
+    def sub(m: "re.Match[str]") -> str:
+        token = m.group(0)
+        i = counters[token]
+        counters[token] += 1
+        if i >= len(replacements[token]):
+            raise ValueError(f"the prompt has more {token} placeholders than inputs of that kind")
+        return replacements[token][i]
+
+    out = pattern.sub(sub, text)
+    for token in tokens:
+        if counters[token] != len(replacements[token]):
+            raise ValueError(
+                f"the chat template produced {counters[token]} {token} placeholders for {len(replacements[token])} inputs"
+            )
+    return out
+
+
+def encode_text(processor: Any, text: str) -> list[int]:
+    """Tokenize a rendered prompt like the processor does (no second BOS when the template has one)."""
+    tok = processor.tokenizer
+    add_special = not (tok.bos_token is not None and text.startswith(tok.bos_token))
+    return list(tok(text, add_special_tokens=add_special)["input_ids"])
+
+
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's parameters."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
+
+
+def to_model(inputs: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """Move tensors to the model's device; pixel tensors also to its dtype."""
+    device, dtype = model_device_dtype(model)
+    out: dict[str, Any] = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device=device, dtype=dtype) if k in PIXEL_KEYS else v.to(device)
+        out[k] = v
+    return out
+
+
+def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of ``True`` in a 1-D bool tensor."""
+    m = mask.to(torch.int8).reshape(-1)
+    if m.numel() == 0:
+        return []
+    d = torch.diff(m, prepend=m.new_zeros(1), append=m.new_zeros(1))
+    starts = (d == 1).nonzero().reshape(-1).tolist()
+    ends = (d == -1).nonzero().reshape(-1).tolist()
+    return list(zip(starts, ends))
+
+
+_NO_VIDEO: dict[type, type] = {}
+
+
+def processor_class_without_video(cls: type) -> type:
+    """A subclass of a transformers processor class that needs no video processor.
+
+    transformers' video processors require torchvision. The subclass drops ``video_processor`` from the
+    processor's sub-processor list (so construction, ``save_pretrained`` and ``from_pretrained`` skip it);
+    it keeps the original class name so saved configs still name the real processor class. Videos are
+    turned into model inputs by mmkv's adapters instead.
+    """
+    if cls in _NO_VIDEO:
+        return _NO_VIDEO[cls]
+    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
+
+    def get_attributes(klass: type) -> list[str]:
+        return list(attributes)
+
+    sub = type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes), "__module__": cls.__module__})
+    sub.__qualname__ = cls.__qualname__
+    sub.__doc__ = f"{cls.__name__} without a video processor (mmkv builds video inputs itself)."
+    _NO_VIDEO[cls] = sub
+    return sub
+
+
+VIDEO_CONFIG_FILE = "video_preprocessor_config.json"
+
+
+def build_processor(cls: type, image_processor: Any, tokenizer: Any, chat_template: str | None, **kwargs: Any) -> Any:
+    """Instantiate ``cls`` (a transformers processor class) without a video processor."""
+    import inspect
+
+    sub = processor_class_without_video(cls)
+    params = inspect.signature(cls.__init__).parameters
+    call = {k: v for k, v in kwargs.items() if k in params and k not in ("image_processor", "tokenizer", "video_processor")}
+    if "video_processor" in params:
+        call["video_processor"] = None
+    proc = sub(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **call)
+    proc.video_settings = {}
+    return proc
+
+
+_PIL_MODULES = {  # image processor type -> transformers module holding its PIL variant
+    "Qwen2VLImageProcessor": "qwen2_vl",
+    "CLIPImageProcessor": "clip",
+    "SiglipImageProcessor": "siglip",
+    "LlavaImageProcessor": "llava",
+    "LlavaOnevisionImageProcessor": "llava_onevision",
+    "Idefics3ImageProcessor": "idefics3",
+    "SmolVLMImageProcessor": "smolvlm",
+}
+
+
+def _pil_image_processor(name_or_path: str, **kwargs: Any) -> Any:
+    """Load the PIL variant of a checkpoint's image processor (no torchvision needed)."""
+    import importlib
+
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    config, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path, **kwargs)
+    base = str(config.get("image_processor_type") or "").removesuffix("Fast").removesuffix("Pil")
+    module = _PIL_MODULES.get(base)
+    if module is None:
+        raise ImportError(f"no PIL image processor known for {base or 'this checkpoint'}; install torchvision")
+    mod = importlib.import_module(f"transformers.models.{module}.image_processing_pil_{module}")
+    return getattr(mod, base + "Pil").from_pretrained(name_or_path, **kwargs)
+
+
+def load_processor_without_video(cls: type, name_or_path: str, **kwargs: Any) -> Any:
+    """Load a processor of class ``cls`` from a checkpoint directory or hub id, offline-safe.
+
+    Reads the tokenizer, the image processor (``preprocessor_config.json`` or the nested entry of
+    ``processor_config.json``), the processor's own settings and chat template; skips the video
+    processor. Video settings (``video_preprocessor_config.json``, when present) land in
+    ``processor.video_settings`` as a plain dict.
+    """
+    import json
+    import os
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    name_or_path = str(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
+    except ImportError:  # transformers < 5.23 without torchvision: the auto class itself is unavailable
+        image_processor = _pil_image_processor(name_or_path, **kwargs)
+    try:
+        processor_dict, _ = cls.get_processor_dict(name_or_path, **kwargs)
+    except (OSError, ValueError):
+        processor_dict = {}
+    chat_template = processor_dict.pop("chat_template", None) or getattr(tokenizer, "chat_template", None)
+    skip = ("image_processor", "tokenizer", "video_processor", "chat_template", "processor_class", "auto_map")
+    settings = {k: v for k, v in processor_dict.items() if k not in skip}
+    proc = build_processor(cls, image_processor, tokenizer, chat_template, **settings)
+    settings: dict[str, Any] = {}
+    try:
+        if os.path.isdir(name_or_path):
+            path = os.path.join(name_or_path, VIDEO_CONFIG_FILE)
+            path = path if os.path.isfile(path) else None
+        else:
+            from transformers.utils import cached_file
+
+            path = cached_file(name_or_path, VIDEO_CONFIG_FILE, _raise_exceptions_for_missing_entries=False, **kwargs)
+        if path:
+            with open(path, encoding="utf-8") as f:
+                settings = json.load(f)
+    except (OSError, ValueError):
+        settings = {}
+    proc.video_settings = settings
+    return proc
+
+
+def collect_media(
+    chat: Chat, num_frames: int | None = None, video_fps: float | None = None
+) -> tuple[list[Image.Image], list[VideoFrames]]:
+    """Images (RGB) and sampled videos of a chat, each in chat order.
+
+    ``num_frames``/``video_fps`` as in :func:`mmkv.video.as_video_frames`; with neither, 8 frames.
+    """
+    from ..video import as_video_frames, load_image
+
+    if num_frames is None and video_fps is None:
+        num_frames = 8
+    images: list[Image.Image] = []
+    videos: list[VideoFrames] = []
+    for message in chat:
+        for part in message["content"]:
+            if part["type"] == "image":
+                value = part.get("image", part.get("path", part.get("url")))
+                if value is None:
+                    raise ValueError("an image part needs an 'image' key (a file path or PIL.Image)")
+                images.append(load_image(value))
+            elif part["type"] == "video":
+                value = part.get("video", part.get("path", part.get("url")))
+                if value is None:
+                    raise ValueError("a video part needs a 'video' key (a file path or a list of frames)")
+                videos.append(as_video_frames(value, num_frames=num_frames, fps=video_fps))
+    return images, videos

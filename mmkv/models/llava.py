@@ -1,0 +1,365 @@
+"""LLaVA-1.5 (``llava``) and LLaVA-OneVision (``llava_onevision``).
+
+LLaVA-1.5 has no video input: a video is sampled and its frames are fed as consecutive images (the
+ModalityMap marks them VIDEO with ``source`` = video index and ``frame`` = frame index).
+
+LLaVA-OneVision mirrors the model's own feature packing:
+
+- one image in the prompt ("anyres"): the base view (``side x side`` tokens, item tile ``"global"``)
+  followed by the stitched, unpadded high-resolution grid with an ``image_newline`` token closing every
+  row (item tile ``"anyres"``; newline tokens get row = col = -1);
+- several images: each is only its base view plus one trailing newline token (item tile ``"full"``);
+- video (``pixel_values_videos``, built here because the video processor needs torchvision): every frame
+  is resized to the vision tower's input size; the model pools each frame's grid 2x2
+  (``ceil(side/2)`` squared tokens) and appends one newline token after the last frame.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..modality import IMAGE, VIDEO, ModalityMap, VisualItem, grid_item
+from .base import (
+    Chat,
+    ModelAdapter,
+    PreparedInputs,
+    VideoFrames,
+    as_chat,
+    collect_media,
+    context_length_of,
+    encode_text,
+    expand_placeholders,
+    load_processor_without_video,
+    render_chat,
+    to_model,
+)
+
+__all__ = ["LlavaAdapter", "LlavaOnevisionAdapter", "onevision_image_layout", "frames_as_images"]
+
+Cells = tuple[list[int], list[int], list[int]]
+
+
+def frames_as_images(chat: Chat, videos: list[VideoFrames]) -> tuple[Chat, list[tuple[int, int, int]]]:
+    """Replace each video part by one image part per sampled frame.
+
+    Returns the new chat and, per image part in chat order, ``(modality, source, frame)``.
+    """
+    out: Chat = []
+    sources: list[tuple[int, int, int]] = []
+    n_images = n_videos = 0
+    for message in chat:
+        content = []
+        for part in message["content"]:
+            if part["type"] == "image":
+                content.append(part)
+                sources.append((IMAGE, n_images, 0))
+                n_images += 1
+            elif part["type"] == "video":
+                for f, frame in enumerate(videos[n_videos].frames):
+                    content.append({"type": "image", "image": frame})
+                    sources.append((VIDEO, n_videos, f))
+                n_videos += 1
+            else:
+                content.append(part)
+        out.append({"role": message["role"], "content": content})
+    return out, sources
+
+
+def _chunks(positions: list[int], length: int, what: str) -> tuple[int, list[int]]:
+    if len(positions) < length:
+        raise ValueError(f"{what}: expected {length} placeholder tokens, the prompt has only {len(positions)} left")
+    chunk = positions[:length]
+    if chunk[-1] - chunk[0] != length - 1:
+        raise ValueError(f"{what}: its {length} placeholder tokens are not contiguous in the prompt")
+    return chunk[0], chunk
+
+
+class LlavaAdapter(ModelAdapter):
+    """LLaVA-1.5: one fixed-size view per image, ``(crop/patch)^2`` tokens in row-major order."""
+
+    family = "llava"
+    model_types = ("llava",)
+
+    def load_processor(self, name_or_path: str, **kwargs: Any) -> Any:
+        from transformers import LlavaProcessor
+
+        return load_processor_without_video(LlavaProcessor, name_or_path, **kwargs)
+
+    def _tokens_per_image(self, model: torch.nn.Module, processor: Any, height: int, width: int) -> int:
+        patch = getattr(processor, "patch_size", None) or model.config.vision_config.patch_size
+        strategy = getattr(processor, "vision_feature_select_strategy", None) or model.config.vision_feature_select_strategy
+        extra = getattr(processor, "num_additional_image_tokens", None)
+        if extra is None:
+            extra = 1 if "clip" in getattr(model.config.vision_config, "model_type", "") else 0
+        n = (height // patch) * (width // patch) + extra
+        return n - 1 if strategy == "default" else n
+
+    def prepare(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        chat: Chat | str,
+        *,
+        num_frames: int | None = None,
+        video_fps: float | None = None,
+    ) -> PreparedInputs:
+        chat = as_chat(chat)
+        images, videos = collect_media(chat, num_frames, video_fps)
+        _, sources = frames_as_images(chat, videos)
+        pictures = _resolved_images(images, videos, sources)
+        extra: dict[str, Any] = {}
+        repl: list[str] = []
+        if pictures:
+            pv = processor.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+            extra["pixel_values"] = pv
+            n = self._tokens_per_image(model, processor, pv.shape[-2], pv.shape[-1])
+            repl = [processor.image_token * n] * len(pictures)
+
+        def encode(c: Chat) -> list[int]:
+            c, _ = frames_as_images(c, videos)
+            return encode_text(processor, expand_placeholders(render_chat(processor, c), {processor.image_token: repl}))
+
+        ids = encode(chat)
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        inputs = to_model({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **extra}, model)
+        return PreparedInputs(
+            inputs=inputs,
+            modality=self.modality_map(model, inputs, sources=sources),
+            context_length=context_length_of(encode, chat, ids),
+            images=images,
+            videos=videos,
+        )
+
+    def modality_map(self, model: torch.nn.Module, inputs: dict[str, Any], **kwargs: Any) -> ModalityMap:
+        """Chunks of ``<image>`` tokens, one per entry of ``pixel_values``; grid = (H/patch, W/patch).
+
+        ``sources`` (optional): ``(modality, source, frame)`` per image input, for frames fed as images.
+        Tokens beyond ``rows*cols`` in a chunk (a kept CLS token) lead the chunk with row = col = -1.
+        """
+        ids = inputs["input_ids"].reshape(-1).cpu()
+        pv = inputs.get("pixel_values")
+        n_images = 0 if pv is None else pv.shape[0]
+        sources = kwargs.get("sources") or [(IMAGE, i, 0) for i in range(n_images)]
+        positions = (ids == model.config.image_token_id).nonzero().reshape(-1).tolist()
+        if n_images == 0:
+            if positions:
+                raise ValueError(f"the prompt has {len(positions)} image tokens but no pixel_values")
+            return ModalityMap.text_only(ids.numel())
+        if len(positions) % n_images:
+            raise ValueError(f"{len(positions)} image tokens cannot be split evenly over {n_images} images")
+        per = len(positions) // n_images
+        patch = model.config.vision_config.patch_size
+        rows, cols = pv.shape[-2] // patch, pv.shape[-1] // patch
+        lead = per - rows * cols
+        if lead < 0:
+            raise ValueError(f"{per} tokens per image is fewer than the {rows}x{cols} patch grid")
+        items: list[VisualItem] = []
+        cells: list[Cells] = []
+        for k in range(n_images):
+            start, chunk = _chunks(positions[k * per :], per, f"image input {k}")
+            modality, source, frame = sources[k]
+            item, (pos, r, c) = grid_item(modality, source, frame, rows, cols, start + lead)
+            item.start, item.length = start, per
+            items.append(item)
+            cells.append((pos, r, c))
+        return ModalityMap.from_items(ids.numel(), items, cells)
+
+
+def _resolved_images(
+    images: list[Image.Image], videos: list[VideoFrames], sources: list[tuple[int, int, int]]
+) -> list[Image.Image]:
+    """The RGB pictures behind the image parts after :func:`frames_as_images`, in order."""
+    return [images[s] if m == IMAGE else videos[s].frames[f] for m, s, f in sources]
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaVA-OneVision
+# ----------------------------------------------------------------------------------------------
+
+# A segment of an image span: (tile name, rows, cols, newline mode) with newline mode
+# "none" (rows*cols tokens), "end" (one newline after the grid) or "rows" (a newline closing each row).
+Segment = tuple[str, int, int, str]
+
+
+def onevision_image_layout(config: Any, height: int, width: int, multi_image: bool) -> list[Segment]:
+    """The token layout LLaVA-OneVision's ``pack_image_features`` produces for one image of ``height x width``."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    if multi_image:
+        return [("full", side, side, "end")]
+    best_h, best_w = select_best_resolution([height, width], config.image_grid_pinpoints)
+    cur_h, cur_w = (best_h // vc.image_size) * side, (best_w // vc.image_size) * side
+    if width / height > cur_w / cur_h:
+        new_h = int(round(height * (cur_w / width), 7))
+        cur_h -= 2 * ((cur_h - new_h) // 2)
+    else:
+        new_w = int(round(width * (cur_h / height), 7))
+        cur_w -= 2 * ((cur_w - new_w) // 2)
+    max_patches = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).strip("anyres_max_"))
+    ratio = math.sqrt(cur_h * cur_w / (max_patches * side**2))
+    if ratio > 1.1:
+        cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
+    return [("global", side, side, "none"), ("anyres", cur_h, cur_w, "rows")]
+
+
+def _segment_length(seg: Segment) -> int:
+    _, rows, cols, mode = seg
+    return rows * cols + (1 if mode == "end" else rows if mode == "rows" else 0)
+
+
+def _segment_cells(seg: Segment, start: int) -> Cells:
+    _, rows, cols, mode = seg
+    pos: list[int] = []
+    r: list[int] = []
+    c: list[int] = []
+    p = start
+    for i in range(rows):
+        for j in range(cols):
+            pos.append(p)
+            r.append(i)
+            c.append(j)
+            p += 1
+        if mode == "rows":
+            pos.append(p)
+            r.append(-1)
+            c.append(-1)
+            p += 1
+    if mode == "end":
+        pos.append(p)
+        r.append(-1)
+        c.append(-1)
+    return pos, r, c
+
+
+class LlavaOnevisionAdapter(ModelAdapter):
+    """LLaVA-OneVision: anyres tiles with ``image_newline`` tokens; videos as pooled frame grids."""
+
+    family = "llava_onevision"
+    model_types = ("llava_onevision",)
+
+    def load_processor(self, name_or_path: str, **kwargs: Any) -> Any:
+        from transformers import LlavaOnevisionProcessor
+
+        return load_processor_without_video(LlavaOnevisionProcessor, name_or_path, **kwargs)
+
+    def video_pixels(self, processor: Any, video: VideoFrames) -> torch.Tensor:
+        """``[frames, 3, H, W]``: each frame resized to the vision input size, rescaled, normalised."""
+        ip = processor.image_processor
+        vs = dict(getattr(processor, "video_settings", None) or {})
+        size = vs.get("size") or ip.size
+        height = size["height"] if isinstance(size, dict) else size.height
+        width = size["width"] if isinstance(size, dict) else size.width
+        mean = np.asarray(vs.get("image_mean", ip.image_mean), dtype=np.float32)
+        std = np.asarray(vs.get("image_std", ip.image_std), dtype=np.float32)
+        scale = float(vs.get("rescale_factor", ip.rescale_factor))
+        arr = np.stack(
+            [np.asarray(f.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.float32) for f in video.frames]
+        )
+        arr = (arr * scale - mean) / std
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+
+    def prepare(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        chat: Chat | str,
+        *,
+        num_frames: int | None = None,
+        video_fps: float | None = None,
+    ) -> PreparedInputs:
+        chat = as_chat(chat)
+        images, videos = collect_media(chat, num_frames, video_fps)
+        extra: dict[str, Any] = {}
+        image_repl: list[str] = []
+        video_repl: list[str] = []
+        if images:
+            # One conversation: a nested list, so several images select the multi-image layout (as the
+            # processor's apply_chat_template does).
+            out = processor.image_processor(images=[images], return_tensors="pt")
+            extra["pixel_values"] = out["pixel_values"]
+            extra["image_sizes"] = out["image_sizes"]
+            extra["batch_num_images"] = torch.tensor([len(images)], dtype=torch.long)
+            multi = len(images) > 1
+            for h, w in out["image_sizes"].tolist():
+                n = sum(_segment_length(s) for s in onevision_image_layout(model.config, h, w, multi))
+                image_repl.append(processor.image_token * n)
+        if videos:
+            counts = {len(v.frames) for v in videos}
+            if len(counts) > 1:
+                raise ValueError(
+                    f"LLaVA-OneVision needs the same number of frames for every video in a prompt, got {sorted(counts)}; "
+                    "sample with num_frames instead of fps"
+                )
+            extra["pixel_values_videos"] = torch.stack([self.video_pixels(processor, v) for v in videos])
+            vc = model.config.vision_config
+            pooled = math.ceil((vc.image_size // vc.patch_size) / 2) ** 2
+            video_repl = [processor.video_token * (len(v.frames) * pooled + 1) for v in videos]
+
+        def encode(c: Chat) -> list[int]:
+            text = expand_placeholders(
+                render_chat(processor, c), {processor.image_token: image_repl, processor.video_token: video_repl}
+            )
+            return encode_text(processor, text)
+
+        ids = encode(chat)
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        inputs = to_model({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **extra}, model)
+        return PreparedInputs(
+            inputs=inputs,
+            modality=self.modality_map(model, inputs),
+            context_length=context_length_of(encode, chat, ids),
+            images=images,
+            videos=videos,
+        )
+
+    def modality_map(self, model: torch.nn.Module, inputs: dict[str, Any], **kwargs: Any) -> ModalityMap:
+        """Image spans from ``image_sizes`` + ``batch_num_images`` + config; video spans from ``pixel_values_videos``."""
+        config = model.config
+        ids = inputs["input_ids"].reshape(-1).cpu()
+        items: list[VisualItem] = []
+        cells: list[Cells] = []
+        sizes = inputs.get("image_sizes")
+        sizes = [] if sizes is None else sizes.reshape(-1, 2).tolist()
+        bni = inputs.get("batch_num_images")
+        multi = bni is not None and int(bni.reshape(-1)[0]) > 1
+        positions = (ids == config.image_token_id).nonzero().reshape(-1).tolist()
+        k = 0
+        for source, (h, w) in enumerate(sizes):
+            for seg in onevision_image_layout(config, h, w, multi):
+                n = _segment_length(seg)
+                start, _ = _chunks(positions[k:], n, f"image {source} ({seg[0]})")
+                items.append(VisualItem(IMAGE, source, 0, seg[0], seg[1], seg[2], start, n))
+                cells.append(_segment_cells(seg, start))
+                k += n
+        if k != len(positions):
+            raise ValueError(f"{len(positions) - k} image tokens have no image in image_sizes")
+        pvv = inputs.get("pixel_values_videos")
+        positions = (ids == config.video_token_id).nonzero().reshape(-1).tolist()
+        k = 0
+        if pvv is not None:
+            vc = config.vision_config
+            side = math.ceil((vc.image_size // vc.patch_size) / 2)
+            for source in range(pvv.shape[0]):
+                frames = pvv.shape[1]
+                for f in range(frames):
+                    last = f == frames - 1
+                    n = side * side + (1 if last else 0)
+                    start, _ = _chunks(positions[k:], n, f"video {source} frame {f}")
+                    item, (pos, r, c) = grid_item(VIDEO, source, f, side, side, start)
+                    if last:  # the video's single image_newline token closes its last frame
+                        item.length += 1
+                        pos, r, c = pos + [start + side * side], r + [-1], c + [-1]
+                    items.append(item)
+                    cells.append((pos, r, c))
+                    k += n
+        if k != len(positions):
+            raise ValueError(f"{len(positions) - k} video tokens have no video in pixel_values_videos")
+        order = sorted(range(len(items)), key=lambda i: items[i].start)
+        return ModalityMap.from_items(ids.numel(), [items[i] for i in order], [cells[i] for i in order])
