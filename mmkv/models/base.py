@@ -12,6 +12,7 @@ A plain string is accepted as one user text turn.
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -94,8 +95,10 @@ class ModelAdapter(ABC):
         the grid information the processor returned), never from assumed token counts.
 
         Adapters that feed video frames as images accept ``sources=[(modality, source, frame), ...]`` (one
-        entry per image input, in order); Idefics3/SmolVLM need ``processor=`` to name tiles from their
-        marker tokens.
+        entry per image input, in order); Idefics3/SmolVLM use ``processor=`` to name tiles from their
+        marker tokens. ``inputs`` may also be the kwargs of a forward call made by ``generate()``, which
+        in transformers >= 5.23 carry ``mm_encoder_outputs`` instead of pixels and grids: adapters then
+        reuse the map :meth:`prepare` made for the same token ids, else rebuild it as well as they can.
         """
 
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -419,3 +422,47 @@ def collect_media(
                     raise ValueError("a video part needs a 'video' key (a file path or a list of frames)")
                 videos.append(as_video_frames(value, num_frames=num_frames, fps=video_fps))
     return images, videos
+
+
+# ----------------------------------------------------------------------------------------------
+# Maps of recently prepared prompts. transformers >= 5.23's generate() runs the vision encoder
+# itself and calls forward with ``mm_encoder_outputs`` instead of pixels and grids, so a map
+# rebuilt from a forward call's kwargs may lack grid information; the map made by ``prepare`` for
+# the same token ids is then the exact answer.
+# ----------------------------------------------------------------------------------------------
+
+_RECENT: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, int], ModalityMap]]" = weakref.WeakKeyDictionary()
+_RECENT_MAX = 16
+
+
+def _ids_key(input_ids: Any) -> tuple[int, int]:
+    ids = _flat_ids(input_ids)
+    return len(ids), hash(tuple(ids))
+
+
+def remember_map(model: torch.nn.Module, input_ids: Any, modality: ModalityMap) -> None:
+    """Keep the map of a prepared prompt so a later forward of the same ids can reuse it."""
+    store = _RECENT.setdefault(model, {})
+    key = _ids_key(input_ids)
+    store.pop(key, None)
+    store[key] = modality
+    while len(store) > _RECENT_MAX:
+        store.pop(next(iter(store)))
+
+
+def recall_map(model: torch.nn.Module, input_ids: Any) -> ModalityMap | None:
+    """The map :func:`remember_map` stored for exactly these token ids on this model, if any."""
+    store = _RECENT.get(model)
+    return None if store is None else store.get(_ids_key(input_ids))
+
+
+def encoder_counts(output: Any) -> list[int] | None:
+    """Tokens per image/video in a vision-encoder output passed as ``mm_encoder_outputs[kind]``."""
+    if output is None:
+        return None
+    pooled = output.get("pooler_output") if hasattr(output, "get") else getattr(output, "pooler_output", None)
+    if isinstance(pooled, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in pooled):
+        return [int(t.shape[0]) if t.dim() == 2 else int(t.shape[-2]) for t in pooled]
+    if isinstance(pooled, torch.Tensor) and pooled.dim() == 3:
+        return [int(pooled.shape[1])] * int(pooled.shape[0])
+    return None

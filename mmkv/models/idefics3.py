@@ -32,6 +32,8 @@ from .base import (
     encode_text,
     expand_placeholders,
     load_processor_without_video,
+    recall_map,
+    remember_map,
     render_chat,
     to_model,
 )
@@ -155,9 +157,11 @@ class _IdeficsAdapter(ModelAdapter):
         ids = encode(chat)
         input_ids = torch.tensor([ids], dtype=torch.long)
         inputs = to_model({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **extra}, model)
+        modality = self.modality_map(model, inputs, processor=processor, sources=sources)
+        remember_map(model, ids, modality)
         return PreparedInputs(
             inputs=inputs,
-            modality=self.modality_map(model, inputs, processor=processor, sources=sources),
+            modality=modality,
             context_length=context_length_of(encode, chat, ids),
             images=images,
             videos=videos,
@@ -172,6 +176,8 @@ class _IdeficsAdapter(ModelAdapter):
         named ``"tile{k}"``. ``sources``: ``(modality, source, frame)`` per image input.
         """
         config = model.config
+        if not kwargs.get("sources") and (cached := recall_map(model, inputs["input_ids"])) is not None:
+            return cached  # the map prepare() made: it knows tile names and which images are video frames
         vc = config.vision_config
         side = (vc.image_size // vc.patch_size) // config.scale_factor
         per_tile = side * side

@@ -34,7 +34,10 @@ from .base import (
     context_length_of,
     encode_text,
     expand_placeholders,
+    encoder_counts,
     load_processor_without_video,
+    recall_map,
+    remember_map,
     render_chat,
     to_model,
 )
@@ -127,9 +130,11 @@ class LlavaAdapter(ModelAdapter):
         ids = encode(chat)
         input_ids = torch.tensor([ids], dtype=torch.long)
         inputs = to_model({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **extra}, model)
+        modality = self.modality_map(model, inputs, sources=sources)
+        remember_map(model, ids, modality)
         return PreparedInputs(
             inputs=inputs,
-            modality=self.modality_map(model, inputs, sources=sources),
+            modality=modality,
             context_length=context_length_of(encode, chat, ids),
             images=images,
             videos=videos,
@@ -142,19 +147,25 @@ class LlavaAdapter(ModelAdapter):
         Tokens beyond ``rows*cols`` in a chunk (a kept CLS token) lead the chunk with row = col = -1.
         """
         ids = inputs["input_ids"].reshape(-1).cpu()
-        pv = inputs.get("pixel_values")
-        n_images = 0 if pv is None else pv.shape[0]
-        sources = kwargs.get("sources") or [(IMAGE, i, 0) for i in range(n_images)]
         positions = (ids == model.config.image_token_id).nonzero().reshape(-1).tolist()
-        if n_images == 0:
-            if positions:
-                raise ValueError(f"the prompt has {len(positions)} image tokens but no pixel_values")
+        if not positions:
             return ModalityMap.text_only(ids.numel())
+        if not kwargs.get("sources") and (cached := recall_map(model, ids)) is not None:
+            return cached  # the map prepare() made: it knows which images are video frames
+        pv = inputs.get("pixel_values")
+        vc = model.config.vision_config
+        patch = vc.patch_size
+        if pv is not None:
+            n_images = pv.shape[0]
+            rows, cols = pv.shape[-2] // patch, pv.shape[-1] // patch
+        else:  # a forward from generate() with mm_encoder_outputs: the vision input is image_size square
+            rows = cols = vc.image_size // patch
+            counts = encoder_counts((inputs.get("mm_encoder_outputs") or {}).get("image"))
+            n_images = len(counts) if counts else max(1, len(positions) // (rows * cols))
+        sources = kwargs.get("sources") or [(IMAGE, i, 0) for i in range(n_images)]
         if len(positions) % n_images:
             raise ValueError(f"{len(positions)} image tokens cannot be split evenly over {n_images} images")
         per = len(positions) // n_images
-        patch = model.config.vision_config.patch_size
-        rows, cols = pv.shape[-2] // patch, pv.shape[-1] // patch
         lead = per - rows * cols
         if lead < 0:
             raise ValueError(f"{per} tokens per image is fewer than the {rows}x{cols} patch grid")
@@ -238,6 +249,27 @@ def _segment_cells(seg: Segment, start: int) -> Cells:
     return pos, r, c
 
 
+def _onevision_layouts_without_sizes(config: Any, positions: list[int], counts: list[int] | None) -> list[list[Segment]]:
+    """Best-effort image layouts when ``image_sizes`` is missing (a forward call made by ``generate``).
+
+    Multi-image spans (``side^2 + 1`` tokens) are exact; a single anyres image's grid shape is ambiguous
+    from its token count alone, so it becomes one ``"anyres"`` row of all its remaining tokens.
+    """
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    if counts is None:
+        counts = [len(positions)] if positions else []
+    layouts: list[list[Segment]] = []
+    for n in counts:
+        if n == side * side + 1:
+            layouts.append([("full", side, side, "end")])
+        elif n > side * side:
+            layouts.append([("global", side, side, "none"), ("anyres", 1, n - side * side, "none")])
+        else:
+            layouts.append([("full", 1, n, "none")])
+    return layouts
+
+
 class LlavaOnevisionAdapter(ModelAdapter):
     """LLaVA-OneVision: anyres tiles with ``image_newline`` tokens; videos as pooled frame grids."""
 
@@ -311,9 +343,11 @@ class LlavaOnevisionAdapter(ModelAdapter):
         ids = encode(chat)
         input_ids = torch.tensor([ids], dtype=torch.long)
         inputs = to_model({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **extra}, model)
+        modality = self.modality_map(model, inputs)
+        remember_map(model, ids, modality)
         return PreparedInputs(
             inputs=inputs,
-            modality=self.modality_map(model, inputs),
+            modality=modality,
             context_length=context_length_of(encode, chat, ids),
             images=images,
             videos=videos,
@@ -323,16 +357,26 @@ class LlavaOnevisionAdapter(ModelAdapter):
         """Image spans from ``image_sizes`` + ``batch_num_images`` + config; video spans from ``pixel_values_videos``."""
         config = model.config
         ids = inputs["input_ids"].reshape(-1).cpu()
+        positions = (ids == config.image_token_id).nonzero().reshape(-1).tolist()
+        video_positions = (ids == config.video_token_id).nonzero().reshape(-1).tolist()
+        missing = (positions and inputs.get("image_sizes") is None) or (
+            video_positions and inputs.get("pixel_values_videos") is None
+        )
+        if missing and (cached := recall_map(model, ids)) is not None:
+            return cached
+        encoded = inputs.get("mm_encoder_outputs") or {}
         items: list[VisualItem] = []
         cells: list[Cells] = []
         sizes = inputs.get("image_sizes")
-        sizes = [] if sizes is None else sizes.reshape(-1, 2).tolist()
-        bni = inputs.get("batch_num_images")
-        multi = bni is not None and int(bni.reshape(-1)[0]) > 1
-        positions = (ids == config.image_token_id).nonzero().reshape(-1).tolist()
+        if sizes is not None:
+            bni = inputs.get("batch_num_images")
+            multi = bni is not None and int(bni.reshape(-1)[0]) > 1
+            layouts = [onevision_image_layout(config, h, w, multi) for h, w in sizes.reshape(-1, 2).tolist()]
+        else:
+            layouts = _onevision_layouts_without_sizes(config, positions, encoder_counts(encoded.get("image")))
         k = 0
-        for source, (h, w) in enumerate(sizes):
-            for seg in onevision_image_layout(config, h, w, multi):
+        for source, layout in enumerate(layouts):
+            for seg in layout:
                 n = _segment_length(seg)
                 start, _ = _chunks(positions[k:], n, f"image {source} ({seg[0]})")
                 items.append(VisualItem(IMAGE, source, 0, seg[0], seg[1], seg[2], start, n))
@@ -341,13 +385,17 @@ class LlavaOnevisionAdapter(ModelAdapter):
         if k != len(positions):
             raise ValueError(f"{len(positions) - k} image tokens have no image in image_sizes")
         pvv = inputs.get("pixel_values_videos")
-        positions = (ids == config.video_token_id).nonzero().reshape(-1).tolist()
-        k = 0
+        positions = video_positions
+        vc = config.vision_config
+        side = math.ceil((vc.image_size // vc.patch_size) / 2)
         if pvv is not None:
-            vc = config.vision_config
-            side = math.ceil((vc.image_size // vc.patch_size) / 2)
-            for source in range(pvv.shape[0]):
-                frames = pvv.shape[1]
+            video_frames = [pvv.shape[1]] * pvv.shape[0]
+        else:  # tokens per video = frames * side^2 + 1 newline
+            counts = encoder_counts(encoded.get("video")) or ([len(positions)] if positions else [])
+            video_frames = [(n - 1) // (side * side) for n in counts]
+        k = 0
+        if video_frames:
+            for source, frames in enumerate(video_frames):
                 for f in range(frames):
                     last = f == frames - 1
                     n = side * side + (1 if last else 0)

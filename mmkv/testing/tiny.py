@@ -464,10 +464,10 @@ def save_tiny(family: str, path: str | os.PathLike, seed: int = 0) -> Path:
 _COLOURS = [(230, 60, 50), (60, 200, 90), (70, 110, 240), (240, 210, 60), (200, 80, 220), (240, 240, 240)]
 
 
-def make_image(seed: int = 0, size: tuple[int, int] = (64, 48)) -> Image.Image:
-    """A ``size=(width, height)`` RGB image of a few coloured shapes on a dark background."""
+def make_image(seed: int = 0, size: int | tuple[int, int] = (64, 48)) -> Image.Image:
+    """A ``size=(width, height)`` (or square ``size``) RGB image of a few coloured shapes on a dark background."""
     rng = random.Random(seed)
-    w, h = size
+    w, h = (size, size) if isinstance(size, int) else size
     img = Image.new("RGB", (w, h), (rng.randint(0, 30), rng.randint(0, 30), rng.randint(10, 40)))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(2, 4)):
