@@ -9,8 +9,11 @@ fi
 stamp=.venv/.mmkv-installed
 want="$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -r requirements-dev.txt
-  .venv/bin/python -m pip install --quiet --no-deps -e .
+  log=.venv/install.log
+  {
+    .venv/bin/python -m pip install --upgrade pip &&
+    .venv/bin/python -m pip install -r requirements-dev.txt &&
+    .venv/bin/python -m pip install --no-deps -e .
+  } > "$log" 2>&1 || { cat "$log"; echo "setup failed (log: $log)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
