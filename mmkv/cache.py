@@ -24,7 +24,7 @@ Positions of the kept tokens are tracked per head (logical indices), for the tra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -309,23 +309,18 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan) -> Co
     unchanged = plan.keys is None and plan.decode is None and all(k.numel() == length for k in kept)
     if unchanged:
         return None
+    if plan.decode is not None:
+        policy = plan.decode.get("policy")
+        if policy not in DECODE_POLICIES:
+            raise ValueError(f"unknown decode policy {policy!r}; known: {', '.join(sorted(DECODE_POLICIES))}")
+        return DECODE_POLICIES[policy](keys, values, plan)
     head_keys = plan.keys if plan.keys is not None else [keys[0, h, k] for h, k in enumerate(kept)]
     head_values = plan.values if plan.values is not None else [values[0, h, k] for h, k in enumerate(kept)]
     counts = [k.numel() for k in kept]
     if len(set(counts)) == 1:
         k_dense = torch.stack([t.to(keys.dtype) for t in head_keys])[None]
         v_dense = torch.stack([t.to(values.dtype) for t in head_values])[None]
-        positions = torch.stack(kept)
-        if plan.decode is not None:
-            if plan.decode.get("policy") != "h2o":
-                raise ValueError(f"unknown decode policy {plan.decode.get('policy')!r}")
-            scores = torch.stack([s.float().to(device) for s in plan.decode["scores"]])
-            return H2ODecodeLayer(
-                k_dense, v_dense, positions, length, plan.decode["capacity"], plan.decode["recent"], scores
-            )
-        return DenseLayer(k_dense, v_dense, positions, length)
-    if plan.decode is not None:
-        raise ValueError("decode-time policies need the same budget in every head")
+        return DenseLayer(k_dense, v_dense, torch.stack(kept), length)
     offsets = [0]
     for n in counts:
         offsets.append(offsets[-1] + n)
@@ -336,6 +331,24 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan) -> Co
         offsets,
         length,
     )
+
+
+def _h2o_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan) -> CompressedLayer:
+    kept = [k.to(device=keys.device, dtype=torch.long) for k in plan.kept]
+    if len({k.numel() for k in kept}) != 1:
+        raise ValueError("H2O decode-time eviction needs the same budget in every head")
+    head_keys = plan.keys if plan.keys is not None else [keys[0, h, k] for h, k in enumerate(kept)]
+    head_values = plan.values if plan.values is not None else [values[0, h, k] for h, k in enumerate(kept)]
+    scores = torch.stack([s.float().to(keys.device) for s in plan.decode["scores"]])
+    return H2ODecodeLayer(
+        torch.stack(head_keys)[None].to(keys.dtype), torch.stack(head_values)[None].to(values.dtype),
+        torch.stack(kept), keys.shape[2], plan.decode["capacity"], plan.decode["recent"], scores,
+    )
+
+
+#: Decode-time policies: ``plan.decode["policy"]`` -> builder ``(full keys, full values, plan) -> layer``.
+#: A method with its own decode behaviour registers its layer builder here.
+DECODE_POLICIES: dict[str, Callable[[torch.Tensor, torch.Tensor, LayerPlan], CompressedLayer]] = {"h2o": _h2o_layer}
 
 
 def apply_plan(cache: Cache, layer_idx: int, plan: LayerPlan) -> None:

@@ -11,6 +11,12 @@ recomputed here for just the queries needed:
   video keys -> ``[H_q, 3]``.
 - ``entropy``: per head, the mean row entropy (nats) of the window queries -> ``[H_q]``.
 - ``full_entropy``: the same over all queries (MEDA's code reading), from the block pass.
+- ``question_scores``: attention of the *question* — the text tokens after the last visual token
+  (fallback: the last 32 tokens) — summed per key (HybridKV's text-centric attention).
+- ``cross_modal``: MEDA's cross-modal entropies (Eq. 5–6): text queries over visual keys only and
+  visual queries over text keys only, each renormalised by its own softmax; per head, and of the
+  head-averaged distribution. ``"causal"`` lets a query see only earlier keys (rows that see no key of
+  the other modality are skipped); ``"full"`` ignores causality, as the paper's formula reads.
 
 All statistics are fp32, per *query* head; methods reduce them to KV heads (see
 :func:`mmkv.methods.base.reduce_to_kv_heads`).
@@ -37,6 +43,12 @@ class StatsRequest:
     modality_mass: bool = False
     entropy: bool = False
     full_entropy: bool = False
+    question_scores: bool = False
+    cross_modal: str | None = None  # None, "causal" or "full"
+
+    def __post_init__(self) -> None:
+        if self.cross_modal not in (None, "causal", "full"):
+            raise ValueError(f"cross_modal must be None, 'causal' or 'full', got {self.cross_modal!r}")
 
     def __or__(self, other: "StatsRequest") -> "StatsRequest":
         return StatsRequest(
@@ -45,11 +57,16 @@ class StatsRequest:
             modality_mass=self.modality_mass or other.modality_mass,
             entropy=self.entropy or other.entropy,
             full_entropy=self.full_entropy or other.full_entropy,
+            question_scores=self.question_scores or other.question_scores,
+            cross_modal=self.cross_modal or other.cross_modal,
         )
 
     @property
     def empty(self) -> bool:
-        return not (self.window or self.column_sums or self.full_entropy or self.modality_mass or self.entropy)
+        return not (
+            self.window or self.column_sums or self.full_entropy or self.modality_mass or self.entropy
+            or self.question_scores or self.cross_modal
+        )
 
 
 @dataclass
@@ -62,6 +79,12 @@ class LayerStats:
     modality_mass: torch.Tensor | None = None  # [H_q, 3]: mean mass on text / image / video
     entropy: torch.Tensor | None = None  # [H_q]
     full_entropy: torch.Tensor | None = None  # [H_q]
+    question_scores: torch.Tensor | None = None  # [H_q, L]: sum over the question queries
+    question_queries: int = 0  # how many queries question_scores sums over
+    cross_tv: torch.Tensor | None = None  # [H_q]: mean entropy, text queries over visual keys
+    cross_vt: torch.Tensor | None = None  # [H_q]: mean entropy, visual queries over text keys
+    cross_tv_head_mean: float | None = None  # same, of the head-averaged distribution
+    cross_vt_head_mean: float | None = None
 
     def to(self, device: torch.device | str) -> "LayerStats":
         return LayerStats(
@@ -90,6 +113,50 @@ def _causal_softmax(logits: torch.Tensor, first_query_pos: int) -> torch.Tensor:
 def _row_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of each row of ``probs`` [..., L]."""
     return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+
+
+def question_positions(modality: torch.Tensor, fallback: int = 32) -> torch.Tensor:
+    """Positions of the question: text after the last visual token, else the last ``fallback`` tokens."""
+    length = modality.numel()
+    visual = (modality != TEXT).nonzero().flatten()
+    start = int(visual[-1]) + 1 if visual.numel() else length
+    if start >= length:
+        start = max(0, length - fallback)
+    return torch.arange(start, length, device=modality.device)
+
+
+def _cross_modal_entropy(
+    q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, scaling: float, causal: bool
+) -> tuple[torch.Tensor, float]:
+    """Mean row entropy of ``softmax(q[queries] k[keys]^T)``: per query head ``[H_q]`` and head-averaged.
+
+    Computed in query blocks; with ``causal`` a query sees only keys at earlier-or-equal positions and
+    rows that see none are left out of the mean. Empty sets give zeros.
+    """
+    h_q = q.shape[0]
+    per_head = torch.zeros(h_q, dtype=torch.float32, device=q.device)
+    averaged, rows = 0.0, 0
+    if queries.numel() == 0 or keys.numel() == 0:
+        return per_head, 0.0
+    k_sel = k[:, keys]
+    block = max(1, MAX_BLOCK_ELEMENTS // max(1, h_q * keys.numel()))
+    for start in range(0, queries.numel(), block):
+        qi = queries[start : start + block]
+        logits = _grouped_scores(q[:, qi], k_sel, scaling)  # [H_q, b, |keys|]
+        if causal:
+            visible = keys[None, :] <= qi[:, None]
+            live = visible.any(-1)
+            logits, visible = logits[:, live], visible[live]
+            logits = logits.masked_fill(~visible, float("-inf"))
+        if logits.shape[1] == 0:
+            continue
+        probs = torch.softmax(logits, dim=-1)
+        per_head += _row_entropy(probs).sum(1)
+        averaged += float(_row_entropy(probs.mean(0)).sum())
+        rows += probs.shape[1]
+    if rows == 0:
+        return per_head, 0.0
+    return per_head / rows, averaged / rows
 
 
 def compute_layer_stats(
@@ -140,4 +207,17 @@ def compute_layer_stats(
             del probs
         out.column_sums = col
         out.full_entropy = ent / length if ent is not None else None
+    if request.question_scores:
+        qpos = question_positions(modality.to(q.device))
+        probs = _causal_softmax(_grouped_scores(q[:, qpos], k, scaling), int(qpos[0]))
+        out.question_scores = probs.sum(1)
+        out.question_queries = int(qpos.numel())
+        del probs
+    if request.cross_modal:
+        codes = modality.to(q.device)
+        text = (codes == TEXT).nonzero().flatten()
+        visual = (codes != TEXT).nonzero().flatten()
+        causal = request.cross_modal == "causal"
+        out.cross_tv, out.cross_tv_head_mean = _cross_modal_entropy(q, k, text, visual, scaling, causal)
+        out.cross_vt, out.cross_vt_head_mean = _cross_modal_entropy(q, k, visual, text, scaling, causal)
     return out
