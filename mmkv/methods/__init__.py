@@ -1,39 +1,53 @@
-"""Compression methods: one file and one dataclass per method, behind :class:`Method`."""
+"""Compression methods: one file and one dataclass per method, behind :class:`Method`.
+
+Every module of this package that defines a :class:`Method` subclass with its own ``name`` is
+registered automatically (adding a method = adding a file); the classes are also exported here.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
 from typing import Any
 
-from .adakv import AdaKV
 from .base import LayerContext, LayerPlan, MergeRecord, Method, pool1d, reduce_to_kv_heads, topk_plus_recent
-from .full import Full
-from .h2o import H2O
-from .pyramidkv import PyramidKV
-from .snapkv import SnapKV
-from .streaming_llm import StreamingLLM
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV)
-}
+METHODS: dict[str, type[Method]] = {}
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name == "base" or _info.name.startswith("_"):
+        continue
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    for _cls in vars(_module).values():
+        if inspect.isclass(_cls) and issubclass(_cls, Method) and _cls.__module__ == _module.__name__:
+            if _cls.name in METHODS and METHODS[_cls.name] is not _cls:
+                raise RuntimeError(f"two methods are named {_cls.name!r}: {METHODS[_cls.name]} and {_cls}")
+            METHODS[_cls.name] = _cls
+            globals()[_cls.__name__] = _cls
+
+
+def _key(name: str) -> str:
+    return str(name).lower().replace("-", "").replace("_", "")
 
 
 def make_method(method: str | Method, **params: Any) -> Method:
-    """A method instance from its name (case-insensitive) and hyper-parameters, or the instance itself."""
+    """A method instance from its name (case-, '-' and '_'-insensitive) and hyper-parameters, or the instance itself."""
     if isinstance(method, Method):
         if params:
             raise ValueError("pass hyper-parameters either in the Method instance or as keywords, not both")
         return method
-    key = str(method).lower().replace("-", "").replace("_", "")
-    if key not in METHODS:
+    by_key = {_key(name): cls for name, cls in METHODS.items()}
+    key = _key(method)
+    if key not in by_key:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
     try:
-        return METHODS[key](**params)
+        return by_key[key](**params)
     except TypeError as err:
         raise ValueError(f"bad hyper-parameters for {key}: {err}") from None
 
 
 __all__ = [
     "METHODS", "make_method", "Method", "LayerContext", "LayerPlan", "MergeRecord",
-    "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV",
-    "reduce_to_kv_heads", "pool1d", "topk_plus_recent",
+    "reduce_to_kv_heads", "pool1d", "topk_plus_recent", *sorted(c.__name__ for c in METHODS.values()),
 ]
