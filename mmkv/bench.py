@@ -106,7 +106,7 @@ def synthetic_prompt(model: torch.nn.Module, length: int, visual_share: float = 
     dtype = next(model.parameters()).dtype
     merge = cfg.vision_config.spatial_merge_size
     per_image = (image_grid // merge) ** 2
-    n_images = max(1, round(visual_share * length / per_image))
+    n_images = max(1, min(round(visual_share * length / per_image), (length - 4) // (per_image + 2)))
     text_len = length - n_images * (per_image + 2)
     if text_len < 4:
         raise ValueError(f"context {length} is too short for {n_images} images of {per_image} tokens")
