@@ -238,7 +238,7 @@ class Session:
         bytes_per = 2 * self.head_dim * next(self.model.parameters()).element_size()
         self.trace = Trace(
             method=self.method.name,
-            params={k: v for k, v in vars(self.method).items() if not k.startswith("_")},
+            params=_jsonable({k: v for k, v in vars(self.method).items() if not k.startswith("_")}),
             budget=self.budget,
             capacity=self.capacity,
             query_aware=self.query_aware,

@@ -1,0 +1,176 @@
+"""KV merging: fold evicted tokens into their most similar kept token (LOOK-M §3.3, MEDA §3.3).
+
+Not a method: the shared math behind LOOK-M's and MEDA's merges. Everything is per KV head.
+
+Assignment (LOOK-M Eq. 9; MEDA Eq. 11), on **keys only**, and reused for the values:
+
+    S[i, j] = cos(k_i, k_j)         i in E (evicted), j in C (conserved = kept)
+    j*(i)   = argmax_j S[i, j]       (ties: the earliest kept position, torch's first maximum)
+    N_j     = { i in E : j*(i) = j }
+
+Updates of a kept token ``j`` (algorithms.md §2.4; the same formula for ``v_j`` with the same ``j*``):
+
+- ``"average"``  (LOOK-M Eq. 10, MEDA Eq. 12):  k_j <- (k_j + sum_{i in N_j} k_i) / (|N_j| + 1)
+- ``"pivotal"``  (LOOK-M Eq. 11, default):       k_j <- (k_j + 1/2 sum_{i in N_j} (k_i + k_j)) / (|N_j| + 1)
+- ``"weighted"`` (LOOK-M Eq. 12):                k_j <- (k_j + sum_{i in N_j} S[i, j] k_i) / (|N_j| + 1)
+
+Kept tokens nobody merged into (``N_j`` empty) are returned bit-identical. Several evicted tokens
+merged into the same target are summed exactly (an accumulating scatter of all contributions, then
+one division); this is what the official code's ``scatter_reduce(reduce="mean", include_self=True)``
+computes when its ``src`` and ``index`` are aligned. We implement the equations, *not* the A-Merge code path, whose
+``src`` (all evicted tokens) and ``index`` (filtered targets) are misaligned (algorithms.md §2.4, §7.1).
+
+Code-faithful filter (``similarity_filter=True``, average and weighted only, off by default): the
+released code merges only the evicted tokens whose max-similarity, averaged over heads, is at least
+the mean max-similarity over all heads and evicted tokens (``max_values.mean(1) >= max_values.mean()``);
+the others are dropped without merging. The code indexes evicted tokens by *slot* (the i-th evicted
+token of each head, in position order), so we do the same; the heads must therefore evict the same
+number of tokens (always true for LOOK-M and MEDA). The code applies no filter to the pivotal merge,
+so neither do we (asking for it raises).
+
+Arithmetic is fp32; results are cast back to the input dtype. Cosine similarity uses
+``x / max(||x||, 1e-12)``, so an all-zero key has similarity 0 with everything.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import MergeRecord
+
+MERGE_MODES = ("pivotal", "average", "weighted", "none")
+FILTERABLE = ("average", "weighted")
+
+# Similarity blocks hold at most this many fp32 entries (evicted rows x kept columns): 64 MiB.
+_MAX_SIM_ELEMENTS = 1 << 24
+
+
+def check_merge(mode: str, similarity_filter: bool) -> None:
+    """Validate a merge mode and filter flag (raised as ``ValueError`` with the fix)."""
+    if mode not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}, got {mode!r}")
+    if similarity_filter and mode not in FILTERABLE:
+        raise ValueError(
+            f"similarity_filter applies to the {' and '.join(FILTERABLE)} merges only (the official code "
+            f"does not filter the {mode!r} merge); set similarity_filter=False"
+        )
+
+
+def assign(keys: torch.Tensor, kept: torch.Tensor, evicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Most key-similar kept token of each evicted token, for one head.
+
+    ``keys [L, d]``; ``kept [n]`` and ``evicted [m]`` are positions. Returns ``(slot [m], cos [m])``:
+    ``slot[i]`` indexes ``kept`` (the argmax ``j*``), ``cos[i]`` is ``S[i, j*]`` (fp32).
+    """
+    m, n = evicted.numel(), kept.numel()
+    slot = torch.zeros(m, dtype=torch.long, device=keys.device)
+    best = torch.zeros(m, dtype=torch.float32, device=keys.device)
+    if m == 0 or n == 0:
+        return slot, best
+    kc = torch.nn.functional.normalize(keys[kept].float(), dim=-1, eps=1e-12)
+    block = max(1, _MAX_SIM_ELEMENTS // n)
+    for start in range(0, m, block):
+        rows = evicted[start : start + block]
+        ke = torch.nn.functional.normalize(keys[rows].float(), dim=-1, eps=1e-12)
+        values, index = (ke @ kc.T).max(dim=-1)  # first maximum on ties
+        slot[start : start + rows.numel()] = index
+        best[start : start + rows.numel()] = values
+    return slot, best
+
+
+def merge_head(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    kept: torch.Tensor,
+    mode: str,
+    evicted: torch.Tensor | None = None,
+    select: torch.Tensor | None = None,
+    assignment: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, MergeRecord]:
+    """Merge one head's evicted tokens into its kept tokens (equations in the module docstring).
+
+    ``keys``/``values`` ``[L, d]``; ``kept`` sorted positions; ``evicted`` defaults to every other
+    position. ``select`` (bool ``[m]``) marks the evicted tokens to merge (the rest are dropped);
+    ``assignment`` reuses a precomputed :func:`assign` result. Returns the new kept keys and values
+    ``[n, d]`` (input dtype) and the :class:`MergeRecord` of the merged tokens (logical positions).
+    """
+    if mode not in ("pivotal", "average", "weighted"):
+        raise ValueError(f"merge_head: mode must be pivotal, average or weighted, got {mode!r}")
+    device = keys.device
+    kept = kept.to(device=device, dtype=torch.long)
+    if evicted is None:
+        mask = torch.ones(keys.shape[0], dtype=torch.bool, device=device)
+        mask[kept] = False
+        evicted = mask.nonzero().flatten()
+    evicted = evicted.to(device=device, dtype=torch.long)
+    slot, sim = assignment if assignment is not None else assign(keys, kept, evicted)
+    if select is not None:
+        select = select.to(device)
+        evicted, slot, sim = evicted[select], slot[select], sim[select]
+    kc, vc = keys[kept].float(), values[kept].float()
+    if evicted.numel():
+        ke, ve = keys[evicted].float(), values[evicted].float()
+        if mode == "average":
+            add_k, add_v = ke, ve
+        elif mode == "pivotal":
+            add_k, add_v = 0.5 * (ke + kc[slot]), 0.5 * (ve + vc[slot])
+        else:  # weighted
+            add_k, add_v = sim[:, None] * ke, sim[:, None] * ve
+        # Sum every contribution per target (index_put_ with accumulate; index_add_ is equivalent but
+        # has a large fixed cost on multi-threaded CPU builds).
+        count = torch.zeros(kept.numel(), dtype=torch.float32, device=device)
+        count.index_put_((slot,), torch.ones_like(sim), accumulate=True)
+        hit = count > 0  # untouched kept tokens stay bit-identical
+        sum_k = torch.zeros_like(kc).index_put_((slot,), add_k, accumulate=True)
+        sum_v = torch.zeros_like(vc).index_put_((slot,), add_v, accumulate=True)
+        kc = torch.where(hit[:, None], (kc + sum_k) / (count[:, None] + 1.0), kc)
+        vc = torch.where(hit[:, None], (vc + sum_v) / (count[:, None] + 1.0), vc)
+    record = MergeRecord(source=evicted.cpu(), target=kept[slot].cpu(), similarity=sim.float().cpu())
+    return kc.to(keys.dtype), vc.to(values.dtype), record
+
+
+def merge_layer(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    kept: list[torch.Tensor],
+    mode: str,
+    similarity_filter: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[MergeRecord], int]:
+    """Merge every KV head of a layer: ``keys``/``values`` ``[H_kv, L, d]``, ``kept[h]`` sorted positions.
+
+    Returns per-head new kept keys, values, merge records, and the number of evicted tokens the
+    code-faithful filter dropped without merging (summed over heads; 0 without the filter).
+    """
+    check_merge(mode, similarity_filter)
+    if mode == "none":
+        raise ValueError("merge_layer: nothing to do for merge='none'")
+    num_heads, length = keys.shape[0], keys.shape[1]
+    device = keys.device
+    evicted, assignments = [], []
+    for h in range(num_heads):
+        mask = torch.ones(length, dtype=torch.bool, device=device)
+        mask[kept[h].to(device)] = False
+        ev = mask.nonzero().flatten()
+        evicted.append(ev)
+        assignments.append(assign(keys[h], kept[h].to(device), ev))
+    selects: list[torch.Tensor | None] = [None] * num_heads
+    dropped = 0
+    if similarity_filter:
+        counts = {ev.numel() for ev in evicted}
+        if len(counts) != 1:
+            raise ValueError(
+                "similarity_filter averages over heads slot by slot (as the official code does), so every "
+                f"head must evict the same number of tokens; got {sorted(counts)}"
+            )
+        if counts.pop():
+            best = torch.stack([sim for _, sim in assignments])  # [H, m], slots in position order
+            keep_slot = best.mean(0) >= best.mean()
+            selects = [keep_slot] * num_heads
+            dropped = int((~keep_slot).sum()) * num_heads
+    new_k, new_v, records = [], [], []
+    for h in range(num_heads):
+        k, v, rec = merge_head(keys[h], values[h], kept[h], mode, evicted[h], selects[h], assignments[h])
+        new_k.append(k)
+        new_v.append(v)
+        records.append(rec)
+    return new_k, new_v, records, dropped
