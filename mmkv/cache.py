@@ -37,7 +37,7 @@ class BatchSizeError(ValueError):
     """mmkv compresses one sequence at a time."""
 
 
-def _batch_error() -> BatchSizeError:
+def batch_size_error() -> BatchSizeError:
     return BatchSizeError(
         "mmkv supports batch size 1 (one prompt, one beam): loop over prompts, and use "
         "num_beams=1 / num_return_sequences=1 with a compressed cache."
@@ -73,15 +73,15 @@ class CompressedLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if repeats != 1:
-            raise _batch_error()
+            raise batch_size_error()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if indices.numel() != 1:
-            raise _batch_error()
+            raise batch_size_error()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if beam_idx.numel() != 1:
-            raise _batch_error()
+            raise batch_size_error()
 
     # -- mmkv API ---------------------------------------------------------------------------
     def stored_length(self) -> int:
@@ -102,7 +102,7 @@ class CompressedLayer(DynamicLayer):
         raise NotImplementedError
 
 
-def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -117,7 +117,7 @@ class DenseLayer(CompressedLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if key_states.shape[0] != 1:
-            raise _batch_error()
+            raise batch_size_error()
         n_new = key_states.shape[-2]
         new_pos = torch.arange(self.logical_length, self.logical_length + n_new, device=self.positions.device)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -133,7 +133,7 @@ class DenseLayer(CompressedLayer):
         return int(self.keys.shape[-2])
 
     def physical_bytes(self) -> int:
-        return _tensor_bytes(self.keys, self.values)
+        return tensor_bytes(self.keys, self.values)
 
     def attend(self, module, query, key, value, scaling, dropout=0.0):
         mask = bottom_right_causal_mask(query.shape[2], key.shape[2], query.device)
@@ -143,7 +143,7 @@ class DenseLayer(CompressedLayer):
         return out
 
 
-def _grouped_probs_attend(
+def grouped_attention(
     query: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One softmax over several key/value blocks for one KV head's query group.
@@ -194,7 +194,7 @@ class RaggedLayer(CompressedLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if key_states.shape[0] != 1:
-            raise _batch_error()
+            raise batch_size_error()
         n_new = key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
@@ -210,7 +210,7 @@ class RaggedLayer(CompressedLayer):
         ]
 
     def physical_bytes(self) -> int:
-        return _tensor_bytes(self.prefix_keys, self.prefix_values, self.keys, self.values)
+        return tensor_bytes(self.prefix_keys, self.prefix_values, self.keys, self.values)
 
     def attend(self, module, query, key, value, scaling, dropout=0.0):
         # `key`/`value` are the tail returned by update(): [1, H_kv, t, d], ending with the queries' own tokens.
@@ -221,7 +221,7 @@ class RaggedLayer(CompressedLayer):
         outs = []
         for h in range(self.num_heads):
             pk, pv = self.head_prefix(h)
-            out, _ = _grouped_probs_attend(
+            out, _ = grouped_attention(
                 query[0, h * group : (h + 1) * group],
                 [(pk, pv, None), (key[0, h], value[0, h], tail_mask)],
                 scale,
@@ -257,7 +257,7 @@ class H2ODecodeLayer(DenseLayer):
         mask = bottom_right_causal_mask(query.shape[2], key.shape[2], query.device)
         outs = []
         for h in range(h_kv):
-            out, probs = _grouped_probs_attend(query[0, h * group : (h + 1) * group], [(key[0, h], value[0, h], mask)], scale)
+            out, probs = grouped_attention(query[0, h * group : (h + 1) * group], [(key[0, h], value[0, h], mask)], scale)
             self.scores[h] += probs.sum(1).mean(0)
             outs.append(out)
         self._evict()
@@ -297,7 +297,7 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan) -> Co
     Returns ``None`` when the plan keeps everything unchanged (the layer stays as it is).
     """
     if keys.shape[0] != 1:
-        raise _batch_error()
+        raise batch_size_error()
     num_heads, length = keys.shape[1], keys.shape[2]
     if len(plan.kept) != num_heads:
         raise ValueError(f"plan has {len(plan.kept)} heads, the cache has {num_heads} KV heads")
@@ -363,7 +363,7 @@ def layer_bytes(layer: Any) -> int:
     """Physical bytes of keys+values held by one cache layer (any transformers layer or ours)."""
     if isinstance(layer, CompressedLayer):
         return layer.physical_bytes()
-    return _tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
+    return tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
 
 
 def cache_bytes(cache: Cache) -> int:

@@ -339,6 +339,12 @@ class Session:
             layer = self.cache.layers[layer_trace.layer]
             if isinstance(layer, H2ODecodeLayer):
                 layer_trace.decode_evictions = [list(step) for step in layer.evictions]
+            retrievals = getattr(layer, "retrievals", None)
+            if retrievals is not None:
+                layer_trace.decode_retrievals = [[list(head) for head in step] for step in retrievals]
+        self.trace.host_bytes_end = sum(
+            layer.host_bytes() for layer in self.cache.layers if hasattr(layer, "host_bytes")
+        )
         return self.trace
 
 

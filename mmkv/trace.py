@@ -24,6 +24,7 @@ class LayerTrace:
     entropy: list[float] | None = None  # per query head, window queries (nats)
     scores: list[list[float]] | None = None  # per KV head, the method's token scores (optional)
     decode_evictions: list[list[int]] | None = None  # per decode step, evicted position per KV head
+    decode_retrievals: list[list[list[int]]] | None = None  # per decode step, per dynamic head: chunk ids (HybridKV)
 
     @property
     def budgets(self) -> list[int]:
@@ -67,7 +68,8 @@ class Trace:
     family: str = ""
     answer: str = ""
     generated_ids: list[int] = field(default_factory=list)
-    bytes_end: int = 0  # physical KV bytes when generation ended (generated tokens included)
+    bytes_end: int = 0  # physical KV bytes on the device when generation ended (generated tokens included)
+    host_bytes_end: int = 0  # KV bytes offloaded to host memory (HybridKV's dynamic heads)
 
     # ---- summaries -------------------------------------------------------------------------
     @property
