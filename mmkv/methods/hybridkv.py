@@ -1,6 +1,6 @@
 """HybridKV: static/dynamic heads, top-down budgets, text-prior pruning + chunk-wise retrieval.
 
-Zeng et al., ACL 2026 (arXiv 2604.05887). No public code and no paper body were available; the
+HybridKV, ACL 2026 (arXiv 2604.05887). No public code and no paper body were available; the
 design comes from summaries (algorithms.md §5) and every gap is filled by a reading that is named
 below and in ``docs/_madakv_hybridkv.md``.
 
@@ -123,8 +123,8 @@ class HybridKV(Method):
     name = "hybridkv"
     is_global = True
     reference = (
-        "Zeng et al. 2026, HybridKV: Hybrid KV Cache Compression for Efficient Multimodal Large Language Model "
-        "Inference (ACL 2026, arXiv 2604.05887)"
+        "HybridKV: hybrid static/dynamic-head KV cache compression for multimodal LLMs "
+        "(ACL 2026, arXiv 2604.05887; no public code)"
     )
 
     def __post_init__(self) -> None:

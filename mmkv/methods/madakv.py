@@ -1,6 +1,6 @@
 """MadaKV: modality preference adaptation + hierarchical compression compensation.
 
-Li et al., ACL 2025 (arXiv 2506.15724). No public code and no paper body were available; the
+MadaKV, ACL 2025 (arXiv 2506.15724). No public code and no paper body were available; the
 formulas come from third-party notes (algorithms.md §4) and every gap is filled by a reading that is
 named below and in ``docs/_madakv_hybridkv.md``.
 
@@ -99,8 +99,8 @@ class MadaKV(Method):
     name = "madakv"
     is_global = True
     reference = (
-        "Li et al. 2025, MadaKV: Adaptive Modality-Perception KV Cache Eviction for Efficient Multimodal "
-        "Long-Context Inference (ACL 2025, arXiv 2506.15724)"
+        "MadaKV: modality-adaptive KV cache eviction for multimodal long-context inference "
+        "(ACL 2025, arXiv 2506.15724; no public code)"
     )
 
     def __post_init__(self) -> None:
