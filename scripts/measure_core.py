@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--grid", type=int, default=16, help="patch grid per image (tokens = (grid/2)^2)")
     parser.add_argument("--text", type=int, default=64)
-    parser.add_argument("--budget", type=float, default=0.2)
+    parser.add_argument("--budgets", default="0.1,0.2")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
@@ -92,12 +92,19 @@ def main() -> None:
           f"text tower {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} kv heads, fp32, 2 threads")
     prefill_ms(model, inputs, modality, "full", 1.0, 1)  # warm-up
     full_ms, _, _, _ = prefill_ms(model, inputs, modality, "full", 1.0, args.repeats)
-    print(f"{'method':13s} {'KV bytes':>12s} {'ratio':>7s} {'prefill ms':>11s} {'stats ms':>9s} {'plan+apply ms':>14s} {'overhead':>9s}")
-    for name in ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv"]:
-        ms, st, cp, session = prefill_ms(model, inputs, modality, name, args.budget, args.repeats)
-        t = session.trace
-        print(f"{name:13s} {t.bytes_compressed:12,d} {t.bytes_compressed / t.bytes_full:7.3f} {ms:11.1f} {st:9.1f} "
-              f"{cp:14.1f} {100 * (ms - full_ms) / full_ms:8.1f}%")
+    print(f"{'method':13s} {'budget':>6s} {'KV bytes':>12s} {'vs Full':>8s} {'kept/layer/head min-mean-max':>30s} "
+          f"{'prefill ms':>11s} {'stats ms':>9s} {'plan+apply ms':>14s}")
+    from mmkv.methods import METHODS
+
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        for name in sorted(METHODS):
+            ms, st, cp, session = prefill_ms(model, inputs, modality, name, budget, args.repeats)
+            t = session.trace
+            kept = [sum(layer.budgets) / len(layer.budgets) for layer in t.layers]
+            spread = f"{min(kept):.0f}-{sum(kept) / len(kept):.1f}-{max(kept):.0f}"
+            print(f"{name:13s} {budget:6.2f} {t.bytes_compressed:12,d} {t.bytes_compressed / t.bytes_full:8.3f} "
+                  f"{spread:>30s} {ms:11.1f} {st:9.1f} {cp:14.1f}")
+    print(f"Full prefill (no statistics): {full_ms:.1f} ms")
 
 
 if __name__ == "__main__":
