@@ -9,6 +9,7 @@ processed against the compressed cache, so compression can change every answer t
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -145,43 +146,92 @@ def generate(
     return generation if stream else generation.run()
 
 
-def _run(model, tokenizer, prepared, session, context, max_new_tokens, do_sample, temperature, top_p, seed, generation):
+@contextmanager
+def compressed_run(model: torch.nn.Module, prepared: PreparedInputs, session: Session, context: int) -> Iterator[Any]:
+    """Prefill ``prepared`` on a fresh cache under ``session`` (compressing the first ``context`` tokens).
+
+    Yields ``step``: call ``step()`` for the next-token logits after the prompt, then
+    ``step(token)`` to feed a token and get the logits after it. Query-agnostic runs
+    (``context < prepared.length``) prefill the context, compress it, then read the question.
+    """
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    eos = _eos_ids(model, tokenizer)
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     inputs = dict(prepared.inputs)
-    ids: list[int] = []
-    text = ""
     _reset_rope_state(model)
 
-    def forward(**kwargs: Any) -> Any:
+    def forward(**kwargs: Any) -> torch.Tensor:
         with session.bound(), torch.inference_mode():
-            return model(**kwargs, past_key_values=cache, use_cache=True)
+            return model(**kwargs, past_key_values=cache, use_cache=True).logits[0, -1]
 
     with session.activate(bind=False):
         if context == prepared.length:
-            out = forward(**inputs)
+            first = forward(**inputs)
         else:
             head = {k: (v[:, :context] if k in _PER_TOKEN_KEYS and torch.is_tensor(v) else v) for k, v in inputs.items()}
             forward(**head)
             _ensure_rope_state(model, device)
-            out = forward(input_ids=inputs["input_ids"][:, context:])
+            first = forward(input_ids=inputs["input_ids"][:, context:])
         _ensure_rope_state(model, device)
-        logits = out.logits[0, -1]
-        for step in range(max_new_tokens):
+
+        def step(token: int | None = None) -> torch.Tensor:
+            if token is None:
+                return first
+            return forward(input_ids=torch.tensor([[int(token)]], device=device))
+
+        yield step
+
+
+def _run(model, tokenizer, prepared, session, context, max_new_tokens, do_sample, temperature, top_p, seed, generation):
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    eos = _eos_ids(model, tokenizer)
+    ids: list[int] = []
+    text = ""
+    with compressed_run(model, prepared, session, context) as step:
+        logits = step()
+        for i in range(max_new_tokens):
             token = _select(logits, do_sample, temperature, top_p, generator)
             ids.append(token)
             new_text = tokenizer.decode(ids, skip_special_tokens=True)
             if new_text != text:
                 yield new_text[len(text):] if new_text.startswith(text) else new_text
                 text = new_text
-            if token in eos or step == max_new_tokens - 1:
+            if token in eos or i == max_new_tokens - 1:
                 break
-            out = forward(input_ids=torch.tensor([[token]], device=device))
-            logits = out.logits[0, -1]
+            logits = step(token)
     trace = session.trace
     trace.prompt_length = prepared.length
     trace.answer = text
     trace.generated_ids = ids
     generation.result = GenerationResult(text=text, token_ids=ids, trace=trace, prepared=prepared)
+
+
+def forced_logits(
+    model: torch.nn.Module,
+    prepared: PreparedInputs,
+    method: str | Method,
+    budget: float | int,
+    forced_ids: list[int],
+    *,
+    query_aware: bool = True,
+    **method_params: Any,
+) -> torch.Tensor:
+    """Teacher forcing: ``[T, V]`` fp32 CPU next-token logits along ``forced_ids`` under ``method``.
+
+    Row ``t`` is the distribution the model gives *before* ``forced_ids[t]``, with the cache compressed
+    exactly as :func:`generate` does (used for next-token KL against the Full cache).
+    """
+    if not forced_ids:
+        return torch.zeros(0, 0)
+    context = prepared.length if query_aware else prepared.context_length
+    session = Session(
+        model, method, budget,
+        modality=prepared.modality if query_aware else prepared.modality.prefix(context),
+        record_attention=False, query_aware=query_aware, method_params=method_params,
+    )
+    rows = []
+    with compressed_run(model, prepared, session, context) as step:
+        rows.append(step().float().cpu())
+        for token in forced_ids[:-1]:
+            rows.append(step(token).float().cpu())
+    return torch.stack(rows)

@@ -1,1 +1,35 @@
-"""Figure builders and image/frame overlays that take a Trace (no Gradio imports)."""
+"""Figure builders and image/frame overlays that take a Trace (no Gradio imports; unit-testable).
+
+- :mod:`viz.figures`: plotly charts (budget per layer + entropy, layer × head modality preference,
+  per-head budgets / HybridKV head types, Compare's memory / speed / agreement / sweep charts, and a
+  methods × tokens kept map);
+- :mod:`viz.overlay`: kept / evicted / merged cells painted over each image and video frame;
+- :mod:`viz.tokens`: the text-token strip and the merge list;
+- :mod:`viz.report`: export of figures and overlays as one self-contained HTML file.
+"""
+
+from .colors import EVICTED, KEEP_SCALE, KEPT, MERGED, MODALITY_COLORS, PREFERENCE_SCALE, STRIP_COLORS
+from .figures import (
+    agreement_figure,
+    budget_figure,
+    empty_figure,
+    head_budget_figure,
+    keep_map_figure,
+    memory_figure,
+    modality_heatmap,
+    preference_matrix,
+    speed_figure,
+    sweep_figure,
+)
+from .overlay import Panel, cell_grid, overlay_panels, paint_cells, token_fractions, video_frame_groups
+from .report import figure_png, figures_html, png_available
+from .tokens import describe_position, merge_rows, strip_label, token_strip
+
+__all__ = [
+    "EVICTED", "KEEP_SCALE", "KEPT", "MERGED", "MODALITY_COLORS", "PREFERENCE_SCALE", "STRIP_COLORS",
+    "agreement_figure", "budget_figure", "empty_figure", "head_budget_figure", "keep_map_figure", "memory_figure",
+    "modality_heatmap", "preference_matrix", "speed_figure", "sweep_figure",
+    "Panel", "cell_grid", "overlay_panels", "paint_cells", "token_fractions", "video_frame_groups",
+    "figure_png", "figures_html", "png_available",
+    "describe_position", "merge_rows", "strip_label", "token_strip",
+]
