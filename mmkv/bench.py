@@ -171,13 +171,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 @torch.inference_mode()
 def run_one(model, inputs, modality, method: str, budget: float | int, new_tokens: int, warmup: int,
-            bandwidth: float) -> dict[str, Any]:
+            bandwidth: float, preallocate: bool = True) -> dict[str, Any]:
     """Prefill + compress + ``new_tokens`` greedy decode steps; returns the measured numbers."""
     device = next(model.parameters()).device
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "rope_deltas"):
         inner.rope_deltas = None
-    session = Session(model, method, budget, modality=modality, record_attention=False)
+    session = Session(model, method, budget, modality=modality, record_attention=False,
+                      reserve=new_tokens if preallocate else 0)
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     _reset_peak(device)
     with session.activate():
@@ -211,7 +212,7 @@ def run_one(model, inputs, modality, method: str, budget: float | int, new_token
 
 def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budgets: Sequence[float | int],
         new_tokens: int = 64, warmup: int = 8, device: str | None = None, dtype: str = "bfloat16",
-        visual_share: float = 0.9, image_grid: int = 64) -> list[BenchRow]:
+        visual_share: float = 0.9, image_grid: int = 64, preallocate: bool = True) -> list[BenchRow]:
     """Run the grid; Full is always measured first at every context as the reference."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model_name == "tiny":
@@ -229,12 +230,12 @@ def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budget
     rows: list[BenchRow] = []
     for context in contexts:
         inputs, modality = synthetic_prompt(model, context, visual_share, image_grid)
-        run_one(model, inputs, modality, "full", 1.0, min(new_tokens, warmup + 2), 0, bandwidth)  # warm-up
-        full = run_one(model, inputs, modality, "full", 1.0, new_tokens, warmup, bandwidth)
+        run_one(model, inputs, modality, "full", 1.0, min(new_tokens, warmup + 2), 0, bandwidth, preallocate)  # warm-up
+        full = run_one(model, inputs, modality, "full", 1.0, new_tokens, warmup, bandwidth, preallocate)
         grid = [("full", 1.0)] + [(m, b) for m in methods if m != "full" for b in budgets]
         for method, budget in grid:
             measured = full if method == "full" else run_one(model, inputs, modality, method, budget, new_tokens,
-                                                              warmup, bandwidth)
+                                                              warmup, bandwidth, preallocate)
             rows.append(BenchRow(
                 model=model_name, device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
                 context=context, method=method, budget=budget,
@@ -305,11 +306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--visual-share", type=float, default=0.9)
     p.add_argument("--image-grid", type=int, default=64, help="patch grid per image (tokens = (grid/2)^2)")
+    p.add_argument("--no-preallocate", action="store_true",
+                   help="grow the cache by concatenation at every step (the plain reference path)")
     p.add_argument("--out", default="bench-results")
     a = p.parse_args(argv)
     rows = run(a.model, [int(c) for c in a.contexts.split(",")], a.methods.split(","),
                [parse_budget(b) for b in a.budgets.split(",")], a.new_tokens, a.warmup, a.device, a.dtype,
-               a.visual_share, a.image_grid)
+               a.visual_share, a.image_grid, not a.no_preallocate)
     write(rows, Path(a.out))
     print(markdown_table(rows))
     return 0

@@ -106,34 +106,85 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-class DenseLayer(CompressedLayer):
-    """Uniform budget across heads: ``keys``/``values`` ``[1, H_kv, n, d]``, positions ``[H_kv, n]``."""
+class AppendBuffer:
+    """A tensor that grows along one dimension, with optional preallocated room (``reserve``).
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, logical_length: int) -> None:
+    With ``reserve = 0`` appending concatenates (what ``DynamicLayer`` does: memory held = tokens
+    stored). With ``reserve > 0`` the storage is allocated once for ``n + reserve`` entries and appended
+    tokens are written in place — no per-step copy of the whole cache, which is what a decode step
+    near the memory-bandwidth floor needs; the reserved room is memory held and is counted as such.
+    """
+
+    def __init__(self, data: torch.Tensor, reserve: int = 0, dim: int = -2) -> None:
+        self.dim = dim % data.dim()
+        self.fill = data.shape[self.dim]
+        if reserve > 0:
+            shape = list(data.shape)
+            shape[self.dim] += reserve
+            self.store = data.new_empty(shape)
+            self.store.narrow(self.dim, 0, self.fill).copy_(data)
+        else:
+            self.store = data
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The filled part (a view when room is reserved)."""
+        return self.store if self.fill == self.store.shape[self.dim] else self.store.narrow(self.dim, 0, self.fill)
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        n = new.shape[self.dim]
+        if self.fill + n <= self.store.shape[self.dim]:
+            self.store.narrow(self.dim, self.fill, n).copy_(new)
+        else:  # no room left: grow exactly (reserved room, if any, was used up)
+            self.store = torch.cat([self.data, new], dim=self.dim)
+        self.fill += n
+        return self.data
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.numel() * self.store.element_size()
+
+
+class DenseLayer(CompressedLayer):
+    """Uniform budget across heads: ``keys``/``values`` ``[1, H_kv, n, d]``, positions ``[H_kv, n]``.
+
+    ``reserve`` preallocates room for that many generated tokens (see :class:`AppendBuffer`).
+    """
+
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, logical_length: int, reserve: int = 0
+    ) -> None:
         super().__init__(logical_length)
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
-        self.positions = positions
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._keys, self._values = AppendBuffer(keys, reserve), AppendBuffer(values, reserve)
+        self._positions = AppendBuffer(positions, reserve, dim=-1)
+
+    # keys / values / positions are the filled views of the buffers; assigning replaces the buffer
+    keys = property(lambda self: self._keys.data if getattr(self, "_keys", None) else None,
+                    lambda self, v: setattr(self, "_keys", AppendBuffer(v) if v is not None else None))
+    values = property(lambda self: self._values.data if getattr(self, "_values", None) else None,
+                      lambda self, v: setattr(self, "_values", AppendBuffer(v) if v is not None else None))
+    positions = property(lambda self: self._positions.data,
+                         lambda self, v: setattr(self, "_positions", AppendBuffer(v, dim=-1)))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if key_states.shape[0] != 1:
             raise batch_size_error()
         n_new = key_states.shape[-2]
-        new_pos = torch.arange(self.logical_length, self.logical_length + n_new, device=self.positions.device)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, new_pos.expand(self.positions.shape[0], -1)], dim=-1)
+        new_pos = torch.arange(self.logical_length, self.logical_length + n_new, device=self.device)
+        keys, values = self._keys.append(key_states), self._values.append(value_states)
+        self._positions.append(new_pos.expand(self._positions.store.shape[0], -1))
         self.logical_length += n_new
-        return self.keys, self.values
+        return keys, values
 
     def kept_positions(self) -> list[torch.Tensor]:
         return list(self.positions.unbind(0))
 
     def stored_length(self) -> int:
-        return int(self.keys.shape[-2])
+        return self._keys.fill
 
     def physical_bytes(self) -> int:
-        return tensor_bytes(self.keys, self.values)
+        return self._keys.nbytes + self._values.nbytes
 
     def attend(self, module, query, key, value, scaling, dropout=0.0):
         mask = bottom_right_causal_mask(query.shape[2], key.shape[2], query.device)
@@ -172,17 +223,23 @@ class RaggedLayer(CompressedLayer):
 
     def __init__(
         self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, prefix_positions: torch.Tensor,
-        offsets: list[int], logical_length: int,
+        offsets: list[int], logical_length: int, reserve: int = 0,
     ) -> None:
         super().__init__(logical_length)
         num_heads = len(offsets) - 1
         empty = prefix_keys.new_zeros(1, num_heads, 0, prefix_keys.shape[-1])
         self.lazy_initialization(empty, empty)
-        self.keys, self.values = empty, empty.clone()  # the tail
+        # the tail (tokens appended after compression, shared by all heads), with optional reserved room
+        self._tail_keys, self._tail_values = AppendBuffer(empty, reserve), AppendBuffer(empty.clone(), reserve)
+        self._tail_positions = AppendBuffer(torch.zeros(0, dtype=torch.long, device=prefix_positions.device), reserve, -1)
+        self.keys, self.values = self._tail_keys.data, self._tail_values.data
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
         self.prefix_positions = prefix_positions
         self.offsets = list(offsets)
-        self.tail_positions = torch.zeros(0, dtype=torch.long, device=prefix_positions.device)
+
+    @property
+    def tail_positions(self) -> torch.Tensor:
+        return self._tail_positions.data
 
     @property
     def num_heads(self) -> int:
@@ -196,10 +253,11 @@ class RaggedLayer(CompressedLayer):
         if key_states.shape[0] != 1:
             raise batch_size_error()
         n_new = key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        new_pos = torch.arange(self.logical_length, self.logical_length + n_new, device=self.tail_positions.device)
-        self.tail_positions = torch.cat([self.tail_positions, new_pos])
+        self.keys = self._tail_keys.append(key_states)
+        self.values = self._tail_values.append(value_states)
+        self._tail_positions.append(
+            torch.arange(self.logical_length, self.logical_length + n_new, device=self.prefix_positions.device)
+        )
         self.logical_length += n_new
         return self.keys, self.values
 
@@ -210,7 +268,7 @@ class RaggedLayer(CompressedLayer):
         ]
 
     def physical_bytes(self) -> int:
-        return tensor_bytes(self.prefix_keys, self.prefix_values, self.keys, self.values)
+        return tensor_bytes(self.prefix_keys, self.prefix_values) + self._tail_keys.nbytes + self._tail_values.nbytes
 
     def attend(self, module, query, key, value, scaling, dropout=0.0):
         # `key`/`value` are the tail returned by update(): [1, H_kv, t, d], ending with the queries' own tokens.
@@ -291,10 +349,11 @@ def layer_tensors(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Ten
     return layer.keys, layer.values
 
 
-def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan) -> CompressedLayer | None:
+def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> CompressedLayer | None:
     """Gather (or take the merged) kept tokens of ``plan`` from full ``keys``/``values`` ``[1,H,L,d]``.
 
-    Returns ``None`` when the plan keeps everything unchanged (the layer stays as it is).
+    ``reserve`` preallocates room for that many generated tokens. Returns ``None`` when the plan keeps
+    everything unchanged and nothing is to be reserved (the layer stays as it is).
     """
     if keys.shape[0] != 1:
         raise batch_size_error()
@@ -307,7 +366,7 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan) -> Co
         if k.numel() and (int(k.min()) < 0 or int(k.max()) >= length):
             raise ValueError(f"plan keeps position out of range [0, {length}) in head {h}")
     unchanged = plan.keys is None and plan.decode is None and all(k.numel() == length for k in kept)
-    if unchanged:
+    if unchanged and reserve == 0:
         return None
     if plan.decode is not None:
         policy = plan.decode.get("policy")
@@ -320,7 +379,7 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan) -> Co
     if len(set(counts)) == 1:
         k_dense = torch.stack([t.to(keys.dtype) for t in head_keys])[None]
         v_dense = torch.stack([t.to(values.dtype) for t in head_values])[None]
-        return DenseLayer(k_dense, v_dense, torch.stack(kept), length)
+        return DenseLayer(k_dense, v_dense, torch.stack(kept), length, reserve)
     offsets = [0]
     for n in counts:
         offsets.append(offsets[-1] + n)
@@ -330,6 +389,7 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan) -> Co
         torch.cat(kept),
         offsets,
         length,
+        reserve,
     )
 
 
@@ -351,10 +411,10 @@ def _h2o_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan) -> Com
 DECODE_POLICIES: dict[str, Callable[[torch.Tensor, torch.Tensor, LayerPlan], CompressedLayer]] = {"h2o": _h2o_layer}
 
 
-def apply_plan(cache: Cache, layer_idx: int, plan: LayerPlan) -> None:
+def apply_plan(cache: Cache, layer_idx: int, plan: LayerPlan, reserve: int = 0) -> None:
     """Replace layer ``layer_idx`` of ``cache`` by its compressed version; the full tensors are released."""
     keys, values = layer_tensors(cache, layer_idx)
-    new_layer = build_layer(keys, values, plan)
+    new_layer = build_layer(keys, values, plan, reserve)
     if new_layer is not None:
         cache.layers[layer_idx] = new_layer
 

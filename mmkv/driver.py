@@ -115,6 +115,7 @@ def generate(
     record_attention: bool = True,
     record_scores: bool = False,
     prepared: PreparedInputs | None = None,
+    preallocate: bool = False,
     **method_params: Any,
 ) -> GenerationResult | Generation:
     """Answer ``chat`` with a compressed KV cache.
@@ -122,7 +123,9 @@ def generate(
     ``method`` is a name (``"snapkv"``, ``"adakv"``, ...) or a :class:`~mmkv.methods.Method`;
     ``budget`` a ratio in (0, 1] of the compressed span or an absolute token count (int) per layer
     and KV head. Returns a :class:`GenerationResult` (text, token ids, Trace), or with
-    ``stream=True`` a :class:`Generation` to iterate for text deltas.
+    ``stream=True`` a :class:`Generation` to iterate for text deltas. ``preallocate=True`` reserves
+    room for ``max_new_tokens`` in every cache layer after compression, so decoding writes in place
+    instead of copying the cache at every step (the reserved room counts in the trace's bytes).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
@@ -137,7 +140,7 @@ def generate(
         model, method, budget,
         modality=prepared.modality if query_aware else prepared.modality.prefix(context),
         record_attention=record_attention, record_scores=record_scores, query_aware=query_aware,
-        method_params=method_params,
+        method_params=method_params, reserve=max_new_tokens if preallocate else 0,
     )
     tokenizer = getattr(processor, "tokenizer", processor)
     generation = Generation(iter(()))

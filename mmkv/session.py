@@ -76,8 +76,10 @@ class Session:
         record_scores: bool = False,
         query_aware: bool = True,
         method_params: dict[str, Any] | None = None,
+        reserve: int = 0,
     ) -> None:
         register()
+        self.reserve = reserve  # preallocated room for generated tokens in every layer (0: grow by concatenation)
         self.model = model
         self.method = make_method(method, **(method_params or {}))
         resolve_capacity(budget, 1_000_000)  # validate early, before any forward
@@ -300,8 +302,8 @@ class Session:
 
     def _apply(self, layer_idx: int, plan: LayerPlan, stats: LayerStats) -> None:
         before = layer_bytes(self.cache.layers[layer_idx])
-        if self.method.compresses:
-            apply_plan(self.cache, layer_idx, plan)
+        if self.method.compresses or self.reserve:
+            apply_plan(self.cache, layer_idx, plan, self.reserve)
         after = layer_bytes(self.cache.layers[layer_idx])
         self._layer_traces[layer_idx] = self._record(layer_idx, plan, stats, before, after)
 

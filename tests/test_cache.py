@@ -138,3 +138,22 @@ def test_h2o_decode_layer_keeps_capacity_and_evicts_lowest_score() -> None:
     assert layer.evictions[0][0] == 1 and layer.evictions[0][1] == 0
     assert 1 not in layer.positions[0].tolist() and 0 not in layer.positions[1].tolist()
     assert layer.positions[:, -1].tolist() == [L, L]  # the new token stays (recent window)
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_reserved_room_is_written_in_place_then_grows(ragged: bool) -> None:
+    k, v = _full()
+    kept = [torch.tensor([0, 3, 5]), torch.tensor([1, 2] if ragged else [1, 2, 4])]
+    plain = build_layer(k, v, LayerPlan(kept=kept))
+    fast = build_layer(k, v, LayerPlan(kept=kept), reserve=2)
+    per_token = 2 * D * 4
+    assert fast.physical_bytes() == plain.physical_bytes() + 2 * H_KV * per_token  # room is memory held
+    g = torch.Generator().manual_seed(9)
+    for step in range(3):  # two steps fit in the reserved room, the third grows the storage
+        nk, nv = torch.randn(1, H_KV, 1, D, generator=g), torch.randn(1, H_KV, 1, D, generator=g)
+        q = torch.randn(1, H_KV * GROUP, 1, D, generator=g)
+        a = plain.attend(_Module(), q, *plain.update(nk, nv), scaling=D**-0.5)
+        b = fast.attend(_Module(), q, *fast.update(nk, nv), scaling=D**-0.5)
+        torch.testing.assert_close(a, b)
+        assert [p.tolist() for p in fast.kept_positions()] == [p.tolist() for p in plain.kept_positions()]
+    assert fast.physical_bytes() == plain.physical_bytes()  # room used up: both hold exactly the tokens

@@ -227,3 +227,18 @@ def test_compress_context_manager_infers_the_modality_map() -> None:
     assert trace.bytes_compressed < trace.bytes_full
     # The model is back on its own attention implementation afterwards.
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_preallocated_decode_gives_the_same_tokens(method: str) -> None:
+    """The in-place (preallocated) decode path is checked against the plain concatenating path."""
+    model, processor, prepared = _prepared("qwen2_5_vl")
+    plain = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=6, prepared=prepared)
+    fast = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=6, prepared=prepared,
+                         preallocate=True)
+    assert fast.token_ids == plain.token_ids
+    if method not in ("h2o", "hybridkv"):  # layers with their own decode policy keep their own storage
+        # Room for the generated tokens was reserved up front, so the cache did not grow while decoding.
+        assert fast.trace.bytes_end == fast.trace.bytes_compressed
+        per = fast.trace.bytes_per_token_head * fast.trace.num_kv_heads * fast.trace.num_layers
+        assert fast.trace.bytes_compressed == plain.trace.bytes_compressed + 6 * per
