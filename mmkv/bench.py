@@ -163,9 +163,16 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step must read: the language model's parameters (the vision tower is idle)."""
+    """Bytes a decode step must read: the language model's parameters.
+
+    The vision tower is idle during decoding, and of an untied input-embedding table only one row
+    is read per token, so both are left out.
+    """
     visual = getattr(getattr(model, "model", model), "visual", None)
     skip = {id(p) for p in visual.parameters()} if visual is not None else set()
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is not None and (head is None or head.weight is not embed.weight):
+        skip |= {id(p) for p in embed.parameters()}
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
 
 
