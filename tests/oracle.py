@@ -93,6 +93,28 @@ def masked_reference_logits(model, inputs: dict, kept: dict[int, list[torch.Tens
     return logits
 
 
+@torch.inference_mode()
+def compressed_logits(model, prepared, method, tokens: list[int], budget: float | int = 1.0):
+    """The path under test: next-token logits with ``method`` compressing the cache through ``mmkv.compress``.
+
+    Returns the logits after prefill and after each teacher-forced token, the session, and the
+    logical cache length seen before each decode step.
+    """
+    import mmkv
+
+    _reset_rope(model)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    lengths = []
+    with mmkv.compress(model, method, budget, modality=prepared.modality) as session:
+        out = model(**prepared.inputs, past_key_values=cache, use_cache=True)
+        logits = [out.logits[0, -1].float()]
+        for t in tokens:
+            lengths.append(cache.get_seq_length())
+            out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0, -1].float())
+    return logits, session, lengths
+
+
 def _reset_rope(model) -> None:
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "rope_deltas"):

@@ -26,7 +26,7 @@ from mmkv.methods.meda import layer_budgets
 from mmkv.modality import IMAGE, ModalityMap, grid_item
 from mmkv.stats import StatsRequest, compute_layer_stats
 from mmkv.testing.tiny import FAMILIES, build_tiny, make_image
-from oracle import masked_reference_logits
+from oracle import compressed_logits, masked_reference_logits
 
 torch.set_num_threads(2)
 
@@ -450,22 +450,6 @@ def test_end_to_end_every_family(family: str) -> None:
         assert trace.bytes_end == trace.bytes_compressed + generated * trace.num_layers * trace.num_kv_heads * per_token
 
 
-def _compressed_logits(model, prepared, method, budget, tokens):
-    from transformers import DynamicCache
-
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "rope_deltas"):
-        inner.rope_deltas = None
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    with mmkv.compress(model, method, budget, modality=prepared.modality) as session, torch.inference_mode():
-        out = model(**prepared.inputs, past_key_values=cache, use_cache=True)
-        logits = [out.logits[0, -1].float()]
-        for t in tokens:
-            out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
-            logits.append(out.logits[0, -1].float())
-    return logits, session
-
-
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "smolvlm"])
 @pytest.mark.parametrize("name", ["lookm", "meda"])
 def test_selection_equals_masked_full_cache(family: str, name: str) -> None:
@@ -477,7 +461,7 @@ def test_selection_equals_masked_full_cache(family: str, name: str) -> None:
     budget = n_text + n_visual // 2
     method = LookM(recent_share=0.1, merge="none") if name == "lookm" else MEDA(split=(1, 9), merge="none")
     tokens = [11, 4, 6]
-    got, session = _compressed_logits(model, prepared, method, budget, tokens)
+    got, session, _ = compressed_logits(model, prepared, method, tokens, budget)
     kept = {layer.layer: [torch.tensor(k) for k in layer.kept] for layer in session.trace.layers}
     visual = prepared.modality.visual
     visual_kept = [int(visual[k].sum()) for heads in kept.values() for k in heads]

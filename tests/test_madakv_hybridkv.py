@@ -544,25 +544,11 @@ def test_end_to_end_every_family(family: str) -> None:
             assert any("dynamic" in l.info["head_types"] and l.info["top_chunks"] >= 1 for l in layers), family
 
 
-def _teacher_forced(model, prepared, method, tokens, budget):
-    from transformers import DynamicCache
-
-    oracle._reset_rope(model)
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    with mmkv.compress(model, method, budget, modality=prepared.modality) as session, torch.inference_mode():
-        out = model(**prepared.inputs, past_key_values=cache, use_cache=True)
-        logits = [out.logits[0, -1].float()]
-        for t in tokens:
-            out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
-            logits.append(out.logits[0, -1].float())
-    return logits, session
-
-
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "smolvlm"])
 def test_madakv_plan_equals_masked_full_cache(family: str) -> None:
     model, _, prepared = _prepared(family)
     tokens = [11, 4, 6]
-    got, session = _teacher_forced(model, prepared, MadaKV(window=4), tokens, budget=0.3)
+    got, session, _ = oracle.compressed_logits(model, prepared, MadaKV(window=4), tokens, budget=0.3)
     kept = {layer.layer: [torch.tensor(k) for k in layer.kept] for layer in session.trace.layers}
     assert any(len(k) < prepared.length for ks in kept.values() for k in ks)
     want = masked_reference_logits(model, prepared.inputs, kept, tokens)
@@ -577,7 +563,7 @@ def test_hybridkv_all_chunks_equals_full_cache(family: str) -> None:
     oracle._reset_rope(model)
     want = masked_reference_logits(model, prepared.inputs, {}, tokens)  # nothing masked = plain full cache
     method = HybridKV(static_fraction=0.5, chunk_size=4, recent=8)
-    got, session = _teacher_forced(model, prepared, method, tokens, budget=1.0)
+    got, session, _ = oracle.compressed_logits(model, prepared, method, tokens, budget=1.0)
     from mmkv.hybrid_cache import HybridLayer
 
     layers = [l for l in session.cache.layers if isinstance(l, HybridLayer)]
@@ -623,7 +609,7 @@ def test_hybridkv_retrieval_equals_per_step_masked_full_cache(family: str) -> No
     model, _, prepared = _prepared(family)
     tokens = [5, 9, 13, 7]
     method = HybridKV(static_fraction=0.5, chunk_size=4, sinks=2, recent=4)
-    got, session = _teacher_forced(model, prepared, method, tokens, budget=0.5)
+    got, session, _ = oracle.compressed_logits(model, prepared, method, tokens, budget=0.5)
     masks, complement = [], []
     retrieving = 0
     for step in range(len(tokens)):

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import mmkv
-from mmkv.cache import cache_bytes
 from mmkv.methods import METHODS
 from mmkv.testing.tiny import FAMILIES, build_tiny, make_image
-from oracle import FixedPlan, masked_reference_logits, random_ragged_plan
+from oracle import FixedPlan, compressed_logits, masked_reference_logits, random_ragged_plan
 
 torch.set_num_threads(2)
 
@@ -87,24 +86,6 @@ def test_full_and_budget_one_match_plain_generate(family: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def _compressed_logits(model, prepared, method, tokens, budget=1.0):
-    from transformers import DynamicCache
-
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "rope_deltas"):
-        inner.rope_deltas = None
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    seen_lengths = []
-    with mmkv.compress(model, method, budget, modality=prepared.modality) as session, torch.inference_mode():
-        out = model(**prepared.inputs, past_key_values=cache, use_cache=True)
-        logits = [out.logits[0, -1].float()]
-        for t in tokens:
-            seen_lengths.append(cache.get_seq_length())
-            out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
-            logits.append(out.logits[0, -1].float())
-    return logits, session, seen_lengths
-
-
 ORACLE_FAMILIES = FAMILIES  # the issue asks for Qwen2.5-VL, LLaVA-OneVision and SmolVLM at least
 
 
@@ -116,7 +97,7 @@ def test_eviction_plan_equals_masked_full_cache(family: str, ragged: bool) -> No
     plan = random_ragged_plan(session.num_layers, session.num_kv_heads, prepared.length, seed=7, ragged=ragged)
     tokens = [5, 9, 13, 7]
     want = masked_reference_logits(model, prepared.inputs, plan, tokens)
-    got, session, lengths = _compressed_logits(model, prepared, FixedPlan(kept=plan), tokens)
+    got, session, lengths = compressed_logits(model, prepared, FixedPlan(kept=plan), tokens)
     for step, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=f"step {step}")
     # Decode positions are logical: the cache reports prompt + generated, not what it holds.
@@ -133,7 +114,7 @@ def test_real_method_plans_equal_masked_full_cache(family: str, method: str) -> 
     """The kept sets a method records in the trace, replayed as masks, give the same logits."""
     model, _, prepared = _prepared(family)
     tokens = [11, 4, 6]
-    got, session, _ = _compressed_logits(model, prepared, method, tokens, budget=0.3)
+    got, session, _ = compressed_logits(model, prepared, method, tokens, budget=0.3)
     kept = {layer.layer: [torch.tensor(k) for k in layer.kept] for layer in session.trace.layers}
     want = masked_reference_logits(model, prepared.inputs, kept, tokens)
     for a, b in zip(got, want):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any, Sequence
+from typing import Sequence
 
 import plotly.graph_objects as go
 from PIL import Image
