@@ -1,0 +1,77 @@
+"""A word-level tokenizer built from scratch, with the Qwen special tokens and a Qwen-style chat template.
+
+Pre-tokenization splits text into ``"\\n"``, words and digits carrying their leading space
+(``" red"``, ``" 3"``), and punctuation; decoding concatenates the pieces, so
+``decode(encode(text)) == text`` for any text over the vocabulary ("The red circle is in image 3.").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .tasks import WORDS
+
+__all__ = ["SPECIALS", "CHAT_TEMPLATE", "build_tokenizer", "vocabulary"]
+
+SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+UNK = "<unk>"
+_PATTERN = r"\n| ?[A-Za-z]+| ?[0-9]| ?[^A-Za-z0-9\s]| +"
+_PUNCT = ".?:,!'-()"
+
+# Qwen2-VL's template without the default system turn: parts are written in order, images/videos as
+# their vision markers around one pad token (the processor expands it).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def vocabulary() -> list[str]:
+    """Ordered vocabulary: ``<unk>``, the Qwen specials, then words (bare, capitalised, with a leading space)."""
+    pieces: list[str] = [UNK, *SPECIALS, "\n", " "]
+    words = sorted({w for base in WORDS for w in (base, base.capitalize())})
+    for w in words:
+        pieces += [w, " " + w]
+    for ch in "0123456789" + _PUNCT:
+        pieces += [ch, " " + ch]
+    seen: set[str] = set()
+    return [p for p in pieces if not (p in seen or seen.add(p))]
+
+
+def build_tokenizer() -> Any:
+    """A ``PreTrainedTokenizerFast`` (eos ``<|im_end|>``, pad ``<|endoftext|>``) with the chat template."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {p: i for i, p in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(_PATTERN), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in (UNK, *SPECIALS)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast

@@ -1,0 +1,473 @@
+"""Train the bundled teaching VLM on the synthetic tasks: ``python -m mmkv.tiny.train --out DIR --steps N``.
+
+Recipe (from ``research/tiny_vlm_probe.md``): fresh synthetic episodes every step, several QA turns
+per image set / video, loss on the answer tokens (and their ``<|im_end|>``) plus an auxiliary per-cell
+vision loss (a linear head on the vision merger's output predicts each 28 px cell's colour and shape)
+from step 0, LR 3e-3 with warmup (constant, then a linear decay over the last ``--decay`` fraction),
+and a curriculum over the number of images K (2 for ``--k-hold`` steps, then ramped to 8).
+
+Seeded and resumable: the work dir (default ``.cache/tiny-train``) holds ``ckpt.pt`` (model, aux head,
+optimizer, step) and ``log.jsonl``; running the same command again continues from the checkpoint
+(``--steps`` may be raised). Held-out accuracy is greedy exact match, computed teacher-forced (every
+answer token and the closing ``<|im_end|>`` must be the argmax, which is exactly when greedy decoding
+reproduces the answer). Uses CUDA when present.
+
+Inputs are encoded directly (token ids from cached text pieces, pixels patchified in numpy) instead of
+through the processor; ``tests/test_tiny_tasks.py`` checks that both give identical tensors. Videos go
+through :meth:`mmkv.models.qwen_vl.Qwen2VLAdapter.video_patches`, the app's own code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .tasks import (
+    COLOUR_NAMES,
+    IMAGE_TASKS,
+    MAX_IMAGES,
+    SHAPES,
+    TASKS,
+    VIDEO_TASKS,
+    Episode,
+    cell_labels,
+    heldout_set,
+    make_episode,
+)
+
+__all__ = ["FastEncoder", "TeacherForcedEval", "main"]
+
+IGNORE = -100
+SHIP_AT = 0.95
+
+
+class FastEncoder:
+    """Episodes -> a padded training batch, identical to the processor path (see the tests)."""
+
+    def __init__(self, processor: Any) -> None:
+        from ..models.qwen_vl import Qwen2VLAdapter
+
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.adapter = Qwen2VLAdapter()
+        ip = processor.image_processor
+        self.merge = int(ip.merge_size)
+        self.patch = int(ip.patch_size)
+        self.tps = int(ip.temporal_patch_size)
+        self.mean = np.asarray(ip.image_mean, dtype=np.float32)
+        self.std = np.asarray(ip.image_std, dtype=np.float32)
+        self.rescale = float(ip.rescale_factor)
+        self.ids = {s: self.tok.convert_tokens_to_ids(s) for s in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
+        self.pad_id = self.tok.pad_token_id
+        self._cache: dict[str, list[int]] = {}
+
+    def text(self, s: str) -> list[int]:
+        ids = self._cache.get(s)
+        if ids is None:
+            ids = list(self.tok(s, add_special_tokens=False)["input_ids"])
+            self._cache[s] = ids
+        return ids
+
+    # -------------------------------------------------------------- pixels
+    def image_patches(self, images: Sequence[Any]) -> tuple[torch.Tensor, list[list[int]]]:
+        """Patches of same-size RGB images, laid out as ``Qwen2VLImageProcessor`` does."""
+        # same rounding as the PIL image processor: rescale in float64, normalise in float32
+        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])  # N, H, W, C
+        arr = (arr.astype(np.float64) * self.rescale).astype(np.float32)
+        arr = (arr - self.mean) / self.std
+        arr = arr.transpose(0, 3, 1, 2)  # N, C, H, W
+        n, c, h, w = arr.shape
+        p, m, tps = self.patch, self.merge, self.tps
+        gh, gw = h // p, w // p
+        x = np.repeat(arr[:, None], tps, axis=1)  # N, tps, C, H, W (a still image fills the temporal patch)
+        x = x.reshape(n, tps, c, gh // m, m, p, gw // m, m, p)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        x = np.ascontiguousarray(x).reshape(n * gh * gw, c * tps * p * p)
+        return torch.from_numpy(x), [[1, gh, gw]] * n
+
+    # -------------------------------------------------------------- tokens
+    def _vision(self, pad: str, count: int) -> list[int]:
+        return [self.ids["<|vision_start|>"]] + [self.ids[pad]] * count + [self.ids["<|vision_end|>"]]
+
+    def episode_ids(self, ep: Episode, tokens_per_item: Sequence[int], answer_last: bool = True) -> tuple[list[int], list[int]]:
+        """``(ids, labels)`` of the whole episode; labels mark each answer and its ``<|im_end|>``.
+
+        With ``answer_last=False`` the ids stop after the last turn's ``<|im_start|>assistant\\n``
+        (the prompt the processor builds for generation) and carry no label for the last answer.
+        """
+        ids: list[int] = []
+        labels: list[int] = []
+        start, end = self.ids["<|im_start|>"], self.ids["<|im_end|>"]
+        nl = self.text("\n")
+
+        def add(seq: list[int], learn: bool = False) -> None:
+            ids.extend(seq)
+            labels.extend(seq if learn else [IGNORE] * len(seq))
+
+        item = 0
+        for i, (_task, q, a) in enumerate(ep.turns):
+            add([start] + self.text("user") + nl)
+            if i == 0:
+                for part in ep.context_parts():
+                    if part["type"] == "text":
+                        add(self.text(part["text"]))
+                    else:
+                        add(self._vision("<|image_pad|>" if part["type"] == "image" else "<|video_pad|>", tokens_per_item[item]))
+                        item += 1
+            add(self.text(q))
+            add([end] + nl + [start] + self.text("assistant") + nl)
+            last = i == len(ep.turns) - 1
+            if last and not answer_last:
+                break
+            add(self.text(a) + [end], learn=True)
+            if not last:
+                add(nl)
+        return ids, labels
+
+    # -------------------------------------------------------------- batch
+    def encode(self, episodes: Sequence[Episode], answer_last: bool = True, aux: bool = True) -> dict[str, Any]:
+        images, image_labels, videos, video_labels = [], [], [], []
+        rows = []
+        for ep in episodes:
+            media, labs = ep.media()
+            if ep.is_video:
+                frames = self.adapter_frames(ep)
+                patches, grid = self.adapter.video_patches(self.processor, frames)
+                videos.append((patches, grid))
+                gt, gh, gw = grid
+                per = [gt * gh * gw // self.merge**2]
+                if aux:
+                    for g in range(gt):
+                        video_labels.append(cell_labels(labs[g * self.tps : (g + 1) * self.tps]))
+            else:
+                images.extend(media)
+                per = [(m.size[0] // (self.patch * self.merge)) * (m.size[1] // (self.patch * self.merge)) for m in media]
+                if aux:
+                    image_labels.extend(cell_labels([lab]) for lab in labs)
+            rows.append(self.episode_ids(ep, per, answer_last))
+        length = max(len(r[0]) for r in rows)
+        b = len(rows)
+        input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
+        labels = torch.full((b, length), IGNORE, dtype=torch.long)
+        attn = torch.zeros((b, length), dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            attn[i, : len(ids)] = 1
+        types = torch.zeros_like(input_ids)
+        types[input_ids == self.ids["<|image_pad|>"]] = 1
+        types[input_ids == self.ids["<|video_pad|>"]] = 2
+        out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attn, "mm_token_type_ids": types, "labels": labels}
+        if images:
+            pv, grids = self.image_patches(images)
+            out["pixel_values"] = pv
+            out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+        if videos:
+            out["pixel_values_videos"] = torch.cat([v[0] for v in videos])
+            out["video_grid_thw"] = torch.tensor([v[1] for v in videos], dtype=torch.long)
+        if aux:
+            for key, labs in (("image", image_labels), ("video", video_labels)):
+                if labs:
+                    out[f"{key}_aux_colour"] = torch.from_numpy(np.concatenate([c for c, _ in labs])).long()
+                    out[f"{key}_aux_shape"] = torch.from_numpy(np.concatenate([s for _, s in labs])).long()
+        return out
+
+    def adapter_frames(self, ep: Episode) -> Any:
+        from ..video import as_video_frames
+
+        part = ep.context_parts()[0]
+        return as_video_frames(part["video"], num_frames=None, fps=part.get("fps"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Model step
+# ------------------------------------------------------------------------------------------------
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def forward(model: Any, aux_head: torch.nn.Module | None, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Answer-token logits and the auxiliary vision loss (0 without ``aux_head``)."""
+    inner = model.model
+    enc: dict[str, Any] = {}
+    aux_loss = torch.zeros((), device=batch["input_ids"].device)
+    stats: dict[str, Any] = {}
+    for key, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+        if batch.get(pix) is None:
+            continue
+        fn = inner.get_image_features if key == "image" else inner.get_video_features
+        out = fn(batch[pix], batch[grid], return_dict=True)
+        enc[key] = out
+        if aux_head is not None and f"{key}_aux_colour" in batch:
+            feats = torch.cat(out.pooler_output, dim=0)
+            logits = aux_head(feats)
+            nc = len(COLOUR_NAMES) + 1
+            lc = F.cross_entropy(logits[:, :nc], batch[f"{key}_aux_colour"])
+            ls = F.cross_entropy(logits[:, nc:], batch[f"{key}_aux_shape"])
+            aux_loss = aux_loss + lc + ls
+            with torch.no_grad():
+                ok = (logits[:, :nc].argmax(-1) == batch[f"{key}_aux_colour"]) & (logits[:, nc:].argmax(-1) == batch[f"{key}_aux_shape"])
+                stats[f"aux_acc_{key}"] = float(ok.float().mean())
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch.get("image_grid_thw"),
+        video_grid_thw=batch.get("video_grid_thw"),
+        mm_encoder_outputs=enc or None,
+        use_cache=False,
+    )
+    return out.logits, {"aux_loss": aux_loss, **stats}
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE)
+
+
+class TeacherForcedEval:
+    """Per-task held-out accuracy: exact match of every answer token (= greedy decoding's answer)."""
+
+    def __init__(self, encoder: FastEncoder, n: int, suites: Sequence[tuple[str, int | None]], batch: int = 32) -> None:
+        self.encoder = encoder
+        self.batch = batch
+        self.suites = [(task, k, [s.episode() for s in heldout_set(task, n, k)]) for task, k in suites]
+
+    @torch.no_grad()
+    def __call__(self, model: Any, device: torch.device) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        res: dict[str, float] = {}
+        for task, k, eps in self.suites:
+            ok = 0
+            for i in range(0, len(eps), self.batch):
+                batch = _to(self.encoder.encode(eps[i : i + self.batch], aux=False), device)
+                logits, _ = forward(model, None, batch)
+                pred = logits[:, :-1].argmax(-1)
+                lab = batch["labels"][:, 1:]
+                mask = lab != IGNORE
+                ok += int(((pred == lab) | ~mask).all(dim=1).sum())
+            res[task if k is None else f"{task}@{k}"] = ok / len(eps)
+        model.train(was)
+        return res
+
+
+EVAL_SUITES = (
+    ("needle", 4),
+    ("needle", 8),
+    ("colour_at", 4),
+    ("colour_at", 8),
+    ("text_needle", 8),
+    ("video_direction", None),
+    ("video_colour", None),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training loop
+# ------------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    decay_start = int(args.steps * (1 - args.decay))
+    if step < decay_start:
+        return args.lr
+    frac = (step - decay_start) / max(1, args.steps - decay_start)
+    return args.lr * (1 - 0.9 * min(1.0, frac))
+
+
+def k_max_at(step: int, args: argparse.Namespace) -> int:
+    if step < args.k_hold:
+        return args.k_start
+    frac = (step - args.k_hold) / max(1, args.k_ramp)
+    return min(args.k_max, args.k_start + int(frac * (args.k_max - args.k_start + 1)))
+
+
+def batch_episodes(step: int, args: argparse.Namespace, weights: dict[str, float]) -> list[Episode]:
+    rng = random.Random(f"mmkv-tiny-train/{args.seed}/{step}")
+    kmax = k_max_at(step, args)
+    out = []
+    for _ in range(args.batch):
+        if rng.random() < args.video_frac:
+            out.append(make_episode(rng, video=True, max_turns=args.turns, weights=weights))
+        else:
+            k = kmax if rng.random() < 0.5 else rng.randint(1, kmax)
+            out.append(make_episode(rng, k=k, max_turns=args.turns, weights=weights, password_frac=args.password_frac))
+    return out
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in TASKS:
+            raise SystemExit(f"--weights: unknown task {name!r}; choose from {', '.join(TASKS)}")
+        out[name] = float(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mmkv.tiny.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="assets/mmkv-tiny-qwen2vl", help="where the trained model is exported")
+    p.add_argument("--work", default=".cache/tiny-train", help="checkpoint + log directory (resumes from it)")
+    p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (raise it to continue a run)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--decay", type=float, default=0.15, help="fraction of --steps with linear LR decay to 0.1x")
+    p.add_argument("--aux-weight", type=float, default=1.0)
+    p.add_argument("--turns", type=int, default=6, help="max QA turns per episode")
+    p.add_argument("--video-frac", type=float, default=0.25)
+    p.add_argument("--password-frac", type=float, default=0.5, help="share of image scenes with the text fact")
+    p.add_argument("--k-start", type=int, default=2)
+    p.add_argument("--k-hold", type=int, default=300)
+    p.add_argument("--k-ramp", type=int, default=1200)
+    p.add_argument("--k-max", type=int, default=MAX_IMAGES)
+    p.add_argument("--weights", default="needle=2,colour_at=1,text_needle=1,video_direction=1,video_colour=1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-n", type=int, default=64)
+    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--export-only", action="store_true", help="export the checkpoint to --out and stop")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    weights = parse_weights(args.weights)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "log.jsonl"
+
+    from .model import build_model, build_processor, save
+    from .tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    processor = build_processor(tok)
+    model = build_model(tok, seed=args.seed).to(device)
+    aux_head = torch.nn.Linear(model.config.text_config.hidden_size, len(COLOUR_NAMES) + 1 + len(SHAPES) + 1).to(device)
+    decay, no_decay = [], []
+    for n, prm in list(model.named_parameters()) + [("aux." + n, q) for n, q in aux_head.named_parameters()]:
+        (decay if prm.dim() >= 2 else no_decay).append(prm)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98)
+    )
+    step = 0
+    ckpt = work / "ckpt.pt"
+    if ckpt.exists() and not args.fresh:
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        aux_head.load_state_dict(state["aux"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        print(f"resumed from {ckpt} at step {step}", flush=True)
+
+    def export(metrics: dict[str, Any] | None = None, out: str | os.PathLike = args.out) -> None:
+        model.eval()
+        save(model.to("cpu"), processor, out)
+        model.to(device)
+        if metrics is not None:
+            acc = metrics["heldout_accuracy"]
+            # a task ships when it reaches the target at its hardest evaluated setting (8 images / 8 frames)
+            hardest = {t: min(v for key, v in acc.items() if key.split("@")[0] == t) for t in TASKS if any(key.split("@")[0] == t for key in acc)}
+            metrics = {**metrics, "ship_threshold": SHIP_AT, "shipped_tasks": [t for t, v in hardest.items() if v >= SHIP_AT]}
+            (Path(out) / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+
+    def log(record: dict[str, Any]) -> None:
+        with log_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    encoder = FastEncoder(processor)
+    evaluator = TeacherForcedEval(encoder, args.eval_n, EVAL_SUITES)
+    if args.export_only:
+        acc = evaluator(model, device)
+        print(json.dumps(acc), flush=True)
+        export({"step": step, "heldout_accuracy": acc, "n_per_task": args.eval_n})
+        return 0
+
+    def save_ckpt() -> None:
+        tmp = work / "ckpt.pt.tmp"
+        torch.save({"model": model.state_dict(), "aux": aux_head.state_dict(), "opt": opt.state_dict(), "step": step, "args": vars(args)}, tmp)
+        os.replace(tmp, ckpt)
+
+    log({"event": "start", "step": step, "args": vars(args), "time": time.time(), "device": str(device)})
+    model.train()
+    t_last = time.time()
+    acc_loss = acc_aux = 0.0
+    acc_n = 0
+    stats_last: dict[str, Any] = {}
+    while step < args.steps:
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = _to(encoder.encode(batch_episodes(step, args, weights)), device)
+        logits, aux = forward(model, aux_head, batch)
+        loss_ans = answer_loss(logits, batch["labels"])
+        loss = loss_ans + args.aux_weight * aux["aux_loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux_head.parameters()), 1.0)
+        opt.step()
+        step += 1
+        acc_loss += float(loss_ans.detach())
+        acc_aux += float(aux["aux_loss"].detach())
+        acc_n += 1
+        stats_last = {k: v for k, v in aux.items() if k.startswith("aux_acc")}
+        if step % args.log_every == 0:
+            dt = (time.time() - t_last) / acc_n
+            rec = {"step": step, "loss": acc_loss / acc_n, "aux": acc_aux / acc_n, "lr": lr, "k_max": k_max_at(step, args),
+                   "s_per_step": round(dt, 3), **{k: round(v, 3) for k, v in stats_last.items()}}
+            print(json.dumps(rec), flush=True)
+            log(rec)
+            acc_loss = acc_aux = 0.0
+            acc_n = 0
+            t_last = time.time()
+        if step % args.ckpt_every == 0 or step == args.steps:
+            save_ckpt()
+        if step % args.eval_every == 0 or step == args.steps:
+            t0 = time.time()
+            acc = evaluator(model, device)
+            rec = {"step": step, "eval": acc, "eval_s": round(time.time() - t0, 1)}
+            print(json.dumps(rec), flush=True)
+            log(rec)
+            # snapshots go to the work dir; --out gets the model when the run reaches --steps and at
+            # least one task reaches SHIP_AT (--export-only forces an export)
+            metrics = {"step": step, "heldout_accuracy": acc, "n_per_task": args.eval_n}
+            export(metrics, work / "latest")
+            if step == args.steps:
+                shipped = json.loads((work / "latest" / "training_metrics.json").read_text())["shipped_tasks"]
+                if shipped:
+                    export(metrics)
+                    print(f"exported to {args.out}; shipped tasks: {', '.join(shipped)}", flush=True)
+                else:
+                    print(f"no task reached {SHIP_AT:.0%}: not exported to {args.out} (latest snapshot in {work / 'latest'})", flush=True)
+            model.train()
+            t_last = time.time()
+    log({"event": "end", "step": step, "time": time.time()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

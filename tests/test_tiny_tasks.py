@@ -1,0 +1,223 @@
+"""The teaching model's synthetic tasks, tokenizer, fast encoder and (when shipped) the trained model."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmkv.tiny.tasks import (
+    IMAGE_TASKS,
+    TASKS,
+    VIDEO_TASKS,
+    check_answer,
+    expected_answer,
+    heldout_set,
+    make_episode,
+    make_sample,
+)
+
+ASSET = Path(__file__).resolve().parents[1] / "assets" / "mmkv-tiny-qwen2vl"
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from mmkv.tiny.model import build_processor
+
+    return build_processor()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(processor):
+    from mmkv.tiny.model import build_model
+
+    return build_model(processor.tokenizer).eval()
+
+
+def _pixels(chat):
+    out = []
+    for m in chat:
+        for p in m["content"]:
+            if p["type"] == "image":
+                out.append(p["image"].tobytes())
+            elif p["type"] == "video":
+                out.append(b"".join(f.tobytes() for f in p["video"]))
+    return out
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_generator_is_deterministic_per_seed(task):
+    a, b = make_sample(task, 3, 5), make_sample(task, 3, 5)
+    assert (a.question, a.answer, a.scene) == (b.question, b.answer, b.scene)
+    assert _pixels(a.chat) == _pixels(b.chat)
+    others = [make_sample(task, s, 5) for s in range(4, 12)]
+    assert any((o.question, o.answer) != (a.question, a.answer) or o.scene != a.scene for o in others)
+    ep1 = make_episode(random.Random("x"), k=4)
+    ep2 = make_episode(random.Random("x"), k=4)
+    assert ep1.turns == ep2.turns and ep1.scene == ep2.scene
+
+
+def _wrong_answers(answer: str) -> list[str]:
+    """Answers that differ from ``answer`` in one decisive word or number."""
+    from mmkv.tiny.tasks import COLOUR_NAMES, DIRECTIONS, PASSWORDS, SHAPES
+
+    out = []
+    words = answer.rstrip(".").split(" ")
+    for i, w in enumerate(words):
+        for pool in (COLOUR_NAMES, SHAPES, DIRECTIONS, PASSWORDS, [str(n) for n in range(1, 9)], ["first", "last"]):
+            if w in pool:
+                repl = next(x for x in pool if x != w)
+                out.append(" ".join(words[:i] + [repl] + words[i + 1 :]) + ".")
+    return out
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_answers_are_checkable_from_the_scene(task):
+    for i in range(60):
+        k = None if task in VIDEO_TASKS else 1 + i % 8
+        s = make_sample(task, i, k)
+        assert s.task == task
+        assert s.check(s.answer), (s.question, s.answer)
+        assert s.check("  " + s.answer + "\n")
+        assert len(s.answer.split()) >= 4  # multi-token answers: the decisive token is not the first
+        wrong = _wrong_answers(s.answer)
+        assert wrong, s.answer
+        for w in wrong:
+            assert not s.check(w), (s.question, w)
+        assert not s.check("")
+        assert not check_answer(s.scene, task, "What is this?", s.answer)
+
+
+def test_checker_uses_the_scene_not_the_generator():
+    s = make_sample("needle", 1, 4)
+    k = int(s.answer.rstrip(".").split()[-1]) - 1
+    target = next(o for o in s.scene.images[k] if f"the {o.colour} {o.shape}" in s.question)
+    # put a copy of the target into another image: the question no longer has a unique answer
+    other = (k + 1) % s.scene.k
+    s.scene.images[other] = s.scene.images[other] + (target,)
+    assert expected_answer(s.scene, "needle", s.question) is None
+    v = make_sample("video_direction", 2)
+    v.scene.positions.reverse()
+    assert not v.check(v.answer)
+
+
+def test_samples_cover_up_to_eight_images_and_eight_frame_video():
+    s = make_sample("needle", 0, 8)
+    assert sum(p["type"] == "image" for p in s.chat[0]["content"]) == 8
+    assert all(p["image"].size == (112, 112) for p in s.chat[0]["content"] if p["type"] == "image")
+    v = make_sample("video_colour", 0)
+    (part,) = [p for p in v.chat[0]["content"] if p["type"] == "video"]
+    assert len(part["video"]) == 8 and part["fps"] > 0
+    t = make_sample("text_needle", 0, 6)
+    texts = [p["text"] for p in t.chat[0]["content"] if p["type"] == "text"]
+    assert any(x.startswith("The password is") for x in texts[:-1])
+
+
+def test_tokenizer_round_trips_and_knows_every_word(processor):
+    tok = processor.tokenizer
+    for task in TASKS:
+        for s in heldout_set(task, 20, 8):
+            for text in (s.question, s.answer):
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                assert tok.unk_token_id not in ids, text
+                assert tok.decode(ids) == text
+    for name in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|endoftext|>"):
+        assert tok.convert_tokens_to_ids(name) != tok.unk_token_id
+    assert tok.eos_token == "<|im_end|>"
+
+
+@pytest.mark.parametrize("task,k", [("needle", 8), ("colour_at", 3), ("text_needle", 5), ("video_direction", None), ("video_colour", None)])
+def test_fast_encoder_equals_the_processor_path(processor, tiny_model, task, k):
+    from mmkv.models import adapter_for
+    from mmkv.tiny.train import FastEncoder
+
+    enc = FastEncoder(processor)
+    s = make_sample(task, 11, k)
+    fast = enc.encode([s.episode()], answer_last=False)
+    ref = adapter_for(tiny_model).prepare(tiny_model, processor, s.chat).inputs
+    for key in ("input_ids", "mm_token_type_ids", "attention_mask", "image_grid_thw", "pixel_values", "video_grid_thw", "pixel_values_videos"):
+        assert (key in ref) == (key in fast), key
+        if key in ref:
+            assert torch.equal(ref[key].cpu(), fast[key]), key
+    # the training row (with the answer) extends the prompt by the answer tokens and <|im_end|>, which are its labels
+    full = enc.encode([s.episode()])
+    n = ref["input_ids"].shape[1]
+    assert torch.equal(full["input_ids"][0, :n], ref["input_ids"][0])
+    learned = full["labels"][0][full["labels"][0] != -100].tolist()
+    assert learned == processor.tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id]
+
+
+def test_fast_encoder_multi_turn_equals_the_processor_path(processor, tiny_model):
+    from mmkv.models import adapter_for
+    from mmkv.tiny.train import FastEncoder
+
+    enc = FastEncoder(processor)
+    rng = random.Random(3)
+    eps = [make_episode(rng, k=3, max_turns=5), make_episode(rng, video=True, max_turns=3)]
+    eps = [e for e in eps if len(e.turns) > 1] or [make_episode(random.Random(9), k=2, max_turns=4)]
+    for ep in eps:
+        fast = enc.encode([ep], answer_last=False)
+        ref = adapter_for(tiny_model).prepare(tiny_model, processor, ep.chat()).inputs
+        assert torch.equal(ref["input_ids"].cpu(), fast["input_ids"])
+
+
+def test_saved_model_loads_offline_with_mmkv(tmp_path, processor, tiny_model, monkeypatch):
+    import mmkv
+    from mmkv.tiny.model import save
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    save(tiny_model, processor, tmp_path / "m")
+    model, proc = mmkv.models.load(tmp_path / "m", device="cpu")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    s = make_sample("video_colour", 0)
+    out = mmkv.generate(model, proc, s.chat, method="full", max_new_tokens=3)
+    assert len(out.token_ids) >= 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The shipped model (skipped until assets/mmkv-tiny-qwen2vl exists)
+# --------------------------------------------------------------------------------------------------
+
+
+def _shipped_tasks() -> list[str]:
+    meta = json.loads((ASSET / "training_metrics.json").read_text())
+    return list(meta["shipped_tasks"])
+
+
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in assets/")
+def test_shipped_model_answers_heldout_set(monkeypatch):
+    import mmkv
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = mmkv.models.load(ASSET, device="cpu")
+    assert (ASSET / "model.safetensors").stat().st_size <= 25 * 2**20
+    tasks = _shipped_tasks()
+    assert tasks and set(tasks) <= set(TASKS)
+    n = 40
+    for task in tasks:
+        k = 8 if task in IMAGE_TASKS else None
+        samples = heldout_set(task, n, k, seed=777)  # fixed, not the training-time eval seed
+        right = 0
+        for s in samples:
+            out = mmkv.generate(model, processor, s.chat, method="full", max_new_tokens=16, record_attention=False)
+            right += s.check(out.text)
+        assert right / n >= 0.95, f"{task}: {right}/{n}"
+
+
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in assets/")
+def test_shipped_model_cpu_time_for_eight_images(monkeypatch):
+    import mmkv
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = mmkv.models.load(ASSET, device="cpu")
+    s = make_sample("needle", "timing", 8)
+    mmkv.generate(model, processor, s.chat, method="full", max_new_tokens=16, record_attention=False)
+    t0 = time.perf_counter()
+    out = mmkv.generate(model, processor, s.chat, method="full", max_new_tokens=16, record_attention=False)
+    dt = time.perf_counter() - t0
+    print(f"8-image answer on CPU: {dt:.3f} s ({out.text!r})")
+    assert dt < 5.0  # the target is <= 1 s on the project's 2-core CPU; leave room for a loaded CI box
