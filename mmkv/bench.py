@@ -15,11 +15,9 @@ markdown table and a plotly HTML report.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +26,7 @@ from transformers import DynamicCache
 
 from .cache import cache_bytes
 from .modality import IMAGE, ModalityMap
+from .records import write_records
 from .session import Session
 
 #: Text and vision sizes of the published Qwen2.5-VL checkpoints (config.json of the Instruct models).
@@ -284,13 +283,7 @@ def plot(rows: Sequence[BenchRow]) -> Any:
 
 
 def write(rows: Sequence[BenchRow], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    data = [asdict(r) for r in rows]
-    (out / "bench.json").write_text(json.dumps(data, indent=1))
-    with open(out / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(data[0]))
-        writer.writeheader()
-        writer.writerows(data)
+    write_records(rows, out, "bench")
     (out / "bench.md").write_text(markdown_table(rows) + "\n")
     try:
         plot(rows).write_html(out / "bench.html", include_plotlyjs="cdn")

@@ -349,6 +349,15 @@ def layer_tensors(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Ten
     return layer.keys, layer.values
 
 
+def kept_contents(
+    keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, kept: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per head, the keys/values ``[n_h, d]`` to store: the plan's merged contents, else gathered from ``[1,H,L,d]``."""
+    head_keys = plan.keys if plan.keys is not None else [keys[0, h, k] for h, k in enumerate(kept)]
+    head_values = plan.values if plan.values is not None else [values[0, h, k] for h, k in enumerate(kept)]
+    return head_keys, head_values
+
+
 def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> CompressedLayer | None:
     """Gather (or take the merged) kept tokens of ``plan`` from full ``keys``/``values`` ``[1,H,L,d]``.
 
@@ -373,8 +382,7 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reser
         if policy not in DECODE_POLICIES:
             raise ValueError(f"unknown decode policy {policy!r}; known: {', '.join(sorted(DECODE_POLICIES))}")
         return DECODE_POLICIES[policy](keys, values, plan)
-    head_keys = plan.keys if plan.keys is not None else [keys[0, h, k] for h, k in enumerate(kept)]
-    head_values = plan.values if plan.values is not None else [values[0, h, k] for h, k in enumerate(kept)]
+    head_keys, head_values = kept_contents(keys, values, plan, kept)
     counts = [k.numel() for k in kept]
     if len(set(counts)) == 1:
         k_dense = torch.stack([t.to(keys.dtype) for t in head_keys])[None]
@@ -397,8 +405,7 @@ def _h2o_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan) -> Com
     kept = [k.to(device=keys.device, dtype=torch.long) for k in plan.kept]
     if len({k.numel() for k in kept}) != 1:
         raise ValueError("H2O decode-time eviction needs the same budget in every head")
-    head_keys = plan.keys if plan.keys is not None else [keys[0, h, k] for h, k in enumerate(kept)]
-    head_values = plan.values if plan.values is not None else [values[0, h, k] for h, k in enumerate(kept)]
+    head_keys, head_values = kept_contents(keys, values, plan, kept)
     scores = torch.stack([s.float().to(keys.device) for s in plan.decode["scores"]])
     return H2ODecodeLayer(
         torch.stack(head_keys)[None].to(keys.dtype), torch.stack(head_values)[None].to(values.dtype),

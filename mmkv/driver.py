@@ -96,6 +96,18 @@ def _ensure_rope_state(model: torch.nn.Module, device: torch.device) -> None:
         inner.rope_deltas = torch.zeros(1, 1, dtype=torch.long, device=device)
 
 
+def _session_for(
+    model: torch.nn.Module, prepared: PreparedInputs, method: str | Method, budget: float | int, query_aware: bool,
+    **session_kwargs: Any,
+) -> tuple[Session, int]:
+    """The session for one prepared prompt and the length of the span it compresses."""
+    context = prepared.length if query_aware else prepared.context_length
+    if not 0 < context <= prepared.length:
+        raise ValueError("query-agnostic mode needs a context before the question: put images/text before it")
+    modality = prepared.modality if query_aware else prepared.modality.prefix(context)
+    return Session(model, method, budget, modality=modality, query_aware=query_aware, **session_kwargs), context
+
+
 def generate(
     model: torch.nn.Module,
     processor: Any,
@@ -133,14 +145,9 @@ def generate(
     if prepared is None:
         prepared = adapter.prepare(model, processor, chat, num_frames=num_frames, video_fps=video_fps)
     check_prompt_length(model, prepared.length, max_new_tokens)
-    context = prepared.length if query_aware else prepared.context_length
-    if not 0 < context <= prepared.length:
-        raise ValueError("query-agnostic mode needs a context before the question: put images/text before it")
-    session = Session(
-        model, method, budget,
-        modality=prepared.modality if query_aware else prepared.modality.prefix(context),
-        record_attention=record_attention, record_scores=record_scores, query_aware=query_aware,
-        method_params=method_params, reserve=max_new_tokens if preallocate else 0,
+    session, context = _session_for(
+        model, prepared, method, budget, query_aware, record_attention=record_attention,
+        record_scores=record_scores, method_params=method_params, reserve=max_new_tokens if preallocate else 0,
     )
     tokenizer = getattr(processor, "tokenizer", processor)
     generation = Generation(iter(()))
@@ -226,12 +233,8 @@ def forced_logits(
     """
     if not forced_ids:
         return torch.zeros(0, 0)
-    context = prepared.length if query_aware else prepared.context_length
-    session = Session(
-        model, method, budget,
-        modality=prepared.modality if query_aware else prepared.modality.prefix(context),
-        record_attention=False, query_aware=query_aware, method_params=method_params,
-    )
+    session, context = _session_for(model, prepared, method, budget, query_aware, record_attention=False,
+                                    method_params=method_params)
     rows = []
     with compressed_run(model, prepared, session, context) as step:
         rows.append(step().float().cpu())

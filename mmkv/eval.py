@@ -13,9 +13,7 @@ Writes ``eval.json``, ``eval.csv`` and ``eval.html`` (accuracy vs budget per met
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +21,7 @@ import torch
 
 from .driver import forced_logits, generate
 from .models import adapter_for, load
+from .records import write_records
 
 
 @dataclass
@@ -128,13 +127,7 @@ def figure(rows: Sequence[EvalRow]) -> Any:
 
 
 def write(rows: Sequence[EvalRow], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    data = [asdict(r) for r in rows]
-    (out / "eval.json").write_text(json.dumps(data, indent=1))
-    with open(out / "eval.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(data[0]))
-        writer.writeheader()
-        writer.writerows(data)
+    write_records(rows, out, "eval")
     figure(rows).write_html(out / "eval.html", include_plotlyjs=True)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -35,11 +34,9 @@ import torch.nn.functional as F
 
 from .tasks import (
     COLOUR_NAMES,
-    IMAGE_TASKS,
     MAX_IMAGES,
     SHAPES,
     TASKS,
-    VIDEO_TASKS,
     Episode,
     cell_labels,
     heldout_set,
