@@ -1,7 +1,10 @@
 """``python -m mmkv.eval``: accuracy and fidelity to the Full cache, per task x method x budget.
 
 On the synthetic suite (`mmkv.tiny.tasks`, held-out seeds) every answer is checked against its scene.
-Fidelity to Full is measured on the same samples:
+With ``--milebench DIR`` the samples come from MileBench-format data in a local folder instead
+(:mod:`mmkv.milebench`) and each answer gets the benchmark's own score (accuracy, or ROUGE-L for
+open-ended datasets); the ``accuracy`` column is then the mean score. Fidelity to Full is measured on the
+same samples:
 
 - ``agreement``: the share of samples whose answer is exactly Full's answer;
 - ``kl``: the mean over samples of the mean next-token ``KL(P_full || P_method)`` along Full's answer,
@@ -31,7 +34,7 @@ class EvalRow:
     budget: float | int
     query_aware: bool
     samples: int
-    accuracy: float
+    accuracy: float  # mean score: exact check (synthetic) or MileBench's metric
     agreement: float  # exact-match agreement with Full's answers
     kl: float  # mean next-token KL(P_full || P_method) along Full's answers (nats)
     kv_ratio: float  # mean physical KV after compression / Full
@@ -62,7 +65,8 @@ def evaluate(
     max_new_tokens: int = 16,
     query_aware: bool = True,
 ) -> list[EvalRow]:
-    """Score ``samples`` (objects with ``task``, ``chat`` and ``check(answer)``) under every method x budget."""
+    """Score ``samples`` (objects with ``task``, ``chat`` and ``check(answer)`` -> bool or a score in [0, 1])
+    under every method x budget."""
     adapter = adapter_for(model)
     prepared = [adapter.prepare(model, processor, s.chat) for s in samples]
     full = [generate(model, processor, None, "full", 1.0, max_new_tokens=max_new_tokens, prepared=p,
@@ -83,7 +87,7 @@ def evaluate(
                 kl = _kl(ref_logits, logits) if ref.token_ids else 0.0
             trace = result.trace
             ratio = trace.bytes_compressed / trace.bytes_full if trace.bytes_full else 1.0
-            per_task.setdefault(s.task, []).append((s.check(result.text), result.token_ids == ref.token_ids, kl, ratio))
+            per_task.setdefault(s.task, []).append((float(s.check(result.text)), result.token_ids == ref.token_ids, kl, ratio))
         for task, scores in per_task.items():
             n = len(scores)
             rows.append(EvalRow(
@@ -141,15 +145,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(sorted(METHODS)))
     p.add_argument("--budgets", default="0.05,0.1,0.2,0.5")
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--samples", type=int, default=50, help="held-out samples per task")
+    p.add_argument("--samples", type=int, default=50, help="held-out samples per task (with --milebench: the first N per dataset)")
     p.add_argument("--images", type=int, default=8, help="images per prompt for the image tasks")
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--query-agnostic", action="store_true", help="compress the context before the question")
+    p.add_argument("--milebench", default=None, metavar="DIR",
+                   help="evaluate MileBench-format data in DIR (<Dataset>/<Dataset>.json + images/) instead of the synthetic suite")
+    p.add_argument("--datasets", default=None, help="with --milebench: comma-separated dataset names (default: all in DIR)")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="with --milebench: keep only the last N images of longer samples (and the text from the first kept one)")
     p.add_argument("--out", default="eval-results")
     a = p.parse_args(argv)
+    if a.milebench:
+        from .milebench import load_milebench
+
+        try:
+            samples: list[Any] = load_milebench(a.milebench, a.datasets.split(",") if a.datasets else None, a.samples, a.max_images)
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+    else:
+        samples = synthetic_samples(a.tasks.split(","), a.samples, a.images, a.seed)
     model, processor = load(a.model)
-    samples = synthetic_samples(a.tasks.split(","), a.samples, a.images, a.seed)
     rows = evaluate(model, processor, samples, a.methods.split(","), [parse_budget(b) for b in a.budgets.split(",")],
                     max_new_tokens=a.max_new_tokens, query_aware=not a.query_agnostic)
     write(rows, Path(a.out))

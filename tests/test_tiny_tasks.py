@@ -165,6 +165,58 @@ def test_fast_encoder_multi_turn_equals_the_processor_path(processor, tiny_model
         assert torch.equal(ref["input_ids"].cpu(), fast["input_ids"])
 
 
+def test_probe_labels_bind_every_visual_token_and_mark_the_moving_ball(processor):
+    """Binding labels: one per visual token, in sequence order (image index / temporal group); motion labels:
+    the direction, recomputed here from the rendered ball's pixel centroids, on exactly the ball's cells."""
+    import numpy as np
+
+    from mmkv.tiny.tasks import CELL, DIRECTIONS, GRID, SHAPES, render_frames
+    from mmkv.tiny.train import FastEncoder
+
+    enc = FastEncoder(processor)
+    rng = random.Random(5)
+    eps = [make_episode(rng, k=3), make_episode(rng, video=True), make_episode(rng, k=1)]
+    batch = enc.encode(eps)
+    visual = int((batch["mm_token_type_ids"] > 0).sum())
+    assert batch["aux_bind"].tolist() == [0] * 16 + [1] * 16 + [2] * 16 + [g for g in range(4) for _ in range(16)] + [0] * 16
+    assert len(batch["aux_bind"]) == visual
+    video = eps[1].scene
+    _, labels = render_frames(video)
+
+    def ball_centre(lab):  # label keys 1 + colour * 3 + shape; the ball is the only circle
+        ys, xs = np.nonzero((lab > 0) & ((lab.astype(int) - 1) % len(SHAPES) == SHAPES.index("circle")))
+        return xs.mean(), ys.mean()
+
+    (x0, y0), (x1, y1) = ball_centre(labels[0]), ball_centre(labels[-1])
+    truth = ("right" if x1 > x0 else "left") if abs(x1 - x0) > abs(y1 - y0) else ("down" if y1 > y0 else "up")
+    motion = batch["video_aux_motion"].reshape(4, GRID * GRID)
+    assert set(motion.unique().tolist()) == {0, 1 + DIRECTIONS.index(truth)}
+    for g in range(4):  # the cell holding the ball's centre in either frame of the temporal pair is marked
+        marked = motion[g] > 0
+        assert any(marked[int(cy // CELL) * GRID + int(cx // CELL)] for cx, cy in map(ball_centre, labels[2 * g: 2 * g + 2])), g
+        assert int(marked.sum()) <= 6
+
+
+def test_training_runs_and_chains_stages(tmp_path):
+    from mmkv.tiny.train import main
+
+    common = ["--batch", "4", "--eval-n", "2", "--eval-every", "100", "--log-every", "1", "--threads", "1", "--k-start", "2"]
+    assert main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a-out"), "--steps", "2", *common]) == 0
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["loss"] > 0 and r["aux"] > 0 for r in steps)
+    state = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    assert state["step"] == 2 and {k.split(".")[0] for k in state["aux"]} == {"cells", "motion", "bind"}
+    # a later stage warm-starts from the weights with its own schedule; resuming continues the step count
+    assert main(["--work", str(tmp_path / "b"), "--out", str(tmp_path / "b-out"), "--init", str(tmp_path / "a"), "--steps", "1", *common]) == 0
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert b["step"] == 1
+    assert main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a-out"), "--steps", "3", *common]) == 0
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["step"] == 3
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        main(["--work", str(tmp_path / "c"), "--init", str(tmp_path / "absent"), "--steps", "1", *common])
+
+
 def test_saved_model_loads_offline_with_mmkv(tmp_path, processor, tiny_model, monkeypatch):
     import mmkv
     from mmkv.tiny.model import save

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 __all__ = [
     "COLOURS", "SHAPES", "DIRECTIONS", "PASSWORDS", "TASKS", "IMAGE_TASKS", "VIDEO_TASKS", "IMAGE_SIZE",
     "CELL", "GRID", "NUM_FRAMES", "VIDEO_FPS", "Shape", "MultiImageScene", "VideoScene", "Episode", "Sample",
-    "make_image_scene", "make_video_scene", "make_episode", "make_sample", "heldout_set", "check_answer",
+    "make_image_scene", "make_video_scene", "video_direction", "make_episode", "make_sample", "heldout_set", "check_answer",
     "expected_answer", "render_image", "render_frames", "cell_labels", "WORDS",
 ]
 
@@ -254,6 +254,15 @@ _Q = {
 }
 
 
+def video_direction(scene: VideoScene) -> str:
+    """The ball's direction from its first and last positions (image y grows downwards)."""
+    (x0, y0), (x1, y1) = scene.positions[0], scene.positions[-1]
+    dx, dy = x1 - x0, y1 - y0
+    if abs(dx) > abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
 def expected_answer(scene: Any, task: str, question: str) -> str | None:
     """The answer recomputed from the scene's objects (None when the question has no unique answer)."""
     m = _Q[task].match(question)
@@ -275,13 +284,7 @@ def expected_answer(scene: Any, task: str, question: str) -> str | None:
     if task == "text_needle":
         return f"The password is {scene.password}." if scene.password else None
     if task == "video_direction":
-        (x0, y0), (x1, y1) = scene.positions[0], scene.positions[-1]
-        dx, dy = x1 - x0, y1 - y0
-        if abs(dx) > abs(dy):
-            d = "right" if dx > 0 else "left"
-        else:
-            d = "down" if dy > 0 else "up"
-        return f"The ball moves {d}."
+        return f"The ball moves {video_direction(scene)}."
     if task == "video_colour":
         which = m.group(1)
         colour = scene.colours[0] if which == "first" else scene.colours[-1]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .tasks import (
     COLOUR_NAMES,
+    DIRECTIONS,
     MAX_IMAGES,
     SHAPES,
     TASKS,
@@ -41,6 +42,7 @@ from .tasks import (
     cell_labels,
     heldout_set,
     make_episode,
+    video_direction,
 )
 
 __all__ = ["FastEncoder", "TeacherForcedEval", "main"]
@@ -135,6 +137,7 @@ class FastEncoder:
     # -------------------------------------------------------------- batch
     def encode(self, episodes: Sequence[Episode], answer_last: bool = True, aux: bool = True) -> dict[str, Any]:
         images, image_labels, videos, video_labels = [], [], [], []
+        bind, motion = [], []
         rows = []
         for ep in episodes:
             media, labs = ep.media()
@@ -145,13 +148,18 @@ class FastEncoder:
                 gt, gh, gw = grid
                 per = [gt * gh * gw // self.merge**2]
                 if aux:
+                    direction = 1 + DIRECTIONS.index(video_direction(ep.scene))
                     for g in range(gt):
-                        video_labels.append(cell_labels(labs[g * self.tps : (g + 1) * self.tps]))
+                        colour, shape = cell_labels(labs[g * self.tps : (g + 1) * self.tps])
+                        video_labels.append((colour, shape))
+                        motion.append(np.where(shape == 1 + SHAPES.index("circle"), direction, 0))
+                        bind.append(np.full(per[0] // gt, g))
             else:
                 images.extend(media)
                 per = [(m.size[0] // (self.patch * self.merge)) * (m.size[1] // (self.patch * self.merge)) for m in media]
                 if aux:
                     image_labels.extend(cell_labels([lab]) for lab in labs)
+                    bind.extend(np.full(n, k) for k, n in enumerate(per))
             rows.append(self.episode_ids(ep, per, answer_last))
         length = max(len(r[0]) for r in rows)
         b = len(rows)
@@ -178,6 +186,10 @@ class FastEncoder:
                 if labs:
                     out[f"{key}_aux_colour"] = torch.from_numpy(np.concatenate([c for c, _ in labs])).long()
                     out[f"{key}_aux_shape"] = torch.from_numpy(np.concatenate([s for _, s in labs])).long()
+            if bind:  # visual tokens in sequence order (images and videos never share an episode)
+                out["aux_bind"] = torch.from_numpy(np.concatenate(bind)).long()
+            if motion:
+                out["video_aux_motion"] = torch.from_numpy(np.concatenate(motion)).long()
         return out
 
     def adapter_frames(self, ep: Episode) -> Any:
@@ -196,11 +208,41 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def forward(model: Any, aux_head: torch.nn.Module | None, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Answer-token logits and the auxiliary vision loss (0 without ``aux_head``)."""
+class AuxHeads(torch.nn.Module):
+    """Linear probes trained alongside the model and dropped at export.
+
+    ``cells``: each merged visual token's colour and shape (on the vision merger's output);
+    ``motion``: for video tokens, the ball's direction on cells the ball covers, 0 elsewhere (the
+    temporal patch stacks two frames, so a token can see the motion locally);
+    ``bind``: on the text model's hidden state after ``bind_layer`` layers, each visual token's image index
+    within the prompt (its temporal group for a video) -- the binding that "which image" answers read.
+    """
+
+    def __init__(self, hidden: int, bind_layer: int) -> None:
+        super().__init__()
+        self.cells = torch.nn.Linear(hidden, len(COLOUR_NAMES) + 1 + len(SHAPES) + 1)
+        self.motion = torch.nn.Linear(hidden, len(DIRECTIONS) + 1)
+        self.bind = torch.nn.Linear(hidden, MAX_IMAGES)
+        self.bind_layer = bind_layer
+
+
+def _heads_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints from before :class:`AuxHeads` held only the cell probe, as a bare Linear."""
+    return state if any(k.startswith("cells.") for k in state) else {f"cells.{k}": v for k, v in state.items()}
+
+
+def _probe(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+    with torch.no_grad():
+        acc = float((logits.argmax(-1) == target).float().mean())
+    return F.cross_entropy(logits, target), acc
+
+
+def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Answer-token logits and the auxiliary losses (``aux_loss``: cells + motion, ``bind_loss``; 0 without ``heads``)."""
     inner = model.model
     enc: dict[str, Any] = {}
     aux_loss = torch.zeros((), device=batch["input_ids"].device)
+    bind_loss = torch.zeros((), device=batch["input_ids"].device)
     stats: dict[str, Any] = {}
     for key, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
         if batch.get(pix) is None:
@@ -208,9 +250,9 @@ def forward(model: Any, aux_head: torch.nn.Module | None, batch: dict[str, Any])
         fn = inner.get_image_features if key == "image" else inner.get_video_features
         out = fn(batch[pix], batch[grid], return_dict=True)
         enc[key] = out
-        if aux_head is not None and f"{key}_aux_colour" in batch:
+        if heads is not None and f"{key}_aux_colour" in batch:
             feats = torch.cat(out.pooler_output, dim=0)
-            logits = aux_head(feats)
+            logits = heads.cells(feats)
             nc = len(COLOUR_NAMES) + 1
             lc = F.cross_entropy(logits[:, :nc], batch[f"{key}_aux_colour"])
             ls = F.cross_entropy(logits[:, nc:], batch[f"{key}_aux_shape"])
@@ -218,6 +260,9 @@ def forward(model: Any, aux_head: torch.nn.Module | None, batch: dict[str, Any])
             with torch.no_grad():
                 ok = (logits[:, :nc].argmax(-1) == batch[f"{key}_aux_colour"]) & (logits[:, nc:].argmax(-1) == batch[f"{key}_aux_shape"])
                 stats[f"aux_acc_{key}"] = float(ok.float().mean())
+            if key == "video" and "video_aux_motion" in batch:
+                lm, stats["aux_acc_motion"] = _probe(heads.motion(feats), batch["video_aux_motion"])
+                aux_loss = aux_loss + lm
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -226,8 +271,14 @@ def forward(model: Any, aux_head: torch.nn.Module | None, batch: dict[str, Any])
         video_grid_thw=batch.get("video_grid_thw"),
         mm_encoder_outputs=enc or None,
         use_cache=False,
+        output_hidden_states=heads is not None and "aux_bind" in batch,
     )
-    return out.logits, {"aux_loss": aux_loss, **stats}
+    if heads is not None and "aux_bind" in batch:
+        ids = batch["input_ids"]
+        visual = (batch["mm_token_type_ids"] > 0) & (batch["attention_mask"] > 0)
+        hidden = out.hidden_states[heads.bind_layer][visual]
+        bind_loss, stats["aux_acc_bind"] = _probe(heads.bind(hidden), batch["aux_bind"].to(ids.device))
+    return out.logits, {"aux_loss": aux_loss, "bind_loss": bind_loss, **stats}
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -328,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--decay", type=float, default=0.15, help="fraction of --steps with linear LR decay to 0.1x")
-    p.add_argument("--aux-weight", type=float, default=1.0)
+    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-cell colour/shape and motion probes")
+    p.add_argument("--bind-weight", type=float, default=1.0, help="weight of the image-index binding probe")
+    p.add_argument("--bind-layer", type=int, default=2, help="hidden state (after this many text layers) the binding probe reads")
     p.add_argument("--turns", type=int, default=6, help="max QA turns per episode")
     p.add_argument("--video-frac", type=float, default=0.25)
     p.add_argument("--password-frac", type=float, default=0.5, help="share of image scenes with the text fact")
@@ -346,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--export-only", action="store_true", help="export the checkpoint to --out and stop")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--init", default=None, help="warm start: weights (model + aux head) from another work dir's ckpt.pt; "
+                   "the optimizer, step and schedules start afresh (used to chain curriculum stages)")
     return p
 
 
@@ -364,9 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tok = build_tokenizer()
     processor = build_processor(tok)
     model = build_model(tok, seed=args.seed).to(device)
-    aux_head = torch.nn.Linear(model.config.text_config.hidden_size, len(COLOUR_NAMES) + 1 + len(SHAPES) + 1).to(device)
+    heads = AuxHeads(model.config.text_config.hidden_size, args.bind_layer).to(device)
     decay, no_decay = [], []
-    for n, prm in list(model.named_parameters()) + [("aux." + n, q) for n, q in aux_head.named_parameters()]:
+    for n, prm in list(model.named_parameters()) + [("aux." + n, q) for n, q in heads.named_parameters()]:
         (decay if prm.dim() >= 2 else no_decay).append(prm)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98)
@@ -376,10 +431,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ckpt.exists() and not args.fresh:
         state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
-        aux_head.load_state_dict(state["aux"])
+        heads.load_state_dict(_heads_state(state["aux"]))
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
         print(f"resumed from {ckpt} at step {step}", flush=True)
+    elif args.init:
+        src = Path(args.init)
+        src = src / "ckpt.pt" if src.is_dir() else src
+        if not src.exists():
+            raise SystemExit(f"--init: no checkpoint at {src}; pass a work dir of an earlier stage or its ckpt.pt")
+        state = torch.load(src, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        # heads added after the source run start fresh
+        missing = heads.load_state_dict(_heads_state(state["aux"]), strict=False).missing_keys
+        print(f"warm start from {src} (its step {int(state['step'])}; fresh heads: {missing or 'none'})", flush=True)
 
     def export(metrics: dict[str, Any] | None = None, out: str | os.PathLike = args.out) -> None:
         model.eval()
@@ -406,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def save_ckpt() -> None:
         tmp = work / "ckpt.pt.tmp"
-        torch.save({"model": model.state_dict(), "aux": aux_head.state_dict(), "opt": opt.state_dict(), "step": step, "args": vars(args)}, tmp)
+        torch.save({"model": model.state_dict(), "aux": heads.state_dict(), "opt": opt.state_dict(), "step": step, "args": vars(args)}, tmp)
         os.replace(tmp, ckpt)
 
     log({"event": "start", "step": step, "args": vars(args), "time": time.time(), "device": str(device)})
@@ -420,12 +485,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         batch = _to(encoder.encode(batch_episodes(step, args, weights)), device)
-        logits, aux = forward(model, aux_head, batch)
+        logits, aux = forward(model, heads, batch)
         loss_ans = answer_loss(logits, batch["labels"])
-        loss = loss_ans + args.aux_weight * aux["aux_loss"]
+        loss = loss_ans + args.aux_weight * aux["aux_loss"] + args.bind_weight * aux["bind_loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux_head.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
         opt.step()
         step += 1
         acc_loss += float(loss_ans.detach())
