@@ -36,6 +36,7 @@ from .tasks import (
     COLOUR_NAMES,
     DIRECTIONS,
     MAX_IMAGES,
+    NUM_FRAMES,
     SHAPES,
     TASKS,
     Episode,
@@ -99,14 +100,20 @@ class FastEncoder:
     def _vision(self, pad: str, count: int) -> list[int]:
         return [self.ids["<|vision_start|>"]] + [self.ids[pad]] * count + [self.ids["<|vision_end|>"]]
 
-    def episode_ids(self, ep: Episode, tokens_per_item: Sequence[int], answer_last: bool = True) -> tuple[list[int], list[int]]:
-        """``(ids, labels)`` of the whole episode; labels mark each answer and its ``<|im_end|>``.
+    def episode_ids(
+        self, ep: Episode, tokens_per_item: Sequence[int], answer_last: bool = True
+    ) -> tuple[list[int], list[int], list[tuple[int, list[int]]]]:
+        """``(ids, labels, targets)`` of the whole episode; labels mark each answer and its ``<|im_end|>``.
 
         With ``answer_last=False`` the ids stop after the last turn's ``<|im_start|>assistant\\n``
         (the prompt the processor builds for generation) and carry no label for the last answer.
+        ``targets``: per answer with a single visual source, ``(position of the token that predicts the decisive
+        word, positions of the visual tokens it is read from)`` (see :meth:`retrieval_targets`).
         """
         ids: list[int] = []
         labels: list[int] = []
+        spans: list[tuple[int, int]] = []  # token range of each visual item
+        targets: list[tuple[int, list[int]]] = []
         start, end = self.ids["<|im_start|>"], self.ids["<|im_end|>"]
         nl = self.text("\n")
 
@@ -122,22 +129,54 @@ class FastEncoder:
                     if part["type"] == "text":
                         add(self.text(part["text"]))
                     else:
+                        first = len(ids) + 1  # after <|vision_start|>
                         add(self._vision("<|image_pad|>" if part["type"] == "image" else "<|video_pad|>", tokens_per_item[item]))
+                        spans.append((first, first + tokens_per_item[item]))
                         item += 1
             add(self.text(q))
             add([end] + nl + [start] + self.text("assistant") + nl)
             last = i == len(ep.turns) - 1
             if last and not answer_last:
                 break
+            target = self.retrieval_targets(ep, _task, a, spans)
+            if target is not None:
+                targets.append((len(ids) + target[0], target[1]))
             add(self.text(a) + [end], learn=True)
             if not last:
                 add(nl)
-        return ids, labels
+        return ids, labels, targets
+
+    def retrieval_targets(self, ep: Episode, task: str, answer: str, spans: Sequence[tuple[int, int]]) -> tuple[int, list[int]] | None:
+        """Where an answer's decisive token is read from: ``(offset in the answer of the token that predicts
+        it, positions of the visual tokens that hold it)``.
+
+        ``needle``: the image index is read from the named image's tokens; ``colour_at``: the colour from
+        image k's tokens; ``video_colour``: the colour from the first or last temporal group of the video.
+        Other tasks have no single visual source (``text_needle`` reads text, ``video_direction`` the
+        whole track) and return None.
+        """
+        words = answer.rstrip(".").split()
+        if task == "needle":  # "The red circle is in image 3."
+            item, decisive = int(words[-1]) - 1, len(words) - 1
+            pos = list(range(*spans[item]))
+        elif task == "colour_at":  # "The square in image 2 is blue."
+            item, decisive = int(words[4]) - 1, len(words) - 1
+            pos = list(range(*spans[item]))
+        elif task == "video_colour":  # "The ball is red in the last frame."
+            groups = NUM_FRAMES // self.tps
+            lo, hi = spans[0]
+            size = (hi - lo) // groups
+            g = 0 if words[-2] == "first" else groups - 1
+            pos, decisive = list(range(lo + g * size, lo + (g + 1) * size)), 3
+        else:
+            return None
+        return len(self.text(" ".join(words[:decisive]))) - 1, pos
 
     # -------------------------------------------------------------- batch
     def encode(self, episodes: Sequence[Episode], answer_last: bool = True, aux: bool = True) -> dict[str, Any]:
         images, image_labels, videos, video_labels = [], [], [], []
         bind, motion = [], []
+        retrieval: list[tuple[int, int, list[int]]] = []
         rows = []
         for ep in episodes:
             media, labs = ep.media()
@@ -160,7 +199,9 @@ class FastEncoder:
                 if aux:
                     image_labels.extend(cell_labels([lab]) for lab in labs)
                     bind.extend(np.full(n, k) for k, n in enumerate(per))
-            rows.append(self.episode_ids(ep, per, answer_last))
+            ids, answer_labels, targets = self.episode_ids(ep, per, answer_last)
+            rows.append((ids, answer_labels))
+            retrieval.extend((len(rows) - 1, q, pos) for q, pos in targets)
         length = max(len(r[0]) for r in rows)
         b = len(rows)
         input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
@@ -190,6 +231,13 @@ class FastEncoder:
                 out["aux_bind"] = torch.from_numpy(np.concatenate(bind)).long()
             if motion:
                 out["video_aux_motion"] = torch.from_numpy(np.concatenate(motion)).long()
+            if retrieval:
+                out["retrieval_row"] = torch.tensor([r for r, _, _ in retrieval])
+                out["retrieval_query"] = torch.tensor([q for _, q, _ in retrieval])
+                mask = torch.zeros((len(retrieval), length), dtype=torch.bool)
+                for i, (_, _, pos) in enumerate(retrieval):
+                    mask[i, pos] = True
+                out["retrieval_mask"] = mask
         return out
 
     def adapter_frames(self, ep: Episode) -> Any:
@@ -216,10 +264,17 @@ class AuxHeads(torch.nn.Module):
     temporal patch stacks two frames, so a token can see the motion locally);
     ``bind``: on the text model's hidden state after ``bind_layer`` layers, each visual token's image index
     within the prompt (its temporal group for a video) -- the binding that "which image" answers read.
+    ``retrieval`` (no parameters): the attention of ``retrieval_heads`` in text layer ``retrieval_layer``,
+    from the token that predicts an answer's decisive word, should fall on the visual tokens the word is
+    read from (loss ``-log`` of that attention mass, averaged over the heads). The default heads 0 and 1
+    share KV head 0 of the tiny model, so one KV head learns to retrieve and the other stays free.
     """
 
-    def __init__(self, hidden: int, bind_layer: int) -> None:
+    def __init__(self, hidden: int, bind_layer: int, retrieval_layer: int = 2, retrieval_heads: Sequence[int] = (0, 1)) -> None:
         super().__init__()
+        self.retrieval_layer = retrieval_layer
+        self.retrieval_heads = list(retrieval_heads)
+        self.retrieval_on = False  # needs eager attention (attention weights); set by the trainer
         self.cells = torch.nn.Linear(hidden, len(COLOUR_NAMES) + 1 + len(SHAPES) + 1)
         self.motion = torch.nn.Linear(hidden, len(DIRECTIONS) + 1)
         self.bind = torch.nn.Linear(hidden, MAX_IMAGES)
@@ -238,11 +293,13 @@ def _probe(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, fl
 
 
 def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Answer-token logits and the auxiliary losses (``aux_loss``: cells + motion, ``bind_loss``; 0 without ``heads``)."""
+    """Answer-token logits and the auxiliary losses (``aux_loss`` (cells), ``motion_loss``, ``bind_loss``; 0 without ``heads``)."""
     inner = model.model
     enc: dict[str, Any] = {}
     aux_loss = torch.zeros((), device=batch["input_ids"].device)
     bind_loss = torch.zeros((), device=batch["input_ids"].device)
+    motion_loss = torch.zeros((), device=batch["input_ids"].device)
+    retrieval_loss = torch.zeros((), device=batch["input_ids"].device)
     stats: dict[str, Any] = {}
     for key, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
         if batch.get(pix) is None:
@@ -261,8 +318,7 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
                 ok = (logits[:, :nc].argmax(-1) == batch[f"{key}_aux_colour"]) & (logits[:, nc:].argmax(-1) == batch[f"{key}_aux_shape"])
                 stats[f"aux_acc_{key}"] = float(ok.float().mean())
             if key == "video" and "video_aux_motion" in batch:
-                lm, stats["aux_acc_motion"] = _probe(heads.motion(feats), batch["video_aux_motion"])
-                aux_loss = aux_loss + lm
+                motion_loss, stats["aux_acc_motion"] = _probe(heads.motion(feats), batch["video_aux_motion"])
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -272,13 +328,22 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
         mm_encoder_outputs=enc or None,
         use_cache=False,
         output_hidden_states=heads is not None and "aux_bind" in batch,
+        output_attentions=heads is not None and heads.retrieval_on and "retrieval_mask" in batch,
     )
+    if heads is not None and heads.retrieval_on and "retrieval_mask" in batch:
+        attn = out.attentions[heads.retrieval_layer]  # [B, H, L, L]
+        rows, queries = batch["retrieval_row"], batch["retrieval_query"]
+        probs = attn[rows, :, queries, :][:, heads.retrieval_heads]  # [n, heads, L]
+        mass = (probs * batch["retrieval_mask"][:, None, :]).sum(-1)
+        retrieval_loss = -torch.log(mass.clamp_min(1e-6)).mean()
+        stats["retrieval_mass"] = float(mass.detach().mean())
     if heads is not None and "aux_bind" in batch:
         ids = batch["input_ids"]
         visual = (batch["mm_token_type_ids"] > 0) & (batch["attention_mask"] > 0)
         hidden = out.hidden_states[heads.bind_layer][visual]
         bind_loss, stats["aux_acc_bind"] = _probe(heads.bind(hidden), batch["aux_bind"].to(ids.device))
-    return out.logits, {"aux_loss": aux_loss, "bind_loss": bind_loss, **stats}
+    return out.logits, {"aux_loss": aux_loss, "bind_loss": bind_loss, "motion_loss": motion_loss,
+                        "retrieval_loss": retrieval_loss, **stats}
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -375,13 +440,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="assets/mmkv-tiny-qwen2vl", help="where the trained model is exported")
     p.add_argument("--work", default=".cache/tiny-train", help="checkpoint + log directory (resumes from it)")
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (raise it to continue a run)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop (checkpointed) at this step while the LR schedule still runs to --steps (replays an interrupted run)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--decay", type=float, default=0.15, help="fraction of --steps with linear LR decay to 0.1x")
-    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-cell colour/shape and motion probes")
+    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-cell colour/shape probe")
+    p.add_argument("--motion-weight", type=float, default=1.0, help="weight of the video motion probe")
     p.add_argument("--bind-weight", type=float, default=1.0, help="weight of the image-index binding probe")
     p.add_argument("--bind-layer", type=int, default=2, help="hidden state (after this many text layers) the binding probe reads")
+    p.add_argument("--retrieval-weight", type=float, default=0.0,
+                   help="weight of the retrieval-attention loss (text layer --retrieval-layer, query heads 0-1); >0 trains with eager attention")
+    p.add_argument("--retrieval-layer", type=int, default=2)
     p.add_argument("--turns", type=int, default=6, help="max QA turns per episode")
     p.add_argument("--video-frac", type=float, default=0.25)
     p.add_argument("--password-frac", type=float, default=0.5, help="share of image scenes with the text fact")
@@ -419,7 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tok = build_tokenizer()
     processor = build_processor(tok)
     model = build_model(tok, seed=args.seed).to(device)
-    heads = AuxHeads(model.config.text_config.hidden_size, args.bind_layer).to(device)
+    heads = AuxHeads(model.config.text_config.hidden_size, args.bind_layer, args.retrieval_layer).to(device)
+    if args.retrieval_weight > 0:
+        model.set_attn_implementation("eager")  # attention weights for the retrieval loss
+        heads.retrieval_on = True
     decay, no_decay = [], []
     for n, prm in list(model.named_parameters()) + [("aux." + n, q) for n, q in heads.named_parameters()]:
         (decay if prm.dim() >= 2 else no_decay).append(prm)
@@ -448,8 +522,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def export(metrics: dict[str, Any] | None = None, out: str | os.PathLike = args.out) -> None:
         model.eval()
+        attn = model.config._attn_implementation
+        model.set_attn_implementation("sdpa")  # the exported config never carries the training-only eager setting
         save(model.to("cpu"), processor, out)
         model.to(device)
+        model.set_attn_implementation(attn)
         if metrics is not None:
             acc = metrics["heldout_accuracy"]
             # a task ships when it reaches the target at its hardest evaluated setting (8 images / 8 frames)
@@ -480,14 +557,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     acc_loss = acc_aux = 0.0
     acc_n = 0
     stats_last: dict[str, Any] = {}
-    while step < args.steps:
+    stop = min(args.steps, args.stop_at or args.steps)
+    while step < stop:
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = _to(encoder.encode(batch_episodes(step, args, weights)), device)
         logits, aux = forward(model, heads, batch)
         loss_ans = answer_loss(logits, batch["labels"])
-        loss = loss_ans + args.aux_weight * aux["aux_loss"] + args.bind_weight * aux["bind_loss"]
+        loss = (loss_ans + args.aux_weight * aux["aux_loss"] + args.bind_weight * aux["bind_loss"] + args.motion_weight * aux["motion_loss"]
+                + args.retrieval_weight * aux["retrieval_loss"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
@@ -496,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         acc_loss += float(loss_ans.detach())
         acc_aux += float(aux["aux_loss"].detach())
         acc_n += 1
-        stats_last = {k: v for k, v in aux.items() if k.startswith("aux_acc")}
+        stats_last = {k: v for k, v in aux.items() if k.startswith("aux_acc") or k == "retrieval_mass"}
         if step % args.log_every == 0:
             dt = (time.time() - t_last) / acc_n
             rec = {"step": step, "loss": acc_loss / acc_n, "aux": acc_aux / acc_n, "lr": lr, "k_max": k_max_at(step, args),
@@ -506,9 +585,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             acc_loss = acc_aux = 0.0
             acc_n = 0
             t_last = time.time()
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if step % args.ckpt_every == 0 or step == stop:
             save_ckpt()
-        if step % args.eval_every == 0 or step == args.steps:
+        if step % args.eval_every == 0 or step == stop:
             t0 = time.time()
             acc = evaluator(model, device)
             rec = {"step": step, "eval": acc, "eval_s": round(time.time() - t0, 1)}
