@@ -2,9 +2,11 @@
 
     python scripts/make_examples.py [OUT_DIR]     # default: assets/examples
 
-Writes a few synthetic scenes (coloured shapes on a dark background), a short WebM clip of a white
-square moving left to right (VP8, plays in browsers and decodes with OpenCV), and ``examples.json``
-with the example prompts the app wires to ``gr.Examples``. Everything written here is made by this
+Writes scenes from the bundled model's task generator (``mmkv.tiny.tasks``: 112 px images of coloured
+shapes, an 8-frame clip of a moving ball as VP8 WebM, which plays in browsers and decodes with OpenCV),
+a spot-the-difference pair for real checkpoints, and ``examples.json`` with the example prompts the app
+wires to ``gr.Examples``. The first, second and fourth prompts are tasks the bundled model was trained
+on; ``tests/test_app.py`` checks its answers to them against the scenes. Everything written here is made by this
 script and released with the project (Apache-2.0), see ``LICENSE.md`` in the output folder.
 """
 
@@ -14,12 +16,15 @@ import json
 import sys
 from pathlib import Path
 
+from typing import Any
+
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 SIZE = 224  # 8 x 8 visual tokens per image on Qwen-VL (28-pixel cells after the 2x2 merge)
 
-RED, GREEN, BLUE, YELLOW, WHITE = (225, 50, 45), (50, 190, 90), (60, 110, 235), (240, 205, 50), (240, 240, 240)
+RED, GREEN, BLUE, WHITE = (225, 50, 45), (50, 190, 90), (60, 110, 235), (240, 240, 240)
 
 LICENSE_TEXT = """# Example media: licence
 
@@ -49,18 +54,6 @@ def _triangle(d: ImageDraw.ImageDraw, cx: int, cy: int, r: int, colour) -> None:
 
 def scenes() -> dict[str, Image.Image]:
     out: dict[str, Image.Image] = {}
-    img, d = _canvas()
-    _square(d, 60, 62, 28, BLUE)
-    _triangle(d, 160, 150, 34, GREEN)
-    out["shapes_blue_square.png"] = img
-    img, d = _canvas(30)
-    _circle(d, 150, 70, 32, RED)
-    _square(d, 64, 160, 24, YELLOW)
-    out["shapes_red_circle.png"] = img
-    img, d = _canvas(18)
-    _triangle(d, 70, 80, 36, YELLOW)
-    _circle(d, 165, 165, 26, GREEN)
-    out["shapes_yellow_triangle.png"] = img
     # A spot-the-difference pair: the green circle moves and the blue square turns red.
     for name, (gx, sq) in {"room_before.png": (60, BLUE), "room_after.png": (168, RED)}.items():
         img, d = _canvas(26)
@@ -72,43 +65,68 @@ def scenes() -> dict[str, Image.Image]:
     return out
 
 
-def write_video(path: Path, num_frames: int = 16, size: int = 160, fps: float = 4.0) -> Path:
-    """A white square sliding left to right past a fixed red disc (VP8 WebM)."""
+def write_video(path: Path, frames: list[Image.Image], fps: float) -> Path:
+    """``frames`` as a VP8 WebM clip."""
     import cv2
     import numpy as np
 
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"VP80"), fps, (size, size))
+    w, h = frames[0].size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"VP80"), fps, (w, h))
     if not writer.isOpened():
         raise RuntimeError(f"OpenCV cannot write {path} with the VP8 codec")
-    side = size // 5
     try:
-        for i in range(num_frames):
-            frame = np.full((size, size, 3), 24, dtype=np.uint8)
-            cv2.circle(frame, (size - 30, 30), 16, (45, 50, 225), -1)  # BGR red disc, fixed
-            x = int((size - side) * i / max(1, num_frames - 1))
-            y = size // 2
-            frame[y : y + side, x : x + side] = 240
-            writer.write(frame)
+        for frame in frames:
+            writer.write(cv2.cvtColor(np.asarray(frame.convert("RGB")), cv2.COLOR_RGB2BGR))
     finally:
         writer.release()
     return path
 
 
-EXAMPLES = [
-    {"text": "Which image has the red circle?", "files": ["shapes_blue_square.png", "shapes_red_circle.png", "shapes_yellow_triangle.png"]},
-    {"text": "Which way does the white square move?", "files": ["moving_square.webm"]},
-    {"text": "What changed between the two pictures?", "files": ["room_before.png", "room_after.png"]},
-    {"text": "Is the red shape in the picture also in the video?", "files": ["shapes_red_circle.png", "moving_square.webm"]},
-]
+NEEDLE_SEED, VIDEO_SEED, NEEDLE_IMAGES = "example-needle", "example-video", 6
+
+
+def task_scenes() -> tuple[Any, Any]:
+    """The needle scene (six images) and the moving-ball video scene of the examples."""
+    import random
+
+    from mmkv.tiny.tasks import make_image_scene, make_video_scene
+
+    return make_image_scene(random.Random(NEEDLE_SEED), NEEDLE_IMAGES, password=False), make_video_scene(random.Random(VIDEO_SEED))
+
+
+def needle_question(scene: Any) -> str:
+    """Ask for the first (colour, shape) pair, in image order, that occurs exactly once in the scene."""
+    seen: dict[tuple[str, str], int] = {}
+    for objs in scene.images:
+        for o in objs:
+            seen[(o.colour, o.shape)] = seen.get((o.colour, o.shape), 0) + 1
+    colour, shape = next(pair for objs in scene.images for o in objs if seen[pair := (o.colour, o.shape)] == 1)
+    return f"Which image has the {colour} {shape}?"
+
+
+def examples() -> list[dict[str, Any]]:
+    needle, _ = task_scenes()
+    images = [f"needle_{k + 1}.png" for k in range(NEEDLE_IMAGES)]
+    return [
+        {"text": needle_question(needle), "files": images},
+        {"text": "Which way does the ball move?", "files": ["ball.webm"]},
+        {"text": "What changed between the two pictures?", "files": ["room_before.png", "room_after.png"]},
+        {"text": "What colour is the ball in the last frame?", "files": [images[0], "ball.webm"]},
+    ]
 
 
 def make_examples(out_dir: str | Path | None = None) -> Path:
     out = Path(out_dir) if out_dir is not None else ROOT / "assets" / "examples"
     out.mkdir(parents=True, exist_ok=True)
+    from mmkv.tiny.tasks import render_frames, render_image
+
     for name, img in scenes().items():
         img.save(out / name, optimize=True)
-    write_video(out / "moving_square.webm")
-    (out / "examples.json").write_text(json.dumps(EXAMPLES, indent=2) + "\n", encoding="utf-8")
+    needle, video = task_scenes()
+    for k, objs in enumerate(needle.images):
+        render_image(objs)[0].save(out / f"needle_{k + 1}.png", optimize=True)
+    write_video(out / "ball.webm", render_frames(video)[0], video.fps)
+    (out / "examples.json").write_text(json.dumps(examples(), indent=2) + "\n", encoding="utf-8")
     (out / "LICENSE.md").write_text(LICENSE_TEXT, encoding="utf-8")
     return out
 

@@ -12,6 +12,7 @@ or Playwright is a failure, not a skip.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
+EXAMPLES = json.loads((ROOT / "assets" / "examples" / "examples.json").read_text())
 CHROMIUM = os.environ.get("MMKV_CHROMIUM", "/usr/bin/chromium")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -108,19 +110,20 @@ def test_app_in_chromium(app_url):
             expect(page.locator("#model-status")).to_contain_text("parameters")
 
             # ---- Chat: click an example, send it, get a streamed answer -------------------------
-            page.locator("#chat-examples").get_by_text("Which image has the red circle?").click()
+            first, fourth = (e["text"] for e in EXAMPLES[:4:3])
+            page.locator("#chat-examples").get_by_text(first).click()
             box = page.locator("#chat-input textarea")
-            expect(box).to_have_value("Which image has the red circle?")
+            expect(box).to_have_value(first)
             box.press("Enter")
             expect(page.locator("#chat-status")).to_contain_text("Done", timeout=90_000)
             expect(page.locator("#chat-summary")).to_contain_text("KV bytes")
-            assert page.locator("#chatbot").get_by_text("Which image has the red circle?").count() >= 1
+            assert page.locator("#chatbot").get_by_text(first).count() >= 1
             page.screenshot(path=str(ARTIFACTS / "app-chat.png"), full_page=True)
 
             # ---- Compare: example + Full + two methods ----------------------------------------
             page.get_by_role("tab", name="Compare").click()
-            page.locator("#compare-examples").get_by_text("Is the red shape in the picture also in the video?").click()
-            expect(page.locator("#compare-input textarea")).to_have_value("Is the red shape in the picture also in the video?")
+            page.locator("#compare-examples").get_by_text(fourth).click()
+            expect(page.locator("#compare-input textarea")).to_have_value(fourth)
             methods = page.locator("#compare-methods")
             for name, want in (("full", True), ("snapkv", True), ("adakv", False), ("streamingllm", True)):
                 checkbox = methods.locator(f"input[name='{name}']")

@@ -306,3 +306,36 @@ def test_shipped_model_answers_heldout_set(monkeypatch):
             out = mmkv.generate(model, processor, s.chat, method="full", max_new_tokens=16, record_attention=False)
             right += s.check(out.text)
         assert right / n >= 0.95, f"{task}: {right}/{n}"
+
+
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in assets/")
+def test_shipped_model_answers_the_app_examples(monkeypatch):
+    """The app's examples of shipped tasks, built the way the app builds a chat turn (labelled images, 8
+    frames per video), are answered correctly; the reference comes from the example scenes themselves."""
+    import sys
+
+    import mmkv
+    from mmkv.models import adapter_for
+    from mmkv.ui.config import Limits
+    from mmkv.ui.inputs import user_content
+
+    sys.path.insert(0, str(ASSET.parents[1] / "scripts"))
+    import make_examples
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = mmkv.models.load(ASSET, device="cpu")
+    folder = ASSET.parent / "examples"
+    items = json.loads((folder / "examples.json").read_text())
+    needle, video = make_examples.task_scenes()
+    cases = [(items[0], needle, "needle"), (items[1], video, "video_direction")]
+    shipped = _shipped_tasks()
+    checked = 0
+    for item, scene, task in cases:
+        if task not in shipped:
+            continue
+        content = user_content(item["text"], [str(folder / f) for f in item["files"]], Limits())
+        prepared = adapter_for(model).prepare(model, processor, [{"role": "user", "content": content}], num_frames=8)
+        out = mmkv.generate(model, processor, None, "full", 1.0, max_new_tokens=16, prepared=prepared, record_attention=False)
+        assert check_answer(scene, task, item["text"], out.text), (item["text"], out.text)
+        checked += 1
+    assert checked >= 1
