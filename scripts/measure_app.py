@@ -4,7 +4,7 @@
 
 Uses the app's own event functions (the code a browser click runs) on the default model
 ($MMKV_MODEL, else the bundled teaching model, else the tiny random demo model) and the first and
-fourth bundled examples (three images; an image and a video). Prints one JSON object.
+fourth bundled examples (six images; an image and a video). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main() -> None:
     msgs = [{"text": e["text"], "files": [str(app.EXAMPLES_DIR / f) for f in e["files"]]} for e in examples]
     methods = [m for m in args.methods.split(",") if m]
     out = {"model": app.DEFAULT_MODEL, "random_weights": app.MODEL_NOTICE is not None, "start_s": round(start_s, 2)}
-    for name, msg in (("3 images", msgs[0]), ("image + video", msgs[3])):
+    for name, msg in ((f"{len(msgs[0]['files'])} images", msgs[0]), ("image + video", msgs[3])):
         chat_s, cmp_s = [], []
         for _ in range(args.repeat):
             state = app._new_state()

@@ -1,10 +1,13 @@
 """Train the bundled teaching VLM on the synthetic tasks: ``python -m mmkv.tiny.train --out DIR --steps N``.
 
-Recipe (from ``research/tiny_vlm_probe.md``): fresh synthetic episodes every step, several QA turns
-per image set / video, loss on the answer tokens (and their ``<|im_end|>``) plus an auxiliary per-cell
-vision loss (a linear head on the vision merger's output predicts each 28 px cell's colour and shape)
-from step 0, LR 3e-3 with warmup (constant, then a linear decay over the last ``--decay`` fraction),
-and a curriculum over the number of images K (2 for ``--k-hold`` steps, then ramped to 8).
+Recipe (from ``research/tiny_vlm_probe.md`` and this project's runs): fresh synthetic episodes every
+step, several QA turns per image set / video, loss on the answer tokens (and their ``<|im_end|>``), a
+curriculum over the number of images K (``--k-start`` for ``--k-hold`` steps, then ramped to
+``--k-max``), LR with warmup (constant, then a linear decay over the last ``--decay`` fraction), and
+auxiliary losses on probes dropped at export (:class:`AuxHeads`): per-cell colour/shape on the vision
+merger, video motion, the image-index binding of visual tokens, and (``--retrieval-weight``) the
+attention of two layer-2 heads from the decisive answer token to the image / frames it is read from.
+Stages chain with ``--init`` (``scripts/train_tiny.sh`` is the bundled model's chain).
 
 Seeded and resumable: the work dir (default ``.cache/tiny-train``) holds ``ckpt.pt`` (model, aux head,
 optimizer, step) and ``log.jsonl``; running the same command again continues from the checkpoint
@@ -122,7 +125,7 @@ class FastEncoder:
             labels.extend(seq if learn else [IGNORE] * len(seq))
 
         item = 0
-        for i, (_task, q, a) in enumerate(ep.turns):
+        for i, (task, q, a) in enumerate(ep.turns):
             add([start] + self.text("user") + nl)
             if i == 0:
                 for part in ep.context_parts():
@@ -138,7 +141,7 @@ class FastEncoder:
             last = i == len(ep.turns) - 1
             if last and not answer_last:
                 break
-            target = self.retrieval_targets(ep, _task, a, spans)
+            target = self.retrieval_targets(task, a, spans)
             if target is not None:
                 targets.append((len(ids) + target[0], target[1]))
             add(self.text(a) + [end], learn=True)
@@ -146,7 +149,7 @@ class FastEncoder:
                 add(nl)
         return ids, labels, targets
 
-    def retrieval_targets(self, ep: Episode, task: str, answer: str, spans: Sequence[tuple[int, int]]) -> tuple[int, list[int]] | None:
+    def retrieval_targets(self, task: str, answer: str, spans: Sequence[tuple[int, int]]) -> tuple[int, list[int]] | None:
         """Where an answer's decisive token is read from: ``(offset in the answer of the token that predicts
         it, positions of the visual tokens that hold it)``.
 
