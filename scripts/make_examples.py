@@ -5,8 +5,9 @@
 Writes scenes from the bundled model's task generator (``mmkv.tiny.tasks``: 112 px images of coloured
 shapes, an 8-frame clip of a moving ball as VP8 WebM, which plays in browsers and decodes with OpenCV),
 a spot-the-difference pair for real checkpoints, and ``examples.json`` with the example prompts the app
-wires to ``gr.Examples``. The first, second and fourth prompts are tasks the bundled model was trained
-on; ``tests/test_app.py`` checks its answers to them against the scenes. Everything written here is made by this
+wires to ``gr.Examples``. The first two prompts are tasks the bundled model ships (image needle, ball
+colour); ``tests/test_tiny_tasks.py`` checks its answers to them against the scenes. The fourth mixes an
+image and a video, which the bundled model never saw in training. Everything written here is made by this
 script and released with the project (Apache-2.0), see ``LICENSE.md`` in the output folder.
 """
 
@@ -109,9 +110,9 @@ def examples() -> list[dict[str, Any]]:
     images = [f"needle_{k + 1}.png" for k in range(NEEDLE_IMAGES)]
     return [
         {"text": needle_question(needle), "files": images},
-        {"text": "Which way does the ball move?", "files": ["ball.webm"]},
+        {"text": "What colour is the ball in the last frame?", "files": ["ball.webm"]},
         {"text": "What changed between the two pictures?", "files": ["room_before.png", "room_after.png"]},
-        {"text": "What colour is the ball in the last frame?", "files": [images[0], "ball.webm"]},
+        {"text": "Which way does the ball move?", "files": [images[0], "ball.webm"]},
     ]
 
 

@@ -11,7 +11,7 @@
 #
 # Stage 1 was itself a resumed run whose arguments changed between restarts (the segments below);
 # it ran on an earlier revision of the trainer that had only the per-cell vision probe, hence
-# --bind-weight 0 --motion-weight 0 there. The chain took about 2.5 h of a 2-core CPU in total; this
+# --bind-weight 0 --motion-weight 0 there. The chain took about 3 h of a 2-core CPU in total; this
 # script has not been re-run end to end, so expect a model of the same kind, not the same bytes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,8 +63,18 @@ done_at $W/n3 700 || train --init $W/n2 --work $W/n3 --out $W/n3-out --seed 13 -
   --k-start 4 --k-hold 250 --k-ramp 600 --k-max 8 --warmup 20 --decay 0.2 --eval-every 150 --retrieval-weight 3 \
   --weights needle=1,colour_at=0,text_needle=0 --video-frac 0 --password-frac 0
 
-# ---- stage 8: all tasks but colour-by-index again, K 7 -> 8, needle weighted up (1,000 steps); the
-# exported model: --out receives it when a task reaches 95% at its hardest setting
-train --init $W/n3 --work $W/m1 --out "$OUT" --seed 21 --steps 1000 --lr 2e-3 \
+# ---- stage 8: all tasks but colour-by-index again, K 7 -> 8, needle weighted up (1,000 steps)
+done_at $W/m1 1000 || train --init $W/n3 --work $W/m1 --out $W/m1-out --seed 21 --steps 1000 --lr 2e-3 \
   --k-start 7 --k-hold 100 --k-ramp 100 --k-max 8 --warmup 20 --decay 0.3 --eval-every 100 --retrieval-weight 3 \
   --weights needle=4,colour_at=0,text_needle=1,video_direction=1,video_colour=1 --video-frac 0.3 --password-frac 0.5
+
+# ---- stage 9: video alone (500 steps; the video tasks learn here, the image tasks are forgotten)
+done_at $W/v2 500 || train --init $W/m1 --work $W/v2 --out $W/v2-out --seed 41 --steps 600 --stop-at 500 --lr 2e-3 \
+  --k-start 8 --k-max 8 --warmup 20 --decay 0.2 --eval-every 100 --retrieval-weight 3 \
+  --weights video_direction=1,video_colour=1 --video-frac 1.0
+
+# ---- stage 10: all tasks but colour-by-index, K = 8 (500 steps); the exported model: --out receives it
+# when a task reaches 95% at its hardest setting
+train --init $W/v2 --work $W/m2 --out "$OUT" --seed 51 --steps 500 --lr 1.5e-3 \
+  --k-start 8 --k-max 8 --warmup 20 --decay 0.3 --eval-every 100 --retrieval-weight 3 \
+  --weights needle=3,colour_at=0,text_needle=1,video_direction=1,video_colour=1 --video-frac 0.35 --password-frac 0.5

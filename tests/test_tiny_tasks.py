@@ -327,7 +327,7 @@ def test_shipped_model_answers_the_app_examples(monkeypatch):
     folder = ASSET.parent / "examples"
     items = json.loads((folder / "examples.json").read_text())
     needle, video = make_examples.task_scenes()
-    cases = [(items[0], needle, "needle"), (items[1], video, "video_direction")]
+    cases = [(items[0], needle, "needle"), (items[1], video, "video_colour")]
     shipped = _shipped_tasks()
     checked = 0
     for item, scene, task in cases:
