@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 from PIL import Image, ImageDraw
 
+from ..tiny.tokenizer import SPECIALS as QWEN_SPECIALS
+
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_onevision", "idefics3", "smolvlm")
 VIDEO_FAMILIES = FAMILIES  # every family takes video (natively or as frames)
 
@@ -98,22 +100,12 @@ _IDEFICS_BODY = (
 IDEFICS3_TEMPLATE = "{{ '<|begin_of_text|>' }}" + _IDEFICS_BODY
 SMOLVLM_TEMPLATE = "{{ '<|im_start|>' }}" + _IDEFICS_BODY
 
-_QWEN_SPECIALS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
 _ROW_COL = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))
 _IDEFICS_IMAGE = ("<fake_token_around_image>", "<image>", "<global-img>") + _ROW_COL
 
 # family -> (special tokens, bos, eos, pad, unk, tokenizer adds bos)
 _TOKENS: dict[str, tuple[tuple[str, ...], str | None, str, str, str | None, bool]] = {
-    "qwen": (_QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", None, False),
+    "qwen": (QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", None, False),
     "llava": (("<unk>", "<s>", "</s>", "<pad>", "<image>"), "<s>", "</s>", "<pad>", "<unk>", True),
     "llava_onevision": (
         ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"),

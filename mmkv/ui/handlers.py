@@ -124,24 +124,22 @@ def _cpu_trace(trace: Trace) -> Trace:
     return trace
 
 
-def _check_frames(num_frames: Any, limits: Limits) -> int:
+def _whole_number_in_range(value: Any, what: str, high: int) -> int:
     try:
-        n = int(num_frames)
+        n = int(value)
     except (TypeError, ValueError):
-        raise UserError(f"frames per video must be a whole number, got {num_frames!r}") from None
-    if not 1 <= n <= limits.max_frames:
-        raise UserError(f"frames per video must be between 1 and {limits.max_frames}, got {num_frames}")
+        raise UserError(f"{what} must be a whole number, got {value!r}") from None
+    if not 1 <= n <= high:
+        raise UserError(f"{what} must be between 1 and {high}, got {value}")
     return n
+
+
+def _check_frames(num_frames: Any, limits: Limits) -> int:
+    return _whole_number_in_range(num_frames, "frames per video", limits.max_frames)
 
 
 def _check_new_tokens(max_new_tokens: Any, limits: Limits) -> int:
-    try:
-        n = int(max_new_tokens)
-    except (TypeError, ValueError):
-        raise UserError(f"max new tokens must be a whole number, got {max_new_tokens!r}") from None
-    if not 1 <= n <= limits.max_new_tokens:
-        raise UserError(f"max new tokens must be between 1 and {limits.max_new_tokens}, got {max_new_tokens}")
-    return n
+    return _whole_number_in_range(max_new_tokens, "max new tokens", limits.max_new_tokens)
 
 
 def _message(value: Any) -> tuple[str, list[Any]]:
