@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from .cache import cache_bytes
+from .compat import cache_kwargs
 from .modality import IMAGE, ModalityMap
 from .records import write_records
 from .session import Session
@@ -188,7 +189,7 @@ def run_one(model, inputs, modality, method: str, budget: float | int, new_token
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     _reset_peak(device)
     with session.activate():
-        out = model(**inputs, past_key_values=cache, use_cache=True)
+        out = model(**inputs, **cache_kwargs(model, cache), use_cache=True)
         _sync(device)
         peak_prefill = _peak(device)
         _reset_peak(device)
@@ -196,7 +197,7 @@ def run_one(model, inputs, modality, method: str, budget: float | int, new_token
         del out
         kv_mid = cache_bytes(cache)
         for step in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             if step == new_tokens // 2:
                 kv_mid = cache_bytes(cache)

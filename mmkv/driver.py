@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 from transformers import DynamicCache
 
+from .compat import cache_kwargs
 from .methods import Method
 from .models import PreparedInputs, adapter_for
 from .models.base import Chat
@@ -171,7 +172,7 @@ def compressed_run(model: torch.nn.Module, prepared: PreparedInputs, session: Se
 
     def forward(**kwargs: Any) -> torch.Tensor:
         with session.bound(), torch.inference_mode():
-            return model(**kwargs, past_key_values=cache, use_cache=True).logits[0, -1]
+            return model(**kwargs, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
 
     with session.activate(bind=False):
         if context == prepared.length:

@@ -27,6 +27,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .attention import ACTIVE_SESSION, ATTENTION_NAME, register
+from .compat import CACHE_ARGUMENTS, cache_from_kwargs
 from .cache import BatchSizeError, CompressedLayer, H2ODecodeLayer, apply_plan, cache_bytes, layer_bytes
 from .methods import Method, make_method
 from .methods.base import LayerContext, LayerPlan, reduce_to_kv_heads
@@ -166,7 +167,7 @@ class Session:
             raise BatchSizeError(
                 f"mmkv supports batch size 1, got a batch of {ids.shape[0]}: loop over prompts instead"
             )
-        self._captured = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        self._captured = {k: v for k, v in kwargs.items() if k not in CACHE_ARGUMENTS}
         if ids is not None and "input_ids" not in self._captured:
             self._captured["input_ids"] = ids
         self._forward_start = _sync(self.device)
@@ -186,7 +187,7 @@ class Session:
     def _text_pre_hook(self, module, args, kwargs):
         if not self._is_active():
             return None
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = kwargs.get("input_ids", args[0] if args else None)

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import mmkv
+from mmkv.compat import cache_kwargs
 from mmkv.modality import IMAGE, ModalityMap
 
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 900, 901, 902, 903
@@ -65,7 +66,7 @@ def prefill_ms(model, inputs, modality, method, budget, repeats: int) -> tuple[f
         with mmkv.compress(model, method, budget, modality=modality, record_attention=False) as session:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                model(**inputs, past_key_values=cache, use_cache=True)
+                model(**inputs, **cache_kwargs(model, cache), use_cache=True)
             times.append(time.perf_counter() - t0)
         stats.append(session.trace.timings.stats_s)
         comp.append(session.trace.timings.compress_s)

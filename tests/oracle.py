@@ -14,6 +14,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from mmkv.compat import cache_kwargs
 from mmkv.methods.base import LayerContext, LayerPlan, Method
 
 REFERENCE_ATTENTION = "mmkv_test_masked_reference"
@@ -84,10 +85,10 @@ def masked_reference_logits(model, inputs: dict, kept: dict[int, list[torch.Tens
     _reset_rope(model)
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     with _attention(model, REFERENCE_ATTENTION):
-        out = model(**inputs, past_key_values=cache, use_cache=True)
+        out = model(**inputs, **cache_kwargs(model, cache), use_cache=True)
         logits = [out.logits[0, -1].float()]
         for t in tokens:
-            out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[t]]), **cache_kwargs(model, cache), use_cache=True)
             logits.append(out.logits[0, -1].float())
     _EVICTED.clear()
     return logits
@@ -106,11 +107,11 @@ def compressed_logits(model, prepared, method, tokens: list[int], budget: float 
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     lengths = []
     with mmkv.compress(model, method, budget, modality=prepared.modality) as session:
-        out = model(**prepared.inputs, past_key_values=cache, use_cache=True)
+        out = model(**prepared.inputs, **cache_kwargs(model, cache), use_cache=True)
         logits = [out.logits[0, -1].float()]
         for t in tokens:
             lengths.append(cache.get_seq_length())
-            out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[t]]), **cache_kwargs(model, cache), use_cache=True)
             logits.append(out.logits[0, -1].float())
     return logits, session, lengths
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import mmkv
+from mmkv.compat import cache_kwargs
 from mmkv.methods import HybridKV, MadaKV
 from mmkv.methods.base import LayerContext, LayerPlan
 from mmkv.modality import IMAGE, TEXT, VIDEO, ModalityMap
@@ -584,7 +585,7 @@ def _per_step_reference(model, inputs, masks_per_step, tokens):
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     with oracle._attention(model, oracle.REFERENCE_ATTENTION), torch.inference_mode():
         oracle._EVICTED.clear()
-        out = model(**inputs, past_key_values=cache, use_cache=True)
+        out = model(**inputs, **cache_kwargs(model, cache), use_cache=True)
         logits = [out.logits[0, -1].float()]
         for step, t in enumerate(tokens):
             oracle._EVICTED.clear()
@@ -595,7 +596,7 @@ def _per_step_reference(model, inputs, masks_per_step, tokens):
                     e[torch.as_tensor(kept, dtype=torch.long)] = False
                     evicted.append(e)
                 oracle._EVICTED[layer] = evicted
-            out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[t]]), **cache_kwargs(model, cache), use_cache=True)
             logits.append(out.logits[0, -1].float())
     oracle._EVICTED.clear()
     return logits

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmkv.compat import CACHE_ARGUMENTS
 from mmkv.modality import IMAGE, TEXT, VIDEO
 from mmkv.models import ADAPTERS, UnsupportedModelError, adapter_for, load
 from mmkv.models.base import VideoFrames, common_prefix_length, render_chat
@@ -213,7 +214,7 @@ def _prefill_kwargs(model, inputs) -> dict:
 
     def hook(module, args, kwargs):
         if not captured:
-            captured.update({k: v for k, v in kwargs.items() if k != "past_key_values"})
+            captured.update({k: v for k, v in kwargs.items() if k not in CACHE_ARGUMENTS})
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
