@@ -31,6 +31,6 @@ RUN pip install --no-deps -e . \
 USER app
 
 EXPOSE 7860
-# Default model: $MMKV_MODEL, else assets/mmkv-tiny-qwen2vl when present, else a tiny random-weight
+# Default model: $MMKV_MODEL, else mmkv/assets/mmkv-tiny-qwen2vl when present, else a tiny random-weight
 # demo model built on first start (the page says so).
 CMD ["python", "app.py"]

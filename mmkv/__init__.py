@@ -1,18 +1,19 @@
 """mmkv: multimodal KV-cache compression for transformers vision-language models.
 
     import mmkv
-    model, processor = mmkv.load("Qwen/Qwen2.5-VL-3B-Instruct")      # or a local path
-    chat = [{"role": "user", "content": [{"type": "image", "image": "cat.png"},
-                                         {"type": "text", "text": "What is on the mat?"}]}]
+    model, processor = mmkv.load("bundled")         # the bundled teaching model; or a hub id / local path
+    chat = mmkv.chat("Which image has the red circle?", images=["a.png", "b.png"])
     result = mmkv.generate(model, processor, chat, method="snapkv", budget=0.2)
     print(result.text, result.trace.summary())
 """
 
 from .attention import ATTENTION_NAME, register
+from .bundled import BUNDLED_MODEL, EXAMPLES_DIR
 from .cache import BatchSizeError, cache_bytes
 from .driver import Generation, GenerationResult, generate
 from .methods import METHODS, Method, make_method
 from .modality import IMAGE, TEXT, VIDEO, ModalityMap
+from .prompt import chat
 from .models import PreparedInputs, UnsupportedModelError, adapter_for, load
 from .session import Session, compress, resolve_capacity
 from .trace import LayerTrace, Trace
@@ -20,7 +21,7 @@ from .trace import LayerTrace, Trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "ATTENTION_NAME", "register", "BatchSizeError", "cache_bytes", "Generation", "GenerationResult", "generate",
+    "ATTENTION_NAME", "register", "BUNDLED_MODEL", "EXAMPLES_DIR", "chat", "BatchSizeError", "cache_bytes", "Generation", "GenerationResult", "generate",
     "METHODS", "Method", "make_method", "IMAGE", "TEXT", "VIDEO", "ModalityMap", "PreparedInputs",
     "UnsupportedModelError", "adapter_for", "load", "Session", "compress", "resolve_capacity", "LayerTrace", "Trace",
 ]

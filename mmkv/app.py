@@ -1,15 +1,16 @@
-"""mmkv — see what multimodal KV-cache compression keeps (Gradio app; also the Hugging Face Space entry).
+"""mmkv — see what multimodal KV-cache compression keeps: the Gradio app.
 
-    python app.py                         # serves http://127.0.0.1:7860 (GRADIO_SERVER_NAME/PORT to change)
-    MMKV_MODEL=Qwen/Qwen2.5-VL-3B-Instruct python app.py
+    mmkv app                              # installed command; serves http://127.0.0.1:7860
+    python app.py                         # the same from a checkout (and the Hugging Face Space entry)
+    MMKV_MODEL=Qwen/Qwen2.5-VL-3B-Instruct mmkv app
 
 Tabs: Chat (streaming multimodal chat with a method and budget), Compare (the same input through
 several methods: answers, bytes, times, agreement with Full), Inspect (what was kept, per layer and
 head, painted over every image and video frame), About (how each method works).
 
-This file only lays out components and forwards events to :mod:`mmkv.ui.handlers` (no Gradio
+This module only lays out components and forwards events to :mod:`mmkv.ui.handlers` (no Gradio
 there) and :mod:`viz` (figures); errors users can fix come back as a visible message and a toast,
-and the app keeps serving.
+and the app keeps serving. It needs the ``app`` extra (``pip install "mmkv[app]"``: Gradio, plotly).
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ import time
 
 _T_START = time.perf_counter()  # app start time is reported from here (imports included)
 
-import logging
-import os
-import sys
-from pathlib import Path
-from typing import Any, Callable
+import logging  # noqa: E402
+import os  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
 
-try:  # ZeroGPU: `spaces` must be imported before torch touches CUDA; elsewhere @GPU is a no-op.
+try:  # ZeroGPU: `spaces` must be imported before torch touches CUDA (app.py imports it first); elsewhere a no-op.
     import spaces
 
     def gpu(duration: int = 120) -> Callable[[Callable], Callable]:
@@ -37,24 +36,22 @@ except Exception:  # not installed / not on a Space
     def gpu(duration: int = 120) -> Callable[[Callable], Callable]:
         return lambda fn: fn
 
-import gradio as gr
+import gradio as gr  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing
-
-from mmkv.methods import METHODS  # noqa: E402
-from mmkv.ui import Limits, UserError, default_model  # noqa: E402
-from mmkv.ui import handlers as H  # noqa: E402
-from mmkv.ui.about import about_html  # noqa: E402
-from mmkv.ui.inputs import params_text  # noqa: E402
-from mmkv.ui.models import SUGGESTED_MODELS, ModelStore  # noqa: E402
 from viz import STRIP_COLORS  # noqa: E402
+
+from .bundled import EXAMPLES_DIR  # noqa: E402
+from .methods import METHODS  # noqa: E402
+from .ui import Limits, UserError, default_model  # noqa: E402
+from .ui import handlers as H  # noqa: E402
+from .ui.about import about_html  # noqa: E402
+from .ui.inputs import params_text  # noqa: E402
+from .ui.models import SUGGESTED_MODELS, ModelStore  # noqa: E402
 
 log = logging.getLogger("mmkv.app")
 
-EXAMPLES_DIR = ROOT / "assets" / "examples"
 LIMITS = Limits()
-DEFAULT_MODEL, MODEL_NOTICE = default_model(ROOT)
+DEFAULT_MODEL, MODEL_NOTICE = default_model()
 STORE = ModelStore(DEFAULT_MODEL)
 METHOD_NAMES = sorted(METHODS)
 DEFAULT_COMPARE = [m for m in ("full", "snapkv", "adakv") if m in METHODS]
@@ -68,11 +65,6 @@ CSS = """
 def _examples() -> list[dict[str, Any]]:
     import json
 
-    if not (EXAMPLES_DIR / "examples.json").is_file():
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from make_examples import make_examples
-
-        make_examples(EXAMPLES_DIR)
     items = json.loads((EXAMPLES_DIR / "examples.json").read_text(encoding="utf-8"))
     return [{"text": e["text"], "files": [str(EXAMPLES_DIR / f) for f in e["files"]]} for e in items]
 

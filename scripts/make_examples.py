@@ -1,6 +1,6 @@
 """Draw the app's example images and video (deterministic; no third-party media).
 
-    python scripts/make_examples.py [OUT_DIR]     # default: assets/examples
+    python scripts/make_examples.py [OUT_DIR]     # default: mmkv/assets/examples
 
 Writes scenes from the bundled model's task generator (``mmkv.tiny.tasks``: 112 px images of coloured
 shapes, an 8-frame clip of a moving ball as VP8 WebM, which plays in browsers and decodes with OpenCV),
@@ -117,7 +117,7 @@ def examples() -> list[dict[str, Any]]:
 
 
 def make_examples(out_dir: str | Path | None = None) -> Path:
-    out = Path(out_dir) if out_dir is not None else ROOT / "assets" / "examples"
+    out = Path(out_dir) if out_dir is not None else ROOT / "mmkv" / "assets" / "examples"
     out.mkdir(parents=True, exist_ok=True)
     from mmkv.tiny.tasks import render_frames, render_image
 

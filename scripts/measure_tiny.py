@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "assets" / "mmkv-tiny-qwen2vl"))
+    ap.add_argument("--model", default=str(ROOT / "mmkv" / "assets" / "mmkv-tiny-qwen2vl"))
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)

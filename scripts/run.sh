@@ -2,7 +2,7 @@
 # The project's run command (README): set up .venv, then start the Gradio app on the default model,
 # serving http://localhost:7860 (the URL is printed when it is ready; Ctrl-C stops it).
 # Default model: $MMKV_MODEL (hub id or local checkpoint), else the bundled teaching model in
-# assets/mmkv-tiny-qwen2vl, else a tiny random-weight Qwen2.5-VL built into .cache/demo-model (the
+# mmkv/assets/mmkv-tiny-qwen2vl, else a tiny random-weight Qwen2.5-VL built into .cache/demo-model (the
 # page says so). GRADIO_SERVER_NAME / GRADIO_SERVER_PORT change the address. Extra arguments are ignored.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The training chain of the bundled teaching model (assets/mmkv-tiny-qwen2vl), stage by stage.
+# The training chain of the bundled teaching model (mmkv/assets/mmkv-tiny-qwen2vl), stage by stage.
 #
 #   bash scripts/train_tiny.sh [OUT]        # OUT defaults to .cache/tiny-replay/model
 #

@@ -22,7 +22,7 @@ from mmkv.testing.tiny import make_video, save_tiny
 from mmkv.trace import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "assets" / "examples"
+EXAMPLES = ROOT / "mmkv" / "assets" / "examples"
 torch.set_num_threads(2)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:gradio.helpers")  # gr.Warning outside a request
 
@@ -33,13 +33,12 @@ def app(tmp_path_factory):
     threads = torch.get_num_threads()
     mp = pytest.MonkeyPatch()
     mp.setenv("MMKV_MODEL", str(model))
-    mp.syspath_prepend(str(ROOT))
-    sys.modules.pop("app", None)
-    module = importlib.import_module("app")
+    sys.modules.pop("mmkv.app", None)
+    module = importlib.import_module("mmkv.app")
     yield module
     torch.set_num_threads(threads)  # the store runs tiny models on one thread; leave others as they were
     mp.undo()
-    sys.modules.pop("app", None)
+    sys.modules.pop("mmkv.app", None)
 
 
 @pytest.fixture()
@@ -77,14 +76,15 @@ def test_default_model_falls_back_to_a_tiny_random_model(tmp_path, monkeypatch):
     from mmkv.ui import default_model
 
     monkeypatch.delenv("MMKV_MODEL", raising=False)
-    path, notice = default_model(tmp_path)
+    bundled = tmp_path / "bundled"
+    path, notice = default_model(tmp_path, bundled=bundled)
     assert path == str(tmp_path / ".cache" / "demo-model") and "random" in notice
     assert (tmp_path / ".cache" / "demo-model" / "config.json").is_file()
-    (tmp_path / "assets" / "mmkv-tiny-qwen2vl").mkdir(parents=True)
-    (tmp_path / "assets" / "mmkv-tiny-qwen2vl" / "config.json").write_text("{}")
-    assert default_model(tmp_path) == (str(tmp_path / "assets" / "mmkv-tiny-qwen2vl"), None)
+    bundled.mkdir()
+    (bundled / "config.json").write_text("{}")
+    assert default_model(tmp_path, bundled=bundled) == (str(bundled), None)
     monkeypatch.setenv("MMKV_MODEL", "org/some-model")
-    assert default_model(tmp_path) == ("org/some-model", None)
+    assert default_model(tmp_path, bundled=bundled) == ("org/some-model", None)
 
 
 def test_chat_streams_an_answer_and_records_a_run(app, state):

@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-EXAMPLES = json.loads((ROOT / "assets" / "examples" / "examples.json").read_text())
+EXAMPLES = json.loads((ROOT / "mmkv" / "assets" / "examples" / "examples.json").read_text())
 CHROMIUM = os.environ.get("MMKV_CHROMIUM", "/usr/bin/chromium")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -450,19 +450,17 @@ def test_error_too_many_frames(video_path):
 
 
 def test_error_unsupported_model(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import T5Config, T5ForConditionalGeneration
 
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
-    )
-    model = LlamaForCausalLM(config)
+    config = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+    model = T5ForConditionalGeneration(config)
     with pytest.raises(UnsupportedModelError, match="Supported families: .*Qwen2-VL"):
         adapter_for(model)
-    with pytest.raises(UnsupportedModelError, match="llama"):
+    with pytest.raises(UnsupportedModelError, match="t5"):
         adapter_for(config)
-    model.save_pretrained(tmp_path / "llama")
-    with pytest.raises(UnsupportedModelError, match="text-only models are not supported"):
-        load(tmp_path / "llama")
+    model.save_pretrained(tmp_path / "t5")
+    with pytest.raises(UnsupportedModelError, match="decoder-only text LM"):
+        load(tmp_path / "t5")
 
 
 def test_error_load_bad_path(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from mmkv.tiny.tasks import (
     make_sample,
 )
 
-ASSET = Path(__file__).resolve().parents[1] / "assets" / "mmkv-tiny-qwen2vl"
+ASSET = Path(__file__).resolve().parents[1] / "mmkv" / "assets" / "mmkv-tiny-qwen2vl"
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +279,7 @@ def test_saved_model_loads_offline_with_mmkv(tmp_path, processor, tiny_model, mo
 
 
 # --------------------------------------------------------------------------------------------------
-# The shipped model (skipped until assets/mmkv-tiny-qwen2vl exists)
+# The shipped model (skipped until mmkv/assets/mmkv-tiny-qwen2vl exists)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -288,7 +288,7 @@ def _shipped_tasks() -> list[str]:
     return list(meta["shipped_tasks"])
 
 
-@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in assets/")
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in mmkv/assets/")
 def test_shipped_model_answers_heldout_set(monkeypatch):
     import mmkv
 
@@ -308,7 +308,7 @@ def test_shipped_model_answers_heldout_set(monkeypatch):
         assert right / n >= 0.95, f"{task}: {right}/{n}"
 
 
-@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in assets/")
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in mmkv/assets/")
 def test_shipped_model_answers_the_app_examples(monkeypatch):
     """The app's examples of shipped tasks, built the way the app builds a chat turn (labelled images, 8
     frames per video), are answered correctly; the reference comes from the example scenes themselves."""
@@ -319,7 +319,7 @@ def test_shipped_model_answers_the_app_examples(monkeypatch):
     from mmkv.ui.config import Limits
     from mmkv.ui.inputs import user_content
 
-    sys.path.insert(0, str(ASSET.parents[1] / "scripts"))
+    sys.path.insert(0, str(ASSET.parents[2] / "scripts"))
     import make_examples
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

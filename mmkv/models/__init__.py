@@ -11,10 +11,14 @@ from typing import Any
 
 import torch
 
+from ..bundled import resolve_model_name
 from .base import Chat, ModelAdapter, PreparedInputs, UnsupportedModelError, VideoFrames, as_chat
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .llava import LlavaAdapter, LlavaOnevisionAdapter
 from .qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter
+from .text import TextLMAdapter, is_text_lm
+
+TEXT_ADAPTER = TextLMAdapter()
 
 __all__ = [
     "ADAPTERS",
@@ -58,7 +62,7 @@ _FAMILY_NAMES = {
 
 def supported_families() -> str:
     """Human-readable list of supported families with their ``model_type``."""
-    return ", ".join(f"{_FAMILY_NAMES.get(t, t)} ({t})" for t in ADAPTERS)
+    return ", ".join(f"{_FAMILY_NAMES.get(t, t)} ({t})" for t in ADAPTERS) + ", and any causal text LM (text prompts)"
 
 
 def adapter_for(model_or_config: Any) -> ModelAdapter:
@@ -71,10 +75,14 @@ def adapter_for(model_or_config: Any) -> ModelAdapter:
         model_type = getattr(config, "model_type", None)
         what = f"{type(model_or_config).__name__} (model_type={model_type!r})"
     adapter = ADAPTERS.get(model_type) if model_type else None
+    if adapter is None and not isinstance(model_or_config, str):
+        config = getattr(model_or_config, "config", model_or_config)
+        if is_text_lm(config):
+            return TEXT_ADAPTER
     if adapter is None:
         raise UnsupportedModelError(
             f"mmkv has no adapter for {what}. Supported families: {supported_families()}. "
-            "Load one of these vision-language models (text-only models are not supported)."
+            "Load one of these vision-language models, or a decoder-only text LM."
         )
     return adapter
 
@@ -101,9 +109,9 @@ def load(
     (``"auto"``). The processor is loaded without a video processor (mmkv builds video inputs itself),
     so this works without torchvision. The model is returned in eval mode.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    source = str(name_or_path)
+    source = resolve_model_name(name_or_path)
     local = os.path.exists(source)
     if local and not os.path.isfile(os.path.join(source, "config.json")):
         raise ValueError(
@@ -127,7 +135,8 @@ def load(
     resolved = _resolve_dtype(dtype)
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation, "dtype": "auto" if resolved is None else resolved}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        auto = AutoModelForCausalLM if adapter is TEXT_ADAPTER else AutoModelForImageTextToText
+        model = auto.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"cannot load the {config.model_type} model weights from {source!r}: {str(exc).strip().rstrip('.')}. "

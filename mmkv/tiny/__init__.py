@@ -1,6 +1,6 @@
 """The bundled teaching VLM: synthetic tasks, tokenizer, model/processor builders and training.
 
-``python -m mmkv.tiny.train --out assets/mmkv-tiny-qwen2vl`` trains it; ``mmkv.models.load`` loads
+``python -m mmkv.tiny.train --out mmkv/assets/mmkv-tiny-qwen2vl`` trains it; ``mmkv.models.load`` loads
 the result offline.
 """
 

@@ -32,6 +32,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..prompt import chat as build_chat
+
 __all__ = [
     "COLOURS", "SHAPES", "DIRECTIONS", "PASSWORDS", "TASKS", "IMAGE_TASKS", "VIDEO_TASKS", "IMAGE_SIZE",
     "CELL", "GRID", "NUM_FRAMES", "VIDEO_FPS", "Shape", "MultiImageScene", "VideoScene", "Episode", "Sample",
@@ -344,13 +346,12 @@ class Episode:
         return self._media
 
     def context_parts(self) -> list[dict[str, Any]]:
-        """Content parts of the first user message before its question."""
+        """Media of the first user message, before its question (images are labelled by the chat template)."""
         images, _ = self.media()
         if self.is_video:
             return [{"type": "video", "video": list(images), "fps": self.scene.fps}]
         parts: list[dict[str, Any]] = []
         for k, img in enumerate(images):
-            parts.append({"type": "text", "text": f"Image {k + 1}:"})
             parts.append({"type": "image", "image": img})
             if self.scene.password and k == self.scene.note_after:
                 parts.append({"type": "text", "text": f"The password is {self.scene.password}."})
@@ -362,8 +363,7 @@ class Episode:
         turns = self.turns[: len(self.turns) if upto is None else upto]
         chat: list[dict[str, Any]] = []
         for i, (_task, q, a) in enumerate(turns):
-            content = (self.context_parts() if i == 0 else []) + [{"type": "text", "text": q}]
-            chat.append({"role": "user", "content": content})
+            chat = build_chat(q, media=self.context_parts() if i == 0 else [], history=chat)
             if i < len(turns) - 1 or answers:
                 chat.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
         return chat

@@ -30,11 +30,16 @@ _PUNCT = ".?:,!'-()"
 # Qwen2-VL's template without the default system turn: parts are written in order, images/videos as
 # their vision markers around one pad token (the processor expands it).
 CHAT_TEMPLATE = (
+    # Each image is labelled "Image k:" (k counts the conversation's images from 1), as MileBench prompts
+    # do and as Qwen's templates do with ``add_vision_id`` ("Picture k: "); ``add_vision_id=False`` drops it.
+    "{% set vision = namespace(images=0) %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% if part['type'] == 'image' %}{% set vision.images = vision.images + 1 %}"
+    "{% if add_vision_id is not defined or add_vision_id %}{{ 'Image ' + vision.images|string + ':' }}{% endif %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
     "{% elif part['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"

@@ -132,6 +132,8 @@ class FastEncoder:
                     if part["type"] == "text":
                         add(self.text(part["text"]))
                     else:
+                        if part["type"] == "image":  # the chat template's label (see mmkv.tiny.tokenizer.CHAT_TEMPLATE)
+                            add(self.text(f"Image {item + 1}:"))
                         first = len(ids) + 1  # after <|vision_start|>
                         add(self._vision("<|image_pad|>" if part["type"] == "image" else "<|video_pad|>", tokens_per_item[item]))
                         spans.append((first, first + tokens_per_item[item]))
@@ -440,7 +442,7 @@ def parse_weights(text: str) -> dict[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mmkv.tiny.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="assets/mmkv-tiny-qwen2vl", help="where the trained model is exported")
+    p.add_argument("--out", default="mmkv/assets/mmkv-tiny-qwen2vl", help="where the trained model is exported")
     p.add_argument("--work", default=".cache/tiny-train", help="checkpoint + log directory (resumes from it)")
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (raise it to continue a run)")
     p.add_argument("--stop-at", type=int, default=None,

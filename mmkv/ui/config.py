@@ -6,8 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..bundled import BUNDLED_MODEL
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUNDLED_MODEL = "assets/mmkv-tiny-qwen2vl"
 DEMO_MODEL = ".cache/demo-model"
 RANDOM_MODEL_NOTICE = (
     "No bundled teaching model was found, so the app built a tiny **random-weight** Qwen2.5-VL: its answers "
@@ -47,15 +48,18 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mov", ".mkv", ".m4v")
 
 
-def default_model(root: str | os.PathLike | None = None, build: bool = True) -> tuple[str, str | None]:
+def default_model(
+    root: str | os.PathLike | None = None, build: bool = True, bundled: str | os.PathLike = BUNDLED_MODEL
+) -> tuple[str, str | None]:
     """``(model path or hub id, notice or None)``: ``MMKV_MODEL``, else the bundled teaching model,
-    else a tiny random Qwen2.5-VL written to ``.cache/demo-model`` (with a notice saying so)."""
-    root = Path(root) if root is not None else REPO_ROOT
+    else a tiny random Qwen2.5-VL written to ``<root>/.cache/demo-model`` (with a notice saying so)."""
+    if root is None:  # a checkout keeps it in its .cache/; an installed package in ~/.cache/mmkv/
+        root = REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.home() / ".cache" / "mmkv"
+    root = Path(root)
     env = os.environ.get("MMKV_MODEL", "").strip()
     if env:
         return env, None
-    bundled = root / BUNDLED_MODEL
-    if (bundled / "config.json").is_file():
+    if (Path(bundled) / "config.json").is_file():
         return str(bundled), None
     demo = root / DEMO_MODEL
     if build and not (demo / "config.json").is_file():

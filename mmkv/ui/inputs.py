@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..methods import METHODS, make_method
+from ..prompt import user_turn
 from .config import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Limits
 from .errors import UserError
 
@@ -127,24 +128,16 @@ def check_files(files: Sequence[Any] | None, limits: Limits) -> list[tuple[str, 
 def user_content(text: str | None, files: Sequence[Any] | None, limits: Limits) -> list[dict[str, Any]]:
     """The content parts of one user message: media first (in upload order), then the question.
 
-    Each image is preceded by a text label "Image k:" (k counts images from 1), so questions can name
-    images by index, as in MileBench prompts and the bundled model's training data (Qwen's chat template
-    offers the same idea as ``add_vision_id``). Videos are not labelled.
+    Built by :func:`mmkv.prompt.user_turn`, as in the CLI, the Python API and the eval harness; image
+    labels, where a model needs them, come from its chat template.
     """
     text = (text or "").strip()
     if not text:
         raise UserError("the prompt is empty: type a question about your images or video (or click an example)")
     if len(text) > limits.max_prompt_chars:
         raise UserError(f"the question has {len(text)} characters; the limit is {limits.max_prompt_chars}: shorten it")
-    parts: list[dict[str, Any]] = []
-    images = 0
-    for kind, path in check_files(files, limits):
-        if kind == "image":
-            images += 1
-            parts.append({"type": "text", "text": f"Image {images}:"})
-        parts.append({"type": kind, kind: path})
-    parts.append({"type": "text", "text": text})
-    return parts
+    media = [{"type": kind, kind: path} for kind, path in check_files(files, limits)]
+    return user_turn(text, media)["content"]
 
 
 def _number(value: Any, what: str) -> float:
