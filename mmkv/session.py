@@ -28,11 +28,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .attention import ACTIVE_SESSION, ATTENTION_NAME, register
 from .compat import CACHE_ARGUMENTS, cache_from_kwargs
-from .cache import BatchSizeError, CompressedLayer, H2ODecodeLayer, apply_plan, cache_bytes, layer_bytes
+from .cache import BatchSizeError, CompressedLayer, bottom_right_causal_mask, H2ODecodeLayer, apply_plan, cache_bytes, layer_bytes
 from .methods import Method, make_method
 from .methods.base import LayerContext, LayerPlan, reduce_to_kv_heads
 from .modality import ModalityMap
-from .models.base import resolve_text_model
+from .models.base import UnsupportedModelError, resolve_text_model
 from .stats import LayerStats, StatsRequest, compute_layer_stats
 from .trace import LayerTrace, Timings, Trace
 
@@ -56,6 +56,34 @@ def _sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def unsupported_attention(text_model: torch.nn.Module, config: Any) -> str | None:
+    """Why mmkv cannot compress this model's attention, or None.
+
+    Sliding-window layers and attention-logit soft-capping change the attention the statistics
+    recompute and the compressed layers evaluate (both assume plain causal softmax attention), and a
+    replaced cache layer would lose the sliding window's eviction: refused rather than silently wrong.
+    """
+    windowed = [
+        i for i, layer in enumerate(text_model.layers)
+        if getattr(getattr(layer, "self_attn", None), "sliding_window", None)
+    ]
+    if windowed:
+        window = getattr(text_model.layers[windowed[0]].self_attn, "sliding_window")
+        return (
+            f"layers {windowed} use sliding-window attention (window {window}); mmkv supports full causal "
+            "attention only (for Qwen2-VL, set use_sliding_window=False in the text config)"
+        )
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is None:
+        softcap = next(
+            (c for layer in text_model.layers if (c := getattr(getattr(layer, "self_attn", None), "attn_logit_softcapping", None))),
+            None,
+        )
+    if softcap:
+        return f"the attention logits are soft-capped (attn_logit_softcapping={softcap}); mmkv supports plain softmax attention only"
+    return None
 
 
 def _text_config(model: torch.nn.Module) -> Any:
@@ -89,8 +117,11 @@ class Session:
         self.record_scores = record_scores
         self.query_aware = query_aware
         self.text_model = resolve_text_model(model)
-        self._layer_of = {id(layer.self_attn): i for i, layer in enumerate(self.text_model.layers)}
         cfg = _text_config(model)
+        reason = unsupported_attention(self.text_model, cfg)
+        if reason is not None:
+            raise UnsupportedModelError(f"mmkv cannot compress this model: {reason}")
+        self._layer_of = {id(layer.self_attn): i for i, layer in enumerate(self.text_model.layers)}
         self.num_layers = len(self.text_model.layers)
         self.num_q_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_q_heads
@@ -264,10 +295,20 @@ class Session:
         cache_layer = self.cache.layers[layer_idx] if self.cache is not None and layer_idx < len(self.cache.layers) else None
         if isinstance(cache_layer, CompressedLayer):
             return cache_layer.attend(module, query, key, value, scaling, dropout)
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if 1 < q_len != kv_len and self._has_compressed_layer():
+            # transformers built the mask from layer 0's (compressed) size; this layer kept all its tokens.
+            mask = bottom_right_causal_mask(q_len, kv_len, query.device)[None, None]
+            kwargs = {**kwargs, "is_causal": False}
+            out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+            return out
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if self.collecting and query.shape[2] == key.shape[2] == self.trace.span_length and layer_idx not in self._layer_traces:
             self._on_prefill_layer(layer_idx, query, key, scaling if scaling is not None else query.shape[-1] ** -0.5)
         return out
+
+    def _has_compressed_layer(self) -> bool:
+        return any(isinstance(layer, CompressedLayer) for layer in self.cache.layers)
 
     def _on_prefill_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         t0 = _sync(self.device)
