@@ -1,23 +1,27 @@
-"""``python -m mmkv.bench``: physical KV memory and decode speed of every method, against the floor.
+"""``python -m mmkv.bench``: physical KV memory and decode speed of every method, against Full and the floor.
 
-A decode step cannot be faster than reading the weights plus the kept KV once from device memory, so
-each run reports the **floor** ``(weight bytes + KV bytes) / measured memory bandwidth`` next to the
-measured decode time. Real-size runs need no hub: models are built from the published Qwen2.5-VL
-configurations with random weights (speed and memory do not depend on the values), and prompts are
-synthetic multi-image inputs with a realistic visual share.
+A decode step cannot be faster than reading the weights plus the kept KV once from memory, so each
+run reports the **floor** ``(weight bytes + KV bytes) / measured memory bandwidth`` next to the
+measured decode time. No hub is needed: models are built from published Qwen2.5-VL configurations
+(or a widened bundled-model shape for CPU runs) with random weights — speed and memory do not depend
+on the values — and prompts are synthetic multi-image inputs with a realistic visual share.
 
-Per (context, method, budget): physical KV bytes after compression, peak device memory in prefill
-and decode, prefill / statistics / compression time, decode ms per token (median after warm-up,
-device-synchronised), the floor, measured/floor and the speed-up vs Full. Output: JSON, CSV, a
-markdown table and a plotly HTML report.
+Per (context, method, budget) *cell*: physical KV bytes after compression (the KV ratio excludes the
+room preallocated for generated tokens, so Full is 1.00 by definition), peak memory in prefill and
+decode (device memory on CUDA, the process's peak RSS on CPU), prefill / statistics / compression
+time, decode ms per token (median after warm-up), aten operations per decode step (device-
+independent), the floor, and every ratio against Full at the same context. Each finished cell is
+appended to ``<out>/bench.jsonl`` at once (``--resume`` skips finished cells); the tables (JSON, CSV,
+markdown) and a plotly HTML report are built from that store.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +31,8 @@ from transformers import DynamicCache
 from .cache import cache_bytes
 from .compat import cache_kwargs
 from .modality import IMAGE, ModalityMap
-from .records import write_records
+from .progress import Progress
+from .records import ResultStore, write_records
 from .session import Session
 
 #: Text and vision sizes of the published Qwen2.5-VL checkpoints (config.json of the Instruct models).
@@ -49,6 +54,22 @@ SHAPES: dict[str, dict[str, Any]] = {
                     fullatt_block_indexes=[7, 15, 23, 31]),
     ),
 }
+#: A CPU-sized shape: the bundled teaching model's family widened to 8 layers x 16 query / 8 KV heads
+#: (head_dim 64) with a small vision tower, so a 3k-8k-token prompt runs on a laptop CPU while reading
+#: the KV cache is a real share of a decode step (as on a GPU at long context).
+SHAPES["tiny-wide"] = dict(
+    text=dict(vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
+              num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=32768,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}),
+    vision=dict(depth=2, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=1024,
+                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
+)
+#: Per model: (contexts, image grid, new tokens, dtype) when the command line does not say.
+DEFAULTS: dict[str, tuple[str, int, int, str]] = {
+    "tiny": ("512", 8, 16, "float32"),
+    "tiny-wide": ("3072,8192", 16, 24, "float32"),
+}
+GPU_DEFAULTS = ("8192,32768", 64, 64, "bfloat16")
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 151655, 151656, 151652, 151653
 
 
@@ -60,18 +81,21 @@ class BenchRow:
     method: str
     budget: float | int
     kv_bytes_full: int
-    kv_bytes: int
-    kv_ratio: float
-    peak_prefill_bytes: int
-    peak_decode_bytes: int
+    kv_bytes: int  # the compressed prompt's KV (room reserved for generated tokens excluded)
+    kv_reserved_bytes: int  # room preallocated for generated tokens
+    kv_ratio: float  # kv_bytes / kv_bytes_full: 1.00 for Full
+    peak_prefill_bytes: int | None  # CUDA: device memory; CPU: process peak RSS; None: unknown
+    peak_decode_bytes: int | None
     prefill_ms: float
     stats_ms: float
     compress_ms: float
-    compress_overhead: float  # (stats + compression) / prefill of Full at the same context
     decode_ms: float  # median per token after warm-up
+    ops_per_step: int  # aten operations of one decode step
     floor_ms: float
     vs_floor: float
-    speedup: float = 1.0  # decode speed-up vs Full at the same context
+    compress_overhead: float = 0.0  # (stats + compression) / prefill of Full at the same context
+    speedup: float = 1.0  # decode speed-up vs Full at the same context (Full ms / method ms)
+    ops_ratio: float = 1.0  # aten ops per decode step vs Full
     floor_speedup: float = 1.0  # speed-up the floor predicts
 
 
@@ -80,9 +104,11 @@ def build_shape(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     shape = SHAPES[name]
+    vocab = shape["text"]["vocab_size"]
+    special = (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END) if vocab > IMAGE_TOKEN else (vocab - 4, vocab - 3, vocab - 2, vocab - 1)
     config = Qwen2_5_VLConfig(
-        text_config=shape["text"], vision_config=shape["vision"], image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        text_config=shape["text"], vision_config=shape["vision"], image_token_id=special[0],
+        video_token_id=special[1], vision_start_token_id=special[2], vision_end_token_id=special[3],
     )
     config._name_or_path = f"{name} (random weights)"
     previous = torch.get_default_dtype()
@@ -109,10 +135,13 @@ def synthetic_prompt(model: torch.nn.Module, length: int, visual_share: float = 
     n_images = max(1, min(round(visual_share * length / per_image), (length - 4) // (per_image + 2)))
     text_len = length - n_images * (per_image + 2)
     if text_len < 4:
-        raise ValueError(f"context {length} is too short for {n_images} images of {per_image} tokens")
+        raise ValueError(
+            f"context {length} is too short for {n_images} images of {per_image} tokens: raise --contexts or "
+            f"lower --image-grid (an image of grid g is (g/2)^2 tokens)"
+        )
     g = torch.Generator().manual_seed(seed)
     vocab = cfg.get_text_config().vocab_size
-    filler = torch.randint(100, min(vocab, 150000), (text_len,), generator=g).tolist()
+    filler = torch.randint(min(100, vocab // 4), min(vocab - 8, 150000), (text_len,), generator=g).tolist()
     ids: list[int] = filler[: text_len // 2]
     types: list[int] = [0] * len(ids)
     for _ in range(n_images):
@@ -153,13 +182,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+_HWM = "/proc/self/status"
+
+
+def _rss_peak() -> int | None:
+    """The process's peak resident set size (VmHWM) in bytes, or None where /proc does not tell."""
+    try:
+        with open(_HWM) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _peak(device: torch.device) -> int | None:
+    """Peak memory since the last reset: device memory on CUDA, the process's peak RSS on CPU (None: unknown)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak()
 
 
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def count_ops(fn: Any) -> int:
+    """aten operations ``fn()`` dispatches (views and metadata included): a device-independent cost per step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Counter():
+        fn()
+    return _Counter.n
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -179,17 +246,17 @@ def weight_bytes(model: torch.nn.Module) -> int:
 @torch.inference_mode()
 def run_one(model, inputs, modality, method: str, budget: float | int, new_tokens: int, warmup: int,
             bandwidth: float, preallocate: bool = True) -> dict[str, Any]:
-    """Prefill + compress + ``new_tokens`` greedy decode steps; returns the measured numbers."""
+    """Prefill + compress + ``new_tokens`` greedy decode steps (+ one counted step); the measured numbers."""
     device = next(model.parameters()).device
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "rope_deltas"):
         inner.rope_deltas = None
-    session = Session(model, method, budget, modality=modality, record_attention=False,
-                      reserve=new_tokens if preallocate else 0)
+    reserve = new_tokens + 1 if preallocate else 0
+    session = Session(model, method, budget, modality=modality, record_attention=False, reserve=reserve)
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     _reset_peak(device)
     with session.activate():
-        out = model(**inputs, **cache_kwargs(model, cache), use_cache=True)
+        out = model(**inputs, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         _sync(device)
         peak_prefill = _peak(device)
         _reset_peak(device)
@@ -203,66 +270,110 @@ def run_one(model, inputs, modality, method: str, budget: float | int, new_token
                 kv_mid = cache_bytes(cache)
         _sync(device)
         peak_decode = _peak(device)
+        ops = count_ops(lambda: model(input_ids=token, **cache_kwargs(model, cache), use_cache=True))
     trace = session.trace
-    steps = trace.timings.decode_s[warmup:] or trace.timings.decode_s
+    steps = trace.timings.decode_s[warmup : warmup + new_tokens] or trace.timings.decode_s
     decode_ms = 1000 * statistics.median(steps)
+    # the room reserved for generated tokens is memory held, but not part of the compressed prompt
+    reserved = trace.num_layers * trace.num_kv_heads * reserve * trace.bytes_per_token_head
+    kv_bytes = trace.bytes_compressed - reserved
     floor_ms = 1000 * (weight_bytes(model) + kv_mid) / bandwidth
     return dict(
-        kv_bytes_full=trace.bytes_full, kv_bytes=trace.bytes_compressed,
-        kv_ratio=trace.bytes_compressed / trace.bytes_full if trace.bytes_full else 1.0,
+        kv_bytes_full=trace.bytes_full, kv_bytes=kv_bytes, kv_reserved_bytes=reserved,
+        kv_ratio=kv_bytes / trace.bytes_full if trace.bytes_full else 1.0,
         peak_prefill_bytes=peak_prefill, peak_decode_bytes=peak_decode,
         prefill_ms=1000 * trace.timings.prefill_s, stats_ms=1000 * trace.timings.stats_s,
-        compress_ms=1000 * trace.timings.compress_s, decode_ms=decode_ms, floor_ms=floor_ms,
+        compress_ms=1000 * trace.timings.compress_s, decode_ms=decode_ms, ops_per_step=ops, floor_ms=floor_ms,
         vs_floor=decode_ms / floor_ms,
     )
 
 
-def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budgets: Sequence[float | int],
-        new_tokens: int = 64, warmup: int = 8, device: str | None = None, dtype: str = "bfloat16",
-        visual_share: float = 0.9, image_grid: int = 64, preallocate: bool = True) -> list[BenchRow]:
-    """Run the grid; Full is always measured first at every context as the reference."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def build_model(model_name: str, device: torch.device, dtype: str) -> torch.nn.Module:
+    """``tiny`` (the test family's tiny Qwen2.5-VL), a shape of :data:`SHAPES`, or a checkpoint."""
     if model_name == "tiny":
         from .testing.tiny import build_tiny
 
         model, _ = build_tiny("qwen2_5_vl")
-        model = model.to(device)
-    elif model_name in SHAPES:
-        model = build_shape(model_name, str(device), getattr(torch, dtype))
-    else:
-        from .models import load
+        return model.to(device)
+    if model_name in SHAPES:
+        return build_shape(model_name, str(device), getattr(torch, dtype))
+    from .models import load
 
-        model, _ = load(model_name, device=str(device), dtype=dtype)
-    bandwidth = memory_bandwidth(device, size_mb=64 if device.type == "cpu" else 1024)
-    rows: list[BenchRow] = []
-    for context in contexts:
+    model, _ = load(model_name, device=str(device), dtype=dtype)
+    return model
+
+
+def cell_key(model: str, context: int, method: str, budget: float | int) -> str:
+    return f"{model}|{context}|{method}|{budget}"
+
+
+def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budgets: Sequence[float | int],
+        new_tokens: int = 64, warmup: int = 8, device: str | None = None, dtype: str = "bfloat16",
+        visual_share: float = 0.9, image_grid: int = 64, preallocate: bool = True,
+        store: ResultStore | None = None, resume: bool = False, progress: bool = True) -> list[BenchRow]:
+    """Run the grid; Full is measured first at every context as the reference.
+
+    Each finished cell is appended to ``store`` at once; with ``resume`` the cells already in it are
+    not run again (Full's included, whose record still serves as the reference).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    store = store if store is not None else ResultStore()
+    done = store.finished() if resume else {}
+    grid = [(c, m, b) for c in contexts for m, b in [("full", 1.0)] + [(m, b) for m in methods if m != "full" for b in budgets]]
+    todo = [cell for cell in grid if cell_key(model_name, *cell) not in done]
+    bar = Progress(len(grid), "cells", skipped=len(grid) - len(todo)) if progress else None
+    model = build_model(model_name, device, dtype) if todo else None
+    bandwidth = memory_bandwidth(device, size_mb=64 if device.type == "cpu" else 1024) if todo else 0.0
+    device_name = str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    warmed: set[int] = set()
+    for context, method, budget in todo:
         inputs, modality = synthetic_prompt(model, context, visual_share, image_grid)
-        run_one(model, inputs, modality, "full", 1.0, min(new_tokens, warmup + 2), 0, bandwidth, preallocate)  # warm-up
-        full = run_one(model, inputs, modality, "full", 1.0, new_tokens, warmup, bandwidth, preallocate)
-        grid = [("full", 1.0)] + [(m, b) for m in methods if m != "full" for b in budgets]
-        for method, budget in grid:
-            measured = full if method == "full" else run_one(model, inputs, modality, method, budget, new_tokens,
-                                                              warmup, bandwidth, preallocate)
-            rows.append(BenchRow(
-                model=model_name, device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-                context=context, method=method, budget=budget,
-                compress_overhead=(measured["stats_ms"] + measured["compress_ms"]) / full["prefill_ms"],
-                speedup=full["decode_ms"] / measured["decode_ms"], floor_speedup=full["floor_ms"] / measured["floor_ms"],
-                **measured,
-            ))
+        if context not in warmed:  # first forwards at a new shape pay one-off allocation costs
+            run_one(model, inputs, modality, "full", 1.0, min(new_tokens, warmup + 2), 0, bandwidth, preallocate)
+            warmed.add(context)
+        measured = run_one(model, inputs, modality, method, budget, new_tokens, warmup, bandwidth, preallocate)
+        key = cell_key(model_name, context, method, budget)
+        store.append({"kind": "cell", "key": key, "model": model_name, "device": device_name, "context": context,
+                      "method": method, "budget": budget, **measured})
+        if bar is not None:
+            bar.update(f"{method} @ {budget}, context {context}: decode {measured['decode_ms']:.2f} ms/token")
+    return rows_from(store.finished(), [cell_key(model_name, *cell) for cell in grid])
+
+
+def rows_from(records: dict[str, dict[str, Any]], keys: Sequence[str]) -> list[BenchRow]:
+    """Rows of ``keys`` (in order) from finished cell records, with every ratio against Full at the same context."""
+    names = {f.name for f in fields(BenchRow)}
+    rows = []
+    for key in keys:
+        rec = records.get(key)
+        if rec is None:
+            continue
+        full = records.get(cell_key(rec["model"], rec["context"], "full", 1.0), rec)
+        rows.append(BenchRow(
+            **{k: v for k, v in rec.items() if k in names},
+            compress_overhead=(rec["stats_ms"] + rec["compress_ms"]) / full["prefill_ms"],
+            speedup=full["decode_ms"] / rec["decode_ms"], ops_ratio=rec["ops_per_step"] / full["ops_per_step"],
+            floor_speedup=full["floor_ms"] / rec["floor_ms"],
+        ))
     return rows
 
 
+def _gib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**30:.2f}"
+
+
 def markdown_table(rows: Sequence[BenchRow]) -> str:
-    head = ("| context | method | budget | KV MiB | KV ratio | peak prefill GiB | peak decode GiB | prefill ms | "
-            "stats+compress % | decode ms/tok | floor ms | measured/floor | speed-up | floor speed-up |")
+    mem = "RSS" if rows and rows[0].device == "cpu" else "device"
+    head = (f"| context | method | budget | KV MiB | KV ratio | peak prefill GiB ({mem}) | peak decode GiB ({mem}) | "
+            "prefill ms | stats+compress % of Full prefill | decode ms/tok | decode speed-up vs Full | ops/step | ops vs Full | "
+            "floor ms | measured/floor |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r.context} | {r.method} | {r.budget} | {r.kv_bytes / 2**20:.1f} | {r.kv_ratio:.3f} | "
-            f"{r.peak_prefill_bytes / 2**30:.2f} | {r.peak_decode_bytes / 2**30:.2f} | {r.prefill_ms:.1f} | "
-            f"{100 * r.compress_overhead:.1f} | {r.decode_ms:.2f} | {r.floor_ms:.2f} | {r.vs_floor:.2f} | "
-            f"{r.speedup:.2f} | {r.floor_speedup:.2f} |"
+            f"{_gib(r.peak_prefill_bytes)} | {_gib(r.peak_decode_bytes)} | {r.prefill_ms:.1f} | "
+            f"{100 * r.compress_overhead:.1f} | {r.decode_ms:.2f} | {r.speedup:.2f}× | {r.ops_per_step} | "
+            f"{r.ops_ratio:.2f} | {r.floor_ms:.2f} | {r.vs_floor:.2f} |"
         )
     return "\n".join(lines)
 
@@ -293,29 +404,47 @@ def write(rows: Sequence[BenchRow], out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import parse_budget
     from .methods import METHODS
+    from .budget import parse_budget
 
     p = argparse.ArgumentParser(prog="python -m mmkv.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help=f"tiny, {', '.join(SHAPES)}, or a local checkpoint")
-    p.add_argument("--contexts", default="256", help="comma-separated prompt lengths, e.g. 8192,32768,65536")
-    p.add_argument("--methods", default=",".join(sorted(METHODS)))
-    p.add_argument("--budgets", default="0.1,0.2")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--visual-share", type=float, default=0.9)
-    p.add_argument("--image-grid", type=int, default=64, help="patch grid per image (tokens = (grid/2)^2)")
+    p.add_argument("--model", default="tiny",
+                   help=f"tiny (seconds on CPU), tiny-wide (CPU at 3k-8k tokens), {', '.join(s for s in SHAPES if s != 'tiny-wide')} "
+                        "(published shapes, GPU), or a local checkpoint")
+    p.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default: per model, e.g. 512 for tiny)")
+    p.add_argument("--methods", default=",".join(sorted(METHODS)), help="comma-separated methods (Full always runs)")
+    p.add_argument("--budgets", default="0.2", help="comma-separated budgets: ratios like 0.2 or tokens per head like 256")
+    p.add_argument("--new-tokens", type=int, default=None, help="decode steps timed per cell (default: per model)")
+    p.add_argument("--warmup", type=int, default=4, help="decode steps run before timing starts")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="weights dtype (default: float32 for tiny models, bfloat16 otherwise)")
+    p.add_argument("--visual-share", type=float, default=0.9, help="share of the prompt that is image tokens")
+    p.add_argument("--image-grid", type=int, default=None,
+                   help="patch grid per image, tokens per image = (grid/2)^2 (default: per model)")
     p.add_argument("--no-preallocate", action="store_true",
                    help="grow the cache by concatenation at every step (the plain reference path)")
-    p.add_argument("--out", default="bench-results")
+    p.add_argument("--out", default="bench-results", help="folder for bench.jsonl (per cell) and the tables")
+    p.add_argument("--resume", action="store_true", help="skip the cells already in OUT/bench.jsonl")
     a = p.parse_args(argv)
-    rows = run(a.model, [int(c) for c in a.contexts.split(",")], a.methods.split(","),
-               [parse_budget(b) for b in a.budgets.split(",")], a.new_tokens, a.warmup, a.device, a.dtype,
-               a.visual_share, a.image_grid, not a.no_preallocate)
-    write(rows, Path(a.out))
+    contexts, grid, new_tokens, dtype = DEFAULTS.get(a.model, GPU_DEFAULTS)
+    out = Path(a.out)
+    try:
+        methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file: give a folder")
+        rows = run(a.model, [int(c) for c in (a.contexts or contexts).split(",")], methods,
+                   [parse_budget(b) for b in a.budgets.split(",")], a.new_tokens or new_tokens, a.warmup, a.device,
+                   a.dtype or dtype, a.visual_share, a.image_grid or grid, not a.no_preallocate,
+                   store=ResultStore(out / "bench.jsonl"), resume=a.resume)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write(rows, out)
     print(markdown_table(rows))
+    print(f"results: {out / 'bench.jsonl'} (per cell), {out / 'bench.md'}, bench.json, bench.csv, bench.html", file=sys.stderr)
     return 0
 
 

@@ -16,19 +16,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .budget import parse_budget
 from .methods import METHODS
 
-
-def parse_budget(text: str) -> float | int:
-    """``"0.2"`` -> ratio 0.2; ``"256"`` -> 256 tokens (an integer means an absolute count)."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a ratio like 0.2 or a token count like 256, got {text!r}") from None
+__all__ = ["build_parser", "main", "parse_budget"]
 
 
 def build_parser() -> argparse.ArgumentParser:

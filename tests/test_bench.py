@@ -32,3 +32,34 @@ def test_bench_smoke_writes_all_outputs(tmp_path) -> None:
         assert r["decode_ms"] > 0 and r["floor_ms"] > 0 and r["prefill_ms"] > 0
     assert (tmp_path / "bench.csv").exists() and (tmp_path / "bench.html").exists()
     assert (tmp_path / "bench.md").read_text().count("\n") == 2 + len(rows)
+
+
+def test_full_kv_ratio_is_one_with_preallocated_room_and_cells_are_appended_then_resumed(tmp_path, capsys) -> None:
+    args = ["--model", "tiny", "--contexts", "200", "--methods", "snapkv", "--budgets", "0.3", "--new-tokens", "3",
+            "--warmup", "1", "--image-grid", "8", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    lines = (tmp_path / "bench.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # one record per cell, written as each finished
+    records = {json.loads(line)["method"]: json.loads(line) for line in lines}
+    full = records["full"]
+    assert full["kv_ratio"] == 1.0 and full["kv_bytes"] == full["kv_bytes_full"]
+    # the reserved room (4 generated tokens: 3 timed + 1 counted) is reported apart, not in the ratio
+    per_token = full["kv_bytes_full"] // 200
+    assert full["kv_reserved_bytes"] == 4 * per_token
+    assert full["ops_per_step"] > 0 and records["snapkv"]["ops_per_step"] > 0
+    assert full["peak_prefill_bytes"] is None or full["peak_prefill_bytes"] > 0  # CPU: peak RSS, never 0
+    err = capsys.readouterr().err
+    assert "[2/2 cells] 100%" in err and "ETA" in err
+    # resume: nothing is run again, the tables come from the store
+    assert bench.main(args + ["--resume"]) == 0
+    assert len((tmp_path / "bench.jsonl").read_text().splitlines()) == 2
+    assert "2 cells already done" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["method"] for r in rows] == ["full", "snapkv"] and rows[1]["ops_ratio"] > 0
+
+
+def test_bench_refuses_bad_arguments_before_running(tmp_path, capsys) -> None:
+    assert bench.main(["--model", "tiny", "--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert bench.main(["--model", "tiny", "--contexts", "40", "--image-grid", "16", "--out", str(tmp_path)]) == 2
+    assert "too short" in capsys.readouterr().err and not (tmp_path / "bench.jsonl").exists()
