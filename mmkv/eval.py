@@ -1,4 +1,4 @@
-"""``python -m mmkv.eval``: accuracy and fidelity to the Full cache, per task x method x budget.
+"""``python -m mmkv.eval``: accuracy and fidelity to the Full cache, per task x method x budget x query mode.
 
 On the synthetic suite (`mmkv.tiny.tasks`, held-out seeds) every answer is checked against its scene.
 With ``--milebench DIR`` the samples come from MileBench-format data in a local folder instead
@@ -6,25 +6,44 @@ With ``--milebench DIR`` the samples come from MileBench-format data in a local 
 open-ended datasets); the ``accuracy`` column is then the mean score. Fidelity to Full is measured on the
 same samples:
 
-- ``agreement``: the share of samples whose answer is exactly Full's answer;
+- ``agreement``: the share of samples whose answer is token for token Full's answer;
 - ``kl``: the mean over samples of the mean next-token ``KL(P_full || P_method)`` along Full's answer,
   teacher-forced through the method's compressed cache (:func:`mmkv.driver.forced_logits`).
 
-Writes ``eval.json``, ``eval.csv`` and ``eval.html`` (accuracy vs budget per method, one panel per task).
+The work is cut into **cells** (one shard of one task's samples x method x budget x query mode, key
+``task/shard/method@budget/qa|qg``). Each finished cell is appended at once to ``OUT/results.jsonl``
+(:class:`mmkv.records.ResultStore`) with every sample's score, answer text and generated token ids;
+``--resume`` skips the cells already there, and a cell written twice counts once. Full's cell of a shard
+runs before that shard's other cells, which read Full's answers from the store. ``--ray [ADDRESS]`` runs
+the cells on a Ray cluster (:mod:`mmkv.sweep`). The tables (``eval.json``, ``eval.csv``) and the plotly
+figure (``eval.html``: accuracy vs budget per method, one panel per task) are built from the store by
+:func:`report`, which works on any store.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import math
+import os
+import socket
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence, TextIO
 
 import torch
 
 from .driver import forced_logits, generate
 from .models import adapter_for, load
-from .records import write_records
+from .records import ResultStore, write_records
+
+#: Methods run by default on a CPU-only machine (one per family: scoring, per-head, text-prior merging,
+#: modality-aware); with a GPU every method runs.
+CPU_METHODS = ("snapkv", "adakv", "lookm", "madakv")
+CPU_SAMPLES, GPU_SAMPLES = 5, 50
+STORE_NAME = "results.jsonl"
 
 
 @dataclass
@@ -35,24 +54,225 @@ class EvalRow:
     query_aware: bool
     samples: int
     accuracy: float  # mean score: exact check (synthetic) or MileBench's metric
-    agreement: float  # exact-match agreement with Full's answers
+    agreement: float  # share of answers token-identical to Full's (nan when Full's cell is missing)
     kl: float  # mean next-token KL(P_full || P_method) along Full's answers (nats)
     kv_ratio: float  # mean physical KV after compression / Full
 
 
-def _progress(items: Sequence[Any], desc: str) -> Any:
-    try:
-        from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: the samples of ``task`` shard ``shard`` under ``method`` at ``budget``."""
 
-        return tqdm(items, desc=desc, leave=False)
-    except ImportError:  # tqdm comes with transformers; keep working without it
-        return items
+    task: str
+    shard: int
+    method: str
+    budget: float | int
+    query_aware: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.shard}/{self.method}@{self.budget!r}/{'qa' if self.query_aware else 'qg'}"
+
+    @property
+    def reference(self) -> Cell:
+        """Full's cell on the same samples and query mode (its answers are the reference)."""
+        return Cell(self.task, self.shard, "full", 1.0, self.query_aware)
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Cell:
+        return cls(rec["task"], rec["shard"], rec["method"], rec["budget"], rec["query_aware"])
+
+
+@dataclass
+class Plan:
+    """The cells of a run and the samples of each ``(task, shard)``: ``(index within the task, sample)``."""
+
+    cells: list[Cell]
+    shards: dict[tuple[str, int], list[tuple[int, Any]]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def pending(self, store: ResultStore) -> list[Cell]:
+        """Cells not yet in ``store``, in plan order (shard by shard, each shard's Full cell first)."""
+        done = store.finished()
+        return [c for c in self.cells if c.key not in done]
+
+
+def make_plan(
+    samples: Sequence[Any],
+    methods: Sequence[str],
+    budgets: Sequence[float | int],
+    query_modes: Sequence[bool] = (True,),
+    shard_size: int | None = None,
+    config: dict[str, Any] | None = None,
+) -> Plan:
+    """Cells for ``samples`` (grouped by ``sample.task``, cut into shards of ``shard_size``; ``None`` = one per task)."""
+    by_task: dict[str, list[Any]] = {}
+    for s in samples:
+        by_task.setdefault(s.task, []).append(s)
+    shards: dict[tuple[str, int], list[tuple[int, Any]]] = {}
+    for task, items in by_task.items():
+        size = shard_size or len(items)
+        for start in range(0, len(items), size):
+            shards[(task, start // size)] = list(enumerate(items))[start:start + size]
+    grid = [("full", 1.0)] + [(m, b) for m in dict.fromkeys(methods) if m != "full" for b in budgets]
+    cells = [Cell(task, shard, m, b, qa) for (task, shard) in shards for qa in query_modes for m, b in grid]
+    return Plan(cells, shards, dict(config or {}))
 
 
 def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
     p = torch.log_softmax(reference.float(), -1)
     q = torch.log_softmax(other.float(), -1)
     return float((p.exp() * (p - q)).sum(-1).clamp_min(0).mean())
+
+
+class CellRunner:
+    """Runs cells on one loaded model.
+
+    Keeps the prepared inputs of the last shard (a shard's cells usually run back to back) and Full's
+    teacher-forced logits while they stay under ``logits_cache_bytes``.
+    """
+
+    def __init__(self, model: torch.nn.Module, processor: Any, max_new_tokens: int,
+                 logits_cache_bytes: int = 256 << 20) -> None:
+        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
+        self.logits_cache_bytes = logits_cache_bytes
+        self._shard: tuple[str, int] | None = None
+        self._prepared: dict[int, Any] = {}
+        self._full_logits: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def _for_shard(self, cell: Cell) -> None:
+        if self._shard != (cell.task, cell.shard):
+            self._shard, self._prepared, self._full_logits = (cell.task, cell.shard), {}, {}
+
+    def _prepare(self, index: int, sample: Any) -> Any:
+        if index not in self._prepared:
+            self._prepared[index] = adapter_for(self.model).prepare(self.model, self.processor, sample.chat)
+        return self._prepared[index]
+
+    def _full(self, index: int, prepared: Any, ids: list[int], query_aware: bool) -> torch.Tensor:
+        key = (index, query_aware)
+        if key in self._full_logits:
+            return self._full_logits[key]
+        logits = forced_logits(self.model, prepared, "full", 1.0, ids, query_aware=query_aware)
+        held = sum(t.numel() * t.element_size() for t in self._full_logits.values())
+        if held + logits.numel() * logits.element_size() <= self.logits_cache_bytes:
+            self._full_logits[key] = logits
+        return logits
+
+    def run(self, cell: Cell, samples: Sequence[tuple[int, Any]], reference: Sequence[list[int]] | None) -> dict[str, Any]:
+        """The store record of ``cell`` on ``samples``; ``reference``: Full's token ids per sample (not for Full)."""
+        if cell.method != "full" and reference is None:
+            raise ValueError(f"{cell.key} needs Full's answers ({cell.reference.key}) first")
+        self._for_shard(cell)
+        start = time.perf_counter()
+        out = []
+        for i, (index, sample) in enumerate(samples):
+            prepared = self._prepare(index, sample)
+            result = generate(self.model, self.processor, None, cell.method, cell.budget, max_new_tokens=self.max_new_tokens,
+                              prepared=prepared, record_attention=False, query_aware=cell.query_aware)
+            kl = 0.0
+            if cell.method != "full" and reference is not None and reference[i]:
+                ref_logits = self._full(index, prepared, reference[i], cell.query_aware)
+                kl = _kl(ref_logits, forced_logits(self.model, prepared, cell.method, cell.budget, reference[i],
+                                                   query_aware=cell.query_aware))
+            trace = result.trace
+            out.append({
+                "index": index, "id": getattr(sample, "sample_id", index), "score": float(sample.check(result.text)),
+                "answer": result.text, "token_ids": list(result.token_ids), "kl": kl,
+                "kv_ratio": trace.bytes_compressed / trace.bytes_full if trace.bytes_full else 1.0,
+            })
+        return {"kind": "cell", "key": cell.key, **asdict(cell), "samples": out,
+                "seconds": round(time.perf_counter() - start, 3),
+                "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
+
+
+def reference_ids(finished: dict[str, dict[str, Any]], cell: Cell) -> list[list[int]] | None:
+    """Full's token ids per sample of ``cell``'s shard, from the store (``None`` for Full or when absent)."""
+    if cell.method == "full":
+        return None
+    rec = finished.get(cell.reference.key)
+    return None if rec is None else [s["token_ids"] for s in rec["samples"]]
+
+
+class Progress:
+    """One overall progress line on stderr: cells done / total, failures, elapsed and ETA.
+
+    On a terminal the line is rewritten in place; otherwise (logs, CI) one line per finished cell.
+    """
+
+    def __init__(self, total: int, done: int = 0, stream: TextIO | None = None, label: str = "eval") -> None:
+        self.total, self.done, self.failed, self.label = total, done, 0, label
+        self._skipped, self._new, self._start = done, 0, time.monotonic()
+        self.stream = stream if stream is not None else sys.stderr
+        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._show("")
+
+    def _show(self, last: str) -> None:
+        elapsed = time.monotonic() - self._start
+        left = self.total - self.done - self.failed
+        eta = "?" if self._new == 0 else _duration(elapsed / self._new * left)
+        line = (f"{self.label}: {self.done}/{self.total} cells done"
+                + (f" ({self._skipped} from the store)" if self._skipped else "")
+                + f" · {self.failed} failed · {_duration(elapsed)} elapsed · ETA {eta if left else '0s'}"
+                + (f" · {last}" if last else ""))
+        if self._tty:
+            self.stream.write("\r\033[K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def update(self, key: str, failed: bool = False) -> None:
+        self._new += 1
+        if failed:
+            self.failed += 1
+        else:
+            self.done += 1
+        self._show(("FAILED " if failed else "") + key)
+
+    def close(self) -> None:
+        if self._tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def failure_record(cell: Cell, error: BaseException | str) -> dict[str, Any]:
+    return {"kind": "failure", "key": cell.key, **asdict(cell),
+            "error": error if isinstance(error, str) else f"{type(error).__name__}: {error}"}
+
+
+def run_serial(runner: CellRunner, plan: Plan, store: ResultStore, progress: Progress | None = None,
+               on_result: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Run the plan's pending cells one after the other, appending each result; returns the failures."""
+    failures = 0
+    failed_refs: set[str] = set()
+    finished = store.finished()
+    for cell in plan.pending(store):
+        ref = reference_ids(finished, cell)
+        try:
+            if cell.method != "full" and ref is None:
+                raise RuntimeError(f"Full's cell {cell.reference.key} "
+                                   + ("failed" if cell.reference.key in failed_refs else "is missing"))
+            rec = runner.run(cell, plan.shards[(cell.task, cell.shard)], ref)
+        except Exception as e:  # a failing cell is recorded and the sweep goes on
+            failures += 1
+            if cell.method == "full":
+                failed_refs.add(cell.key)
+            store.append(failure_record(cell, e))
+            if progress:
+                progress.update(cell.key, failed=True)
+            continue
+        store.append(rec)
+        finished[cell.key] = rec
+        if progress:
+            progress.update(cell.key)
+        if on_result:
+            on_result(rec)
+    return failures
 
 
 def evaluate(
@@ -64,57 +284,79 @@ def evaluate(
     *,
     max_new_tokens: int = 16,
     query_aware: bool = True,
+    store: ResultStore | None = None,
+    shard_size: int | None = None,
 ) -> list[EvalRow]:
     """Score ``samples`` (objects with ``task``, ``chat`` and ``check(answer)`` -> bool or a score in [0, 1])
-    under every method x budget."""
-    adapter = adapter_for(model)
-    prepared = [adapter.prepare(model, processor, s.chat) for s in samples]
-    full = [generate(model, processor, None, "full", 1.0, max_new_tokens=max_new_tokens, prepared=p,
-                     record_attention=False, query_aware=query_aware) for p in _progress(prepared, "full")]
-    full_logits = [forced_logits(model, p, "full", 1.0, r.token_ids, query_aware=query_aware)
-                   for p, r in zip(prepared, full)]
-    grid = [("full", 1.0)] + [(m, b) for m in methods if m != "full" for b in budgets]
-    rows: list[EvalRow] = []
-    for method, budget in grid:
-        per_task: dict[str, list[tuple[bool, bool, float, float]]] = {}
-        for s, p, ref, ref_logits in _progress(list(zip(samples, prepared, full, full_logits)), f"{method}@{budget}"):
-            if method == "full":
-                result, kl = ref, 0.0
-            else:
-                result = generate(model, processor, None, method, budget, max_new_tokens=max_new_tokens, prepared=p,
-                                  record_attention=False, query_aware=query_aware)
-                logits = forced_logits(model, p, method, budget, ref.token_ids, query_aware=query_aware)
-                kl = _kl(ref_logits, logits) if ref.token_ids else 0.0
-            trace = result.trace
-            ratio = trace.bytes_compressed / trace.bytes_full if trace.bytes_full else 1.0
-            per_task.setdefault(s.task, []).append((float(s.check(result.text)), result.token_ids == ref.token_ids, kl, ratio))
-        for task, scores in per_task.items():
-            n = len(scores)
-            rows.append(EvalRow(
-                task=task, method=method, budget=budget, query_aware=query_aware, samples=n,
-                accuracy=sum(s[0] for s in scores) / n, agreement=sum(s[1] for s in scores) / n,
-                kl=sum(s[2] for s in scores) / n, kv_ratio=sum(s[3] for s in scores) / n,
-            ))
+    under every method x budget; ``store`` (default: in memory) keeps every cell, and cells already in it
+    are not run again."""
+    store = store if store is not None else ResultStore()
+    plan = make_plan(samples, methods, budgets, (query_aware,), shard_size)
+    failures = run_serial(CellRunner(model, processor, max_new_tokens), plan, store)
+    if failures:
+        errors = [r["error"] for r in store.records() if r.get("kind") == "failure"]
+        raise RuntimeError(f"{failures} cell(s) failed; first: {errors[0]}")
+    keys = {c.key for c in plan.cells}
+    return aggregate([r for k, r in store.finished().items() if k in keys])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports (from any store)
+# ---------------------------------------------------------------------------------------------
+
+#: Published figures to set beside ours when the model, dataset, method and budget match (see
+#: ``docs/eval.md`` for the sources). Each entry: model (as passed to ``--model``), dataset, method,
+#: budget, score (the paper's metric on the 0-1 scale) and source.
+PUBLISHED: list[dict[str, Any]] = []
+
+
+def aggregate(records: Iterable[dict[str, Any]]) -> list[EvalRow]:
+    """One row per task x method x budget x query mode from cell records (shards pooled by sample)."""
+    records = list(records)
+    full_ids: dict[tuple[str, bool, int], list[int]] = {}
+    for rec in records:
+        if rec["method"] == "full":
+            for s in rec["samples"]:
+                full_ids[(rec["task"], rec["query_aware"], s["index"])] = s["token_ids"]
+    groups: dict[tuple[str, str, Any, bool], list[dict[str, Any]]] = defaultdict(list)
+    for rec in records:
+        groups[(rec["task"], rec["method"], rec["budget"], rec["query_aware"])].extend(rec["samples"])
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    rows = []
+    for (task, method, budget, qa), items in sorted(
+            groups.items(), key=lambda kv: (tasks.index(kv[0][0]), not kv[0][3], kv[0][1] != "full", kv[0][1], kv[0][2])):
+        n = len(items)
+        refs = [full_ids.get((task, qa, s["index"])) for s in items]
+        agreement = (sum(s["token_ids"] == r for s, r in zip(items, refs)) / n) if all(r is not None for r in refs) else math.nan
+        rows.append(EvalRow(
+            task=task, method=method, budget=budget, query_aware=qa, samples=n,
+            accuracy=sum(s["score"] for s in items) / n, agreement=agreement,
+            kl=sum(s["kl"] for s in items) / n, kv_ratio=sum(s["kv_ratio"] for s in items) / n,
+        ))
     return rows
 
 
-def synthetic_samples(tasks: Sequence[str], n: int, images: int | None, seed: int) -> list[Any]:
-    from .tiny.tasks import heldout_set
-
-    out: list[Any] = []
-    for task in tasks:
-        out.extend(heldout_set(task, n, images if task not in ("video_direction", "video_colour") else None, seed))
+def published_beside(rows: Sequence[EvalRow], model: str | None) -> list[dict[str, Any]]:
+    """Our rows that have a published figure for the same model, dataset, method and budget, with it."""
+    out = []
+    for r in rows:
+        for p in PUBLISHED:
+            if (p["model"], p["dataset"], p["method"], p["budget"]) == (model, r.task, r.method, r.budget):
+                out.append({"model": model, "dataset": r.task, "method": r.method, "budget": r.budget,
+                            "ours": r.accuracy, "published": p["score"], "source": p["source"]})
     return out
 
 
 def figure(rows: Sequence[EvalRow]) -> Any:
-    """Accuracy vs budget per method, one panel per task (Full as a dashed line)."""
+    """Accuracy vs budget per method, one panel per task and query mode (Full as a dashed line)."""
     from plotly.subplots import make_subplots
 
-    tasks = list(dict.fromkeys(r.task for r in rows))
-    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks, shared_yaxes=True)
-    for col, task in enumerate(tasks, start=1):
-        sel = [r for r in rows if r.task == task]
+    panels = list(dict.fromkeys((r.task, r.query_aware) for r in rows))
+    modes = {qa for _, qa in panels}
+    titles = [t if len(modes) == 1 else f"{t} ({'query-aware' if qa else 'query-agnostic'})" for t, qa in panels]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=titles, shared_yaxes=True)
+    for col, (task, qa) in enumerate(panels, start=1):
+        sel = [r for r in rows if r.task == task and r.query_aware == qa]
         budgets = sorted({r.budget for r in sel if r.method != "full"})
         for method in dict.fromkeys(r.method for r in sel):
             pts = sorted((r.budget, r.accuracy) for r in sel if r.method == method)
@@ -130,50 +372,171 @@ def figure(rows: Sequence[EvalRow]) -> Any:
     return fig
 
 
-def write(rows: Sequence[EvalRow], out: Path) -> None:
+def write(rows: Sequence[EvalRow], out: Path, published: Sequence[dict[str, Any]] = ()) -> None:
+    """``eval.json`` / ``eval.csv``, ``published.json`` when any row has a published figure, and ``eval.html``
+    (skipped with a note when plotly, the ``[app]`` extra, is not installed)."""
     write_records(rows, out, "eval")
-    figure(rows).write_html(out / "eval.html", include_plotlyjs=True)
+    if published:
+        import json
+
+        (out / "published.json").write_text(json.dumps(list(published), indent=1))
+    try:
+        fig = figure(rows)
+    except ImportError:
+        print("eval.html skipped: plotly is not installed (pip install 'mmkv[app]')", file=sys.stderr)
+        return
+    fig.write_html(out / "eval.html", include_plotlyjs=True)
+
+
+def report(store: ResultStore | str | Path, out: str | Path | None = None) -> list[EvalRow]:
+    """The rows of any results store (a path or a :class:`ResultStore`); with ``out``, also the files of :func:`write`."""
+    store = store if isinstance(store, ResultStore) else ResultStore(store)
+    rows = aggregate(store.finished().values())
+    if out is not None and rows:
+        runs = [r for r in store.records() if r.get("kind") == "run"]
+        write(rows, Path(out), published_beside(rows, runs[0]["config"].get("model") if runs else None))
+    return rows
+
+
+def format_rows(rows: Sequence[EvalRow]) -> str:
+    return "\n".join(
+        f"{r.task:16s} {'qa' if r.query_aware else 'qg'} {r.method:13s} {r.budget!s:>5s} n {r.samples:3d} "
+        f"acc {r.accuracy:.3f} agree {r.agreement:.3f} kl {r.kl:.4f} kv {r.kv_ratio:.3f}" for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def synthetic_samples(tasks: Sequence[str], n: int, images: int | None, seed: int) -> list[Any]:
+    from .tiny.tasks import heldout_set
+
+    out: list[Any] = []
+    for task in tasks:
+        out.extend(heldout_set(task, n, images if task not in ("video_direction", "video_colour") else None, seed))
+    return out
+
+
+def open_store(path: Path, config: dict[str, Any], resume: bool) -> ResultStore:
+    """The run's store: new, or (``resume``) an existing one written with the same settings."""
+    store = ResultStore(path)
+    records = store.records()
+    if records and not resume:
+        raise ValueError(f"{path} already holds results: pass --resume to continue that run, or another --out")
+    runs = [r for r in records if r.get("kind") == "run"]
+    if runs and runs[0]["config"] != config:
+        old = runs[0]["config"]
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
+                         if old.get(k) != config.get(k))
+        raise ValueError(f"{path} was written with other settings ({diff}): resume with the same settings, or use another --out")
+    store.append({"kind": "run", "config": config, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv[1:]})
+    return store
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+    from .tiny.tasks import TASKS
+
+    p = argparse.ArgumentParser(
+        prog="python -m mmkv.eval",
+        description="Accuracy and fidelity to the Full cache, per task x method x budget x query mode.",
+        epilog="Defaults depend on the machine: on CPU only the methods " + ",".join(CPU_METHODS)
+               + f" (plus full) and {CPU_SAMPLES} samples per task; with a GPU all methods and {GPU_SAMPLES} samples. "
+               "Progress (cells done/total, failures, ETA) goes to stderr; results to OUT/results.jsonl as each cell finishes.")
+    p.add_argument("--model", default="assets/mmkv-tiny-qwen2vl", help="checkpoint directory or hub id (default: the bundled teaching model)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated methods (full always runs as the reference); default on CPU: {','.join(CPU_METHODS)}; "
+                        f"with a GPU: all of {','.join(sorted(METHODS))}")
+    p.add_argument("--budgets", default="0.05,0.1,0.2,0.5", help="comma-separated budgets: ratios like 0.2 or tokens per head like 64")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated synthetic tasks (ignored with --milebench)")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"samples per task or dataset (with --milebench: the first N; default {CPU_SAMPLES} on CPU, {GPU_SAMPLES} with a GPU)")
+    p.add_argument("--images", type=int, default=8, help="images per prompt for the synthetic image tasks")
+    p.add_argument("--seed", type=int, default=10_000, help="seed of the synthetic held-out samples")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer length limit (default 16 on the synthetic suite, 512 on MileBench as its runner)")
+    p.add_argument("--query-mode", choices=("aware", "agnostic", "both"), default="aware",
+                   help="aware: prefill the question before compressing (the papers'); agnostic: compress the context first; both")
+    p.add_argument("--query-agnostic", action="store_true", help="same as --query-mode agnostic")
+    p.add_argument("--shard-size", type=int, default=25, help="samples per cell (a task's samples are cut into shards of this size)")
+    p.add_argument("--milebench", default=None, metavar="DIR",
+                   help="evaluate MileBench-format data in DIR (<Dataset>/<Dataset>.json + images/) instead of the synthetic suite")
+    p.add_argument("--datasets", default=None, help="with --milebench: comma-separated dataset names (default: all in DIR)")
+    p.add_argument("--out", default="eval-results", help="output folder: results.jsonl (the store), eval.json, eval.csv, eval.html")
+    p.add_argument("--resume", action="store_true", help="continue the run whose store is in --out: finished cells are skipped")
+    p.add_argument("--report", default=None, metavar="STORE",
+                   help="build the tables and figure from the results store STORE into --out and exit (runs nothing)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the cells on a Ray cluster (pip install 'mmkv[cluster]'); no ADDRESS: a local Ray instance")
+    p.add_argument("--workers", type=int, default=None,
+                   help="with --ray: model-holding actors (default: one per GPU of the cluster, else one per CPU)")
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .cli import parse_budget
     from .methods import METHODS
-    from .tiny.tasks import TASKS
 
-    p = argparse.ArgumentParser(prog="python -m mmkv.eval", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="assets/mmkv-tiny-qwen2vl")
-    p.add_argument("--methods", default=",".join(sorted(METHODS)))
-    p.add_argument("--budgets", default="0.05,0.1,0.2,0.5")
-    p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--samples", type=int, default=50, help="held-out samples per task (with --milebench: the first N per dataset)")
-    p.add_argument("--images", type=int, default=8, help="images per prompt for the image tasks")
-    p.add_argument("--seed", type=int, default=10_000)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--query-agnostic", action="store_true", help="compress the context before the question")
-    p.add_argument("--milebench", default=None, metavar="DIR",
-                   help="evaluate MileBench-format data in DIR (<Dataset>/<Dataset>.json + images/) instead of the synthetic suite")
-    p.add_argument("--datasets", default=None, help="with --milebench: comma-separated dataset names (default: all in DIR)")
-    p.add_argument("--max-images", type=int, default=None,
-                   help="with --milebench: keep only the last N images of longer samples (and the text from the first kept one)")
-    p.add_argument("--out", default="eval-results")
+    p = build_parser()
     a = p.parse_args(argv)
+    out = Path(a.out)
+    if a.report:
+        if not Path(a.report).is_file():
+            p.error(f"no results store at {a.report}")
+        rows = report(a.report, out)
+        print(format_rows(rows))
+        return 0
+    gpu = torch.cuda.is_available()
+    methods = a.methods.split(",") if a.methods else list(METHODS) if gpu else list(CPU_METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}")
+    try:
+        budgets = [parse_budget(b) for b in a.budgets.split(",")]
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    n = a.samples if a.samples is not None else GPU_SAMPLES if gpu else CPU_SAMPLES
+    mode = "agnostic" if a.query_agnostic else a.query_mode
+    query_modes = {"aware": (True,), "agnostic": (False,), "both": (True, False)}[mode]
     if a.milebench:
         from .milebench import load_milebench
 
+        max_new_tokens = a.max_new_tokens or 512
+        config: dict[str, Any] = {"source": "milebench", "root": str(Path(a.milebench).resolve()), "samples": n}
         try:
-            samples: list[Any] = load_milebench(a.milebench, a.datasets.split(",") if a.datasets else None, a.samples, a.max_images)
+            samples: list[Any] = load_milebench(a.milebench, a.datasets.split(",") if a.datasets else None, n)
         except (OSError, ValueError) as e:
             p.error(str(e))
     else:
-        samples = synthetic_samples(a.tasks.split(","), a.samples, a.images, a.seed)
-    model, processor = load(a.model)
-    rows = evaluate(model, processor, samples, a.methods.split(","), [parse_budget(b) for b in a.budgets.split(",")],
-                    max_new_tokens=a.max_new_tokens, query_aware=not a.query_agnostic)
-    write(rows, Path(a.out))
-    for r in rows:
-        print(f"{r.task:16s} {r.method:13s} {r.budget!s:>5s} acc {r.accuracy:.3f} agree {r.agreement:.3f} "
-              f"kl {r.kl:.4f} kv {r.kv_ratio:.3f}")
-    return 0
+        max_new_tokens = a.max_new_tokens or 16
+        config = {"source": "synthetic", "samples": n, "images": a.images, "seed": a.seed}
+        samples = synthetic_samples(a.tasks.split(","), n, a.images, a.seed)
+    config.update(model=a.model, max_new_tokens=max_new_tokens, shard_size=a.shard_size)
+    plan = make_plan(samples, methods, budgets, query_modes, a.shard_size, config)
+    try:
+        store = open_store(out / STORE_NAME, config, a.resume)
+    except ValueError as e:
+        p.error(str(e))
+    pending = plan.pending(store)
+    progress = Progress(len(plan.cells), len(plan.cells) - len(pending))
+    if a.ray:
+        from .sweep import run_ray
+
+        failures = run_ray(plan, store, a.model, address=None if a.ray == "local" else a.ray, workers=a.workers,
+                           max_new_tokens=max_new_tokens, progress=progress)
+    else:
+        model, processor = load(a.model)
+        failures = run_serial(CellRunner(model, processor, max_new_tokens), plan, store, progress)
+    progress.close()
+    keys = {c.key for c in plan.cells}
+    rows = aggregate([r for k, r in store.finished().items() if k in keys])
+    if rows:
+        write(rows, out, published_beside(rows, a.model))
+        print(format_rows(rows))
+    if failures:
+        print(f"{failures} cell(s) failed (errors in {out / STORE_NAME}); rerun with --resume to retry them", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
