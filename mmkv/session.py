@@ -34,7 +34,7 @@ from .methods.base import LayerContext, LayerPlan, reduce_to_kv_heads
 from .modality import ModalityMap
 from .models.base import UnsupportedModelError, resolve_text_model
 from .stats import LayerStats, StatsRequest, compute_layer_stats
-from .trace import LayerTrace, Timings, Trace
+from .trace import LayerTrace, Packed, Timings, Trace
 
 
 def resolve_capacity(budget: float | int, length: int) -> int:
@@ -52,10 +52,47 @@ def resolve_capacity(budget: float | int, length: int) -> int:
     return max(1, min(length, round(budget * length)))
 
 
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+class Clock:
+    """Intervals for the trace's :class:`Timings`, without stalling the device.
+
+    On CPU a mark is ``time.perf_counter()`` and an interval is added at once. On CUDA a mark is an
+    event recorded on the current stream (no host sync): the interval is the device time between
+    the two events, added to its ``Timings`` when :meth:`resolve` runs (one sync, at the end).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._pending: list[tuple[Timings, str, Any, Any]] = []
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, timings: Timings, name: str, start: Any, stop: Any | None = None) -> None:
+        """Add ``stop - start`` (``stop`` defaults to now) to ``timings.<name>`` (``decode_s``: appended)."""
+        stop = self.mark() if stop is None else stop
+        if self.cuda:
+            self._pending.append((timings, name, start, stop))
+        else:
+            _add(timings, name, stop - start)
+
+    def resolve(self) -> None:
+        if not self._pending:
+            return
+        self._pending[-1][3].synchronize()
+        for timings, name, start, stop in self._pending:
+            _add(timings, name, start.elapsed_time(stop) / 1000.0)
+        self._pending = []
+
+
+def _add(timings: Timings, name: str, seconds: float) -> None:
+    if name == "decode_s":
+        timings.decode_s.append(seconds)
+    else:
+        setattr(timings, name, getattr(timings, name) + seconds)
 
 
 def unsupported_attention(text_model: torch.nn.Module, config: Any) -> str | None:
@@ -136,7 +173,8 @@ class Session:
         self._pending: dict[int, LayerStats] = {}
         self._layer_traces: dict[int, LayerTrace] = {}
         self._captured: dict[str, Any] = {}
-        self._forward_start = 0.0
+        self.clock = Clock(self.device)
+        self._forward_start: Any = 0.0
         self._forward_is_prefill = False
         self._handles: list[Any] = []
 
@@ -201,18 +239,12 @@ class Session:
         self._captured = {k: v for k, v in kwargs.items() if k not in CACHE_ARGUMENTS}
         if ids is not None and "input_ids" not in self._captured:
             self._captured["input_ids"] = ids
-        self._forward_start = _sync(self.device)
+        self._forward_start = self.clock.mark()
 
     def _model_post_hook(self, module, args, kwargs, output):
-        if not self._is_active():
+        if not self._is_active() or self.trace is None:
             return output
-        elapsed = _sync(self.device) - self._forward_start
-        if self.trace is None:
-            return output
-        if self._forward_is_prefill:
-            self.trace.timings.prefill_s += elapsed
-        else:
-            self.trace.timings.decode_s.append(elapsed)
+        self.clock.add(self.trace.timings, "prefill_s" if self._forward_is_prefill else "decode_s", self._forward_start)
         return output
 
     def _text_pre_hook(self, module, args, kwargs):
@@ -234,7 +266,7 @@ class Session:
     def _text_post_hook(self, module, args, kwargs, output):
         if not self.collecting or not self._is_active():
             return output
-        t0 = _sync(self.device)
+        t0 = self.clock.mark()
         if self.method.is_global and self.method.compresses:
             order = sorted(self._pending)
             contexts = [self._context(i, self._pending[i]) for i in order]
@@ -242,7 +274,7 @@ class Session:
             for i, plan in zip(order, plans):
                 self._apply(i, plan, self._pending[i])
             self._pending.clear()
-        self.trace.timings.compress_s += _sync(self.device) - t0
+        self.clock.add(self.trace.timings, "compress_s", t0)
         self.collecting = False
         self.trace.layers = [self._layer_traces[i] for i in sorted(self._layer_traces)]
         return output
@@ -311,10 +343,10 @@ class Session:
         return any(isinstance(layer, CompressedLayer) for layer in self.cache.layers)
 
     def _on_prefill_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        t0 = _sync(self.device)
+        t0 = self.clock.mark()
         stats = LayerStats() if self.request.empty else compute_layer_stats(query, key, self.codes, self.request, scaling)
-        t1 = _sync(self.device)
-        self.trace.timings.stats_s += t1 - t0
+        t1 = self.clock.mark()
+        self.clock.add(self.trace.timings, "stats_s", t0, t1)
         if self.method.compresses and self.method.is_global:
             self._pending[layer_idx] = stats
             self._layer_traces[layer_idx] = self._record(layer_idx, LayerPlan.keep_all(self.num_kv_heads, 0), stats, 0, 0)
@@ -325,7 +357,7 @@ class Session:
             else LayerPlan.keep_all(self.num_kv_heads, self.trace.span_length)
         )
         self._apply(layer_idx, plan, stats)
-        self.trace.timings.compress_s += _sync(self.device) - t1
+        self.clock.add(self.trace.timings, "compress_s", t1)
 
     def _context(self, layer_idx: int, stats: LayerStats) -> LayerContext:
         layer = self.cache.layers[layer_idx]
@@ -350,42 +382,44 @@ class Session:
         self._layer_traces[layer_idx] = self._record(layer_idx, plan, stats, before, after)
 
     def _record(self, layer_idx: int, plan: LayerPlan, stats: LayerStats, before: int, after: int) -> LayerTrace:
+        """The layer's trace entry; kept positions, merges and statistics stay compact tensors (:class:`Packed`)."""
         scores = None
         if self.record_scores:
             source = stats.window_scores if stats.window_scores is not None else stats.column_sums
             if source is not None:
-                scores = reduce_to_kv_heads(source, self.num_kv_heads).cpu().tolist()
+                scores = Packed(reduce_to_kv_heads(source, self.num_kv_heads))
         merges = None
         if plan.merges is not None:
-            merges = [
-                {"source": m.source.tolist(), "target": m.target.tolist(), "similarity": m.similarity.tolist()}
+            merges = Packed([
+                {"source": m.source, "target": m.target, "similarity": m.similarity} if m is not None else None
                 for m in plan.merges
-            ]
+            ])
         return LayerTrace(
             layer=layer_idx,
-            kept=[k.cpu().tolist() for k in plan.kept],
+            kept=Packed(list(plan.kept)),
             bytes_before=before,
             bytes_after=after,
             merges=merges,
             info=_jsonable(plan.info),
-            modality_mass=stats.modality_mass.cpu().tolist() if stats.modality_mass is not None else None,
-            entropy=stats.entropy.cpu().tolist() if stats.entropy is not None else None,
+            modality_mass=Packed(stats.modality_mass) if stats.modality_mass is not None else None,
+            entropy=Packed(stats.entropy) if stats.entropy is not None else None,
             scores=scores,
         )
 
     # ---- end -------------------------------------------------------------------------------
     def finish(self) -> Trace | None:
-        """Record end-of-generation facts (bytes held, decode-time evictions) into the trace."""
+        """Record end-of-generation facts (timings, bytes held, decode-time evictions) into the trace."""
+        self.clock.resolve()
         if self.trace is None or self.cache is None:
             return self.trace
         self.trace.bytes_end = cache_bytes(self.cache)
         for layer_trace in self.trace.layers:
             layer = self.cache.layers[layer_trace.layer]
             if isinstance(layer, H2ODecodeLayer):
-                layer_trace.decode_evictions = [list(step) for step in layer.evictions]
-            retrievals = getattr(layer, "retrievals", None)
+                layer_trace.decode_evictions = Packed(layer.evictions)
+            retrievals = getattr(layer, "retrievals", None)  # read once: the layer may build it from a device log
             if retrievals is not None:
-                layer_trace.decode_retrievals = [[list(head) for head in step] for step in retrievals]
+                layer_trace.decode_retrievals = Packed(retrievals)
         self.trace.host_bytes_end = sum(
             layer.host_bytes() for layer in self.cache.layers if hasattr(layer, "host_bytes")
         )

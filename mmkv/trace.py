@@ -7,33 +7,109 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .modality import ModalityMap
+
+
+class Packed:
+    """A trace value held as (nested lists / dicts of) CPU tensors until someone reads it as Python lists.
+
+    A 32k-token prompt keeps millions of positions: the session stores them as a few compact
+    tensors per layer and :class:`LayerTrace` turns them into lists only when they are read.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = _compact(value)
+
+    def lists(self) -> Any:
+        return _lists(self.value)
+
+
+def _compact(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.is_floating_point():
+            return value.to("cpu", torch.float32)
+        if value.dtype == torch.bool:
+            return value.cpu()
+        small = value.numel() == 0 or (int(value.min()) >= -(2**31) and int(value.max()) < 2**31)
+        return value.to("cpu", torch.int32 if small else torch.int64)
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_compact(v) for v in value]
+    return value
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_lists(v) for v in value]
+    return value
+
+
+class _Lazy:
+    """A :class:`LayerTrace` field that may be assigned a :class:`Packed` value, read back as lists (once)."""
+
+    def __init__(self, required: bool = False) -> None:
+        self.required = required
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:  # the dataclass asks for the default
+            if self.required:
+                raise AttributeError(self.slot)
+            return None
+        value = obj.__dict__[self.slot]
+        if isinstance(value, Packed):
+            value = obj.__dict__[self.slot] = value.lists()
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = value
 
 
 @dataclass
 class LayerTrace:
-    """One decoder layer: what was kept per KV head and why."""
+    """One decoder layer: what was kept per KV head and why.
+
+    The per-head and per-step lists may be given as :class:`Packed` tensors (the session does):
+    they become Python lists on first read, so a long prompt's trace costs a few tensors until it
+    is drawn or written to JSON.
+    """
 
     layer: int
-    kept: list[list[int]]  # per KV head: logical prompt positions kept after compression
+    kept: list[list[int]] = _Lazy(required=True)  # per KV head: logical prompt positions kept after compression
     bytes_before: int  # physical KV bytes of this layer right after prefill
     bytes_after: int  # ... and right after compression
-    merges: list[dict[str, list]] | None = None  # per KV head: {"source", "target", "similarity"}
+    merges: list[dict[str, list] | None] | None = _Lazy()  # per KV head: {"source", "target", "similarity"}
     info: dict[str, Any] = field(default_factory=dict)  # method-specific numbers (capacities, entropy, ...)
-    modality_mass: list[list[float]] | None = None  # per query head: share on [text, image, video]
-    entropy: list[float] | None = None  # per query head, window queries (nats)
-    scores: list[list[float]] | None = None  # per KV head, the method's token scores (optional)
-    decode_evictions: list[list[int]] | None = None  # per decode step, evicted position per KV head
-    decode_retrievals: list[list[list[int]]] | None = None  # per decode step, per dynamic head: chunk ids (HybridKV)
+    modality_mass: list[list[float]] | None = _Lazy()  # per query head: share on [text, image, video]
+    entropy: list[float] | None = _Lazy()  # per query head, window queries (nats)
+    scores: list[list[float]] | None = _Lazy()  # per KV head, the method's token scores (optional)
+    decode_evictions: list[list[int]] | None = _Lazy()  # per decode step, evicted position per KV head
+    decode_retrievals: list[list[list[int]]] | None = _Lazy()  # per decode step, per dynamic head: chunk ids (HybridKV)
 
     @property
     def budgets(self) -> list[int]:
-        return [len(k) for k in self.kept]
+        """Kept tokens per KV head (read without turning packed positions into lists)."""
+        raw = self.__dict__["_kept"]
+        if isinstance(raw, Packed):
+            return [int(k.numel()) for k in raw.value]
+        return [len(k) for k in raw]
 
 
 @dataclass
 class Timings:
-    """Wall-clock seconds (device-synchronised on GPU)."""
+    """Wall-clock seconds; on a GPU, device time between CUDA events (resolved when the session finishes)."""
 
     prefill_s: float = 0.0  # the whole prefill forward, statistics and layer-local compression included
     stats_s: float = 0.0  # computing the requested attention statistics (inside prefill)

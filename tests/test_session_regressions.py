@@ -14,6 +14,7 @@ from mmkv.cache import DenseLayer
 from mmkv.driver import compressed_run
 from mmkv.models.base import UnsupportedModelError, resolve_text_model
 from mmkv.session import Session, unsupported_attention
+from mmkv.trace import Packed, Trace
 from oracle import FixedPlan
 
 torch.set_num_threads(2)
@@ -110,3 +111,25 @@ def test_softcapped_attention_is_refused_at_session_creation() -> None:
 
 def test_plain_models_are_accepted() -> None:
     assert unsupported_attention(resolve_text_model(build_tiny("qwen2_vl")[0]), None) is None
+
+
+def test_trace_keeps_positions_and_merges_packed_until_read() -> None:
+    """Kept lists and merge records stay compact CPU tensors in the trace and become lists on first read."""
+    model, processor, prepared = _prepared()
+    result = mmkv.generate(model, processor, None, method="lookm", budget=0.3, max_new_tokens=2, prepared=prepared)
+    trace = result.trace
+    layer = trace.layers[0]
+    raw = layer.__dict__["_kept"]
+    assert isinstance(raw, Packed) and all(t.dtype == torch.int32 and t.device.type == "cpu" for t in raw.value)
+    assert isinstance(layer.__dict__["_merges"], Packed)
+    budgets = layer.budgets
+    assert isinstance(layer.__dict__["_kept"], Packed), "budgets must not materialise the kept lists"
+    kept = layer.kept
+    assert isinstance(kept[0], list) and all(isinstance(p, int) for p in kept[0]) and [len(k) for k in kept] == budgets
+    assert layer.kept is kept  # converted once
+    merges = layer.merges
+    assert set(merges[0]) == {"source", "target", "similarity"} and all(isinstance(p, int) for p in merges[0]["source"])
+    again = Trace.from_json(trace.to_json())
+    assert [l.kept for l in again.layers] == [l.kept for l in trace.layers]
+    assert [l.merges for l in again.layers] == [l.merges for l in trace.layers]
+    assert again.layers[1].entropy == pytest.approx(trace.layers[1].entropy)
