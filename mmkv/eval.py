@@ -146,7 +146,9 @@ class CellRunner:
 
     def _prepare(self, index: int, sample: Any) -> Any:
         if index not in self._prepared:
-            self._prepared[index] = adapter_for(self.model).prepare(self.model, self.processor, sample.chat)
+            # a sample may fit its prompt to the model (MileBench's left truncation by tokens)
+            chat = sample.chat_for(self.model, self.processor) if hasattr(sample, "chat_for") else sample.chat
+            self._prepared[index] = adapter_for(self.model).prepare(self.model, self.processor, chat)
         return self._prepared[index]
 
     def _full(self, index: int, prepared: Any, ids: list[int], query_aware: bool) -> torch.Tensor:
@@ -463,6 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--milebench", default=None, metavar="DIR",
                    help="evaluate MileBench-format data in DIR (<Dataset>/<Dataset>.json + images/) instead of the synthetic suite")
     p.add_argument("--datasets", default=None, help="with --milebench: comma-separated dataset names (default: all in DIR)")
+    p.add_argument("--scoring", choices=("official", "clean"), default="official",
+                   help="with --milebench: official = the official runner's scores, quirks included (docs/eval.md); "
+                        "clean = textbook ROUGE-L F1 and strict option letters")
+    p.add_argument("--max-context-tokens", type=int, default=None,
+                   help="with --milebench: cut prompts from the left to N tokens as the official runner does "
+                        "(default: the model's context less --max-new-tokens)")
+    p.add_argument("--tokens-per-image", type=int, default=None,
+                   help="with --milebench: tokens one image counts for when cutting (default: measured per image size "
+                        "through the model's processor; the official configs give a constant, e.g. 576 for LLaVA-1.5)")
+    p.add_argument("--adv", action="store_true", help="with --milebench: read the adversarial files <Dataset>-adv.json")
+    p.add_argument("--combine-images", type=int, default=None, metavar="N",
+                   help="with --milebench: read <Dataset>_combined_N.json and its combined_N_images/ (one image per item)")
     p.add_argument("--out", default="eval-results", help="output folder: results.jsonl (the store), eval.json, eval.csv, eval.html")
     p.add_argument("--resume", action="store_true", help="continue the run whose store is in --out: finished cells are skipped")
     p.add_argument("--report", default=None, metavar="STORE",
@@ -475,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import parse_budget
+    from .budget import parse_budget
     from .methods import METHODS
 
     p = build_parser()
@@ -503,9 +517,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .milebench import load_milebench
 
         max_new_tokens = a.max_new_tokens or 512
-        config: dict[str, Any] = {"source": "milebench", "root": str(Path(a.milebench).resolve()), "samples": n}
-        try:
-            samples: list[Any] = load_milebench(a.milebench, a.datasets.split(",") if a.datasets else None, n)
+        config: dict[str, Any] = {
+            "source": "milebench", "root": str(Path(a.milebench).resolve()), "samples": n, "scoring": a.scoring,
+            "max_context_tokens": a.max_context_tokens, "tokens_per_image": a.tokens_per_image, "adv": a.adv,
+            "combine_images": a.combine_images}
+        try:  # every item is checked here, before the model is loaded
+            samples: list[Any] = load_milebench(
+                a.milebench, a.datasets.split(",") if a.datasets else None, n, adv=a.adv, combine_images=a.combine_images,
+                scoring=a.scoring, max_context_tokens=a.max_context_tokens, max_new_tokens=max_new_tokens,
+                tokens_per_image=a.tokens_per_image)
         except (OSError, ValueError) as e:
             p.error(str(e))
     else:
