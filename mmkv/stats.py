@@ -30,8 +30,10 @@ import torch
 
 from .modality import IMAGE, TEXT, VIDEO
 
-# Upper bound on the elements of one fp32 score block (H_q x block x L): 2**26 floats = 256 MiB.
+# Upper bound on the elements of one fp32 score block (H_q x block x keys): 2**26 floats = 256 MiB.
 MAX_BLOCK_ELEMENTS = 1 << 26
+# Preferred block on CPU (16 MiB): the two reused work buffers stay small and cache-friendly.
+CPU_BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -92,27 +94,61 @@ class LayerStats:
         )
 
 
-def _grouped_scores(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``q [H_q, n, d]``, ``k [H_kv, L, d]`` -> fp32 logits ``[H_q, n, L]`` without repeating k."""
-    h_q, n, d = q.shape
-    h_kv = k.shape[0]
-    group = h_q // h_kv
-    logits = torch.matmul(q.reshape(h_kv, group * n, d).float(), k.float().transpose(1, 2))
-    return logits.view(h_q, n, -1) * scaling
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Matmul dtype: half/bf16 stays as is on CUDA (tensor cores, fp32 accumulation and output), else fp32."""
+    return t.dtype if t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def _causal_softmax(logits: torch.Tensor, first_query_pos: int) -> torch.Tensor:
-    """Softmax over keys with query ``i`` (absolute position ``first_query_pos + i``) seeing keys ``<= pos``."""
-    n, length = logits.shape[-2], logits.shape[-1]
-    q_pos = torch.arange(first_query_pos, first_query_pos + n, device=logits.device)
-    k_pos = torch.arange(length, device=logits.device)
-    future = k_pos[None, :] > q_pos[:, None]
-    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+def _block_rows(h_q: int, keys: int, device: torch.device) -> int:
+    """Query rows per block so that one ``[H_q, rows, keys]`` fp32 block stays within the bound."""
+    limit = MAX_BLOCK_ELEMENTS if device.type == "cuda" else min(MAX_BLOCK_ELEMENTS, CPU_BLOCK_ELEMENTS)
+    return max(1, limit // max(1, h_q * keys))
+
+
+def _logits(qg: torch.Tensor, kt: torch.Tensor, scaling: float, out: torch.Tensor) -> torch.Tensor:
+    """``scaling * qg @ kt`` into the fp32 buffer ``out``: ``qg [H_kv, m, d]``, ``kt [H_kv, d, n]`` (GQA: no repeat of K).
+
+    The scale is fused into the matmul (``alpha``); half/bf16 inputs (CUDA) accumulate and write fp32.
+    """
+    if qg.dtype == torch.float32:
+        return torch.baddbmm(out, qg, kt, beta=0.0, alpha=scaling, out=out)
+    return out.copy_(torch.baddbmm(out, qg, kt, beta=0.0, alpha=scaling, out_dtype=torch.float32))
+
+
+def _softmax(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Row softmax of ``logits`` written into ``out`` (may be ``logits`` itself: the kernel works row by row)."""
+    return torch.ops.aten._softmax.out(logits, -1, False, out=out)
+
+
+def _row_dot(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``sum_j probs[..., j] * logits[..., j]`` per row (a batched dot product, no temporary block)."""
+    n = probs.shape[-1]
+    return torch.bmm(probs.reshape(-1, 1, n), logits.reshape(-1, n, 1)).view(probs.shape[:-1])
+
+
+def _entropy_from(logits: torch.Tensor, probs: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Row entropy (nats) from ``-sum p log p = lse - sum_j p_j s_j`` (masked logits are finite: ``p = 0`` there)."""
+    return lse - _row_dot(probs, logits)
+
+
+def _diagonal_lse(logits: torch.Tensor, probs: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Each row's log-sum-exp from its own key (always visible): ``lse_i = s_ii - log p_ii``.
+
+    ``own[r]`` is row ``r``'s own key column. Rows whose own probability underflows get the exact
+    ``logsumexp`` instead (computed only when some row needs it, or always on CUDA: no host sync).
+    """
+    rows = torch.arange(own.numel(), device=own.device)
+    s_own, p_own = logits[:, rows, own], probs[:, rows, own]
+    lse = s_own - torch.log(p_own)
+    bad = p_own < 1e-30
+    if logits.is_cuda or bool(bad.any()):
+        lse = torch.where(bad, torch.logsumexp(logits, dim=-1), lse)
+    return lse
 
 
 def _row_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each row of ``probs`` [..., L]."""
-    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+    """Entropy (nats) of each row of ``probs`` [..., L] (0 log 0 = 0)."""
+    return -torch.special.xlogy(probs, probs).sum(-1)
 
 
 def question_positions(modality: torch.Tensor, fallback: int = 32) -> torch.Tensor:
@@ -130,33 +166,43 @@ def _cross_modal_entropy(
 ) -> tuple[torch.Tensor, float]:
     """Mean row entropy of ``softmax(q[queries] k[keys]^T)``: per query head ``[H_q]`` and head-averaged.
 
-    Computed in query blocks; with ``causal`` a query sees only keys at earlier-or-equal positions and
-    rows that see none are left out of the mean. Empty sets give zeros.
+    ``queries`` and ``keys`` are sorted positions. Computed in query blocks; with ``causal`` a query
+    sees only keys at earlier-or-equal positions (masked in the block's band of columns only) and rows
+    that see none are left out of the mean. Empty sets give zeros.
     """
-    h_q = q.shape[0]
+    h_q, _, d = q.shape
+    h_kv = k.shape[0]
+    group = h_q // h_kv
     per_head = torch.zeros(h_q, dtype=torch.float32, device=q.device)
-    averaged, rows = 0.0, 0
+    if causal and keys.numel():
+        queries = queries[queries >= keys[0]]  # the rows that see no key of the other modality
     if queries.numel() == 0 or keys.numel() == 0:
         return per_head, 0.0
-    k_sel = k[:, keys]
-    block = max(1, MAX_BLOCK_ELEMENTS // max(1, h_q * keys.numel()))
+    dtype = _compute_dtype(q)
+    n = keys.numel()
+    kt = k[:, keys].to(dtype).transpose(1, 2)  # [H_kv, d, n], gathered and cast once
+    block = min(queries.numel(), _block_rows(h_q, n, q.device))
+    s_buf = torch.empty(h_q * block * n, dtype=torch.float32, device=q.device)
+    p_buf = torch.empty_like(s_buf)
+    visible = torch.searchsorted(keys, queries, right=True) if causal else None  # keys seen per query
+    averaged = torch.zeros((), dtype=torch.float64, device=q.device)
     for start in range(0, queries.numel(), block):
         qi = queries[start : start + block]
-        logits = _grouped_scores(q[:, qi], k_sel, scaling)  # [H_q, b, |keys|]
+        rows = qi.numel()
+        qg = q[:, qi].to(dtype).reshape(h_kv, group * rows, d)
+        logits = _logits(qg, kt, scaling, s_buf[: h_q * rows * n].view(h_kv, group * rows, n)).view(h_q, rows, n)
         if causal:
-            visible = keys[None, :] <= qi[:, None]
-            live = visible.any(-1)
-            logits, visible = logits[:, live], visible[live]
-            logits = logits.masked_fill(~visible, float("-inf"))
-        if logits.shape[1] == 0:
-            continue
-        probs = torch.softmax(logits, dim=-1)
-        per_head += _row_entropy(probs).sum(1)
-        averaged += float(_row_entropy(probs.mean(0)).sum())
-        rows += probs.shape[1]
-    if rows == 0:
-        return per_head, 0.0
-    return per_head / rows, averaged / rows
+            lo = int(visible[start])
+            if lo < n:  # columns < lo are visible to every row of the block
+                band = torch.arange(lo, n, device=q.device)[None, :] >= visible[start : start + rows, None]
+                logits[:, :, lo:].masked_fill_(band, torch.finfo(torch.float32).min)
+        probs = _softmax(logits, p_buf[: h_q * rows * n].view(h_q, rows, n))
+        top, where = logits.max(dim=-1, keepdim=True)
+        lse = (top - torch.log(probs.gather(-1, where))).squeeze(-1)  # p at the row max is >= 1 / n
+        per_head += _entropy_from(logits, probs, lse).sum(1)
+        averaged += _row_entropy(probs.mean(0)).sum(dtype=torch.float64)
+    rows = queries.numel()
+    return per_head / rows, float(averaged) / rows
 
 
 def compute_layer_stats(
@@ -170,51 +216,97 @@ def compute_layer_stats(
 
     ``query [1, H_q, L, d]`` and ``key [1, H_kv, L, d]`` are post-RoPE; ``modality [L]`` holds the
     TEXT/IMAGE/VIDEO code of each key.
+
+    One pass over query blocks serves every row statistic (the window, the question, all queries):
+    the block ``[first, stop)`` scores keys ``< stop`` only, in one fused-scale matmul against K cast
+    and transposed once; only its diagonal ``[first, stop)`` sub-block needs the causal mask; the
+    softmax runs in place. Entropies use ``H = lse - sum_j p_j s_j`` (a batched dot product, no log
+    over the block), with ``lse`` read off each row's own key. Memory: two blocks of at most
+    ``MAX_BLOCK_ELEMENTS`` floats, never ``L x L``.
     """
     if query.shape[0] != 1:
         raise ValueError("mmkv statistics support batch size 1")
     q, k = query[0], key[0]
-    length = k.shape[1]
-    if q.shape[1] != length:
-        raise ValueError(f"prefill statistics expect as many queries as keys, got {q.shape[1]} and {length}")
+    h_q, length, d = q.shape
+    h_kv = k.shape[0]
+    group = h_q // h_kv
+    if k.shape[1] != length:
+        raise ValueError(f"prefill statistics expect as many queries as keys, got {length} and {k.shape[1]}")
+    device = q.device
     out = LayerStats()
+    firsts: list[int] = []
     want_window = request.window > 0 or request.modality_mass or request.entropy
     if want_window:
-        window = min(request.window or 32, length)
-        probs = _causal_softmax(_grouped_scores(q[:, -window:], k, scaling), length - window)  # [H_q, W, L]
-        out.window = window
-        out.window_scores = probs.sum(1)
+        out.window = min(request.window or 32, length)
+        firsts.append(length - out.window)
+        out.window_scores = torch.zeros(h_q, length, dtype=torch.float32, device=device)
         if request.modality_mass:
-            codes = modality.to(probs.device).long()
-            mass = torch.stack([probs[..., codes == c].sum(-1).mean(1) for c in (TEXT, IMAGE, VIDEO)], dim=-1)
-            out.modality_mass = mass
+            codes = modality.to(device).long()
+            onehot = torch.stack([codes == c for c in (TEXT, IMAGE, VIDEO)], dim=-1).float()  # [L, 3]
+            out.modality_mass = torch.zeros(h_q, 3, dtype=torch.float32, device=device)
         if request.entropy:
-            out.entropy = _row_entropy(probs).mean(1)
-        del probs
-    if request.column_sums or request.full_entropy:
-        h_q = q.shape[0]
-        block = max(1, min(length, MAX_BLOCK_ELEMENTS // max(1, h_q * length)))
-        col = torch.zeros(h_q, length, dtype=torch.float32, device=q.device) if request.column_sums else None
-        ent = torch.zeros(h_q, dtype=torch.float32, device=q.device) if request.full_entropy else None
-        for start in range(0, length, block):
-            stop = min(length, start + block)
-            # Queries start..stop-1 see keys < stop only: skip the rest of the row.
-            probs = _causal_softmax(_grouped_scores(q[:, start:stop], k[:, :stop], scaling), start)
-            if col is not None:
-                col[:, :stop] += probs.sum(1)
-            if ent is not None:
-                ent += _row_entropy(probs).sum(1)
-            del probs
-        out.column_sums = col
-        out.full_entropy = ent / length if ent is not None else None
+            out.entropy = torch.zeros(h_q, dtype=torch.float32, device=device)
+    if request.column_sums:
+        out.column_sums = torch.zeros(h_q, length, dtype=torch.float32, device=device)
+        firsts.append(0)
+    if request.full_entropy:
+        out.full_entropy = torch.zeros(h_q, dtype=torch.float32, device=device)
+        firsts.append(0)
     if request.question_scores:
-        qpos = question_positions(modality.to(q.device))
-        probs = _causal_softmax(_grouped_scores(q[:, qpos], k, scaling), int(qpos[0]))
-        out.question_scores = probs.sum(1)
+        qpos = question_positions(modality.to(device))
         out.question_queries = int(qpos.numel())
-        del probs
+        out.question_scores = torch.zeros(h_q, length, dtype=torch.float32, device=device)
+        firsts.append(int(qpos[0]))
+    if firsts:
+        dtype = _compute_dtype(q)
+        qg = q.to(dtype).view(h_kv, group, length, d)
+        kt = k.to(dtype).transpose(1, 2)  # [H_kv, d, L]: cast once, a transposed view for the matmul
+        first = min(firsts)
+        block = min(length - first, _block_rows(h_q, length, device))
+        s_buf = torch.empty(h_q * block * length, dtype=torch.float32, device=device)
+        need_logits = out.entropy is not None or out.full_entropy is not None
+        p_buf = torch.empty_like(s_buf) if need_logits else s_buf
+        ones = torch.ones(h_q, 1, block, dtype=torch.float32, device=device)
+        future = torch.ones(block, block, dtype=torch.bool, device=device).triu_(1)
+        masked = torch.finfo(torch.float32).min  # finite, so that p * s stays 0 where p = 0
+        for start in range(first, length, block):
+            stop = min(length, start + block)
+            rows = stop - start
+            size = h_q * rows * stop
+            logits = _logits(
+                qg[:, :, start:stop].reshape(h_kv, group * rows, d), kt[:, :, :stop], scaling,
+                s_buf[:size].view(h_kv, group * rows, stop),
+            ).view(h_q, rows, stop)
+            # Keys < start are visible to every query of the block: mask the diagonal sub-block only.
+            logits[:, :, start:stop].masked_fill_(future[:rows, :rows], masked)
+            probs = _softmax(logits, p_buf[:size].view(h_q, rows, stop))
+            entropy = None
+            if need_logits and (out.full_entropy is not None or stop > length - out.window):
+                lse = _diagonal_lse(logits, probs, torch.arange(start, stop, device=device))
+                entropy = _entropy_from(logits, probs, lse)  # [H_q, rows]
+            if out.column_sums is not None:
+                out.column_sums[:, :stop] += torch.bmm(ones[:, :, :rows], probs).squeeze(1)
+            if out.full_entropy is not None:
+                out.full_entropy += entropy.sum(1)
+            if out.question_scores is not None and stop > int(qpos[0]):
+                r = max(0, int(qpos[0]) - start)
+                out.question_scores[:, :stop] += torch.bmm(ones[:, :, : rows - r], probs[:, r:]).squeeze(1)
+            if want_window and stop > length - out.window:
+                r = max(0, length - out.window - start)
+                out.window_scores[:, :stop] += torch.bmm(ones[:, :, : rows - r], probs[:, r:]).squeeze(1)
+                if out.modality_mass is not None:
+                    out.modality_mass += torch.matmul(probs[:, r:], onehot[:stop]).sum(1)
+                if out.entropy is not None:
+                    out.entropy += entropy[:, r:].sum(1)
+        if out.full_entropy is not None:
+            out.full_entropy /= length
+        if want_window:
+            if out.modality_mass is not None:
+                out.modality_mass /= out.window
+            if out.entropy is not None:
+                out.entropy /= out.window
     if request.cross_modal:
-        codes = modality.to(q.device)
+        codes = modality.to(device)
         text = (codes == TEXT).nonzero().flatten()
         visual = (codes != TEXT).nonzero().flatten()
         causal = request.cross_modal == "causal"

@@ -43,9 +43,24 @@ def test_question_positions() -> None:
     assert question_positions(torch.tensor([0, 1, 1], dtype=torch.int8), fallback=2).tolist() == [1, 2]
 
 
-def test_question_scores_match_naive() -> None:
+@pytest.mark.parametrize("block", [None, 2, 1])
+def test_question_scores_match_naive(block: int | None, monkeypatch) -> None:
+    """Question attention against naive loops, also with forced small query blocks (never more than
+    ``MAX_BLOCK_ELEMENTS`` scores at once, whatever the question's length)."""
+    sizes = []
+    original = stats_module._logits
+
+    def recording(qg, kt, scaling, out):
+        sizes.append(out.numel())
+        return original(qg, kt, scaling, out)
+
+    monkeypatch.setattr(stats_module, "_logits", recording)
+    if block:
+        monkeypatch.setattr(stats_module, "MAX_BLOCK_ELEMENTS", H_Q * len(CODES) * block)
     q, k, codes = _setup(CODES)
     out = compute_layer_stats(q, k, codes, StatsRequest(question_scores=True), D**-0.5)
+    assert len(sizes) == (-(-3 // block) if block else 1)
+    assert max(sizes) <= stats_module.MAX_BLOCK_ELEMENTS
     assert out.question_queries == 3
     for h in range(H_Q):
         want = [0.0] * len(CODES)

@@ -153,22 +153,47 @@ def test_block_path_really_uses_several_blocks(monkeypatch):
     request = StatsRequest(column_sums=True, full_entropy=True)
     one = compute_layer_stats(q, k, codes, request, 8**-0.5)
     calls = []
-    original = stats_mod._causal_softmax
+    original = stats_mod._logits
 
-    def counting(logits, first):
-        calls.append((first, logits.shape[-2], logits.shape[-1]))
-        return original(logits, first)
+    def counting(qg, kt, scaling, out):
+        calls.append((qg.shape[1] // 2, kt.shape[-1]))  # (query rows, visible keys); G = 2
+        return original(qg, kt, scaling, out)
 
-    monkeypatch.setattr(stats_mod, "_causal_softmax", counting)
+    monkeypatch.setattr(stats_mod, "_logits", counting)
     monkeypatch.setattr(stats_mod, "MAX_BLOCK_ELEMENTS", 5 * 4 * 37)
     many = compute_layer_stats(q, k, codes, request, 8**-0.5)
-    assert [c[0] for c in calls] == list(range(0, 37, 5)), "expected query blocks of 5"
-    assert calls[-1][1] == 2  # 37 = 7 * 5 + 2
+    # query blocks of 5; block [s, s+5) scores only the keys < s+5
+    assert calls == [(min(5, 37 - s), min(37, s + 5)) for s in range(0, 37, 5)]
     ref = reference_stats(q[0], k[0], codes, 1, 8**-0.5)
     assert_close(many.column_sums, ref["column_sums"], "column_sums (blocks)")
     assert_close(many.full_entropy, ref["full_entropy"], "full_entropy (blocks)")
     torch.testing.assert_close(many.column_sums, one.column_sums, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(many.full_entropy, one.full_entropy, atol=ATOL, rtol=RTOL)
+
+
+def test_entropy_when_a_query_gives_its_own_key_no_probability():
+    """A huge logit gap underflows a row's own-key probability: the entropy falls back to the exact lse."""
+    h_q, h_kv, length, d = 2, 1, 16, 4
+    q, k, codes = make_inputs(12, h_q, h_kv, length, d, spread=0.3)
+    k[0, 0, 0, 0] = 400.0  # the first key dominates every later row by ~100+ nats
+    q[0, :, :, 0] = 1.0
+    out = compute_layer_stats(q, k, codes, StatsRequest(window=6, entropy=True, full_entropy=True), 1.0)
+    ref = reference_stats(q[0], k[0], codes, 6, 1.0)
+    assert_close(out.entropy, ref["entropy"], "entropy")
+    assert_close(out.full_entropy, ref["full_entropy"], "full_entropy")
+
+
+@pytest.mark.parametrize("block_queries", [None, 3, 1])
+def test_window_larger_than_a_block(monkeypatch, block_queries):
+    """A large user window is computed in query blocks too, with the same result."""
+    q, k, codes = make_inputs(13, 4, 2, 41, 8)
+    if block_queries is not None:
+        monkeypatch.setattr(stats_mod, "MAX_BLOCK_ELEMENTS", block_queries * 4 * 41)
+    request = StatsRequest(window=30, modality_mass=True, entropy=True, column_sums=True)
+    out = compute_layer_stats(q, k, codes, request, 8**-0.5)
+    ref = reference_stats(q[0], k[0], codes, 30, 8**-0.5)
+    for name in ("window_scores", "modality_mass", "entropy", "column_sums"):
+        assert_close(getattr(out, name), ref[name], name)
 
 
 def test_gqa_head_mapping_is_contiguous_groups():
