@@ -344,6 +344,8 @@ def launch_kwargs() -> dict[str, Any]:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3"):  # one line per HTTP request Gradio makes
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         loaded = STORE.get()
         print(f"mmkv app: model {loaded.describe()}", flush=True)

@@ -191,12 +191,11 @@ def test_errors_name_the_fix() -> None:
     with pytest.raises(mmkv.BatchSizeError, match="batch size 1"):
         with mmkv.compress(model, "snapkv", 0.3):
             model.generate(**batch, max_new_tokens=2)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import T5Config, T5ForConditionalGeneration
 
-    text_only = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, num_key_value_heads=1))
+    encoder_decoder = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
     with pytest.raises(mmkv.UnsupportedModelError, match="Qwen2-VL"):
-        mmkv.adapter_for(text_only)
+        mmkv.adapter_for(encoder_decoder)
 
 
 def test_compress_context_manager_infers_the_modality_map() -> None:
