@@ -39,6 +39,10 @@ def _missing(reason: str) -> None:
 
 try:
     from playwright.sync_api import expect, sync_playwright
+
+    # Every wait is a condition on the page with a generous limit (a loaded CI machine renders slowly),
+    # never a fixed sleep; a condition that holds returns at once.
+    expect.set_options(timeout=60_000)
 except ImportError:  # pragma: no cover - reported by the fixture below
     sync_playwright = None
 
@@ -66,7 +70,7 @@ def app_url(tmp_path_factory):
         proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while time.time() < deadline:
             if proc.poll() is not None:
                 pytest.fail(f"the app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -76,7 +80,7 @@ def app_url(tmp_path_factory):
             except OSError:
                 time.sleep(0.5)
         else:
-            pytest.fail(f"the app did not start listening in 120 s:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"the app did not start listening in 300 s:\n{log.read_text()[-3000:]}")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -88,8 +92,12 @@ def app_url(tmp_path_factory):
     assert "Traceback" not in text, text[-3000:]
 
 
-def _loaded_images(page, selector: str) -> int:
-    return page.eval_on_selector_all(selector, "els => els.filter(e => e.complete && e.naturalWidth > 0).length")
+def _loaded_images(page, selector: str, at_least: int) -> int:
+    """Wait until ``at_least`` images under ``selector`` have loaded (decoded, non-empty); return how many have."""
+    script = "els => els.filter(e => e.complete && e.naturalWidth > 0).length"
+    page.wait_for_function(f"Array.from(document.querySelectorAll({selector!r})).filter(e => e.complete && e.naturalWidth > 0)"
+                           f".length >= {at_least}")
+    return page.eval_on_selector_all(selector, script)
 
 
 def _count(page, selector: str) -> int:
@@ -137,15 +145,13 @@ def test_app_in_chromium(app_url):
             for plot in ("#compare-memory", "#compare-speed", "#compare-agreement", "#compare-kept"):
                 expect(page.locator(f"{plot} .js-plotly-plot")).to_be_visible()
             assert _count(page, "#compare-kept .heatmaplayer image") >= 1  # the kept map is a rendered heatmap
-            page.wait_for_function("document.querySelectorAll('#compare-gallery img').length >= 2")
-            assert _loaded_images(page, "#compare-gallery img") >= 2
+            assert _loaded_images(page, "#compare-gallery img", 2) >= 2
             page.screenshot(path=str(ARTIFACTS / "app-compare.png"), full_page=True)
 
             # ---- Inspect: overlays over image and frames, heatmaps, token strip ------------------
             page.get_by_role("tab", name="Inspect").click()
             expect(page.locator("#inspect-summary")).to_contain_text("compare")
-            page.wait_for_function("document.querySelectorAll('#inspect-gallery img').length >= 3")
-            assert _loaded_images(page, "#inspect-gallery img") >= 3
+            assert _loaded_images(page, "#inspect-gallery img", 3) >= 3
             expect(page.locator("#inspect-gallery")).to_contain_text("video 1 · frame")
             assert _count(page, "#inspect-preference .heatmaplayer image") >= 1  # layer x head heatmap drawn
             expect(page.locator("#inspect-budget .js-plotly-plot")).to_be_visible()
