@@ -109,7 +109,8 @@ def _run(args: argparse.Namespace) -> int:
     summary = trace.summary()
     print(f"prompt tokens: {trace.prompt_length} ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
           f"generated {summary['new_tokens']}")
-    print(f"method: {trace.method}  budget: {trace.budget}  kept: {summary['kept_ratio']:.1%} of (token, layer, head)")
+    budget = "none (Full keeps everything)" if trace.method == "full" else trace.budget
+    print(f"method: {trace.method}  budget: {budget}  kept: {summary['kept_ratio']:.1%} of (token, layer, head)")
     print(f"KV bytes: full {summary['kv_bytes_full']:,}  compressed {summary['kv_bytes_compressed']:,}  "
           f"at end {summary['kv_bytes_end']:,}")
     print(f"times: prefill {summary['prefill_ms']} ms (stats {summary['stats_ms']} ms, compression "
