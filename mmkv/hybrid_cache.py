@@ -3,21 +3,21 @@
 One :class:`HybridLayer` replaces a decoder layer's cache when the HybridKV plan marks at least one
 of its KV heads *dynamic* (``plan.decode["policy"] == "hybrid"``). It holds, for batch size 1:
 
-- **static heads** — the pruned prompt, stored ragged and flattened like :class:`~mmkv.cache.RaggedLayer`
-  (``prefix_keys``/``prefix_values`` ``[sum_h n_h, d]``, head ``j`` at ``offsets[j]:offsets[j+1]``);
-- **dynamic heads** — on the device: the ``sinks`` first and ``recent`` last prompt tokens
-  (``fixed_keys``/``fixed_values`` ``[n_dyn, f, d]``), one chunk *summary* per chunk of the middle span
-  (``scoring="mean"``: the mean key ``[n_dyn, n_chunks, d]``; ``"bounds"``: the element-wise min and
-  max key, Quest-style), and a retrieval buffer of ``top_chunks * chunk_size`` slots
-  (``buffer_keys``/``buffer_values`` ``[n_dyn, k*c, d]``); on the **host**: the full prompt keys/values of
-  the dynamic heads (``host_keys``/``host_values`` ``[n_dyn, L, d]``, pinned CPU memory on CUDA);
+- one flat device store (:class:`~mmkv.cache.FlatPrefix`, no padding): the **static heads'** pruned
+  prompt rows (``offsets`` per static head, like :class:`~mmkv.cache.RaggedLayer`), then per **dynamic
+  head** its ``sinks`` first and ``recent`` last prompt tokens followed by a retrieval buffer of
+  ``top_chunks * chunk_size`` rows;
+- per dynamic head and chunk of the middle span, a *summary* on the device (``scoring="mean"``: the
+  mean key ``[n_dyn, n_chunks, d]``; ``"bounds"``: the element-wise min and max key, Quest-style);
+- on the **host**: the full prompt keys/values of the dynamic heads (``host_keys``/``host_values``
+  ``[n_dyn, L, d]``, pinned CPU memory on CUDA), where every chunk is ``chunk_size`` contiguous rows;
 - a dense **tail** ``[1, H_kv, t, d]`` of generated tokens shared by all heads.
 
 At every forward through :meth:`HybridLayer.attend` (each decode step), each dynamic head scores the
 chunks with the current query — ``max`` over the query heads of its GQA group (and over the queries
 when several are processed at once) of ``q . mean_key`` or of the Quest bound
 ``sum_d max(q_d min_d, q_d max_d)`` — loads the ``top_chunks`` best chunks from the host into the
-buffer (skipped when the set did not change) and attends, with one softmax, over
+buffer (only the chunks it does not hold yet) and attends, with one softmax, over
 ``sinks ∪ retrieved chunks ∪ recent ∪ generated tokens``. The chunk ids retrieved at each step are
 appended to :attr:`HybridLayer.retrievals` (a list per step, one sorted list per dynamic head).
 
@@ -34,7 +34,10 @@ from typing import Any
 
 import torch
 
-from .cache import DECODE_POLICIES, CompressedLayer, batch_size_error, grouped_attention, tensor_bytes, bottom_right_causal_mask
+from .cache import (
+    DECODE_POLICIES, AppendBuffer, CompressedLayer, DeviceLog, FlatPrefix, batch_size_error, group_rows, ragged_attention,
+    tensor_bytes,
+)
 from .methods.base import LayerPlan
 
 STATIC, DYNAMIC = "static", "dynamic"
@@ -74,7 +77,19 @@ def top_chunk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class HybridLayer(CompressedLayer):
-    """A decoder layer's cache with static (pruned, ragged) and dynamic (chunk-retrieving) KV heads."""
+    """A decoder layer's cache with static (pruned, ragged) and dynamic (chunk-retrieving) KV heads.
+
+    Device storage is one :class:`~mmkv.cache.FlatPrefix`: the static heads' kept rows, then per dynamic
+    head its ``sinks``/``recent`` rows followed by ``top_chunks`` buffer slots of ``chunk_size`` rows; so
+    attention is the same fused :func:`~mmkv.cache.ragged_attention` as :class:`~mmkv.cache.RaggedLayer`
+    (unused rows of a short last chunk are hidden in ``prefix.hide``). A decode step selects the chunks
+    and diffs them against the loaded ones on the device (a chunk that stays keeps its slot), then copies
+    only the changed chunks' contiguous rows from the store (``index_select`` into a pinned staging
+    buffer and an asynchronous upload on CUDA; a direct ``index_select`` on the CPU, empty when nothing
+    changed). No ``.item()``/``.tolist()``/``torch.equal`` in the step: on the CPU it is sync-free; on
+    CUDA the changed rows' host indices are the one small device-to-host transfer left (indexing host
+    memory needs host indices). The retrieval log stays on the device (:attr:`retrievals` converts it).
+    """
 
     def __init__(
         self,
@@ -82,48 +97,61 @@ class HybridLayer(CompressedLayer):
         prefix_keys: torch.Tensor, prefix_values: torch.Tensor, prefix_positions: torch.Tensor, offsets: list[int],
         full_dynamic_keys: torch.Tensor, full_dynamic_values: torch.Tensor,
         sinks: int, recent: int, chunk_size: int, top_chunks: int, scoring: str, offload: bool,
-        initial_chunks: torch.Tensor | None, logical_length: int,
+        initial_chunks: torch.Tensor | None, logical_length: int, reserve: int = 0,
     ) -> None:
         super().__init__(logical_length)
         device = prefix_keys.device
-        d = full_dynamic_keys.shape[-1]
+        n_dyn, length, d = full_dynamic_keys.shape
         num_heads = len(head_types)
         empty = prefix_keys.new_zeros(1, num_heads, 0, d)
         self.lazy_initialization(empty, empty)
-        self.keys, self.values = empty, empty.clone()  # the generated-token tail
-        self.tail_positions = torch.zeros(0, dtype=torch.long, device=device)
+        self._tail_keys, self._tail_values = AppendBuffer(empty, reserve), AppendBuffer(empty.clone(), reserve)
+        self._tail_positions = AppendBuffer(torch.zeros(0, dtype=torch.long, device=device), reserve, -1)
+        self.keys, self.values = self._tail_keys.data, self._tail_values.data
         self.head_types = list(head_types)
         self.static_heads = [h for h, t in enumerate(head_types) if t == STATIC]
         self.dynamic_heads = [h for h, t in enumerate(head_types) if t == DYNAMIC]
-        # static heads: ragged flattened prefix
-        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
         self.prefix_positions = prefix_positions
         self.offsets = list(offsets)
-        # dynamic heads
-        length = logical_length
-        n_dyn = len(self.dynamic_heads)
         self.sinks, self.recent, self.chunk_size, self.scoring = sinks, recent, chunk_size, scoring
         self.fixed_positions = torch.cat([torch.arange(sinks), torch.arange(length - recent, length)]).to(device)
-        self.fixed_keys = full_dynamic_keys[:, self.fixed_positions].contiguous()
-        self.fixed_values = full_dynamic_values[:, self.fixed_positions].contiguous()
         starts, lengths = chunk_grid(length, sinks, recent, chunk_size)
         self.chunk_starts, self.chunk_lengths = starts.to(device), lengths.to(device)
-        self.top_chunks = min(int(top_chunks), int(starts.numel()))
-        self.offloaded = bool(offload)
-        self.retrievals: list[list[list[int]]] = []
+        k, c, f = min(int(top_chunks), int(starts.numel())), chunk_size, self.fixed_positions.numel()
+        self.top_chunks, self.offloaded = k, bool(offload)
+        # one flat device store: static rows, then per dynamic head [fixed rows | k*c buffer rows]
+        n_static, span = prefix_keys.shape[0], f + k * c
+        dyn_keys = full_dynamic_keys.new_zeros(n_dyn, span, d)
+        dyn_values = full_dynamic_values.new_zeros(n_dyn, span, d)
+        dyn_keys[:, :f], dyn_values[:, :f] = full_dynamic_keys[:, self.fixed_positions], full_dynamic_values[:, self.fixed_positions]
+        head_start, head_len = [0] * num_heads, [0] * num_heads
+        for j, h in enumerate(self.static_heads):
+            head_start[h], head_len[h] = offsets[j], offsets[j + 1] - offsets[j]
+        for j, h in enumerate(self.dynamic_heads):
+            head_start[h], head_len[h] = n_static + j * span, span
+        self.prefix = FlatPrefix(
+            torch.cat([prefix_keys, dyn_keys.view(-1, d)]), torch.cat([prefix_values, dyn_values.view(-1, d)]),
+            head_start, head_len,
+        )
+        self._dyn_index = torch.tensor(self.dynamic_heads, dtype=torch.long, device=device)
+        slot_rows = n_static + f + torch.arange(n_dyn, device=device)[:, None] * span + torch.arange(k * c, device=device)
+        self._buffer_rows = slot_rows  # [n_dyn, k*c]: flat rows of the buffer slots
+        self.slot_chunks = torch.full((n_dyn, k), -1, dtype=torch.long, device=device)  # chunk held by each slot
+        self._log = DeviceLog((n_dyn, k), device)
         self.host_keys = self.host_values = None
+        self._staging: tuple[torch.Tensor, torch.Tensor] | None = None
         self.summaries: tuple[torch.Tensor, ...] = ()
-        k, c = self.top_chunks, chunk_size
-        self.buffer_keys = full_dynamic_keys.new_zeros(n_dyn, k * c, d)
-        self.buffer_values = full_dynamic_values.new_zeros(n_dyn, k * c, d)
-        self.buffer_positions = torch.zeros(n_dyn, k * c, dtype=torch.long, device=device)
-        self.buffer_valid = torch.zeros(n_dyn, k * c, dtype=torch.bool, device=device)
-        self.current_chunks = torch.full((n_dyn, k), -1, dtype=torch.long, device=device)
         if k > 0:  # without retrieval slots the dynamic heads never need the rest of the prompt
             self.summaries = self._summarise(full_dynamic_keys)
+            # store rows [n_dyn * rows, d]: chunk i of head j is rows j*rows + starts[i] + [0, c) (padded past L)
+            rows = max(length, sinks + int(starts.numel()) * c)
             host = "cpu" if offload else device
-            self.host_keys = _host_copy(full_dynamic_keys, host)
-            self.host_values = _host_copy(full_dynamic_values, host)
+            self.host_keys = _host_copy(_pad_rows(full_dynamic_keys, rows), host)
+            self.host_values = _host_copy(_pad_rows(full_dynamic_values, rows), host)
+            self._store_rows = rows
+            if self.host_keys.device != device:
+                self._staging = (_host_copy(dyn_keys.new_empty(n_dyn * k * c, d), "cpu", pin=True),
+                                 _host_copy(dyn_values.new_empty(n_dyn * k * c, d), "cpu", pin=True))
             if initial_chunks is None:
                 initial_chunks = torch.arange(k).expand(n_dyn, k)
             self._load(initial_chunks.to(device=device, dtype=torch.long))
@@ -143,80 +171,84 @@ class HybridLayer(CompressedLayer):
         return low, high
 
     def _load(self, chunk_ids: torch.Tensor) -> None:
-        """Bring chunks ``chunk_ids [n_dyn, k]`` from the host store into the device buffer."""
-        if torch.equal(chunk_ids, self.current_chunks):
-            return
-        c = self.chunk_size
-        offsets = torch.arange(c, device=chunk_ids.device)
-        starts = self.chunk_starts[chunk_ids]  # [n_dyn, k]
-        valid = offsets[None, None, :] < self.chunk_lengths[chunk_ids][..., None]  # [n_dyn, k, c]
-        positions = torch.where(valid, starts[..., None] + offsets, starts[..., None])  # padded slots repeat the start
-        positions = positions.reshape(positions.shape[0], -1)
-        host_index = positions.to(self.host_keys.device)[..., None].expand(-1, -1, self.host_keys.shape[-1])
-        self.buffer_keys.copy_(torch.gather(self.host_keys, 1, host_index), non_blocking=True)
-        self.buffer_values.copy_(torch.gather(self.host_values, 1, host_index), non_blocking=True)
-        self.buffer_positions = positions
-        self.buffer_valid = valid.reshape(valid.shape[0], -1)
-        self.current_chunks = chunk_ids.clone()
+        """Make the slots hold chunks ``chunk_ids [n_dyn, k]``, copying only the chunks not held yet."""
+        k, c = self.top_chunks, self.chunk_size
+        held = self.slot_chunks
+        keep_slot = (held[:, :, None] == chunk_ids[:, None, :]).any(-1)  # the slot's chunk stays
+        needed = ~(chunk_ids[:, :, None] == held[:, None, :]).any(-1)  # the chunk is not held yet
+        free = torch.sort(keep_slot.to(torch.int8), dim=-1, stable=True).indices  # freed slots first
+        order = torch.sort((~needed).to(torch.int8), dim=-1, stable=True).indices  # needed chunks first
+        fill = torch.arange(k, device=held.device) < needed.sum(-1, keepdim=True)
+        slots = held.scatter(1, free, torch.where(fill, chunk_ids.gather(1, order), held.gather(1, free)))
+        pairs = (slots != held).nonzero()  # [m, 2] (dynamic head, slot); a data-dependent size, no sync on the CPU
+        self.slot_chunks = slots
+        head, slot = pairs.unbind(1)
+        offsets = torch.arange(c, device=held.device)
+        src = ((head * self._store_rows + self.chunk_starts[slots[head, slot]])[:, None] + offsets).view(-1)
+        dst = self._buffer_rows[head, slot * c][:, None] + offsets
+        dst = dst.view(-1)
+        if self._staging is None:
+            self.prefix.keys.index_copy_(0, dst, self.host_keys.view(-1, self.host_keys.shape[-1]).index_select(0, src))
+            self.prefix.values.index_copy_(0, dst, self.host_values.view(-1, self.host_values.shape[-1]).index_select(0, src))
+        else:  # host indices for the pinned store; the blocking transfer also orders reuse of the staging buffers
+            src = src.cpu()
+            n = src.numel()
+            for store, stage, flat in ((self.host_keys, self._staging[0], self.prefix.keys),
+                                       (self.host_values, self._staging[1], self.prefix.values)):
+                torch.index_select(store.view(-1, store.shape[-1]), 0, src, out=stage[:n])
+                flat.index_copy_(0, dst, stage[:n].to(flat.device, non_blocking=True))
+        valid = offsets < self.chunk_lengths[slots][..., None]  # [n_dyn, k, c]
+        self.prefix.hide[self._dyn_index[:, None], 0, self._buffer_rows] = ~valid.view(valid.shape[0], -1)
 
     # ---- transformers cache-layer API ----------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if key_states.shape[0] != 1:
             raise batch_size_error()
         n_new = key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        new_pos = torch.arange(self.logical_length, self.logical_length + n_new, device=self.tail_positions.device)
-        self.tail_positions = torch.cat([self.tail_positions, new_pos])
+        self.keys = self._tail_keys.append(key_states)
+        self.values = self._tail_values.append(value_states)
+        self._tail_positions.append(torch.arange(self.logical_length, self.logical_length + n_new, device=self.fixed_positions.device))
         self.logical_length += n_new
         return self.keys, self.values
 
     # ---- mmkv API --------------------------------------------------------------------------------
-    def retrieve(self, query: torch.Tensor) -> torch.Tensor | None:
+    @property
+    def tail_positions(self) -> torch.Tensor:
+        return self._tail_positions.data
+
+    @property
+    def retrievals(self) -> list[list[list[int]]]:
+        """Per forward (decode step), per dynamic head: the sorted chunk ids retrieved (one transfer)."""
+        return self._log.tolist()
+
+    def retrieve(self, query: torch.Tensor) -> None:
         """Score the chunks with ``query [1, H_q, q, d]``, load the best into the buffer, record the step."""
         if not self.dynamic_heads:
-            return None
-        k = self.top_chunks
+            return
+        k, n_dyn = self.top_chunks, len(self.dynamic_heads)
         if k == 0:
-            self.retrievals.append([[] for _ in self.dynamic_heads])
-            return None
-        h_q, q_len, d = query.shape[1], query.shape[2], query.shape[3]
-        group = h_q // len(self.head_types)
-        grouped = query[0].reshape(len(self.head_types), group, q_len, d)[self.dynamic_heads]  # [n_dyn, G, q, d]
+            self._log.append(self.slot_chunks[None])
+            return
         if k >= self.chunk_starts.numel():
-            ids = torch.arange(k, device=query.device).expand(len(self.dynamic_heads), k)
+            ids = torch.arange(k, device=query.device).expand(n_dyn, k)
         else:
-            ids = top_chunk_ids(chunk_scores(grouped, self.summaries, self.scoring), k)
+            grouped = group_rows(query, len(self.head_types)).index_select(0, self._dyn_index)  # [n_dyn, G*q, d]
+            ids = top_chunk_ids(chunk_scores(grouped[:, None], self.summaries, self.scoring), k)
         self._load(ids)
-        self.retrievals.append(self.current_chunks.tolist())
-        return self.current_chunks
+        self._log.append(ids[None])
 
     def attend(self, module, query, key, value, scaling, dropout=0.0):
         # `key`/`value` are the tail returned by update(): [1, H_kv, t, d], ending with the queries' own tokens.
-        h_q, q_len, d = query.shape[1], query.shape[2], query.shape[3]
-        group = h_q // len(self.head_types)
-        scale = scaling if scaling is not None else d**-0.5
-        tail_mask = bottom_right_causal_mask(q_len, key.shape[2], query.device)
         self.retrieve(query)
-        outs = []
-        for h, kind in enumerate(self.head_types):
-            q = query[0, h * group : (h + 1) * group]
-            tail = (key[0, h], value[0, h], tail_mask)
-            if kind == STATIC:
-                j = self.static_heads.index(h)
-                a, b = self.offsets[j], self.offsets[j + 1]
-                parts = [(self.prefix_keys[a:b], self.prefix_values[a:b], None), tail]
-            else:
-                j = self.dynamic_heads.index(h)
-                buf_mask = self.buffer_valid[j][None, :].expand(q_len, -1)
-                parts = [
-                    (self.fixed_keys[j], self.fixed_values[j], None),
-                    (self.buffer_keys[j], self.buffer_values[j], buf_mask),
-                    tail,
-                ]
-            out, _ = grouped_attention(q, parts, scale)
-            outs.append(out)
-        return torch.cat(outs, dim=0).transpose(0, 1).unsqueeze(0).contiguous()  # [1, q, H_q, d]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return ragged_attention(query, self.prefix, key, value, scale)
+
+    def _retrieved_positions(self, j: int) -> torch.Tensor:
+        """Logical positions held in dynamic head ``j``'s buffer (valid rows of its current chunks)."""
+        chunks = self.slot_chunks[j]
+        offsets = torch.arange(self.chunk_size, device=chunks.device)
+        rows = self.chunk_starts[chunks][:, None] + offsets
+        return rows[offsets < self.chunk_lengths[chunks][:, None]]
 
     def kept_positions(self) -> list[torch.Tensor]:
         """Per KV head, the logical positions it attends to now (dynamic: fixed + current chunks)."""
@@ -226,8 +258,7 @@ class HybridLayer(CompressedLayer):
                 j = self.static_heads.index(h)
                 prompt = self.prefix_positions[self.offsets[j] : self.offsets[j + 1]]
             else:
-                j = self.dynamic_heads.index(h)
-                retrieved = self.buffer_positions[j][self.buffer_valid[j]]
+                retrieved = self._retrieved_positions(self.dynamic_heads.index(h))
                 prompt = torch.sort(torch.cat([self.fixed_positions, retrieved])).values
             out.append(torch.cat([prompt, self.tail_positions]))
         return out
@@ -236,7 +267,8 @@ class HybridLayer(CompressedLayer):
         return tensor_bytes(*self.summaries)
 
     def buffer_bytes(self) -> int:
-        return tensor_bytes(self.buffer_keys, self.buffer_values)
+        per_row = 2 * self.prefix.keys.shape[-1] * self.prefix.keys.element_size()
+        return self._buffer_rows.numel() * per_row
 
     def host_bytes(self) -> int:
         """Bytes of the host (offloaded) store of the dynamic heads' full prompt KV."""
@@ -244,24 +276,30 @@ class HybridLayer(CompressedLayer):
 
     def physical_bytes(self) -> int:
         """Device bytes: static prefix, dynamic fixed tokens, buffers, summaries, tail (+ store if not offloaded)."""
-        device = tensor_bytes(self.prefix_keys, self.prefix_values, self.fixed_keys, self.fixed_values, self.keys, self.values)
-        device += self.buffer_bytes() + self.summary_bytes()
+        device = self.prefix.nbytes() + self._tail_keys.nbytes + self._tail_values.nbytes + self.summary_bytes()
         if not self.offloaded:
             device += tensor_bytes(self.host_keys, self.host_values)
         return device
 
     def overhead_bytes(self) -> int:
         """Device bytes that hold no kept token: summaries + unused (masked) buffer slots (+ a non-offloaded store)."""
-        per_slot = 2 * self.buffer_keys.shape[-1] * self.buffer_keys.element_size()
-        unused = int((~self.buffer_valid).sum()) * per_slot
+        per_row = 2 * self.prefix.keys.shape[-1] * self.prefix.keys.element_size()
+        used = sum(int(self._retrieved_positions(j).numel()) for j in range(len(self.dynamic_heads)))
         store = 0 if self.offloaded else tensor_bytes(self.host_keys, self.host_values)
-        return self.summary_bytes() + unused + store
+        return self.summary_bytes() + (self._buffer_rows.numel() - used) * per_row + store
 
 
-def _host_copy(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A separate copy of ``tensor`` on ``device`` (pinned when it is the CPU side of a CUDA cache)."""
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``tensor [n, L, d]`` with zero rows appended up to ``rows`` (the last chunk's slot may reach past ``L``)."""
+    if tensor.shape[1] >= rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], rows - tensor.shape[1], tensor.shape[2])], dim=1)
+
+
+def _host_copy(tensor: torch.Tensor, device: torch.device | str, pin: bool = False) -> torch.Tensor:
+    """A separate copy of ``tensor`` on ``device`` (pinned when it is the CPU side of a CUDA cache, or ``pin``)."""
     out = tensor.detach().to(device, copy=True).contiguous()
-    if out.device.type == "cpu" and tensor.device.type == "cuda":
+    if out.device.type == "cpu" and (tensor.device.type == "cuda" or pin) and torch.cuda.is_available():
         try:
             out = out.pin_memory()
         except RuntimeError:  # pragma: no cover - pinning can fail on constrained hosts
@@ -269,12 +307,12 @@ def _host_copy(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor
     return out
 
 
-def build_hybrid_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan) -> HybridLayer:
+def build_hybrid_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> HybridLayer:
     """``DECODE_POLICIES["hybrid"]``: build a :class:`HybridLayer` from full ``[1, H, L, d]`` tensors and the plan.
 
     ``plan.decode`` holds ``head_types`` (``"static"``/``"dynamic"`` per KV head), ``sinks``, ``recent``,
     ``chunk_size``, ``top_chunks``, ``scoring``, ``offload`` and ``initial_chunks`` (per dynamic head).
-    Static heads keep ``plan.kept[h]``. Adds ``device_bytes``, ``host_bytes``, ``summary_bytes`` and
+    Static heads keep ``plan.kept[h]``; ``reserve`` preallocates room for generated tokens. Adds ``device_bytes``, ``host_bytes``, ``summary_bytes`` and
     ``overhead_bytes`` to ``plan.info`` for the trace.
     """
     if keys.shape[0] != 1:
@@ -303,7 +341,7 @@ def build_hybrid_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan
         types, prefix_keys, prefix_values, prefix_positions, offsets,
         keys[0, dynamic], values[0, dynamic],
         int(spec["sinks"]), int(spec["recent"]), int(spec["chunk_size"]), int(spec["top_chunks"]),
-        spec.get("scoring", "mean"), bool(spec.get("offload", True)), initial_t, length,
+        spec.get("scoring", "mean"), bool(spec.get("offload", True)), initial_t, length, reserve,
     )
     plan.info.update({
         "device_bytes": layer.physical_bytes(),

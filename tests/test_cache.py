@@ -137,7 +137,7 @@ def test_h2o_decode_layer_keeps_capacity_and_evicts_lowest_score() -> None:
     # compute the expectation from the accumulated scores the layer itself saw.
     assert layer.evictions[0][0] == 1 and layer.evictions[0][1] == 0
     assert 1 not in layer.positions[0].tolist() and 0 not in layer.positions[1].tolist()
-    assert layer.positions[:, -1].tolist() == [L, L]  # the new token stays (recent window)
+    assert [p.tolist()[-1] for p in layer.kept_positions()] == [L, L]  # the new token stays (recent window)
 
 
 @pytest.mark.parametrize("ragged", [False, True])
