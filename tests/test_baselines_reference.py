@@ -112,23 +112,39 @@ def ref_streaming(length, capacity, sinks, h_kv):
     return [kept for _ in range(h_kv)]
 
 
+def ref_largest_remainder(values, total):
+    """Floors, then +1 one at a time to the largest fractional part (ties: the lower index), up to ``total``."""
+    ints = [math.floor(v + 1e-9) for v in values]
+    order = sorted(range(len(values)), key=lambda i: (-(values[i] - ints[i]), i))
+    for i in order[: total - sum(ints)]:
+        ints[i] += 1
+    return ints
+
+
 def ref_pyramid_capacity(length, capacity, window, beta, layer, num_layers):
-    """PyramidKV (algorithms.md 6.3) per-layer capacity, window included."""
+    """PyramidKV per-layer capacity, window included: the linear schedule ``x_l = max - l (max - min) / (N - 1)``
+    with ``min = b / beta``, ``max = 2b - min`` (clipped to ``L - w``), made integers summing to ``N b``.
+
+    (The released code floors ``min`` and the step, which overspends by up to ``(N - 1) / 2`` tokens
+    per head: the exact schedule holds the budget, see mmkv/methods/pyramidkv.py.)
+    """
     w = min(window, capacity, length)
     base = capacity - w
     if length <= capacity or length < 2 * base or num_layers == 1:
         return capacity  # keep all / uniform SnapKV
-    low = base // beta
+    low = base / beta
     high = 2 * base - low
     if high >= length - w:
         high = length - w
         low = 2 * base - high
-    step = (high - low) // (num_layers - 1)
-    return high - layer * step + w
+    schedule = [high - l * (high - low) / (num_layers - 1) for l in range(num_layers)]
+    return ref_largest_remainder(schedule, num_layers * base)[layer] + w
 
 
 def ref_adakv_caps(window_scores_q, h_kv, length, capacity, window, kernel, pooling, alpha):
-    """AdaKV (algorithms.md 6.5): layer-wide top-(H*b) over heads, cap_h = round(n_h(1-a) + floor(b a)) + w."""
+    """AdaKV: layer-wide top-(H*b) over heads, shares ``n_h (1 - a) + b a`` (summing to ``H b``) made integers
+    by the largest remainder, plus the window. (The repository's ``round(n_h (1 - a) + floor(b a))``
+    loses up to a token per head to the floor: the exact shares hold the budget.)"""
     if capacity >= length:
         return [length] * h_kv
     w = min(window, capacity, length)
@@ -141,8 +157,8 @@ def ref_adakv_caps(window_scores_q, h_kv, length, capacity, window, kernel, pool
     counts = [0] * h_kv
     for _, h in flat[: h_kv * base]:
         counts[h] += 1
-    floor = math.floor(base * alpha)
-    return [min(span, round(n * (1 - alpha) + floor)) + w for n in counts]
+    shares = [n * (1 - alpha) + base * alpha for n in counts]
+    return [c + w for c in ref_largest_remainder(shares, h_kv * base)]
 
 
 # ---- fixtures -------------------------------------------------------------------------------
@@ -397,16 +413,16 @@ def test_snapkv_tie_breaks_toward_earlier_position():
 @pytest.mark.parametrize(
     "length,capacity,window,beta,num_layers,first,last",
     [
-        # base 100, min 5, max 195, step 190 // 31 = 6
-        (1000, 108, 8, 20, 32, 203, 17),
-        # clipping: max 195 >= L - w = 192 -> max 192, min 8, step 184 // 31 = 5
-        (200, 108, 8, 20, 32, 200, 45),
+        # base 100, min 5, max 195: x_0 = 195, x_31 = 5 (the code's floored step 6 gave 17 at the top)
+        (1000, 108, 8, 20, 32, 203, 13),
+        # clipping: max 195 >= L - w = 192 -> max 192, min 8 (floored step 5: 45 at the top, +37 tokens)
+        (200, 108, 8, 20, 32, 200, 16),
         # uniform fallback: L = 150 < 2 * base = 200
         (150, 108, 8, 20, 32, 108, 108),
         # keep all
         (100, 108, 8, 20, 32, 108, 108),
-        # base 40, min 2, max 78, step 76 // 3 = 25
-        (500, 48, 8, 20, 4, 86, 11),
+        # base 40, min 2, max 78: x = 78, 52.67, 27.33, 2 -> 78, 53, 27, 2 (sum 160 = 4 x 40)
+        (500, 48, 8, 20, 4, 86, 10),
     ],
 )
 def test_pyramidkv_hand_computed_capacities(length, capacity, window, beta, num_layers, first, last):
@@ -440,17 +456,17 @@ def check_pyramid_capacities(length, capacity, num_layers):
     base = capacity - w
     pyramid = not (length <= capacity or length < 2 * base or num_layers == 1)
     if pyramid:
-        low = base // beta
+        low = base / beta
         high = 2 * base - low
         if high >= length - w:  # the clipping branch
             high, low = length - w, 2 * base - (length - w)
-        if (high - low) // (num_layers - 1) >= 1:
+        step = (high - low) / (num_layers - 1)
+        if step >= 1:
             assert all(a > b for a, b in zip(caps, caps[1:])), f"{where}: step >= 1, strictly decreasing"
-        assert caps[0] == high + w, where
-        assert caps[-1] == high - (num_layers - 1) * ((high - low) // (num_layers - 1)) + w, where
-        # the linear schedule spends the budget on average (up to the floor of the step)
-        mean = sum(caps) / num_layers
-        assert capacity <= mean < capacity + (num_layers - 1) / 2 + 1e-9, where
+        for l, c in enumerate(caps):  # each layer within one token of the exact linear schedule
+            assert math.floor(high - l * step) <= c - w <= math.ceil(high - l * step), where
+        # the layers hold the budget exactly
+        assert sum(caps) == num_layers * capacity, where
         assert all(w <= c <= length for c in caps), where
     else:
         assert caps == [capacity] * num_layers, where

@@ -2,9 +2,13 @@
 
 Per layer, the ``H_kv * b`` slots (``b = C - w``) go to the globally best pooled window scores
 across heads, so concentrated heads give slots to dispersed ones; a floor ``alpha * b`` per head
-keeps every head alive: ``cap_h = round(n_h * (1 - alpha) + floor(b * alpha))`` where ``n_h`` is
-the number of head ``h``'s entries in the layer-wide top-k (algorithms.md §6.5; repo defaults:
-window 32, kernel 7, max pooling, alpha 0.2). Heads then keep different numbers of tokens: the cache
+keeps every head alive: ``cap_h = n_h * (1 - alpha) + b * alpha`` where ``n_h`` is the number of
+head ``h``'s entries in the layer-wide top-k (repo defaults: window 32, kernel 7, max pooling,
+alpha 0.2). Since ``sum_h n_h = H_kv b``, the shares add up to exactly ``H_kv b`` (and none exceeds
+``L - w``, as ``n_h <= L - w`` and ``b < L - w``): they are made integers by the largest remainder
+(``floor``, then +1 for the largest fractional parts, ties to the lower head), so the layer holds
+exactly ``H_kv C`` tokens (the repository's ``round(n_h (1 - alpha) + floor(b alpha))``
+loses up to one token per head to the floor). Heads then keep different numbers of tokens: the cache
 stores them ragged, so the savings are physical.
 """
 
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerContext, LayerPlan, check_fraction
+from .base import LayerContext, LayerPlan, check_fraction, largest_remainder
 from .snapkv import SnapKV
 
 
@@ -45,9 +49,9 @@ class AdaKV(SnapKV):
         h_kv, span = scores.shape
         flat = scores.reshape(-1)
         top = torch.topk(flat, min(h_kv * base, flat.numel())).indices
-        counts = torch.bincount(top // span, minlength=h_kv)
-        floor = int(base * self.alpha)
-        return [min(span, round(int(n) * (1 - self.alpha) + floor)) + window for n in counts]
+        counts = torch.bincount(top // span, minlength=h_kv).tolist()
+        shares = [n * (1 - self.alpha) + base * self.alpha for n in counts]
+        return [c + window for c in largest_remainder(shares, h_kv * base, span)]
 
     def plan_layer(self, ctx: LayerContext) -> LayerPlan:
         caps = self.head_capacities(ctx)

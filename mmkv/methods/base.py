@@ -16,8 +16,9 @@ from the user's budget (a ratio of the compressed span, or an absolute token cou
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -184,3 +185,53 @@ def topk_plus_recent(scores: torch.Tensor, keep: int | list[int], recent: int, l
             chosen = tail
         kept.append(torch.sort(chosen).values)
     return kept
+
+
+def largest_remainder(values: Sequence[float], total: int, high: int) -> list[int]:
+    """Integers ``floor(v)`` plus one for the largest fractional parts (ties: lower index), summing to ``total``."""
+    out = [int(math.floor(v + 1e-9)) for v in values]
+    rest = total - sum(out)
+    order = sorted(range(len(values)), key=lambda i: (-(values[i] - out[i]), i))
+    while rest > 0:
+        progressed = False
+        for i in order:
+            if rest == 0:
+                break
+            if out[i] < high:
+                out[i] += 1
+                rest -= 1
+                progressed = True
+        if not progressed:
+            break
+    return out
+
+
+def water_fill(total: int, weights: list[float], caps: list[int]) -> list[int]:
+    """Integers ``<= caps`` summing to at most ``total``, proportional to ``weights`` (water-filling).
+
+    Heads whose proportional share exceeds their cap are fixed at the cap and the rest is shared again;
+    shares are rounded down and the leftover units go to the largest fractional parts (ties: lower index).
+    """
+    n = len(weights)
+    out = [0] * n
+    free = [i for i in range(n) if caps[i] > 0]
+    budget = max(0, int(total))
+    while free and budget > 0:
+        weight = sum(weights[i] for i in free)
+        share = {i: (budget * weights[i] / weight if weight > 0 else budget / len(free)) for i in free}
+        capped = [i for i in free if share[i] >= caps[i]]
+        if capped:
+            for i in capped:
+                out[i] = caps[i]
+                budget -= caps[i]
+            free = [i for i in free if i not in capped]
+            continue
+        floors = {i: int(math.floor(share[i])) for i in free}
+        left = budget - sum(floors.values())
+        order = sorted(free, key=lambda i: (-(share[i] - floors[i]), i))
+        for i in order[:left]:
+            floors[i] += 1
+        for i in free:
+            out[i] = min(caps[i], floors[i])
+        break
+    return out

@@ -36,39 +36,8 @@ import torch
 
 from ..modality import TEXT
 from ..stats import StatsRequest
-from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction, check_positive, reduce_to_kv_heads
+from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction, check_positive, reduce_to_kv_heads, water_fill
 from .madakv import coverage_count
-
-
-def largest_remainder(total: int, weights: list[float], caps: list[int]) -> list[int]:
-    """Integers ``<= caps`` summing to at most ``total``, proportional to ``weights`` (water-filling).
-
-    Heads whose proportional share exceeds their cap are fixed at the cap and the rest is shared again;
-    shares are rounded down and the leftover units go to the largest fractional parts (ties: lower index).
-    """
-    n = len(weights)
-    out = [0] * n
-    free = [i for i in range(n) if caps[i] > 0]
-    budget = max(0, int(total))
-    while free and budget > 0:
-        weight = sum(weights[i] for i in free)
-        share = {i: (budget * weights[i] / weight if weight > 0 else budget / len(free)) for i in free}
-        capped = [i for i in free if share[i] >= caps[i]]
-        if capped:
-            for i in capped:
-                out[i] = caps[i]
-                budget -= caps[i]
-            free = [i for i in free if i not in capped]
-            continue
-        floors = {i: int(math.floor(share[i])) for i in free}
-        left = budget - sum(floors.values())
-        order = sorted(free, key=lambda i: (-(share[i] - floors[i]), i))
-        for i in order[:left]:
-            floors[i] += 1
-        for i in free:
-            out[i] = min(caps[i], floors[i])
-        break
-    return out
 
 
 def dynamic_layout(length: int, budget: int, sinks: int, recent: int, chunk_size: int, top_chunks: int | None) -> dict:
@@ -199,7 +168,7 @@ class HybridKV(Method):
         else:
             static_pool = total
         weights = [sparsity[l][h] for l, h in static_ids]
-        budgets = largest_remainder(static_pool, weights, [length] * n_static)
+        budgets = water_fill(static_pool, weights, [length] * n_static)
         static_budget = {key: b for key, b in zip(static_ids, budgets)}
         plans = []
         for layer, ctx in enumerate(contexts):

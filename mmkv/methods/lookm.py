@@ -114,7 +114,8 @@ def text_prior_plan(
     Shared by LOOK-M (``budget`` = the capacity) and MEDA (``budget`` = its layer budget ``S_l``).
     ``info`` records ``recent`` (M), ``important`` (N), ``nominal`` (N + M), ``retained`` (actual
     tokens per KV head), ``text``/``visual`` counts, ``visual_kept`` per head, ``merged`` per head,
-    ``dropped`` (filtered out without merging) and ``skipped`` (why nothing was evicted, if so).
+    ``dropped`` (filtered out without merging), ``skipped`` (why nothing was evicted, if so) and
+    ``over_budget`` (why the layer keeps more than N + M: the text prior keeps every text token).
     """
     length = ctx.length
     codes = ctx.modality.modality[:length]
@@ -140,6 +141,11 @@ def text_prior_plan(
         kept = text_prior_keep(scores, text, important, recent)
     kept = [k.cpu() for k in kept]
     info["retained"] = int(kept[0].numel())
+    if info["retained"] > recent + important and not no_visual:
+        info["over_budget"] = (
+            f"text prior: all {n_text} text tokens stay (Eq. 5-8), {info['retained'] - recent - important} "
+            f"over the nominal N + M = {recent + important}"
+        )
     info["visual_kept"] = [int((~text[k]).sum()) for k in kept]
     plan = LayerPlan(kept=kept, info=info)
     if merge != "none" and info["retained"] < length:

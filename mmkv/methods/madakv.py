@@ -34,6 +34,16 @@ Final clip (both readings): every head of every later layer is guaranteed ``phi_
 layer ``l`` may keep at most ``remaining - H_kv (N_L - 1 - l) phi_min`` in all; a layer above that
 shrinks each head's share above ``phi_min`` by the same factor (rounded down). Hence
 ``sum over layers and heads <= C * H_kv * N_L`` always.
+
+Closing the budget (reading B, the default): compensation passes what a layer does not use on to
+the later layers, but the last layer has none, so with demand-driven retention (heads whose ``theta``
+coverage needs few tokens) the surplus was lost: a peaked model held 0.37 of the cache at
+``rho = 0.5``. So a layer keeps at least ``remaining - H_kv (N_L - 1 - l) L``, the part of the
+surplus that the later layers could not hold even whole (the last layer: everything that is left),
+shared in proportion to its heads' ``n`` (largest remainder, at most ``L`` per head): the model
+holds exactly ``C * H_kv * N_L``, the surplus landing as late as possible. Reading A follows the
+demand, not the budget (``phi`` moves by ``sum_h (d_h - phi)`` whatever was kept), and ``"off"``
+keeps ``floor(phi_init C)`` per head: neither is held to the budget (the trace records ``phi``).
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ import torch
 
 from ..modality import TEXT
 from ..stats import StatsRequest
-from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction, check_positive, reduce_to_kv_heads
+from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction, check_positive, reduce_to_kv_heads, water_fill
 
 
 def coverage_count(scores: torch.Tensor, theta: float) -> int:
@@ -166,6 +176,9 @@ class MadaKV(Method):
             if sum(wanted) > allowed:
                 spare, over = allowed - h_kv * phi_min, sum(wanted) - h_kv * phi_min
                 wanted = [phi_min + ((n - phi_min) * spare) // over for n in wanted]
+            elif self.hcc == "B" and sum(wanted) < (needed := remaining - h_kv * (n_layers - 1 - i) * length):
+                # a surplus the later layers cannot hold even whole stays here (the last layer: all that is left)
+                wanted = water_fill(needed, [float(n) for n in wanted], [length] * h_kv)
             plan = self._select(ctx, a, wanted, window)
             kept_counts = plan.budgets
             remaining -= sum(kept_counts)

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..stats import LayerStats, StatsRequest
-from .base import LayerContext, LayerPlan, Method, check_choice
+from .base import LayerContext, LayerPlan, Method, check_choice, largest_remainder
 from .lookm import check_text_prior_params, text_prior_plan
 
 
@@ -114,25 +114,6 @@ def proportional_fill(weights: Sequence[float], total: float, low: float, high: 
     free = sum(w for w in weights if high / w > prev and low / w < point)
     lam = (total - pinned) / free if free > 0 else point
     return [min(high, max(low, lam * w)) for w in weights]
-
-
-def largest_remainder(values: Sequence[float], total: int, high: int) -> list[int]:
-    """Integers ``floor(v)`` plus one for the largest fractional parts (ties: lower index), summing to ``total``."""
-    out = [int(math.floor(v + 1e-9)) for v in values]
-    rest = total - sum(out)
-    order = sorted(range(len(values)), key=lambda i: (-(values[i] - out[i]), i))
-    while rest > 0:
-        progressed = False
-        for i in order:
-            if rest == 0:
-                break
-            if out[i] < high:
-                out[i] += 1
-                rest -= 1
-                progressed = True
-        if not progressed:
-            break
-    return out
 
 
 def layer_budgets(

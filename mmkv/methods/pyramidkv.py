@@ -1,17 +1,21 @@
 """PyramidKV: SnapKV scoring with a linear layer budget (Cai et al., arXiv 2406.02069).
 
-Lower layers keep more, upper layers less (algorithms.md §6.3, KVCache-Factory defaults: window 8,
-kernel 7, max pooling, beta 20). With base ``b = C - w``: ``min = b // beta``,
-``max = 2b - min`` (clipped to ``L - w`` with ``min`` re-balanced), and layer ``l`` keeps
-``max - l * (max - min) // (N_L - 1)`` plus the window. Prompts shorter than ``2b`` fall back to
-uniform SnapKV.
+Lower layers keep more, upper layers less (KVCache-Factory defaults: window 8, kernel 7, max
+pooling, beta 20). With base ``b = C - w``: ``min = b / beta``, ``max = 2b - min`` (clipped to
+``L - w`` with ``min`` re-balanced), and layer ``l`` keeps ``x_l = max - l (max - min) / (N_L - 1)``
+plus the window. The schedule's mean is ``b``, so its integer capacities are rounded by the largest
+remainder (``floor(x_l)``, then +1 for the largest fractional parts, ties to the lower layer): the
+layers hold exactly ``N_L C`` tokens per KV head and stay non-increasing with depth. The released
+code floors ``min`` and the step ``(max - min) // (N_L - 1)`` instead, which overspends by up to
+``(N_L - 1) / 2`` tokens per head (+14% at C = 108 over 32 layers). Prompts shorter than ``2b`` fall
+back to uniform SnapKV.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import LayerContext, LayerPlan, check_positive
+from .base import LayerContext, LayerPlan, check_positive, largest_remainder
 from .snapkv import SnapKV
 
 
@@ -38,13 +42,14 @@ class PyramidKV(SnapKV):
         base = capacity - window
         if capacity >= length or length < 2 * base or ctx.num_layers == 1:
             return capacity
-        low = base // self.beta
+        low = base / self.beta
         high = 2 * base - low
         if high >= length - window:
             high = length - window
             low = 2 * base - high
-        step = (high - low) // (ctx.num_layers - 1)
-        return high - ctx.layer * step + window
+        step = (high - low) / (ctx.num_layers - 1)
+        schedule = [high - layer * step for layer in range(ctx.num_layers)]
+        return largest_remainder(schedule, ctx.num_layers * base, length - window)[ctx.layer] + window
 
     def plan_layer(self, ctx: LayerContext) -> LayerPlan:
         cap = self.layer_capacity(ctx)
