@@ -140,37 +140,91 @@ def merge_layer(
 
     Returns per-head new kept keys, values, merge records, and the number of evicted tokens the
     code-faithful filter dropped without merging (summed over heads; 0 without the filter).
+    Heads that keep the same number of tokens (LOOK-M and MEDA: always) are merged together, in
+    batched matmuls and one scatter per layer; otherwise head by head with :func:`merge_head`.
     """
     check_merge(mode, similarity_filter)
     if mode == "none":
         raise ValueError("merge_layer: nothing to do for merge='none'")
     num_heads, length = keys.shape[0], keys.shape[1]
     device = keys.device
+    kept = [k.to(device=device, dtype=torch.long) for k in kept]
+    if len({k.numel() for k in kept}) == 1 and kept[0].numel():
+        return _merge_layer_batched(keys, values, torch.stack(kept), mode, similarity_filter)
     evicted, assignments = [], []
     for h in range(num_heads):
         mask = torch.ones(length, dtype=torch.bool, device=device)
-        mask[kept[h].to(device)] = False
+        mask[kept[h]] = False
         ev = mask.nonzero().flatten()
         evicted.append(ev)
-        assignments.append(assign(keys[h], kept[h].to(device), ev))
-    selects: list[torch.Tensor | None] = [None] * num_heads
-    dropped = 0
+        assignments.append(assign(keys[h], kept[h], ev))
     if similarity_filter:
         counts = {ev.numel() for ev in evicted}
-        if len(counts) != 1:
-            raise ValueError(
-                "similarity_filter averages over heads slot by slot (as the official code does), so every "
-                f"head must evict the same number of tokens; got {sorted(counts)}"
-            )
-        if counts.pop():
-            best = torch.stack([sim for _, sim in assignments])  # [H, m], slots in position order
-            keep_slot = best.mean(0) >= best.mean()
-            selects = [keep_slot] * num_heads
-            dropped = int((~keep_slot).sum()) * num_heads
+        raise ValueError(
+            "similarity_filter averages over heads slot by slot (as the official code does), so every "
+            f"head must evict the same number of tokens; got {sorted(counts)}"
+        )
     new_k, new_v, records = [], [], []
     for h in range(num_heads):
-        k, v, rec = merge_head(keys[h], values[h], kept[h], mode, evicted[h], selects[h], assignments[h])
+        k, v, rec = merge_head(keys[h], values[h], kept[h], mode, evicted[h], None, assignments[h])
         new_k.append(k)
         new_v.append(v)
         records.append(rec)
+    return new_k, new_v, records, 0
+
+
+def _merge_layer_batched(
+    keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, mode: str, similarity_filter: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[MergeRecord], int]:
+    """:func:`merge_layer` for ``kept [H, n]`` (the same count in every head): the equations of
+    :func:`merge_head`, all heads at once."""
+    num_heads, length, d = keys.shape
+    device = keys.device
+    n = kept.shape[1]
+    mask = torch.ones(num_heads, length, dtype=torch.bool, device=device)
+    mask.scatter_(1, kept, False)
+    m = length - n
+    evicted = mask.nonzero()[:, 1].view(num_heads, m)  # row-major: each head's evicted positions, sorted
+    kc = keys.gather(1, kept[..., None].expand(-1, -1, d)).float()
+    vc = values.gather(1, kept[..., None].expand(-1, -1, d)).float()
+    slot = torch.zeros(num_heads, m, dtype=torch.long, device=device)
+    sim = torch.zeros(num_heads, m, dtype=torch.float32, device=device)
+    if m:
+        kc_unit = torch.nn.functional.normalize(kc, dim=-1, eps=1e-12).transpose(1, 2)  # [H, d, n]
+        block = max(1, _MAX_SIM_ELEMENTS // (num_heads * n))
+        for start in range(0, m, block):
+            rows = evicted[:, start : start + block]
+            ke = keys.gather(1, rows[..., None].expand(-1, -1, d)).float()
+            best, index = torch.bmm(torch.nn.functional.normalize(ke, dim=-1, eps=1e-12), kc_unit).max(dim=-1)
+            slot[:, start : start + rows.shape[1]] = index
+            sim[:, start : start + rows.shape[1]] = best
+    dropped = 0
+    if similarity_filter and m:
+        select = sim.mean(0) >= sim.mean()  # slot by slot over heads, as the code does
+        dropped = int((~select).sum()) * num_heads
+        evicted, slot, sim = evicted[:, select], slot[:, select], sim[:, select]
+    if evicted.shape[1]:
+        ke = keys.gather(1, evicted[..., None].expand(-1, -1, d)).float()
+        ve = values.gather(1, evicted[..., None].expand(-1, -1, d)).float()
+        if mode == "average":
+            add_k, add_v = ke, ve
+        elif mode == "pivotal":
+            target = slot[..., None].expand(-1, -1, d)
+            add_k, add_v = 0.5 * (ke + kc.gather(1, target)), 0.5 * (ve + vc.gather(1, target))
+        else:  # weighted
+            add_k, add_v = sim[..., None] * ke, sim[..., None] * ve
+        flat = (slot + n * torch.arange(num_heads, device=device)[:, None]).flatten()
+        count = torch.zeros(num_heads * n, dtype=torch.float32, device=device)
+        count.index_put_((flat,), torch.ones_like(flat, dtype=torch.float32), accumulate=True)
+        sum_k = torch.zeros(num_heads * n, d, dtype=torch.float32, device=device).index_put_((flat,), add_k.reshape(-1, d), accumulate=True)
+        sum_v = torch.zeros(num_heads * n, d, dtype=torch.float32, device=device).index_put_((flat,), add_v.reshape(-1, d), accumulate=True)
+        count = count.view(num_heads, n, 1)
+        hit = count > 0  # untouched kept tokens stay bit-identical
+        kc = torch.where(hit, (kc + sum_k.view(num_heads, n, d)) / (count + 1.0), kc)
+        vc = torch.where(hit, (vc + sum_v.view(num_heads, n, d)) / (count + 1.0), vc)
+    targets = kept.gather(1, slot)
+    evicted, targets, sim = evicted.cpu(), targets.cpu(), sim.cpu()
+    records = [MergeRecord(source=evicted[h], target=targets[h], similarity=sim[h]) for h in range(num_heads)]
+    new_k = list(kc.to(keys.dtype).unbind(0))
+    new_v = list(vc.to(values.dtype).unbind(0))
     return new_k, new_v, records, dropped
