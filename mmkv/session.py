@@ -415,11 +415,12 @@ class Session:
         self.trace.bytes_end = cache_bytes(self.cache)
         for layer_trace in self.trace.layers:
             layer = self.cache.layers[layer_trace.layer]
+            # Each log is read once: the layer turns its device log into lists in one transfer.
             if isinstance(layer, H2ODecodeLayer):
-                layer_trace.decode_evictions = Packed(layer.evictions)
-            retrievals = getattr(layer, "retrievals", None)  # read once: the layer may build it from a device log
+                layer_trace.decode_evictions = layer.evictions
+            retrievals = getattr(layer, "retrievals", None)
             if retrievals is not None:
-                layer_trace.decode_retrievals = Packed(retrievals)
+                layer_trace.decode_retrievals = retrievals
         self.trace.host_bytes_end = sum(
             layer.host_bytes() for layer in self.cache.layers if hasattr(layer, "host_bytes")
         )
