@@ -19,11 +19,14 @@ recomputed here for just the queries needed:
   the other modality are skipped); ``"full"`` ignores causality, as the paper's formula reads.
 
 All statistics are fp32, per *query* head; methods reduce them to KV heads (see
-:func:`mmkv.methods.base.reduce_to_kv_heads`).
+:func:`mmkv.methods.base.reduce_to_kv_heads`). Every one is computed in query blocks of at most
+``MAX_BLOCK_ELEMENTS`` scores, so none is O(L^2) in memory. On CUDA the matmuls run in the model's
+half/bf16 dtype with fp32 accumulation and output (tensor cores); on CPU in fp32.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -96,7 +99,21 @@ class LayerStats:
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     """Matmul dtype: half/bf16 stays as is on CUDA (tensor cores, fp32 accumulation and output), else fp32."""
-    return t.dtype if t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    if t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and _fp32_output_matmul(t.device, t.dtype):
+        return t.dtype
+    return torch.float32
+
+
+@functools.cache
+def _fp32_output_matmul(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch build writes a ``dtype`` batched matmul straight to fp32 on ``device`` (probed once)."""
+    a = torch.ones(1, 2, 2, device=device, dtype=dtype)
+    out = torch.empty(1, 2, 2, device=device, dtype=torch.float32)
+    try:
+        torch.ops.aten.baddbmm.dtype_out(out, a, a, torch.float32, beta=0.0, alpha=0.5, out=out)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return bool(torch.all(out == 1.0))
 
 
 def _block_rows(h_q: int, keys: int, device: torch.device) -> int:
@@ -112,7 +129,7 @@ def _logits(qg: torch.Tensor, kt: torch.Tensor, scaling: float, out: torch.Tenso
     """
     if qg.dtype == torch.float32:
         return torch.baddbmm(out, qg, kt, beta=0.0, alpha=scaling, out=out)
-    return out.copy_(torch.baddbmm(out, qg, kt, beta=0.0, alpha=scaling, out_dtype=torch.float32))
+    return torch.ops.aten.baddbmm.dtype_out(out, qg, kt, torch.float32, beta=0.0, alpha=scaling, out=out)
 
 
 def _softmax(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
