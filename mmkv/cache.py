@@ -270,11 +270,25 @@ def ragged_attention(
     - *padded* (many rows: multi-token forwards, MHA models with many KV heads): the prefix is gathered
       into a temporary ``[H_kv, n_max, d]`` (padding hidden) and multiplied per head with one ``bmm``.
 
-    Measured on 2 CPU threads (``scripts/measure_decode.py``), fp32, 8 KV / 16 query heads, 0.2 x 3k
-    tokens per head, one query: per-head loop 1.6 ms, masked flat 1.2 ms, padded 1.0-6 ms (its temporary
-    copy pays page faults when other allocations interleave); with 16 queries masked flat is 4x slower
-    than padded. CPU ``scaled_dot_product_attention`` was 5-7x slower than the ``bmm`` form for these
-    few-row shapes (and FlexAttention needs a compile per tail length), so neither is used.
+    Measured on one CPU thread (``scripts/measure_decode.py``; 8 KV / 16 query heads, d = 128, fp32,
+    0.2 x L tokens per head, budgets 0.5x..1.5x the mean, one query), per layer and decode step:
+
+    ====== ============================ ============ ============ ==========
+    L      per-head loop (before)       masked flat  padded       dense SDPA
+    ====== ============================ ============ ============ ==========
+    512    1.0 ms, 261 ops (93 compute) 0.35 ms, 45  --           0.17 ms
+    3072   1.4-1.5 ms                   1.35-1.45 ms 1.4 ms, 58   0.5 ms
+    8192   2.4-3.7 ms                   4.2-4.4 ms   6.8 ms       1.1-2.3 ms
+    ====== ============================ ============ ============ ==========
+
+    The fused path has 13 compute ops whatever ``H_kv`` (the loop had ~12 per head), which is what a
+    launch-bound GPU step needs; on the CPU it wins on short prompts, and at 8k its ``H_kv``-fold matmul
+    costs more than the loop's exact per-head products. With 16 queries masked flat is 2-4x slower
+    than padded, hence the shape rule. CPU ``scaled_dot_product_attention`` was 5-7x slower than the
+    ``matmul`` form for these few-row shapes. FlexAttention (torch 2.13, CPU) runs unfused without
+    ``torch.compile`` (0.9 s) and compiled costs 16 s up front, 1.3 s per block mask and 1.9 ms per
+    call at 4.8k prefix rows (masked flat: 1.2 ms), with shapes that change every step as the tail
+    grows; so neither is used.
     """
     h_kv, h_q, q_len, d = tail_keys.shape[1], query.shape[1], query.shape[2], query.shape[3]
     rows = group_rows(query, h_kv)  # [H_kv, R, d]

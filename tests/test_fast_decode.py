@@ -362,3 +362,21 @@ def test_hybrid_reserve_is_written_in_place() -> None:
         assert counter.ops["cat"] <= 1  # the score blocks only: the tail is written in place
         torch.testing.assert_close(a, b)
     assert fast.retrievals == layer.retrievals
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned host store, staged asynchronous copies")
+def test_hybrid_on_cuda_matches_the_cpu_layer() -> None:
+    cpu, keys, values, kept = _hybrid(seed=5)
+    plan = LayerPlan(kept=[k.cuda() for k in kept], decode={
+        "policy": "hybrid", "head_types": ["static", "dynamic"] * 2, "sinks": 2, "recent": 6, "chunk_size": 4,
+        "top_chunks": 3, "scoring": "mean", "offload": True, "initial_chunks": None,
+    })
+    gpu = build_hybrid_layer(keys.cuda(), values.cuda(), plan)
+    assert gpu.host_keys.device.type == "cpu" and gpu.host_keys.is_pinned()
+    g = torch.Generator().manual_seed(8)
+    for _ in range(4):
+        nk, nv, q = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 8, 1, 8, generator=g)
+        a = cpu.attend(None, q, *cpu.update(nk, nv), scaling=0.3)
+        b = gpu.attend(None, q.cuda(), *gpu.update(nk.cuda(), nv.cuda()), scaling=0.3)
+        torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)
+    assert gpu.retrievals == cpu.retrievals
