@@ -321,7 +321,7 @@ def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budget
     done = store.finished() if resume else {}
     grid = [(c, m, b) for c in contexts for m, b in [("full", 1.0)] + [(m, b) for m in methods if m != "full" for b in budgets]]
     todo = [cell for cell in grid if cell_key(model_name, *cell) not in done]
-    bar = Progress(len(grid), "cells", skipped=len(grid) - len(todo)) if progress else None
+    bar = Progress(len(grid), len(grid) - len(todo), label="bench") if progress else None
     model = build_model(model_name, device, dtype) if todo else None
     bandwidth = memory_bandwidth(device, size_mb=64 if device.type == "cpu" else 1024) if todo else 0.0
     device_name = str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
@@ -336,7 +336,9 @@ def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budget
         store.append({"kind": "cell", "key": key, "model": model_name, "device": device_name, "context": context,
                       "method": method, "budget": budget, **measured})
         if bar is not None:
-            bar.update(f"{method} @ {budget}, context {context}: decode {measured['decode_ms']:.2f} ms/token")
+            bar.update(f"{key}: decode {measured['decode_ms']:.2f} ms/token")
+    if bar is not None:
+        bar.close()
     return rows_from(store.finished(), [cell_key(model_name, *cell) for cell in grid])
 
 

@@ -1,4 +1,4 @@
-"""One overall progress line for long runs (``mmkv.bench``, ``mmkv.eval``): done/total, ETA, failures."""
+"""One overall progress line for long runs (``mmkv.eval``, ``mmkv.bench``): cells done/total, failures, ETA."""
 
 from __future__ import annotations
 
@@ -7,48 +7,47 @@ import time
 from typing import TextIO
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 class Progress:
-    """``[done/total] 42% · elapsed 1:10 · ETA 1:36 · failures 0 · <what>`` on one line of ``stream``.
+    """One overall progress line on stderr: cells done / total, failures, elapsed and ETA.
 
-    On a terminal the line is rewritten in place; elsewhere (CI logs, files) one line per update.
-    The ETA is the mean time of the cells run so far (skipped ones excluded) times the cells left.
+    On a terminal the line is rewritten in place; otherwise (logs, CI) one line per finished cell.
     """
 
-    def __init__(self, total: int, what: str = "cells", stream: TextIO | None = None, skipped: int = 0) -> None:
-        self.total, self.what = total, what
+    def __init__(self, total: int, done: int = 0, stream: TextIO | None = None, label: str = "eval") -> None:
+        self.total, self.done, self.failed, self.label = total, done, 0, label
+        self._skipped, self._new, self._start = done, 0, time.monotonic()
         self.stream = stream if stream is not None else sys.stderr
-        self.done = self.skipped = skipped
-        self.failures = 0
-        self.start = time.perf_counter()
-        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        if skipped:
-            self._print(f"{skipped} {what} already done (resumed)")
+        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._show("")
 
-    def line(self, label: str = "") -> str:
-        run = self.done - self.skipped
-        elapsed = time.perf_counter() - self.start
-        eta = _clock(elapsed / run * (self.total - self.done)) if run else "?"
-        pct = 100 * self.done / self.total if self.total else 100.0
-        text = (f"[{self.done}/{self.total} {self.what}] {pct:.0f}% · elapsed {_clock(elapsed)} · ETA {eta} · "
-                f"failures {self.failures}")
-        return f"{text} · {label}" if label else text
-
-    def update(self, label: str = "", failed: bool = False) -> None:
-        """One more cell finished (``failed``: it raised and was recorded as a failure)."""
-        self.done += 1
-        self.failures += int(failed)
-        self._print(self.line(label))
-
-    def _print(self, text: str) -> None:
+    def _show(self, last: str) -> None:
+        elapsed = time.monotonic() - self._start
+        left = self.total - self.done - self.failed
+        eta = "?" if self._new == 0 else _duration(elapsed / self._new * left)
+        line = (f"{self.label}: {self.done}/{self.total} cells done"
+                + (f" ({self._skipped} from the store)" if self._skipped else "")
+                + f" · {self.failed} failed · {_duration(elapsed)} elapsed · ETA {eta if left else '0s'}"
+                + (f" · {last}" if last else ""))
         if self._tty:
-            self.stream.write("\r\x1b[2K" + text + ("\n" if self.done >= self.total else ""))
+            self.stream.write("\r\033[K" + line)
         else:
-            self.stream.write(text + "\n")
+            self.stream.write(line + "\n")
         self.stream.flush()
+
+    def update(self, key: str, failed: bool = False) -> None:
+        self._new += 1
+        if failed:
+            self.failed += 1
+        else:
+            self.done += 1
+        self._show(("FAILED " if failed else "") + key)
+
+    def close(self) -> None:
+        if self._tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

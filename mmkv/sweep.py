@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import ray
 
-from .eval import Cell, CellRunner, Plan, Progress, failure_record, reference_ids
+from .eval import Cell, CellRunner, Plan, failure_record, reference_ids
+from .progress import Progress
 from .records import ResultStore
 
 

@@ -49,11 +49,11 @@ def test_full_kv_ratio_is_one_with_preallocated_room_and_cells_are_appended_then
     assert full["ops_per_step"] > 0 and records["snapkv"]["ops_per_step"] > 0
     assert full["peak_prefill_bytes"] is None or full["peak_prefill_bytes"] > 0  # CPU: peak RSS, never 0
     err = capsys.readouterr().err
-    assert "[2/2 cells] 100%" in err and "ETA" in err
+    assert "bench: 2/2 cells done" in err and "ETA" in err
     # resume: nothing is run again, the tables come from the store
     assert bench.main(args + ["--resume"]) == 0
     assert len((tmp_path / "bench.jsonl").read_text().splitlines()) == 2
-    assert "2 cells already done" in capsys.readouterr().err
+    assert "2/2 cells done (2 from the store)" in capsys.readouterr().err
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert [r["method"] for r in rows] == ["full", "snapkv"] and rows[1]["ops_ratio"] > 0
 

@@ -108,7 +108,7 @@ def run_sh(tmp_path: Path) -> None:
     assert "HTTP Request" not in out, "httpx request logs clutter run.sh"
 
 
-def test_sh(tmp_path: Path) -> None:
+def ci_runs_test_sh(tmp_path: Path) -> None:
     # The test command is what CI runs: .ci/run must call it (running it here would recurse).
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
 
@@ -216,9 +216,56 @@ def train_chain(tmp_path: Path) -> None:
         build_parser().parse_args(["--threads", "2", "--eval-n", "64", *shlex.split(call)])
 
 
+def eval_synthetic(tmp_path: Path) -> None:
+    """As written: the CPU defaults (Full + 4 methods, 5 samples per task) at two budgets."""
+    out = _run([sys.executable, "-m", "mmkv.eval", "--model", "bundled", "--budgets", "0.1,0.2", "--out", "eval-results"],
+               tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "eval-results" / "results.jsonl").read_text().splitlines()]
+    cells = [r for r in records if r.get("kind") == "cell"]
+    assert {r["method"] for r in cells} == {"full", "snapkv", "adakv", "lookm", "madakv"}
+    assert all(len(r["samples"]) == 5 and all("token_ids" in x for x in r["samples"]) for r in cells)
+    needle_full = [x["score"] for r in cells if r["method"] == "full" and r["task"] == "needle" for x in r["samples"]]
+    assert needle_full == [1.0] * 5  # the bundled model's shipped task, answered with Full
+    assert "cells done" in out.stderr and "ETA" in out.stderr
+
+
+def eval_report(tmp_path: Path) -> None:
+    _run([sys.executable, "-m", "mmkv.eval", "--model", "bundled", "--tasks", "needle", "--samples", "2",
+          "--methods", "snapkv", "--budgets", "0.2", "--out", "eval-results"], tmp_path)
+    _run([sys.executable, "-m", "mmkv.eval", "--report", "eval-results/results.jsonl", "--out", "report"], tmp_path)
+    rows = json.loads((tmp_path / "report" / "eval.json").read_text())
+    assert {r["method"] for r in rows} == {"full", "snapkv"} and (tmp_path / "report" / "eval.html").is_file()
+
+
+def eval_milebench(tmp_path: Path) -> None:
+    """On CPU: a two-sample MileBench-format folder, the bundled model, no Ray (tests/test_ray_sweep.py runs Ray)."""
+    from mmkv.tiny.tasks import heldout_set
+    from test_milebench import write_dataset
+
+    data = tmp_path / "data" / "MileBench"
+    write_dataset(data, "TextNeedleInAHaystack", heldout_set("text_needle", 2, 3, seed=7), response=lambda s: s.scene.password)
+    _run([sys.executable, "-m", "mmkv.eval", "--model", "bundled", "--milebench", str(data), "--datasets",
+          "TextNeedleInAHaystack", "--samples", "2", "--methods", "full,snapkv", "--budgets", "0.2",
+          "--max-new-tokens", "12", "--out", "eval-results/milebench"], tmp_path)
+    rows = json.loads((tmp_path / "eval-results" / "milebench" / "eval.json").read_text())
+    full = next(r for r in rows if r["method"] == "full")
+    assert full["samples"] == 2 and full["accuracy"] == 1.0
+
+
+def lmms_eval(tmp_path: Path) -> None:
+    """lmms-eval finds the model through the package's entry point (the plugin's logic: tests/test_lmms_plugin.py)."""
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="lmms_eval.models") if e.name == "mmkv"]
+    assert entry.value == "mmkv.integrations.lmms_eval:manifest"
+    import mmkv.integrations.lmms_eval as plugin
+
+    assert callable(plugin.manifest)
+
+
 MIRRORS: dict[str, Callable[[Path], None]] = {
     "bash scripts/run.sh": run_sh,
-    "bash scripts/test.sh": test_sh,
+    "bash scripts/test.sh": ci_runs_test_sh,
     'pip install ".[app]"': pip_install,
     "mmkv methods": mmkv_methods,
     "mmkv app": mmkv_app,
@@ -226,9 +273,15 @@ MIRRORS: dict[str, Callable[[Path], None]] = {
     "python -m mmkv.bench --model tiny-wide --budgets 0.2": bench_tiny_wide,
     "python -m mmkv.bench --model qwen2.5-vl-7b --contexts 8192,32768,65536 --budgets 0.1,0.2": bench_gpu_shape,
     "bash scripts/train_tiny.sh .cache/tiny-replay/model": train_chain,
+    "python -m mmkv.eval --model bundled --budgets 0.1,0.2 --out eval-results": eval_synthetic,
+    "python -m mmkv.eval --report eval-results/results.jsonl --out report": eval_report,
 }
 for _command in readme_commands():
-    if _command.startswith("mmkv run") and "--method full" in _command:
+    if _command.startswith("python -m mmkv.eval") and "--milebench" in _command:
+        MIRRORS[_command] = eval_milebench
+    elif _command.startswith("lmms-eval"):
+        MIRRORS[_command] = lmms_eval
+    elif _command.startswith("mmkv run") and "--method full" in _command:
         MIRRORS[_command] = mmkv_run_full
     elif _command.startswith("mmkv run") and "--trace" in _command:
         MIRRORS[_command] = mmkv_run_trace
@@ -241,7 +294,7 @@ def test_every_readme_command_has_a_mirror() -> None:
     assert sorted(set(MIRRORS) - set(commands)) == [], "tests here for commands the README no longer shows"
 
 
-@pytest.mark.parametrize("command", sorted(MIRRORS))
+@pytest.mark.parametrize("command", sorted(MIRRORS), ids=lambda c: re.sub(r"[^\w.,=-]+", "_", c)[:70])
 def test_readme_command(command: str, tmp_path: Path) -> None:
     MIRRORS[command](tmp_path)
 
