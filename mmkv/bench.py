@@ -307,39 +307,74 @@ def cell_key(model: str, context: int, method: str, budget: float | int) -> str:
     return f"{model}|{context}|{method}|{budget}"
 
 
+def measure_cell(model: torch.nn.Module, context: int, method: str, budget: float | int, bandwidth: float,
+                 warmed: set[int], *, visual_share: float = 0.9, image_grid: int = 64, new_tokens: int = 64,
+                 warmup: int = 8, preallocate: bool = True) -> dict[str, Any]:
+    """One cell on a built model; the first cell at a new ``context`` first runs a short Full warm-up."""
+    inputs, modality = synthetic_prompt(model, context, visual_share, image_grid)
+    if context not in warmed:  # first forwards at a new shape pay one-off allocation costs
+        run_one(model, inputs, modality, "full", 1.0, min(new_tokens, warmup + 2), 0, bandwidth, preallocate)
+        warmed.add(context)
+    return run_one(model, inputs, modality, method, budget, new_tokens, warmup, bandwidth, preallocate)
+
+
 def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budgets: Sequence[float | int],
         new_tokens: int = 64, warmup: int = 8, device: str | None = None, dtype: str = "bfloat16",
         visual_share: float = 0.9, image_grid: int = 64, preallocate: bool = True,
-        store: ResultStore | None = None, resume: bool = False, progress: bool = True) -> list[BenchRow]:
+        store: ResultStore | None = None, resume: bool = False, progress: bool = True,
+        ray_address: str | None = None, workers: int | None = None) -> list[BenchRow]:
     """Run the grid; Full is measured first at every context as the reference.
 
     Each finished cell is appended to ``store`` at once; with ``resume`` the cells already in it are
-    not run again (Full's included, whose record still serves as the reference).
+    not run again (Full's included, whose record still serves as the reference). ``ray_address``
+    (``""`` for a local instance) runs the cells on Ray actors instead (:func:`mmkv.sweep.run_bench_ray`).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     store = store if store is not None else ResultStore()
     done = store.finished() if resume else {}
     grid = [(c, m, b) for c in contexts for m, b in [("full", 1.0)] + [(m, b) for m in methods if m != "full" for b in budgets]]
     todo = [cell for cell in grid if cell_key(model_name, *cell) not in done]
+    for context in dict.fromkeys(c for c, _, _ in todo):  # bad sizes fail before any model is built
+        check_prompt_size(model_name, context, visual_share, image_grid)
     bar = Progress(len(grid), len(grid) - len(todo), label="bench") if progress else None
-    model = build_model(model_name, device, dtype) if todo else None
-    bandwidth = memory_bandwidth(device, size_mb=64 if device.type == "cpu" else 1024) if todo else 0.0
-    device_name = str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    warmed: set[int] = set()
-    for context, method, budget in todo:
-        inputs, modality = synthetic_prompt(model, context, visual_share, image_grid)
-        if context not in warmed:  # first forwards at a new shape pay one-off allocation costs
-            run_one(model, inputs, modality, "full", 1.0, min(new_tokens, warmup + 2), 0, bandwidth, preallocate)
-            warmed.add(context)
-        measured = run_one(model, inputs, modality, method, budget, new_tokens, warmup, bandwidth, preallocate)
-        key = cell_key(model_name, context, method, budget)
-        store.append({"kind": "cell", "key": key, "model": model_name, "device": device_name, "context": context,
-                      "method": method, "budget": budget, **measured})
-        if bar is not None:
-            bar.update(f"{key}: decode {measured['decode_ms']:.2f} ms/token")
+    settings = dict(visual_share=visual_share, image_grid=image_grid, new_tokens=new_tokens, warmup=warmup,
+                    preallocate=preallocate)
+
+    def record(cell: tuple[int, str, float | int], measured: dict[str, Any]) -> dict[str, Any]:
+        context, method, budget = cell
+        return {"kind": "cell", "key": cell_key(model_name, *cell), "model": model_name,
+                "device": measured.pop("device_name", None), "context": context, "method": method, "budget": budget,
+                **measured}
+
+    if todo and ray_address is not None:
+        from .sweep import run_bench_ray  # the only module that imports Ray
+
+        run_bench_ray(todo, store, model_name, record, address=ray_address or None, workers=workers, device=device,
+                      dtype=dtype, settings=settings, progress=bar)
+    elif todo:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = build_model(model_name, dev, dtype)
+        bandwidth = memory_bandwidth(dev, size_mb=64 if dev.type == "cpu" else 1024)
+        name = str(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
+        warmed: set[int] = set()
+        for cell in todo:
+            rec = record(cell, {"device_name": name, **measure_cell(model, *cell, bandwidth, warmed, **settings)})
+            store.append(rec)
+            if bar is not None:
+                bar.update(f"{rec['key']}: decode {rec['decode_ms']:.2f} ms/token")
     if bar is not None:
         bar.close()
     return rows_from(store.finished(), [cell_key(model_name, *cell) for cell in grid])
+
+
+def check_prompt_size(model_name: str, context: int, visual_share: float, image_grid: int) -> None:
+    """The synthetic prompt's size check (:func:`synthetic_prompt`) without a model: merge size 2."""
+    per_image = (image_grid // 2) ** 2
+    n_images = max(1, min(round(visual_share * context / per_image), (context - 4) // (per_image + 2)))
+    if context - n_images * (per_image + 2) < 4:
+        raise ValueError(
+            f"context {context} is too short for {n_images} images of {per_image} tokens: raise --contexts or "
+            f"lower --image-grid (an image of grid g is (g/2)^2 tokens)"
+        )
 
 
 def rows_from(records: dict[str, dict[str, Any]], keys: Sequence[str]) -> list[BenchRow]:
@@ -427,6 +462,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="grow the cache by concatenation at every step (the plain reference path)")
     p.add_argument("--out", default="bench-results", help="folder for bench.jsonl (per cell) and the tables")
     p.add_argument("--resume", action="store_true", help="skip the cells already in OUT/bench.jsonl")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the cells on a Ray cluster (pip install 'mmkv[cluster]'); no ADDRESS: a local instance")
+    p.add_argument("--workers", type=int, default=None,
+                   help="with --ray: actors (default one per GPU, else 1: CPU actors on one machine disturb each other's timings)")
     a = p.parse_args(argv)
     contexts, grid, new_tokens, dtype = DEFAULTS.get(a.model, GPU_DEFAULTS)
     out = Path(a.out)
@@ -440,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = run(a.model, [int(c) for c in (a.contexts or contexts).split(",")], methods,
                    [parse_budget(b) for b in a.budgets.split(",")], a.new_tokens or new_tokens, a.warmup, a.device,
                    a.dtype or dtype, a.visual_share, a.image_grid or grid, not a.no_preallocate,
-                   store=ResultStore(out / "bench.jsonl"), resume=a.resume)
+                   store=ResultStore(out / "bench.jsonl"), resume=a.resume, ray_address=a.ray, workers=a.workers)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -158,3 +158,93 @@ def run_ray(
         if started:
             ray.shutdown()
     return failures
+
+
+class BenchWorker:
+    """A model-holding actor for ``mmkv.bench``: builds the model once, then measures cells."""
+
+    def __init__(self, model_name: str, device: str | None, dtype: str, settings: dict[str, Any]) -> None:
+        import torch
+
+        from .bench import build_model, memory_bandwidth
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = build_model(model_name, self.device, dtype)
+        self.bandwidth = memory_bandwidth(self.device, size_mb=64 if self.device.type == "cpu" else 1024)
+        self.settings = settings
+        self.warmed: set[int] = set()
+
+    def run(self, context: int, method: str, budget: float | int) -> dict[str, Any]:
+        from .bench import measure_cell
+
+        measured = measure_cell(self.model, context, method, budget, self.bandwidth, self.warmed, **self.settings)
+        return {"device_name": _device_name(self.device), **measured}
+
+
+def _device_name(device: Any) -> str:
+    import torch
+
+    return str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+
+
+def run_bench_ray(
+    cells: list[tuple[int, str, float | int]],
+    store: ResultStore,
+    model: str,
+    record: Callable[[tuple[int, str, float | int], dict[str, Any]], dict[str, Any]],
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    device: str | None = None,
+    dtype: str = "bfloat16",
+    settings: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    max_retries: int = 3,
+) -> int:
+    """Measure ``cells`` (context, method, budget) on Ray actors, one GPU each (CPUs otherwise).
+
+    ``record(cell, measured)`` makes the store record the driver appends as each cell returns. Cells
+    are independent (ratios against Full are computed from the store afterwards); each actor warms up
+    once per context, as the serial run does. On CPU, actors on one machine share its cores and memory
+    bandwidth, so their timings disturb each other: use one actor per machine there (``workers``).
+    Returns the failures (recorded in the store with the error).
+    """
+    if Path(model).exists():
+        model = str(Path(model).resolve())
+    started = _init(address, None)
+    failures = 0
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        count = max(1, min(workers or gpus or 1, len(cells)))
+        actor_cls = ray.remote(BenchWorker).options(
+            num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=max_retries, max_task_retries=max_retries)
+        actors = [actor_cls.remote(model, device, dtype, settings or {}) for _ in range(count)]
+        queue, idle, inflight = list(cells), list(actors), {}
+        while queue or inflight:
+            while queue and idle:
+                actor, cell = idle.pop(0), queue.pop(0)
+                inflight[actor.run.remote(*cell)] = (cell, actor)
+            (done,), _ = ray.wait(list(inflight), num_returns=1)
+            cell, actor = inflight.pop(done)
+            try:
+                measured = ray.get(done)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                failures += 1
+                if not isinstance(e, ray.exceptions.RayActorError):
+                    idle.append(actor)
+                store.append({"kind": "failure", "key": record(cell, {})["key"], "error": f"{type(e).__name__}: {e}"})
+                if progress:
+                    progress.update(str(cell), failed=True)
+                continue
+            idle.append(actor)
+            rec = record(cell, measured)
+            store.append(rec)
+            if progress:
+                progress.update(f"{rec['key']}: decode {measured['decode_ms']:.2f} ms/token")
+        for actor in actors:
+            ray.kill(actor)
+    finally:
+        if started:
+            ray.shutdown()
+    return failures

@@ -94,3 +94,23 @@ def test_stopped_sweep_resumes_without_redoing_cells(local_ray, serial, tmp_path
     assert run_ray(_plan(), store, MODEL) == 0
     _same_cells(store, serial)  # each key once: the two finished cells were not run again
     assert list(store.finished())[:2] == first
+
+
+def test_bench_on_ray_measures_the_same_memory_and_ops_as_serial(local_ray, tmp_path, capsys) -> None:
+    """``mmkv.bench --ray``: cells measured on actors land in the same store; what does not depend on
+    timing (bytes, KV ratio, aten ops per step) equals the serial run's, and --resume skips them."""
+    from mmkv import bench
+
+    args = ["--model", "tiny", "--contexts", "200", "--methods", "snapkv,adakv", "--budgets", "0.3",
+            "--new-tokens", "2", "--warmup", "1", "--image-grid", "8"]
+    assert bench.main(args + ["--out", str(tmp_path / "serial")]) == 0
+    assert bench.main(args + ["--out", str(tmp_path / "ray"), "--ray"]) == 0
+    serial = ResultStore(tmp_path / "serial" / "bench.jsonl").finished()
+    on_ray = ResultStore(tmp_path / "ray" / "bench.jsonl").finished()
+    assert sorted(on_ray) == sorted(serial) and len(on_ray) == 3
+    for key, rec in on_ray.items():
+        for field in ("kv_bytes_full", "kv_bytes", "kv_reserved_bytes", "kv_ratio", "ops_per_step"):
+            assert rec[field] == serial[key][field], (key, field)
+    assert "bench: 3/3 cells done" in capsys.readouterr().err
+    assert bench.main(args + ["--out", str(tmp_path / "ray"), "--ray", "--resume"]) == 0
+    assert len(ResultStore(tmp_path / "ray" / "bench.jsonl").records()) == 3
