@@ -23,6 +23,7 @@ figure (``eval.html``: accuracy vs budget per method, one panel per task) are bu
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import socket
@@ -261,10 +262,53 @@ def evaluate(
 # Reports (from any store)
 # ---------------------------------------------------------------------------------------------
 
-#: Published figures to set beside ours when the model, dataset, method and budget match (see
-#: ``docs/eval.md`` for the sources). Each entry: model (as passed to ``--model``), dataset, method,
-#: budget, score (the paper's metric on the 0-1 scale) and source.
-PUBLISHED: list[dict[str, Any]] = []
+#: Published figures to set beside ours when the model, dataset, method, budget and query mode match,
+#: read from ``mmkv/data/published.json`` (fields and sources: ``docs/eval.md``, "Published figures").
+#: Each entry: model, dataset (or datasets + label), method, budget, query_aware (default true), score (the
+#: paper's number on the 0-1 scale) and source ({paper, url, table}).
+PUBLISHED_PATH = Path(__file__).resolve().parent / "data" / "published.json"
+
+
+def load_published(path: str | Path = PUBLISHED_PATH) -> list[dict[str, Any]]:
+    """The entries of a published-figures file, checked (a malformed entry raises ``ValueError``)."""
+    data = json.loads(Path(path).read_text())
+    entries = data["entries"] if isinstance(data, dict) else data
+    for i, e in enumerate(entries):
+        where = f"{path}: entry {i}"
+        missing = [k for k in ("model", "method", "budget", "score", "source") if k not in e]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}")
+        if ("dataset" in e) == ("datasets" in e):
+            raise ValueError(f"{where} needs exactly one of 'dataset' (a MileBench folder name) or 'datasets' (+ 'label')")
+        if "datasets" in e and not (e["datasets"] and "label" in e):
+            raise ValueError(f"{where}: 'datasets' needs a non-empty list and a 'label' (the paper's column name)")
+        if isinstance(e["budget"], bool) or not isinstance(e["budget"], (int, float)):
+            raise ValueError(f"{where}: budget must be a ratio (float) or a token count (int), got {e['budget']!r}")
+        if not isinstance(e["score"], (int, float)) or not 0.0 <= e["score"] <= 1.0:
+            raise ValueError(f"{where}: score must be on the 0-1 scale (a printed 39.4 is 0.394), got {e['score']!r}")
+        src = e["source"]
+        if not (isinstance(src, dict) and src.get("url") and src.get("table")):
+            raise ValueError(f"{where}: source needs at least 'url' and 'table'")
+    return list(entries)
+
+
+PUBLISHED: list[dict[str, Any]] = load_published()
+
+
+def _model_names(model: str | Sequence[str] | None) -> set[str]:
+    names = [model] if isinstance(model, str) or model is None else list(model)
+    return {str(m).rstrip("/").rsplit("/", 1)[-1].lower() for m in names if m}
+
+
+def _same_budget(ours: float | int, paper: float | int) -> bool:
+    """A ratio matches a ratio (to 1e-9), a token count the same count; a ratio never matches a count."""
+    if isinstance(ours, int) != isinstance(paper, int):
+        return False
+    return ours == paper if isinstance(ours, int) else math.isclose(ours, paper, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def _source_text(src: dict[str, Any]) -> str:
+    return ", ".join(str(src[k]) for k in ("paper", "table", "url") if src.get(k))
 
 
 def aggregate(records: Iterable[dict[str, Any]]) -> list[EvalRow]:
@@ -294,24 +338,49 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[EvalRow]:
 
 
 def published_beside(rows: Sequence[EvalRow], model: str | None) -> list[dict[str, Any]]:
-    """Our rows that have a published figure for the same model, dataset, method and budget, with it."""
+    """One record per published figure whose model, dataset(s), method, budget and query mode match our rows:
+    ``ours`` (our mean score; for a ``datasets`` entry the unweighted mean over those datasets, only when we
+    have every one of them) beside ``paper``, with ``delta = ours - paper``, our sample count and the source."""
+    if not _model_names(model):
+        return []
     out = []
-    for r in rows:
-        for p in PUBLISHED:
-            if (p["model"], p["dataset"], p["method"], p["budget"]) == (model, r.task, r.method, r.budget):
-                out.append({"model": model, "dataset": r.task, "method": r.method, "budget": r.budget,
-                            "ours": r.accuracy, "published": p["score"], "source": p["source"]})
+    for p in PUBLISHED:
+        if not _model_names(model) & _model_names(p["model"]):
+            continue
+        qa = bool(p.get("query_aware", True))
+        datasets = [p["dataset"]] if "dataset" in p else list(p["datasets"])
+        found = []
+        for ds in datasets:
+            match = [r for r in rows if r.task == ds and r.method == p["method"] and r.query_aware == qa
+                     and _same_budget(r.budget, p["budget"])]
+            if not match:
+                break
+            found.append(match[0])
+        else:
+            ours = sum(r.accuracy for r in found) / len(found)
+            src = p["source"]
+            out.append({
+                "model": model, "dataset": p.get("dataset", p.get("label")), "datasets": datasets,
+                "method": p["method"], "budget": found[0].budget, "query_aware": qa,
+                "ours": ours, "paper": p["score"], "delta": ours - p["score"], "samples": sum(r.samples for r in found),
+                "source": _source_text(src), "url": src["url"], "table": src["table"],
+                "paper_method": src.get("paper_method", ""), "note": src.get("note", ""),
+            })
+    tasks = list(dict.fromkeys(r.task for r in rows))
+    out.sort(key=lambda d: (tasks.index(d["datasets"][0]), d["dataset"], d["method"], d["budget"]))
     return out
 
 
-def figure(rows: Sequence[EvalRow]) -> Any:
-    """Accuracy vs budget per method, one panel per task and query mode (Full as a dashed line)."""
+def figure(rows: Sequence[EvalRow], published: Sequence[dict[str, Any]] = ()) -> Any:
+    """Accuracy vs budget per method, one panel per task and query mode (Full as a dashed line); a published
+    figure for the panel's dataset is an open diamond ("<method> (paper)") beside our curve."""
     from plotly.subplots import make_subplots
 
     panels = list(dict.fromkeys((r.task, r.query_aware) for r in rows))
     modes = {qa for _, qa in panels}
     titles = [t if len(modes) == 1 else f"{t} ({'query-aware' if qa else 'query-agnostic'})" for t, qa in panels]
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=titles, shared_yaxes=True)
+    shown: set[str] = set()
     for col, (task, qa) in enumerate(panels, start=1):
         sel = [r for r in rows if r.task == task and r.query_aware == qa]
         budgets = sorted({r.budget for r in sel if r.method != "full"})
@@ -324,21 +393,50 @@ def figure(rows: Sequence[EvalRow]) -> Any:
             else:
                 fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=method, mode="lines+markers",
                                 row=1, col=col, legendgroup=method, showlegend=col == 1)
+        for method in dict.fromkeys(p["method"] for p in published):
+            pts = sorted((p["budget"], p["paper"]) for p in published
+                         if p["method"] == method and p["datasets"] == [task] and p["query_aware"] == qa)
+            if not pts:
+                continue
+            xs = [b for b, _ in pts] if method != "full" else (budgets or [1.0])
+            ys = [v for _, v in pts] if method != "full" else [pts[0][1]] * len(xs)
+            fig.add_scatter(x=xs, y=ys, name=f"{method} (paper)", mode="markers", marker_symbol="diamond-open",
+                            marker_size=10, row=1, col=col, legendgroup=method, showlegend=method not in shown)
+            shown.add(method)
     fig.update_yaxes(range=[0, 1.02], title_text="accuracy", col=1)
     fig.update_xaxes(title_text="budget")
     return fig
 
 
+def published_markdown(published: Sequence[dict[str, Any]]) -> str:
+    """The published-beside-ours table as markdown (scores on the 0-1 scale, as in ``eval.json``)."""
+    lines = ["| dataset | method | budget | query | ours | paper | ours - paper | our samples | source |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in published:
+        name = p["dataset"] if p["datasets"] == [p["dataset"]] else f"{p['dataset']} ({', '.join(p['datasets'])})"
+        method = p["method"] + (f" ({p['paper_method']})" if p["paper_method"] else "")
+        lines.append(f"| {name} | {method} | {p['budget']} | {'aware' if p['query_aware'] else 'agnostic'} | "
+                     f"{p['ours']:.3f} | {p['paper']:.3f} | {p['delta']:+.3f} | {p['samples']} | [{p['table']}]({p['url']}) |")
+    return "\n".join(lines) + "\n"
+
+
 def write(rows: Sequence[EvalRow], out: Path, published: Sequence[dict[str, Any]] = ()) -> None:
-    """``eval.json`` / ``eval.csv``, ``published.json`` when any row has a published figure, and ``eval.html``
-    (skipped with a note when plotly, the ``[app]`` extra, is not installed)."""
+    """``eval.json`` / ``eval.csv``; when any row has a published figure, ``published.json`` / ``published.csv`` /
+    ``published.md`` (ours beside the paper's, with the source); and ``eval.html`` (skipped with a note when
+    plotly, the ``[app]`` extra, is not installed)."""
     write_records(rows, out, "eval")
     if published:
-        import json
+        import csv
 
         (out / "published.json").write_text(json.dumps(list(published), indent=1))
+        with open(out / "published.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(published[0]))
+            writer.writeheader()
+            writer.writerows({**p, "datasets": ";".join(p["datasets"])} for p in published)
+        (out / "published.md").write_text(published_markdown(published))
+        print(f"{len(published)} cell(s) beside a published figure: {out / 'published.md'}", file=sys.stderr)
     try:
-        fig = figure(rows)
+        fig = figure(rows, published)
     except ImportError:
         print("eval.html skipped: plotly is not installed (pip install 'mmkv[app]')", file=sys.stderr)
         return
@@ -346,7 +444,8 @@ def write(rows: Sequence[EvalRow], out: Path, published: Sequence[dict[str, Any]
 
 
 def report(store: ResultStore | str | Path, out: str | Path | None = None) -> list[EvalRow]:
-    """The rows of any results store (a path or a :class:`ResultStore`); with ``out``, also the files of :func:`write`."""
+    """The rows of any results store (a path or a :class:`ResultStore`); with ``out``, also the files of
+    :func:`write`, the published figures matched to the store's model (its run record's ``config.model``)."""
     store = store if isinstance(store, ResultStore) else ResultStore(store)
     rows = aggregate(store.finished().values())
     if out is not None and rows:

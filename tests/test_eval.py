@@ -87,3 +87,74 @@ def test_every_flag_is_described_and_cpu_defaults_are_small() -> None:
         assert action.help, f"{action.option_strings} has no description"
     text = " ".join(parser.format_help().split())
     assert "on CPU only the methods snapkv,adakv,lookm,madakv" in text and "--resume" in text and "--ray" in text
+
+
+def _cell(task: str, method: str, budget: float | int, scores: list[float], query_aware: bool = True) -> dict:
+    cell = mmkv_eval.Cell(task, 0, method, budget, query_aware)
+    return {"kind": "cell", "key": cell.key, "task": task, "shard": 0, "method": method, "budget": budget,
+            "query_aware": query_aware, "seconds": 0.0,
+            "samples": [{"index": i, "score": s, "answer": "", "token_ids": [i], "kl": 0.0,
+                         "kv_ratio": 1.0 if method == "full" else float(budget)} for i, s in enumerate(scores)]}
+
+
+def test_report_sets_the_papers_figure_and_source_beside_ours_only_where_all_keys_match(tmp_path, monkeypatch, capsys) -> None:
+    # the shipped table loads and every entry is well formed (it is empty until numbers are verified)
+    assert mmkv_eval.load_published() == mmkv_eval.PUBLISHED
+    src = {"paper": "Paper A", "url": "https://example.org/a", "table": "Table 1", "paper_method": "TP+P-Merge"}
+    entries = [
+        {"model": "org/Model-7B", "dataset": "TextNeedleInAHaystack", "method": "lookm", "budget": 0.2, "score": 0.25,
+         "source": src},
+        {"model": ["other/alias", "Model-7B"], "dataset": "TextNeedleInAHaystack", "method": "full", "budget": 1.0,
+         "score": 0.4, "source": {"url": "https://example.org/b", "table": "Table 2"}},
+        {"model": "org/Model-7B", "datasets": ["TextNeedleInAHaystack", "GPR1200"], "label": "N+I", "method": "lookm",
+         "budget": 0.2, "score": 0.3, "source": src},
+        # no match: another budget, another model, a token count for a ratio, a dataset we did not run, query-agnostic
+        {"model": "org/Model-7B", "dataset": "TextNeedleInAHaystack", "method": "lookm", "budget": 0.1, "score": 0.9, "source": src},
+        {"model": "org/Model-13B", "dataset": "TextNeedleInAHaystack", "method": "lookm", "budget": 0.2, "score": 0.9, "source": src},
+        {"model": "org/Model-7B", "dataset": "GPR1200", "method": "snapkv", "budget": 256, "score": 0.9, "source": src},
+        {"model": "org/Model-7B", "datasets": ["GPR1200", "DocVQA"], "label": "X", "method": "lookm", "budget": 0.2,
+         "score": 0.9, "source": src},
+        {"model": "org/Model-7B", "dataset": "GPR1200", "method": "lookm", "budget": 0.2, "query_aware": False,
+         "score": 0.9, "source": src},
+    ]
+    path = tmp_path / "published.json"
+    path.write_text(json.dumps({"entries": entries}))
+    monkeypatch.setattr(mmkv_eval, "PUBLISHED", mmkv_eval.load_published(path))
+
+    store = ResultStore(tmp_path / "results.jsonl")
+    store.append({"kind": "run", "config": {"model": "/models/model-7b/", "source": "milebench"}})
+    for rec in (_cell("TextNeedleInAHaystack", "full", 1.0, [1, 0, 1, 0]),
+                _cell("TextNeedleInAHaystack", "lookm", 0.2, [1, 0, 0, 0]),
+                _cell("GPR1200", "full", 1.0, [1, 1, 1, 1]),
+                _cell("GPR1200", "lookm", 0.2, [1, 1, 0, 0]),
+                _cell("GPR1200", "snapkv", 0.2, [1, 1, 1, 0])):
+        store.append(rec)
+    out = tmp_path / "report"
+    rows = mmkv_eval.report(tmp_path / "results.jsonl", out)
+    assert len(rows) == 5
+    pub = json.loads((out / "published.json").read_text())
+    got = {(p["dataset"], p["method"], p["budget"]): p for p in pub}
+    assert set(got) == {("TextNeedleInAHaystack", "lookm", 0.2), ("TextNeedleInAHaystack", "full", 1.0), ("N+I", "lookm", 0.2)}
+    lookm = got[("TextNeedleInAHaystack", "lookm", 0.2)]
+    assert (lookm["ours"], lookm["paper"], lookm["delta"], lookm["samples"]) == (0.25, 0.25, 0.0, 4)
+    assert lookm["source"] == "Paper A, Table 1, https://example.org/a" and lookm["paper_method"] == "TP+P-Merge"
+    assert (got[("TextNeedleInAHaystack", "full", 1.0)]["ours"], got[("TextNeedleInAHaystack", "full", 1.0)]["paper"]) == (0.5, 0.4)
+    group = got[("N+I", "lookm", 0.2)]  # a paper column over two datasets: our unweighted mean
+    assert group["datasets"] == ["TextNeedleInAHaystack", "GPR1200"] and group["ours"] == (0.25 + 0.5) / 2
+    # the CSV and markdown tables carry the same cells with their sources; cells without a paper figure carry none
+    csv_rows = (out / "published.csv").read_text().splitlines()
+    assert len(csv_rows) == 4 and csv_rows[0].startswith("model,dataset,datasets,method,budget,query_aware,ours,paper")
+    md = (out / "published.md").read_text()
+    assert "| TextNeedleInAHaystack | lookm (TP+P-Merge) | 0.2 | aware | 0.250 | 0.250 | +0.000 | 4 | [Table 1](https://example.org/a) |" in md
+    assert "snapkv" not in md and "0.900" not in md
+    assert "3 cell(s) beside a published figure" in capsys.readouterr().err
+    html = (out / "eval.html").read_text()
+    assert "lookm (paper)" in html and "full (paper)" in html and "snapkv (paper)" not in html
+    # another model: nothing beside ours, and no published files
+    assert mmkv_eval.published_beside(rows, "org/Model-13B-Instruct") == [] and mmkv_eval.published_beside(rows, None) == []
+    # a malformed entry is refused when the table is read
+    for bad in ({**entries[0], "score": 25.0}, {k: v for k, v in entries[0].items() if k != "source"},
+                {**entries[0], "datasets": ["GPR1200"]}, {**entries[0], "source": {"url": "u"}}):
+        path.write_text(json.dumps([bad]))
+        with pytest.raises(ValueError):
+            mmkv_eval.load_published(path)
