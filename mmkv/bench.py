@@ -31,6 +31,7 @@ from transformers import DynamicCache
 from .cache import cache_bytes
 from .compat import cache_kwargs
 from .modality import IMAGE, ModalityMap
+from .opcount import count_ops
 from .progress import Progress
 from .records import ResultStore, write_records
 from .session import Session
@@ -60,6 +61,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 SHAPES["tiny-wide"] = dict(
     text=dict(vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
               num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=32768,
+              bos_token_id=None, eos_token_id=507, pad_token_id=None,
               rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}),
     vision=dict(depth=2, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=1024,
                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
@@ -211,22 +213,6 @@ def _reset_peak(device: torch.device) -> None:
             f.write("5")
     except OSError:
         pass
-
-
-def count_ops(fn: Any) -> int:
-    """aten operations ``fn()`` dispatches (views and metadata included): a device-independent cost per step."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class _Counter(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            _Counter.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with _Counter():
-        fn()
-    return _Counter.n
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -21,34 +21,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmkv.hybrid_cache  # noqa: F401  (registers the "hybrid" decode policy)
 from mmkv.cache import build_layer
 from mmkv.methods.base import LayerPlan
-
-VIEW_OPS = {
-    "view", "_unsafe_view", "expand", "select", "slice", "transpose", "permute", "unsqueeze", "squeeze", "t",
-    "as_strided", "unbind", "split", "alias", "detach", "narrow", "_reshape_alias", "lift_fresh",
-}
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.__name__.split(".")[0]] += 1
-        return func(*args, **(kwargs or {}))
-
-    def totals(self) -> tuple[int, int]:
-        total = sum(self.ops.values())
-        return total, total - sum(n for op, n in self.ops.items() if op in VIEW_OPS)
-
+from mmkv.opcount import OpCounter
 
 class AttentionModule(torch.nn.Module):
     """Stands in for a decoder attention module (the dense path's SDPA reads these two attributes)."""
@@ -132,7 +111,7 @@ def measure(args: argparse.Namespace) -> None:
                         attend(layer, query, key, value, d**-0.5)
                     if counter is not None:
                         counter.__exit__(None, None, None)
-                        ops = counter.totals()
+                        ops = (counter.total, counter.compute)
                     elif step > 1:
                         times.append(time.perf_counter() - t0)
                 rows.append((label, statistics.median(times) * 1e3, ops))

@@ -6,8 +6,6 @@ grow with the number of KV heads, and HybridKV copying only the chunks it does n
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -16,29 +14,7 @@ import mmkv.cache as cache_mod
 from mmkv.cache import FlatPrefix, H2ODecodeLayer, RaggedLayer, build_layer, ragged_attention
 from mmkv.hybrid_cache import build_hybrid_layer
 from mmkv.methods.base import LayerPlan
-
-SYNC_OPS = {"_local_scalar_dense", "item", "equal", "is_nonzero"}
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts aten ops by name (``aten.mm.default`` -> ``mm``), views and metadata included."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.__name__.split(".")[0]] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
-
-    @property
-    def syncs(self) -> int:
-        return sum(self.ops[name] for name in SYNC_OPS)
-
+from mmkv.opcount import OpCounter
 
 def per_head_reference(query, head_keys, head_values, tail_keys, tail_values, scale):
     """Per KV head, in float64: softmax over that head's prefix + the bottom-right causal tail."""
