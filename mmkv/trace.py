@@ -181,8 +181,16 @@ class Trace:
             "stats_ms": round(1000 * self.timings.stats_s, 2),
             "compress_ms": round(1000 * self.timings.compress_s, 2),
             "decode_ms_per_token": round(self.timings.decode_ms_per_token, 3),
-            "new_tokens": len(self.generated_ids),
+            "new_tokens": self.new_tokens,
         }
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens generated: the recorded ids (mmkv's driver), else — around a plain ``model.generate`` —
+        one from the prefill plus one per decode forward (the last token is never fed back)."""
+        if self.generated_ids:
+            return len(self.generated_ids)
+        return len(self.timings.decode_s) + 1 if self.timings.prefill_s > 0 else 0
 
     # ---- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

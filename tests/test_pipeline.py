@@ -222,3 +222,10 @@ def test_preallocated_decode_gives_the_same_tokens(method: str) -> None:
         assert fast.trace.bytes_end == fast.trace.bytes_compressed
         per = fast.trace.bytes_per_token_head * fast.trace.num_kv_heads * fast.trace.num_layers
         assert fast.trace.bytes_compressed == plain.trace.bytes_compressed + 6 * per
+
+
+def test_trace_counts_generated_tokens_around_plain_generate() -> None:
+    model, _, prepared = _prepared("qwen2_5_vl")
+    with mmkv.compress(model, "snapkv", 0.3) as session:
+        out = model.generate(**prepared.inputs, max_new_tokens=9, min_new_tokens=9, do_sample=False)
+    assert out.shape[1] - prepared.length == 9 == session.trace.summary()["new_tokens"]
