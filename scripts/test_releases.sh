@@ -13,9 +13,13 @@ venv=".venv-$which"
 torch_pin="$(grep -E '^torch==' requirements.txt)"
 oldest_transformers="$(sed -nE 's/.*"transformers>=([0-9.]+).*/\1/p' pyproject.toml)"
 # Everything the tests need comes from requirements-dev.txt (torch pinned); then the libraries in question move.
+# "newest" = the newest releases pyproject.toml allows (what `pip install mmkv` gives a user today).
+allowed() { "$PYTHON" -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+deps = p['dependencies'] + p['optional-dependencies']['app']; \
+print(next(d for d in deps if d.split('>')[0].split('=')[0].split('<')[0].strip() == sys.argv[1]))" "$1"; }
 case "$which" in
-  newest) libs=(--upgrade transformers gradio plotly tokenizers safetensors accelerate huggingface-hub pillow
-                opencv-python-headless numpy) ;;
+  newest) libs=(--upgrade "$(allowed transformers)" "$(allowed gradio)" plotly tokenizers safetensors accelerate
+                huggingface-hub pillow opencv-python-headless numpy) ;;
   oldest) libs=("transformers==${oldest_transformers}") ;;
   *) echo "usage: $0 [newest|oldest] [pytest args...]" >&2; exit 2 ;;
 esac
