@@ -334,23 +334,35 @@ class Session:
             kwargs = {**kwargs, "is_causal": False}
             out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
             return out
+        collect = self.collecting and q_len == kv_len == self.trace.span_length and layer_idx not in self._layer_traces
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if collect and self.request.all_queries and not (module.training and dropout):
+            # the all-query statistics pass computes every attention row anyway: it gives the output too
+            return self._on_prefill_layer(layer_idx, query, key, scale, value)
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        if self.collecting and query.shape[2] == key.shape[2] == self.trace.span_length and layer_idx not in self._layer_traces:
-            self._on_prefill_layer(layer_idx, query, key, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        if collect:
+            self._on_prefill_layer(layer_idx, query, key, scale)
         return out
 
     def _has_compressed_layer(self) -> bool:
         return any(isinstance(layer, CompressedLayer) for layer in self.cache.layers)
 
-    def _on_prefill_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+    def _on_prefill_layer(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float, value: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Statistics, then (layer-local methods) the plan applied. With ``value``, the all-query pass also
+        returns the layer's attention output (the pass counts as statistics time: what it adds is the prefill
+        time beyond Full's)."""
         t0 = self.clock.mark()
-        stats = LayerStats() if self.request.empty else compute_layer_stats(query, key, self.codes, self.request, scaling)
+        stats = LayerStats() if self.request.empty else compute_layer_stats(query, key, self.codes, self.request, scaling,
+                                                                            value)
+        output, stats.attention_output = stats.attention_output, None
         t1 = self.clock.mark()
         self.clock.add(self.trace.timings, "stats_s", t0, t1)
         if self.method.compresses and self.method.is_global:
             self._pending[layer_idx] = stats
             self._layer_traces[layer_idx] = self._record(layer_idx, LayerPlan.keep_all(self.num_kv_heads, 0), stats, 0, 0)
-            return
+            return output
         plan = (
             self.method.plan_layer(self._context(layer_idx, stats))
             if self.method.compresses
@@ -358,6 +370,7 @@ class Session:
         )
         self._apply(layer_idx, plan, stats)
         self.clock.add(self.trace.timings, "compress_s", t1)
+        return output
 
     def _context(self, layer_idx: int, stats: LayerStats) -> LayerContext:
         layer = self.cache.layers[layer_idx]

@@ -67,6 +67,11 @@ class StatsRequest:
         )
 
     @property
+    def all_queries(self) -> bool:
+        """Statistics over every query row (the pass that can also produce the attention output)."""
+        return self.column_sums or self.full_entropy
+
+    @property
     def empty(self) -> bool:
         return not (
             self.window or self.column_sums or self.full_entropy or self.modality_mass or self.entropy
@@ -90,6 +95,8 @@ class LayerStats:
     cross_vt: torch.Tensor | None = None  # [H_q]: mean entropy, visual queries over text keys
     cross_tv_head_mean: float | None = None  # same, of the head-averaged distribution
     cross_vt_head_mean: float | None = None
+    # [1, L, H_q, d]: the layer's causal attention output, from an all-query pass given the values
+    attention_output: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "LayerStats":
         return LayerStats(
@@ -228,6 +235,7 @@ def compute_layer_stats(
     modality: torch.Tensor,
     request: StatsRequest,
     scaling: float,
+    value: torch.Tensor | None = None,
 ) -> LayerStats:
     """Compute the requested statistics for one layer's prefill.
 
@@ -240,6 +248,11 @@ def compute_layer_stats(
     softmax runs in place. Entropies use ``H = lse - sum_j p_j s_j`` (a batched dot product, no log
     over the block), with ``lse`` read off each row's own key. Memory: two blocks of at most
     ``MAX_BLOCK_ELEMENTS`` floats, never ``L x L``.
+
+    With ``value [1, H_kv, L, d]`` and a pass over *all* queries (column sums, full entropy), the same
+    probabilities also give the layer's causal attention output (``LayerStats.attention_output``
+    ``[1, L, H_q, d]``, the attention function's layout): the caller then skips its own attention, so
+    all-query statistics cost only what they add to an attention pass, not a second one.
     """
     if query.shape[0] != 1:
         raise ValueError("mmkv statistics support batch size 1")
@@ -286,6 +299,10 @@ def compute_layer_stats(
         ones = torch.ones(h_q, 1, block, dtype=torch.float32, device=device)
         future = torch.ones(block, block, dtype=torch.bool, device=device).triu_(1)
         masked = torch.finfo(torch.float32).min  # finite, so that p * s stays 0 where p = 0
+        attend = value is not None and first == 0
+        if attend:
+            vg = value[0].to(dtype)  # [H_kv, L, d]
+            attention = torch.empty(h_kv, group, length, d, dtype=query.dtype, device=device)
         for start in range(first, length, block):
             stop = min(length, start + block)
             rows = stop - start
@@ -297,6 +314,9 @@ def compute_layer_stats(
             # Keys < start are visible to every query of the block: mask the diagonal sub-block only.
             logits[:, :, start:stop].masked_fill_(future[:rows, :rows], masked)
             probs = _softmax(logits, p_buf[:size].view(h_q, rows, stop))
+            if attend:
+                block_out = torch.matmul(probs.view(h_kv, group * rows, stop).to(dtype), vg[:, :stop])
+                attention[:, :, start:stop] = block_out.view(h_kv, group, rows, d)
             entropy = None
             if need_logits and (out.full_entropy is not None or stop > length - out.window):
                 lse = _diagonal_lse(logits, probs, torch.arange(start, stop, device=device))
@@ -315,6 +335,8 @@ def compute_layer_stats(
                     out.modality_mass += torch.matmul(probs[:, r:], onehot[:stop]).sum(1)
                 if out.entropy is not None:
                     out.entropy += entropy[:, r:].sum(1)
+        if attend:
+            out.attention_output = attention.view(h_q, length, d).transpose(0, 1).unsqueeze(0)
         if out.full_entropy is not None:
             out.full_entropy /= length
         if want_window:

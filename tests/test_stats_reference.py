@@ -299,3 +299,20 @@ def test_empty_means_nothing_to_compute(request_):
     produced = [name for name in ("window_scores", "column_sums", "modality_mass", "entropy", "full_entropy")
                 if getattr(out, name) is not None]
     assert request_.empty == (not produced), f"empty={request_.empty} but computed {produced}"
+
+
+@pytest.mark.parametrize("h_q,h_kv,block", [(4, 2, None), (6, 3, 5), (4, 4, 7)])
+def test_all_query_pass_gives_the_causal_attention_output(monkeypatch, h_q, h_kv, block):
+    """Given the values, the all-query pass returns the layer's attention output: it equals SDPA's causal
+    attention (GQA by contiguous groups), in the attention function's ``[1, L, H_q, d]`` layout."""
+    q, k, codes = make_inputs(5, h_q, h_kv, 37, 8)
+    v = torch.randn(1, h_kv, 37, 8, generator=torch.Generator().manual_seed(6))
+    if block is not None:
+        monkeypatch.setattr(stats_mod, "MAX_BLOCK_ELEMENTS", block * h_q * 37)
+    stats = compute_layer_stats(q, k, codes, StatsRequest(column_sums=True), 8**-0.5, value=v)
+    group = h_q // h_kv
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True, scale=8**-0.5)
+    torch.testing.assert_close(stats.attention_output, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    # window-only statistics do not run over every query: no output, the caller runs its own attention
+    assert compute_layer_stats(q, k, codes, StatsRequest(window=8), 8**-0.5, value=v).attention_output is None
