@@ -5,7 +5,10 @@ hidden 1024, 16 query / 8 KV heads by default) prefills a hand-built multi-image
 ``--lengths`` tokens once per method; the session's trace gives ``prefill_s``, ``stats_s`` and
 ``compress_s``. Prints ``(stats + compress) / Full's prefill`` per method and length (targets: <= 10%
 for window methods, <= 30% for all-query methods), and the same share of the run's own model work
-(``prefill - stats - compress``, measured in the same forward: steadier on a shared machine). Usage:
+(``prefill - stats - compress``, measured in the same forward: steadier on a shared machine). For the
+all-query methods (H2O, LOOK-M, MEDA) the statistics pass also computes the layer's attention output and
+the model skips its own, so their statistics time includes an attention pass: what they add is the
+prefill beyond Full's (``python -m mmkv.bench`` reports it as "extra prefill"). Usage:
 ``.venv/bin/python scripts/measure_stats.py [--lengths 3000,8000] [--methods h2o,lookm]``.
 """
 
