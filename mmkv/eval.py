@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Defaults depend on the machine: on CPU only the methods " + ",".join(CPU_METHODS)
                + f" (plus full) and {CPU_SAMPLES} samples per task; with a GPU all methods and {GPU_SAMPLES} samples. "
                "Progress (cells done/total, failures, ETA) goes to stderr; results to OUT/results.jsonl as each cell finishes.")
-    p.add_argument("--model", default="assets/mmkv-tiny-qwen2vl", help="checkpoint directory or hub id (default: the bundled teaching model)")
+    p.add_argument("--model", default="bundled", help="checkpoint directory or hub id (default: the bundled teaching model)")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated methods (full always runs as the reference); default on CPU: {','.join(CPU_METHODS)}; "
                         f"with a GPU: all of {','.join(sorted(METHODS))}")

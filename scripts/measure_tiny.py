@@ -1,6 +1,6 @@
 """Measure the bundled teaching model: held-out accuracy per task through ``mmkv.generate`` and CPU answer time.
 
-    .venv/bin/python scripts/measure_tiny.py [--model assets/mmkv-tiny-qwen2vl] [--samples 100] [--threads 2]
+    .venv/bin/python scripts/measure_tiny.py [--model bundled] [--samples 100] [--threads 2]
 
 Accuracy is greedy exact match (the scene checker) on held-out seeds (``seed=777``, not the training-time
 eval seed) at 4 and 8 images for the image tasks and 8 frames for the video tasks. Timing is the median
