@@ -198,6 +198,9 @@ class DenseLayer(CompressedLayer):
 #: Above this many ``H_kv * H_q * q_len`` score rows x heads, :func:`ragged_attention` gathers a padded
 #: copy instead of scoring every row against the whole flattened prefix (see its docstring).
 MASKED_PREFIX_MAX_WORK = 1024
+#: Rows per block of the *blocked* decode path, and the flattened prefix length from which it is used.
+BLOCK_ROWS = 64
+BLOCKED_MIN_ROWS = 2048
 
 
 class FlatPrefix:
@@ -233,8 +236,92 @@ class FlatPrefix:
             )
         return self._padded
 
+    def block_plan(self, rows: int) -> "BlockPlan | None":
+        """The blocked layout of the first ``rows * (N // rows)`` rows (built once, from Python ints), or
+        None when a block could hold rows of more than two heads (a non-empty head shorter than a block)."""
+        if getattr(self, "_blocks", None) is None or self._blocks[0] != rows:
+            self._blocks = (rows, BlockPlan.build(self.starts, self.lengths, self.keys.shape[0], rows, self.keys.device))
+        return self._blocks[1]
+
     def nbytes(self) -> int:
         return tensor_bytes(self.keys, self.values)
+
+
+class BlockPlan:
+    """Which heads the fixed-size row blocks of a flattened prefix belong to (at most two per block)."""
+
+    def __init__(self, first: torch.Tensor, last: torch.Tensor, use_last: torch.Tensor, head_of_row: torch.Tensor,
+                 num_blocks: int, rows: int) -> None:
+        self.first, self.last = first, last  # [nb]: head of each block's first / last row
+        self.use_last = use_last  # [nb, 1, rows]: True where a row belongs to the block's last head
+        self.head_of_row = head_of_row  # [N]
+        self.num_blocks, self.rows = num_blocks, rows
+
+    @staticmethod
+    def build(starts: list[int], lengths: list[int], total: int, rows: int, device: torch.device) -> "BlockPlan | None":
+        nonempty = [n for n in lengths if n]
+        if not nonempty or min(nonempty) < rows or total < rows:
+            return None
+        head_of_row = [0] * total
+        for h, (a, n) in enumerate(zip(starts, lengths)):
+            head_of_row[a : a + n] = [h] * n
+        nb = total // rows
+        first = [head_of_row[b * rows] for b in range(nb)]
+        last = [head_of_row[b * rows + rows - 1] for b in range(nb)]
+        use_last = [[head_of_row[b * rows + j] != first[b] for j in range(rows)] for b in range(nb)]
+        as_long = dict(dtype=torch.long, device=device)
+        return BlockPlan(torch.tensor(first, **as_long), torch.tensor(last, **as_long),
+                         torch.tensor(use_last, dtype=torch.bool, device=device)[:, None, :],
+                         torch.tensor(head_of_row, **as_long), nb, rows)
+
+
+def blocked_prefix_attention(
+    rows: torch.Tensor, prefix: FlatPrefix, plan: BlockPlan, tail_keys_t: torch.Tensor, tail_values: torch.Tensor,
+    tail_hide: torch.Tensor | None, scaling: float,
+) -> torch.Tensor:
+    """``softmax`` over each head's prefix rows and the tail, with the prefix scored block by block.
+
+    The prefix's first ``nb * B`` rows are viewed as ``[nb, B, d]`` blocks; a block holds rows of at most
+    two heads (every non-empty head has >= B rows), so it is scored against those two heads' queries only
+    — 2x the multiply-adds of exact per-head products instead of ``H_kv``x for the masked pass, with a
+    constant number of ops. The < B leftover rows go through the masked pass. ``rows [H_kv, R, d]``,
+    ``tail_keys_t [H_kv, d, t]``; returns ``[H_kv, R, d]`` in ``rows``' dtype.
+    """
+    h_kv, r, d = rows.shape
+    nb, b = plan.num_blocks, plan.rows
+    m = nb * b
+    keys, values = prefix.keys, prefix.values
+    kb, vb = keys[:m].view(nb, b, d), values[:m].view(nb, b, d)
+    q2 = torch.cat([rows.index_select(0, plan.first), rows.index_select(0, plan.last)], dim=1)  # [nb, 2R, d]
+    s2 = torch.bmm(q2, kb.transpose(1, 2)).float()  # [nb, 2R, B]
+    own = torch.where(plan.use_last, s2[:, r:], s2[:, :r])  # [nb, R, B]: each row scored by its own head
+    own = own.transpose(1, 2).reshape(m, r)  # [M, R]
+    if keys.shape[0] > m:  # leftover rows: the masked pass, then each row's own head
+        left = torch.matmul(rows, keys[m:].T).float()  # [H_kv, R, n_left]
+        left = left.gather(0, plan.head_of_row[m:].view(1, 1, -1).expand(1, r, -1))[0]  # [R, n_left]
+        own = torch.cat([own, left.T], dim=0)
+    own = own.mul_(scaling)  # [N, R]
+    hidden = prefix.hide[plan.head_of_row, 0, torch.arange(keys.shape[0], device=keys.device)]  # [N]
+    own.masked_fill_(hidden[:, None], float("-inf"))
+    tail = torch.matmul(rows, tail_keys_t).float().mul_(scaling)  # [H_kv, R, t]
+    if tail_hide is not None:
+        tail.masked_fill_(tail_hide, float("-inf"))
+    head = plan.head_of_row
+    top = torch.full((h_kv, r), float("-inf"), device=rows.device).scatter_reduce_(0, head[:, None].expand(-1, r), own, "amax")
+    top = torch.maximum(top, tail.amax(-1))  # [H_kv, R]; the tail always holds the current token
+    weights = own.sub_(top[head]).exp_()  # [N, R]
+    tail = tail.sub_(top[..., None]).exp_()
+    total = torch.zeros(h_kv, r, device=rows.device).index_add_(0, head, weights).add_(tail.sum(-1))
+    wb = weights[:m].view(nb, b, r).transpose(1, 2)  # [nb, R, B]
+    keep_last = plan.use_last.to(wb.dtype)
+    w2 = torch.cat([wb * (1 - keep_last), wb * keep_last], dim=1).to(values.dtype)  # [nb, 2R, B]
+    o2 = torch.bmm(w2, vb).float()  # [nb, 2R, d]
+    out = torch.zeros(h_kv, r, d, device=rows.device)
+    out.index_add_(0, plan.first, o2[:, :r]).index_add_(0, plan.last, o2[:, r:])
+    if keys.shape[0] > m:
+        out.index_add_(0, head[m:], weights[m:, :, None] * values[m:, None, :].float())
+    out.add_(torch.matmul(tail.to(tail_values.dtype), tail_values).float())
+    return out.div_(total[..., None]).to(rows.dtype)
 
 
 def group_rows(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -268,7 +355,12 @@ def ragged_attention(
       ``H_kv`` times the FLOPs of the per-head product but reads the cache once and copies nothing,
       which is what a decode step (``G*q`` rows per head, memory-bound) wants;
     - *padded* (many rows: multi-token forwards, MHA models with many KV heads): the prefix is gathered
-      into a temporary ``[H_kv, n_max, d]`` (padding hidden) and multiplied per head with one ``bmm``.
+      into a temporary ``[H_kv, n_max, d]`` (padding hidden) and multiplied per head with one ``bmm``;
+    - *blocked* (decode on the CPU over a prefix of >= ``BLOCKED_MIN_ROWS`` rows, every non-empty head
+      at least ``BLOCK_ROWS`` long): :func:`blocked_prefix_attention` scores fixed-size row blocks against
+      the at most two heads each holds — 2x the exact multiply-adds instead of ``H_kv``x, ~45 compute
+      ops. The CPU is compute-bound there (masked flat lost to the per-head loop at 8k, below); a GPU
+      keeps the 13-op masked pass.
 
     Measured on one CPU thread (``scripts/measure_decode.py``; 8 KV / 16 query heads, d = 128, fp32,
     0.2 x L tokens per head, budgets 0.5x..1.5x the mean, one query), per layer and decode step:
@@ -293,6 +385,16 @@ def ragged_attention(
     h_kv, h_q, q_len, d = tail_keys.shape[1], query.shape[1], query.shape[2], query.shape[3]
     rows = group_rows(query, h_kv)  # [H_kv, R, d]
     blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    tail_hide = tail_causal_hide(q_len, h_q // h_kv, tail_keys.shape[2], query.device)
+    # On the CPU a long decode prefix is compute-bound: score it block by block (2x, not H_kv x, the
+    # multiply-adds); on a GPU the masked pass's 13 launches win (the extra FLOPs are cheap there).
+    if (h_kv * h_q * q_len <= MASKED_PREFIX_MAX_WORK and prefix.keys.shape[0] >= BLOCKED_MIN_ROWS
+            and prefix.keys.device.type == "cpu"):
+        plan = prefix.block_plan(BLOCK_ROWS)
+        if plan is not None:
+            out = blocked_prefix_attention(rows, prefix, plan, tail_keys[0].transpose(1, 2), tail_values[0], tail_hide,
+                                           scaling)
+            return ungroup_rows(out, h_q)
     if prefix.keys.shape[0] and max(prefix.lengths):
         if h_kv * h_q * q_len <= MASKED_PREFIX_MAX_WORK:
             blocks.append((prefix.keys.T, prefix.values, prefix.hide))
@@ -303,7 +405,7 @@ def ragged_attention(
             values = prefix.values.index_select(0, index).view(h_kv, n_max, d)
             hide = prefix.hide.gather(2, index.view(h_kv, 1, n_max)) | beyond
             blocks.append((keys.transpose(1, 2), values, hide))
-    blocks.append((tail_keys[0].transpose(1, 2), tail_values[0], tail_causal_hide(q_len, h_q // h_kv, tail_keys.shape[2], query.device)))
+    blocks.append((tail_keys[0].transpose(1, 2), tail_values[0], tail_hide))
     return ungroup_rows(blockwise_softmax_attention(rows, blocks, scaling), h_q)
 
 

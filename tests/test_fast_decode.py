@@ -356,3 +356,31 @@ def test_hybrid_on_cuda_matches_the_cpu_layer() -> None:
         b = gpu.attend(None, q.cuda(), *gpu.update(nk.cuda(), nv.cuda()), scaling=0.3)
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)
     assert gpu.retrievals == cpu.retrievals
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("budgets,h_q,block", [
+    ([300, 200, 150, 90], 8, 64),  # blocks span two heads; leftover rows
+    ([300, 0, 150, 90], 8, 64),  # an empty head
+    ([130, 70, 64, 600, 80, 99, 65, 300], 16, 64),  # a head exactly one block long
+    ([12, 40, 9], 6, 8),  # small blocks, many straddling
+])
+def test_blocked_decode_path_matches_per_head_reference(budgets, h_q, block, q_len, dtype, monkeypatch) -> None:
+    """Long prefixes are scored block by block (each block against at most two heads' queries)."""
+    monkeypatch.setattr(cache_mod, "BLOCKED_MIN_ROWS", 0)
+    monkeypatch.setattr(cache_mod, "BLOCK_ROWS", block)
+    layer, hk, hv, tk, tv, q = _ragged_case(budgets, h_q, q_len, dtype=dtype)
+    assert layer.prefix.block_plan(block) is not None
+    scale = q.shape[-1] ** -0.5
+    with OpCounter() as counter:
+        got = layer.attend(None, q, tk, tv, scaling=scale)
+    assert counter.ops["scatter_reduce_"] == 1 and counter.syncs == 0  # the blocked path ran, without a host sync
+    want = per_head_reference(q, hk, hv, tk, tv, scale)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_blocked_path_needs_every_head_at_least_a_block_long() -> None:
+    layer, *_ = _ragged_case([300, 20, 150], 6, 1)
+    assert layer.prefix.block_plan(64) is None and layer.prefix.block_plan(16) is not None
