@@ -126,6 +126,18 @@ def build_shape(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
+def image_layout(length: int, visual_share: float, per_image: int) -> tuple[int, int]:
+    """``(images, text tokens)`` of a synthetic prompt: each image is ``per_image`` tokens plus its two markers."""
+    n_images = max(1, min(round(visual_share * length / per_image), (length - 4) // (per_image + 2)))
+    text_len = length - n_images * (per_image + 2)
+    if text_len < 4:
+        raise ValueError(
+            f"context {length} is too short for {n_images} images of {per_image} tokens: raise --contexts or "
+            f"lower --image-grid (an image of grid g is (g/2)^2 tokens)"
+        )
+    return n_images, text_len
+
+
 def synthetic_prompt(model: torch.nn.Module, length: int, visual_share: float = 0.9, image_grid: int = 64,
                      seed: int = 0) -> tuple[dict[str, Any], ModalityMap]:
     """Input ids + random pixels for a Qwen-VL prompt of ``length`` tokens, ``visual_share`` of them image tokens.
@@ -137,13 +149,7 @@ def synthetic_prompt(model: torch.nn.Module, length: int, visual_share: float = 
     dtype = next(model.parameters()).dtype
     merge = cfg.vision_config.spatial_merge_size
     per_image = (image_grid // merge) ** 2
-    n_images = max(1, min(round(visual_share * length / per_image), (length - 4) // (per_image + 2)))
-    text_len = length - n_images * (per_image + 2)
-    if text_len < 4:
-        raise ValueError(
-            f"context {length} is too short for {n_images} images of {per_image} tokens: raise --contexts or "
-            f"lower --image-grid (an image of grid g is (g/2)^2 tokens)"
-        )
+    n_images, text_len = image_layout(length, visual_share, per_image)
     g = torch.Generator().manual_seed(seed)
     vocab = cfg.get_text_config().vocab_size
     filler = torch.randint(min(100, vocab // 4), min(vocab - 8, 150000), (text_len,), generator=g).tolist()
@@ -296,15 +302,29 @@ def cell_key(model: str, context: int, method: str, budget: float | int) -> str:
     return f"{model}|{context}|{method}|{budget}"
 
 
-def measure_cell(model: torch.nn.Module, context: int, method: str, budget: float | int, bandwidth: float,
-                 warmed: set[int], *, visual_share: float = 0.9, image_grid: int = 64, new_tokens: int = 64,
-                 warmup: int = 8, preallocate: bool = True) -> dict[str, Any]:
-    """One cell on a built model; the first cell at a new ``context`` first runs a short Full warm-up."""
-    inputs, modality = synthetic_prompt(model, context, visual_share, image_grid)
-    if context not in warmed:  # first forwards at a new shape pay one-off allocation costs
-        run_one(model, inputs, modality, "full", 1.0, min(new_tokens, warmup + 2), 0, bandwidth, preallocate)
-        warmed.add(context)
-    return run_one(model, inputs, modality, method, budget, new_tokens, warmup, bandwidth, preallocate)
+class CellMeasurer:
+    """A model built once on a device, with the device's measured bandwidth: measures cells one after the
+    other (the serial run), or serves them as a Ray actor (:func:`mmkv.sweep.run_bench_ray`)."""
+
+    def __init__(self, model_name: str, device: str | None, dtype: str, settings: dict[str, Any]) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = build_model(model_name, self.device, dtype)
+        self.bandwidth = memory_bandwidth(self.device, size_mb=64 if self.device.type == "cpu" else 1024)
+        self.device_name = str(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu")
+        self.settings = settings  # visual_share, image_grid, new_tokens, warmup, preallocate
+        self.warmed: set[int] = set()
+
+    def run(self, context: int, method: str, budget: float | int) -> dict[str, Any]:
+        """One cell; the first cell at a new ``context`` first runs a short Full warm-up."""
+        st = self.settings
+        inputs, modality = synthetic_prompt(self.model, context, st["visual_share"], st["image_grid"])
+        if context not in self.warmed:  # first forwards at a new shape pay one-off allocation costs
+            run_one(self.model, inputs, modality, "full", 1.0, min(st["new_tokens"], st["warmup"] + 2), 0,
+                    self.bandwidth, st["preallocate"])
+            self.warmed.add(context)
+        measured = run_one(self.model, inputs, modality, method, budget, st["new_tokens"], st["warmup"],
+                           self.bandwidth, st["preallocate"])
+        return {"device_name": self.device_name, **measured}
 
 
 def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budgets: Sequence[float | int],
@@ -323,7 +343,7 @@ def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budget
     grid = [(c, m, b) for c in contexts for m, b in [("full", 1.0)] + [(m, b) for m in methods if m != "full" for b in budgets]]
     todo = [cell for cell in grid if cell_key(model_name, *cell) not in done]
     for context in dict.fromkeys(c for c, _, _ in todo):  # bad sizes fail before any model is built
-        check_prompt_size(model_name, context, visual_share, image_grid)
+        image_layout(context, visual_share, (image_grid // 2) ** 2)  # every shape here merges 2 x 2 patches
     bar = Progress(len(grid), len(grid) - len(todo), label="bench") if progress else None
     settings = dict(visual_share=visual_share, image_grid=image_grid, new_tokens=new_tokens, warmup=warmup,
                     preallocate=preallocate)
@@ -340,30 +360,15 @@ def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budget
         run_bench_ray(todo, store, model_name, record, address=ray_address or None, workers=workers, device=device,
                       dtype=dtype, settings=settings, progress=bar)
     elif todo:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = build_model(model_name, dev, dtype)
-        bandwidth = memory_bandwidth(dev, size_mb=64 if dev.type == "cpu" else 1024)
-        name = str(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
-        warmed: set[int] = set()
+        measurer = CellMeasurer(model_name, device, dtype, settings)
         for cell in todo:
-            rec = record(cell, {"device_name": name, **measure_cell(model, *cell, bandwidth, warmed, **settings)})
+            rec = record(cell, measurer.run(*cell))
             store.append(rec)
             if bar is not None:
                 bar.update(f"{rec['key']}: decode {rec['decode_ms']:.2f} ms/token")
     if bar is not None:
         bar.close()
     return rows_from(store.finished(), [cell_key(model_name, *cell) for cell in grid])
-
-
-def check_prompt_size(model_name: str, context: int, visual_share: float, image_grid: int) -> None:
-    """The synthetic prompt's size check (:func:`synthetic_prompt`) without a model: merge size 2."""
-    per_image = (image_grid // 2) ** 2
-    n_images = max(1, min(round(visual_share * context / per_image), (context - 4) // (per_image + 2)))
-    if context - n_images * (per_image + 2) < 4:
-        raise ValueError(
-            f"context {context} is too short for {n_images} images of {per_image} tokens: raise --contexts or "
-            f"lower --image-grid (an image of grid g is (g/2)^2 tokens)"
-        )
 
 
 def rows_from(records: dict[str, dict[str, Any]], keys: Sequence[str]) -> list[BenchRow]:

@@ -257,6 +257,7 @@ class BlockPlan:
         self.first, self.last = first, last  # [nb]: head of each block's first / last row
         self.use_last = use_last  # [nb, 1, rows]: True where a row belongs to the block's last head
         self.head_of_row = head_of_row  # [N]
+        self.row = torch.arange(head_of_row.numel(), device=head_of_row.device)  # [N]
         self.num_blocks, self.rows = num_blocks, rows
 
     @staticmethod
@@ -303,7 +304,7 @@ def blocked_prefix_attention(
         left = left.gather(0, plan.head_of_row[m:].view(1, 1, -1).expand(1, r, -1))[0]  # [R, n_left]
         own = torch.cat([own, left.T], dim=0)
     own = own.mul_(scaling)  # [N, R]
-    hidden = prefix.hide[plan.head_of_row, 0, torch.arange(keys.shape[0], device=keys.device)]  # [N]
+    hidden = prefix.hide[plan.head_of_row, 0, plan.row]  # [N]: read each step (HybridKV hides rows in place)
     own.masked_fill_(hidden[:, None], float("-inf"))
     tail = torch.matmul(rows, tail_keys_t).float().mul_(scaling)  # [H_kv, R, t]
     if tail_hide is not None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import ray
 
+from .bench import CellMeasurer
 from .eval import Cell, CellRunner, Plan, failure_record, reference_ids
 from .progress import Progress
 from .records import ResultStore
@@ -160,33 +161,6 @@ def run_ray(
     return failures
 
 
-class BenchWorker:
-    """A model-holding actor for ``mmkv.bench``: builds the model once, then measures cells."""
-
-    def __init__(self, model_name: str, device: str | None, dtype: str, settings: dict[str, Any]) -> None:
-        import torch
-
-        from .bench import build_model, memory_bandwidth
-
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = build_model(model_name, self.device, dtype)
-        self.bandwidth = memory_bandwidth(self.device, size_mb=64 if self.device.type == "cpu" else 1024)
-        self.settings = settings
-        self.warmed: set[int] = set()
-
-    def run(self, context: int, method: str, budget: float | int) -> dict[str, Any]:
-        from .bench import measure_cell
-
-        measured = measure_cell(self.model, context, method, budget, self.bandwidth, self.warmed, **self.settings)
-        return {"device_name": _device_name(self.device), **measured}
-
-
-def _device_name(device: Any) -> str:
-    import torch
-
-    return str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-
-
 def run_bench_ray(
     cells: list[tuple[int, str, float | int]],
     store: ResultStore,
@@ -217,7 +191,7 @@ def run_bench_ray(
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         count = max(1, min(workers or gpus or 1, len(cells)))
-        actor_cls = ray.remote(BenchWorker).options(
+        actor_cls = ray.remote(CellMeasurer).options(
             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=max_retries, max_task_retries=max_retries)
         actors = [actor_cls.remote(model, device, dtype, settings or {}) for _ in range(count)]
         queue, idle, inflight = list(cells), list(actors), {}
