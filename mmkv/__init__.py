@@ -5,6 +5,7 @@
     chat = mmkv.chat("Which image has the red circle?", images=["a.png", "b.png"])
     result = mmkv.generate(model, processor, chat, method="snapkv", budget=0.2)
     print(result.text, result.trace.summary())
+    mmkv.save_run(result, "needle.mmkvrun", processor)   # one file the app opens without the model: mmkv.load_run
 """
 
 from .attention import ATTENTION_NAME, register
@@ -15,6 +16,7 @@ from .methods import METHODS, Method, make_method
 from .modality import IMAGE, TEXT, VIDEO, ModalityMap
 from .prompt import chat
 from .models import PreparedInputs, UnsupportedModelError, adapter_for, load
+from .runfile import RunFile, load_run, save_run
 from .session import Session, compress, resolve_capacity
 from .trace import LayerTrace, Trace
 
@@ -23,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ATTENTION_NAME", "register", "BUNDLED_MODEL", "EXAMPLES_DIR", "chat", "BatchSizeError", "cache_bytes", "Generation", "GenerationResult", "generate",
     "METHODS", "Method", "make_method", "IMAGE", "TEXT", "VIDEO", "ModalityMap", "PreparedInputs",
-    "UnsupportedModelError", "adapter_for", "load", "Session", "compress", "resolve_capacity", "LayerTrace", "Trace",
+    "UnsupportedModelError", "adapter_for", "load", "RunFile", "load_run", "save_run", "Session", "compress", "resolve_capacity", "LayerTrace", "Trace",
 ]

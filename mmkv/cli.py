@@ -1,6 +1,7 @@
 """Command line (installed as ``mmkv``; also ``python -m mmkv``).
 
     mmkv run --image a.png --image b.png --prompt "Which image has the red circle?" --method snapkv --budget 0.2
+    mmkv run ... --save run.mmkvrun  # the run as one file the app opens without the model
     mmkv app                       # the Gradio app (needs the app extra: pip install "mmkv[app]")
     mmkv methods                   # every method with its defaults and paper
 
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--query-agnostic", action="store_true", help="compress the context before the question is read")
     run.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     run.add_argument("--trace", default=None, help="write the Trace as JSON to this file (checked before the run)")
+    run.add_argument("--save", default=None, metavar="RUN_FILE",
+                     help="save the run (trace, prompt tokens, thumbnails of the images and frames) as one file, "
+                          "e.g. run.mmkvrun, that the app opens without the model (checked before the run)")
     run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                      help="method hyper-parameter, e.g. --param window=16 (repeatable)")
 
@@ -66,18 +70,18 @@ def _parse_params(items: Sequence[str]) -> dict:
     return params
 
 
-def _check_output_path(path: str | None) -> None:
+def _check_output_path(path: str | None, flag: str = "--trace", example: str = "trace.json") -> None:
     """Fail before the run (not after it) when an output file cannot be written."""
     if path is None:
         return
     target = Path(path)
     if target.is_dir():
-        raise ValueError(f"--trace {path}: is a directory; give a file name such as trace.json")
+        raise ValueError(f"{flag} {path}: is a directory; give a file name such as {example}")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
-        raise ValueError(f"--trace {path}: the folder {parent} does not exist; create it or pick another path")
+        raise ValueError(f"{flag} {path}: the folder {parent} does not exist; create it or pick another path")
     if not os.access(parent, os.W_OK):
-        raise ValueError(f"--trace {path}: the folder {parent} is not writable; pick another path")
+        raise ValueError(f"{flag} {path}: the folder {parent} is not writable; pick another path")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -89,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
     _check_output_path(args.trace)
+    _check_output_path(args.save, "--save", "run.mmkvrun")
     params = _parse_params(args.param)
 
     import torch
@@ -118,6 +123,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.trace:
         trace.to_json(args.trace)
         print(f"trace written to {args.trace}")
+    if args.save:
+        from .runfile import save_run
+
+        save_run(result, args.save, processor, question=args.prompt)
+        print(f"run saved to {args.save} (open it in the app's Inspect, or with mmkv.load_run)")
     return 0
 
 
