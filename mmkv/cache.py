@@ -540,6 +540,7 @@ class H2ODecodeLayer(DenseLayer):
         self.capacity, self.recent = capacity, recent
         self._scores = AppendBuffer(scores.float(), 1, dim=-1)  # [H_kv, n]
         self._log = DeviceLog((keys.shape[1],), keys.device)
+        self.eviction_counts: list[int] = []  # per forward through attend: rows it added to the log (Python ints)
 
     @property
     def scores(self) -> torch.Tensor:
@@ -547,7 +548,8 @@ class H2ODecodeLayer(DenseLayer):
 
     @property
     def evictions(self) -> list[list[int]]:
-        """Per eviction (one per decode step), the evicted logical position in each KV head."""
+        """Per eviction (one per decode step; a multi-token forward may make several), the evicted logical
+        position in each KV head; :attr:`eviction_counts` says how many rows each forward added."""
         return self._log.tolist()
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -576,6 +578,7 @@ class H2ODecodeLayer(DenseLayer):
         """Evict the lowest-scored tokens outside the recent window, refilling their slots from the end."""
         n = self._keys.fill
         m = min(n - self.capacity, n - self.recent)  # Python ints: no sync
+        self.eviction_counts.append(max(m, 0))
         if m <= 0:
             return
         positions, scores = self.positions, self.scores

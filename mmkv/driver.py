@@ -84,6 +84,13 @@ def _select(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
+def _token_string(tokenizer: Any, token: int) -> str:
+    """A special token (EOS, ...) by its token string, for the decode replay."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    out = convert(int(token)) if convert is not None else None
+    return out if isinstance(out, str) else ""
+
+
 def _reset_rope_state(model: torch.nn.Module) -> None:
     """Qwen-VL models keep ``rope_deltas`` between calls; clear it so a new prompt recomputes it."""
     inner = getattr(model, "model", None)
@@ -196,7 +203,9 @@ def _run(model, tokenizer, prepared, session, context, max_new_tokens, do_sample
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     eos = _eos_ids(model, tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
     ids: list[int] = []
+    pieces: list[str] = []
     text = ""
     with compressed_run(model, prepared, session, context) as step:
         logits = step()
@@ -204,9 +213,14 @@ def _run(model, tokenizer, prepared, session, context, max_new_tokens, do_sample
             token = _select(logits, do_sample, temperature, top_p, generator)
             ids.append(token)
             new_text = tokenizer.decode(ids, skip_special_tokens=True)
+            piece = ""
             if new_text != text:
-                yield new_text[len(text):] if new_text.startswith(text) else new_text
+                piece = new_text[len(text):] if new_text.startswith(text) else new_text
+                yield piece
                 text = new_text
+            elif token in special:
+                piece = _token_string(tokenizer, token)
+            pieces.append(piece)
             if token in eos or i == max_new_tokens - 1:
                 break
             logits = step(token)
@@ -214,6 +228,7 @@ def _run(model, tokenizer, prepared, session, context, max_new_tokens, do_sample
     trace.prompt_length = prepared.length
     trace.answer = text
     trace.generated_ids = ids
+    trace.generated_tokens = pieces
     generation.result = GenerationResult(text=text, token_ids=ids, trace=trace, prepared=prepared)
 
 

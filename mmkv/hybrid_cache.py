@@ -312,8 +312,9 @@ def build_hybrid_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan
 
     ``plan.decode`` holds ``head_types`` (``"static"``/``"dynamic"`` per KV head), ``sinks``, ``recent``,
     ``chunk_size``, ``top_chunks``, ``scoring``, ``offload`` and ``initial_chunks`` (per dynamic head).
-    Static heads keep ``plan.kept[h]``; ``reserve`` preallocates room for generated tokens. Adds ``device_bytes``, ``host_bytes``, ``summary_bytes`` and
-    ``overhead_bytes`` to ``plan.info`` for the trace.
+    Static heads keep ``plan.kept[h]``; ``reserve`` preallocates room for generated tokens. Adds ``dynamic_heads``,
+    ``chunk_spans`` (``[start, stop)`` prompt positions per chunk id, for the decode replay), ``device_bytes``,
+    ``host_bytes``, ``summary_bytes`` and ``overhead_bytes`` to ``plan.info`` for the trace.
     """
     if keys.shape[0] != 1:
         raise batch_size_error()
@@ -343,7 +344,10 @@ def build_hybrid_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan
         int(spec["sinks"]), int(spec["recent"]), int(spec["chunk_size"]), int(spec["top_chunks"]),
         spec.get("scoring", "mean"), bool(spec.get("offload", True)), initial_t, length, reserve,
     )
+    starts, lengths = chunk_grid(length, int(spec["sinks"]), int(spec["recent"]), int(spec["chunk_size"]))
     plan.info.update({
+        "dynamic_heads": dynamic,  # KV heads whose retrievals rows are, in this order
+        "chunk_spans": [[a, a + n] for a, n in zip(starts.tolist(), lengths.tolist())],  # chunk id -> [start, stop)
         "device_bytes": layer.physical_bytes(),
         "host_bytes": layer.host_bytes(),
         "summary_bytes": layer.summary_bytes(),

@@ -143,8 +143,10 @@ class Session:
         query_aware: bool = True,
         method_params: dict[str, Any] | None = None,
         reserve: int = 0,
+        record_steps: bool = True,
     ) -> None:
         register()
+        self.record_steps = record_steps  # per decode step: bytes held and logical length (Python ints, no sync)
         self.reserve = reserve  # preallocated room for generated tokens in every layer (0: grow by concatenation)
         self.model = model
         self.method = make_method(method, **(method_params or {}))
@@ -176,6 +178,8 @@ class Session:
         self.clock = Clock(self.device)
         self._forward_start: Any = 0.0
         self._forward_is_prefill = False
+        self._q_len = 0
+        self._forward_steps: list[int] = []  # per forward after compression: the replay step it belongs to
         self._handles: list[Any] = []
 
     # ---- lookups used by the attention function ------------------------------------------
@@ -258,13 +262,18 @@ class Session:
         if embeds is not None and embeds.shape[0] != 1:
             raise BatchSizeError(f"mmkv supports batch size 1, got a batch of {embeds.shape[0]}")
         self._forward_is_prefill = q_len > 1
+        self._q_len = q_len
         if cache is None or q_len == 0 or cache.get_seq_length() != 0:
             return None
         self._start_prefill(cache, q_len)
         return None
 
     def _text_post_hook(self, module, args, kwargs, output):
-        if not self.collecting or not self._is_active():
+        if not self._is_active():
+            return output
+        if not self.collecting:
+            if self.trace is not None and self.cache is not None and cache_from_kwargs(kwargs) is self.cache:
+                self._record_step()
             return output
         t0 = self.clock.mark()
         if self.method.is_global and self.method.compresses:
@@ -277,7 +286,28 @@ class Session:
         self.clock.add(self.trace.timings, "compress_s", t0)
         self.collecting = False
         self.trace.layers = [self._layer_traces[i] for i in sorted(self._layer_traces)]
+        self._forward_steps = []
+        if self.record_steps:
+            self.trace.step_lengths = [self.trace.span_length]
+            self.trace.step_bytes = [cache_bytes(self.cache)]
         return output
+
+    def _record_step(self) -> None:
+        """A forward on the compressed cache: a new decode step, or (query-agnostic) the question read into step 0.
+
+        Bytes come from tensor shapes (:func:`~mmkv.cache.cache_bytes`, metadata only): no device sync.
+        """
+        trace = self.trace
+        step = 0 if not self.query_aware and not self._forward_steps else len(self._forward_steps) + int(self.query_aware)
+        self._forward_steps.append(step)
+        if not self.record_steps or not trace.step_lengths:
+            return
+        if step < len(trace.step_lengths):
+            trace.step_lengths[step] += self._q_len
+            trace.step_bytes[step] = cache_bytes(self.cache)
+        else:
+            trace.step_lengths.append(trace.step_lengths[-1] + self._q_len)
+            trace.step_bytes.append(cache_bytes(self.cache))
 
     # ---- prefill ---------------------------------------------------------------------------
     def _modality_for(self, length: int) -> ModalityMap:
@@ -301,6 +331,7 @@ class Session:
         self.capacity = resolve_capacity(self.budget, length)
         self._layer_traces = {}
         self._pending = {}
+        self._forward_steps = []
         bytes_per = 2 * self.head_dim * next(self.model.parameters()).element_size()
         self.trace = Trace(
             method=self.method.name,
@@ -426,14 +457,18 @@ class Session:
         if self.trace is None or self.cache is None:
             return self.trace
         self.trace.bytes_end = cache_bytes(self.cache)
+        steps = self._forward_steps
         for layer_trace in self.trace.layers:
             layer = self.cache.layers[layer_trace.layer]
             # Each log is read once: the layer turns its device log into lists in one transfer.
             if isinstance(layer, H2ODecodeLayer):
                 layer_trace.decode_evictions = layer.evictions
+                counts = layer.eviction_counts  # one per forward through the layer, i.e. per forward after compression
+                layer_trace.decode_eviction_steps = [s for s, m in zip(steps, counts) for _ in range(m)]
             retrievals = getattr(layer, "retrievals", None)
             if retrievals is not None:
                 layer_trace.decode_retrievals = retrievals
+                layer_trace.decode_retrieval_steps = steps[: len(retrievals)]  # one row per forward
         self.trace.host_bytes_end = sum(
             layer.host_bytes() for layer in self.cache.layers if hasattr(layer, "host_bytes")
         )

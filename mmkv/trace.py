@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .modality import ModalityMap
+
+if TYPE_CHECKING:
+    from .replay import StepState
 
 
 class Packed:
@@ -95,8 +98,10 @@ class LayerTrace:
     modality_mass: list[list[float]] | None = _Lazy()  # per query head: share on [text, image, video]
     entropy: list[float] | None = _Lazy()  # per query head, window queries (nats)
     scores: list[list[float]] | None = _Lazy()  # per KV head, the method's token scores (optional)
-    decode_evictions: list[list[int]] | None = _Lazy()  # per decode step, evicted position per KV head
-    decode_retrievals: list[list[list[int]]] | None = _Lazy()  # per decode step, per dynamic head: chunk ids (HybridKV)
+    decode_evictions: list[list[int]] | None = _Lazy()  # per eviction (H2O: one per decode step), position per KV head
+    decode_retrievals: list[list[list[int]]] | None = _Lazy()  # per forward, per dynamic head: chunk ids (HybridKV)
+    decode_eviction_steps: list[int] | None = None  # the step of each ``decode_evictions`` row (Trace.step_state)
+    decode_retrieval_steps: list[int] | None = None  # the step of each ``decode_retrievals`` row
 
     @property
     def budgets(self) -> list[int]:
@@ -146,6 +151,10 @@ class Trace:
     generated_ids: list[int] = field(default_factory=list)
     bytes_end: int = 0  # physical KV bytes on the device when generation ended (generated tokens included)
     host_bytes_end: int = 0  # KV bytes offloaded to host memory (HybridKV's dynamic heads)
+    # ---- decode replay (mmkv/replay.py): step 0 = after compression, step t = after the t-th decode forward
+    generated_tokens: list[str] = field(default_factory=list)  # per generated id: the text it added (driver)
+    step_bytes: list[int] = field(default_factory=list)  # physical KV bytes on the device after each step
+    step_lengths: list[int] = field(default_factory=list)  # logical tokens in the cache after each step
 
     # ---- summaries -------------------------------------------------------------------------
     @property
@@ -191,6 +200,21 @@ class Trace:
         if self.generated_ids:
             return len(self.generated_ids)
         return len(self.timings.decode_s) + 1 if self.timings.prefill_s > 0 else 0
+
+    # ---- decode replay ---------------------------------------------------------------------
+    @property
+    def decode_steps(self) -> int:
+        """Recorded steps: step 0 (after compression) plus one per decode forward (0 if not recorded)."""
+        return len(self.step_lengths)
+
+    def step_state(self, step: int, layer: int | None = None, head: int | None = None) -> "StepState":
+        """What the cache holds after ``step``, per position, over the chosen layer(s)/KV head(s) (None = all).
+
+        See :class:`mmkv.replay.StepState`; the replay index is built once per trace and cached.
+        """
+        from .replay import replay_of  # local import: replay imports this module
+
+        return replay_of(self).state(step, layer, head)
 
     # ---- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
