@@ -1,13 +1,13 @@
-"""Draw the app's example images and video (deterministic; no third-party media).
+"""Draw the app's example images and video, and write their prompts and expected answers (deterministic).
 
     python scripts/make_examples.py [OUT_DIR]     # default: mmkv/assets/examples
 
-Writes scenes from the bundled model's task generator (``mmkv.tiny.tasks``: 112 px images of coloured
-shapes, an 8-frame clip of a moving ball as VP8 WebM, which plays in browsers and decodes with OpenCV),
-a spot-the-difference pair for real checkpoints, and ``examples.json`` with the example prompts the app
-wires to ``gr.Examples``. The first two prompts are tasks the bundled model ships (image needle, ball
-colour); ``tests/test_tiny_tasks.py`` checks its answers to them against the scenes. The fourth mixes an
-image and a video, which the bundled model never saw in training. Everything written here is made by this
+Writes scenes from the bundled model's task generator (``mmkv.tiny.tasks``: eight 112 px images of
+coloured shapes, an 8-frame clip of a ball that changes colour, as VP8 WebM, which plays in browsers and
+decodes with OpenCV) and ``examples.json``: for each example the prompt, its files, the answer the scene
+implies (``answer``; Full must give it — ``tests/test_app.py`` runs each example through the app's
+handlers), and the method and budget that show one method family's signature (``method``, ``budget``,
+``shows``). Every example is a task the bundled model ships. Everything written here is made by this
 script and released with the project (Apache-2.0), see ``LICENSE.md`` in the output folder.
 """
 
@@ -19,13 +19,11 @@ from pathlib import Path
 
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SIZE = 224  # 8 x 8 visual tokens per image on Qwen-VL (28-pixel cells after the 2x2 merge)
 
-RED, GREEN, BLUE, WHITE = (225, 50, 45), (50, 190, 90), (60, 110, 235), (240, 240, 240)
 
 LICENSE_TEXT = """# Example media: licence
 
@@ -34,36 +32,6 @@ in this repository from code alone: no photographs, no third-party media. They a
 the project's licence (Apache-2.0); you may also use them under CC0-1.0 (public domain dedication).
 Regenerate with `python scripts/make_examples.py`.
 """
-
-
-def _canvas(shade: int = 22) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    img = Image.new("RGB", (SIZE, SIZE), (shade, shade, shade + 12))
-    return img, ImageDraw.Draw(img)
-
-
-def _circle(d: ImageDraw.ImageDraw, cx: int, cy: int, r: int, colour) -> None:
-    d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-
-
-def _square(d: ImageDraw.ImageDraw, cx: int, cy: int, r: int, colour) -> None:
-    d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
-
-
-def _triangle(d: ImageDraw.ImageDraw, cx: int, cy: int, r: int, colour) -> None:
-    d.polygon([(cx - r, cy + r), (cx, cy - r), (cx + r, cy + r)], fill=colour)
-
-
-def scenes() -> dict[str, Image.Image]:
-    out: dict[str, Image.Image] = {}
-    # A spot-the-difference pair: the green circle moves and the blue square turns red.
-    for name, (gx, sq) in {"room_before.png": (60, BLUE), "room_after.png": (168, RED)}.items():
-        img, d = _canvas(26)
-        d.rectangle([0, 176, SIZE - 1, SIZE - 1], fill=(70, 55, 40))  # a floor
-        _circle(d, gx, 140, 24, GREEN)
-        _square(d, 112, 56, 22, sq)
-        _triangle(d, 186, 60, 20, WHITE)
-        out[name] = img
-    return out
 
 
 def write_video(path: Path, frames: list[Image.Image], fps: float) -> Path:
@@ -83,51 +51,76 @@ def write_video(path: Path, frames: list[Image.Image], fps: float) -> Path:
     return path
 
 
-NEEDLE_SEED, VIDEO_SEED, NEEDLE_IMAGES = "example-needle", "example-video", 6
+NEEDLE_SEED, VIDEO_SEED, NEEDLE_IMAGES = "example-needle-3", "example-video-0", 8
 
 
-def task_scenes() -> tuple[Any, Any]:
-    """The needle scene (six images) and the moving-ball video scene of the examples."""
+def task_scenes(needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED) -> tuple[Any, Any]:
+    """The needle scene (eight images, with a password fact) and the moving-ball video scene of the examples."""
     import random
 
     from mmkv.tiny.tasks import make_image_scene, make_video_scene
 
-    return make_image_scene(random.Random(NEEDLE_SEED), NEEDLE_IMAGES, password=False), make_video_scene(random.Random(VIDEO_SEED))
+    return (make_image_scene(random.Random(needle_seed), NEEDLE_IMAGES, password=True),
+            make_video_scene(random.Random(video_seed)))
 
 
-def needle_question(scene: Any) -> str:
-    """Ask for the first (colour, shape) pair, in image order, that occurs exactly once in the scene."""
+def needle_questions(scene: Any) -> list[str]:
+    """A question for each (colour, shape) pair that occurs exactly once in the scene, in image order."""
     seen: dict[tuple[str, str], int] = {}
     for objs in scene.images:
         for o in objs:
             seen[(o.colour, o.shape)] = seen.get((o.colour, o.shape), 0) + 1
-    colour, shape = next(pair for objs in scene.images for o in objs if seen[pair := (o.colour, o.shape)] == 1)
-    return f"Which image has the {colour} {shape}?"
+    pairs = [(o.colour, o.shape) for objs in scene.images for o in objs if seen[(o.colour, o.shape)] == 1]
+    return [f"Which image has the {colour} {shape}?" for colour, shape in dict.fromkeys(pairs)]
 
 
-def examples() -> list[dict[str, Any]]:
-    needle, _ = task_scenes()
+def needle_question(scene: Any) -> str:
+    """The first needle question (the pair in the earliest image)."""
+    return needle_questions(scene)[0]
+
+
+def examples(needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED) -> list[dict[str, Any]]:
+    """The app's examples: the prompt, its files, Full's expected answer (recomputed from the scene), the
+    method and budget that show a method family's signature, and one line saying what to look at."""
+    from mmkv.tiny.tasks import expected_answer
+
+    needle, video = task_scenes(needle_seed, video_seed)
     images = [f"needle_{k + 1}.png" for k in range(NEEDLE_IMAGES)]
+    questions = needle_questions(needle)
+    first, late = questions[0], questions[-1]
+    password = f"The password is {needle.password}.\nWhat is the password?"
+    last, first_frame = "What colour is the ball in the last frame?", "What colour is the ball in the first frame?"
     return [
-        {"text": needle_question(needle), "files": images},
-        {"text": "What colour is the ball in the last frame?", "files": ["ball.webm"]},
-        {"text": "What changed between the two pictures?", "files": ["room_before.png", "room_after.png"]},
-        {"text": "Which way does the ball move?", "files": [images[0], "ball.webm"]},
+        {"text": first, "files": images, "answer": expected_answer(needle, "needle", first),
+         "method": "snapkv", "budget": 0.3,
+         "shows": "Query-aware eviction: SnapKV keeps the cells of the image the question asks about."},
+        {"text": password, "files": images, "answer": f"The password is {needle.password}.",
+         "method": "lookm", "budget": 0.05,
+         "shows": "Text prior: at 5% LOOK-M keeps the sentence while most image tokens go; SnapKV and H2O lose it."},
+        {"text": late, "files": images, "answer": expected_answer(needle, "needle", late),
+         "method": "madakv", "budget": 0.5,
+         "shows": "Per-head budgets: MadaKV gives each KV head its own share by modality preference (Inspect)."},
+        {"text": last, "files": ["ball.webm"], "answer": expected_answer(video, "video_colour", last),
+         "method": "hybridkv", "budget": 0.5,
+         "shows": "Retrieval at decode: HybridKV's dynamic heads fetch frame chunks per step (Inspect, replay)."},
+        {"text": first_frame, "files": ["ball.webm"], "answer": expected_answer(video, "video_colour", first_frame),
+         "method": "h2o", "budget": 0.5,
+         "shows": "Decode-time eviction: H2O drops one cached token per head at every generated token (replay)."},
     ]
 
 
-def make_examples(out_dir: str | Path | None = None) -> Path:
+def make_examples(out_dir: str | Path | None = None, needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED) -> Path:
     out = Path(out_dir) if out_dir is not None else ROOT / "mmkv" / "assets" / "examples"
     out.mkdir(parents=True, exist_ok=True)
     from mmkv.tiny.tasks import render_frames, render_image
 
-    for name, img in scenes().items():
-        img.save(out / name, optimize=True)
-    needle, video = task_scenes()
+    for stale in ("room_before.png", "room_after.png"):  # dropped examples (the bundled model cannot answer them)
+        (out / stale).unlink(missing_ok=True)
+    needle, video = task_scenes(needle_seed, video_seed)
     for k, objs in enumerate(needle.images):
         render_image(objs)[0].save(out / f"needle_{k + 1}.png", optimize=True)
     write_video(out / "ball.webm", render_frames(video)[0], video.fps)
-    (out / "examples.json").write_text(json.dumps(examples(), indent=2) + "\n", encoding="utf-8")
+    (out / "examples.json").write_text(json.dumps(examples(needle_seed, video_seed), indent=2) + "\n", encoding="utf-8")
     (out / "LICENSE.md").write_text(LICENSE_TEXT, encoding="utf-8")
     return out
 

@@ -19,7 +19,7 @@ from mmkv import EXAMPLES_DIR
 from mmkv.models import adapter_for
 
 METHOD, BUDGET, NEW_TOKENS = "snapkv", 0.3, 16
-EXAMPLE = json.loads((EXAMPLES_DIR / "examples.json").read_text())[0]  # six images: "Which image has the red triangle?"
+EXAMPLE = json.loads((EXAMPLES_DIR / "examples.json").read_text())[0]  # eight images: "Which image has the orange circle?"
 FILES = [str(EXAMPLES_DIR / f) for f in EXAMPLE["files"]]
 
 
@@ -92,16 +92,16 @@ def test_full_answers_the_example_and_labels_come_from_the_template(bundled):
     chat = mmkv.chat(EXAMPLE["text"], images=FILES)
     assert not any(p["type"] == "text" and p["text"].startswith("Image") for p in chat[0]["content"])
     rendered = render_chat(processor, chat)
-    assert [rendered.count(f"Image {k}:<|vision_start|>") for k in range(1, 7)] == [1] * 6
+    assert [rendered.count(f"Image {k}:<|vision_start|>") for k in range(1, len(FILES) + 1)] == [1] * len(FILES)
     result = mmkv.generate(model, processor, chat, "full", 1.0, max_new_tokens=NEW_TOKENS)
-    assert result.text == "The red triangle is in image 1."
+    assert result.text == "The orange circle is in image 1."
     from transformers.processing_utils import ProcessorMixin
 
     bare = ProcessorMixin.apply_chat_template(processor, chat, chat_template=processor.chat_template, tokenize=False,
                                               add_generation_prompt=True, add_vision_id=False)
-    assert "Image 1:" not in bare and bare.count("<|vision_start|>") == 6
+    assert "Image 1:" not in bare and bare.count("<|vision_start|>") == len(FILES)
     prepared = adapter_for(model).prepare(model, processor, chat)
-    assert prepared.modality.counts()["image"] == 6 * 16
+    assert prepared.modality.counts()["image"] == len(FILES) * 16
 
 
 def test_the_shipped_template_is_the_trainers(bundled):

@@ -28,7 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 BIN = Path(sys.executable).parent
-NEEDLE_ANSWER = "The red triangle is in image 1."
+NEEDLE_ANSWER = "The orange circle is in image 1."
 
 
 def readme_commands() -> list[str]:
@@ -132,7 +132,7 @@ def pip_install(tmp_path: Path) -> None:
     examples = site / "mmkv" / "assets" / "examples"
     code = ("import sys, mmkv; assert mmkv.__file__.startswith(sys.argv[1]), mmkv.__file__; "
             "from mmkv.cli import main; sys.exit(main(['run', '--method', 'full', '--max-new-tokens', '16', "
-            "'--prompt', 'Which image has the red triangle?'] + sum([['--image', f'{sys.argv[2]}/needle_{i}.png'] "
+            "'--prompt', 'Which image has the orange circle?'] + sum([['--image', f'{sys.argv[2]}/needle_{i}.png'] "
             "for i in (1, 2, 3)], [])))")
     # -I: isolated (no checkout, no user site); the bare folder is put first on the path by hand
     out = _run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}", str(site), str(examples)],
@@ -304,6 +304,6 @@ def test_readme_python_block_runs_as_written(tmp_path: Path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("The red triangle is in image") and "'kv_bytes_compressed'" in lines[0]
-    assert lines[1].startswith("The red triangle is in image")  # the stream
+    assert lines[0].startswith("The orange circle is in image") and "'kv_bytes_compressed'" in lines[0]
+    assert lines[1].startswith("The orange circle is in image")  # the stream
     assert abs(float(lines[-1]) - 0.2) < 0.02  # H2O's kept share around plain model.generate
