@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..bundled import resolve_model_name
-from .base import Chat, ModelAdapter, PreparedInputs, UnsupportedModelError, VideoFrames, as_chat
+from .base import Chat, ModelAdapter, PreparedInputs, UnsupportedModelError, VideoFrames, VisualBounds, as_chat, bounds_of
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .llava import LlavaAdapter, LlavaOnevisionAdapter
 from .qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter
@@ -27,8 +27,11 @@ __all__ = [
     "PreparedInputs",
     "UnsupportedModelError",
     "VideoFrames",
+    "VisualBounds",
     "adapter_for",
     "as_chat",
+    "bound_visual_tokens",
+    "bounds_of",
     "load",
     "supported_families",
 ]
@@ -85,6 +88,24 @@ def adapter_for(model_or_config: Any) -> ModelAdapter:
             "Load one of these vision-language models, or a decoder-only text LM."
         )
     return adapter
+
+
+def bound_visual_tokens(
+    model: torch.nn.Module, processor: Any, image_tokens: int | None = None, video_tokens: int | None = None
+) -> str:
+    """Cap the visual tokens per image and per video (frames x tokens per frame) that ``prepare`` makes
+    with this loaded ``(model, processor)``; ``None`` or 0 leaves that kind to the processor's own limits.
+
+    Each family uses what its processor offers (see the adapters' ``bound_visual_tokens``): Qwen-VL lowers
+    ``max_pixels`` (images) and the per-frame pixels of a video; Idefics3/SmolVLM lower the tile grid;
+    LLaVA-OneVision downscales a lone image; fixed-size families (LLaVA-1.5 images, every family's video
+    frames once at their smallest) keep fewer frames. Bounds never raise the processor's own limits.
+    Returns one line describing the effect. Text LMs: nothing to bound.
+    """
+    adapter = adapter_for(model)
+    if adapter is TEXT_ADAPTER:
+        return "text only"
+    return adapter.bound_visual_tokens(model, processor, image_tokens, video_tokens)
 
 
 def _resolve_dtype(dtype: Any) -> Any:

@@ -105,6 +105,77 @@ class ModelAdapter(ABC):
         """The language decoder (the module with ``.layers`` whose attention we compress)."""
         return resolve_text_model(model)
 
+    # ------------------------------------------------------------------ visual token bounds
+    def bound_visual_tokens(
+        self, model: torch.nn.Module, processor: Any, image_tokens: int | None, video_tokens: int | None
+    ) -> str:
+        """Cap the visual tokens one image / one video may produce with this ``processor`` (see
+        :class:`VisualBounds`); returns one line saying what the bound does for this family.
+
+        The default stores the bounds on the processor, where :meth:`prepare` finds them; families whose
+        processors have their own resolution settings also lower those (never raise them)."""
+        set_bounds(processor, image_tokens, video_tokens)
+        return "no visual inputs" if processor is None else "bounds stored (no resolution setting known for this family)"
+
+    def frame_cap(self, model: torch.nn.Module, processor: Any) -> int | None:
+        """Most frames one video may keep under the processor's video bound (None: no cap)."""
+        return None
+
+
+@dataclass(frozen=True)
+class VisualBounds:
+    """Most visual tokens one image (``image_tokens``) / one video (``video_tokens``: frames x tokens per
+    frame) may produce; ``None`` = the processor's own limits. Set with :func:`mmkv.models.bound_visual_tokens`
+    (the app does it at load time); ``prepare`` lowers the resolution first, then the frame count."""
+
+    image_tokens: int | None = None
+    video_tokens: int | None = None
+
+
+def set_bounds(processor: Any, image_tokens: int | None, video_tokens: int | None) -> VisualBounds:
+    bounds = VisualBounds(
+        None if not image_tokens or image_tokens <= 0 else int(image_tokens),
+        None if not video_tokens or video_tokens <= 0 else int(video_tokens),
+    )
+    if processor is not None:
+        processor.mmkv_bounds = bounds
+    return bounds
+
+
+def bounds_of(processor: Any) -> VisualBounds:
+    """The bounds set on ``processor`` (none by default: library users get the processor's own limits)."""
+    return getattr(processor, "mmkv_bounds", None) or VisualBounds()
+
+
+def frames_for_budget(video_tokens: int | None, tokens_per_frame: int) -> int | None:
+    """Frames of ``tokens_per_frame`` tokens that fit in ``video_tokens`` (at least 1; None = no cap)."""
+    if video_tokens is None or tokens_per_frame <= 0:
+        return None
+    return max(1, int(video_tokens) // int(tokens_per_frame))
+
+
+def cap_frames(video: "VideoFrames", cap: int | None) -> "VideoFrames":
+    """Keep at most ``cap`` frames of a sampled video, evenly spread (first and last kept)."""
+    n = len(video.frames)
+    if cap is None or n <= cap:
+        return video
+    if cap == 1:
+        keep = [n // 2]
+    else:
+        keep = sorted({round(i * (n - 1) / (cap - 1)) for i in range(cap)})
+    span = video.timestamps[keep[-1]] - video.timestamps[keep[0]] if len(keep) > 1 else 0.0
+    fps = (len(keep) - 1) / span if span > 0 else video.fps
+    return VideoFrames(
+        [video.frames[i] for i in keep], [video.timestamps[i] for i in keep], fps=fps, duration=video.duration
+    )
+
+
+def bounded_frames(num_frames: int | None, video_fps: float | None, cap: int | None) -> int | None:
+    """``num_frames`` lowered to ``cap`` (only when frames are counted, not sampled by rate)."""
+    if cap is None or num_frames is None or video_fps is not None:
+        return num_frames
+    return min(int(num_frames), cap)
+
 
 def resolve_text_model(model: torch.nn.Module) -> torch.nn.Module:
     """``model.model.language_model`` -> ``model.model.text_model`` -> ``get_decoder()``."""

@@ -15,6 +15,7 @@ each frame, then a blank line). Frames are VIDEO items with ``source`` = video i
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -27,7 +28,12 @@ from .base import (
     PreparedInputs,
     VideoFrames,
     as_chat,
+    bounded_frames,
+    bounds_of,
+    cap_frames,
     collect_media,
+    frames_for_budget,
+    set_bounds,
     context_length_of,
     encode_text,
     expand_placeholders,
@@ -48,6 +54,20 @@ def _number_words(n: int) -> str:
         return str(num2words(n))
     except ImportError:  # SmolVLM's processor writes the count in words; digits are the fallback
         return str(n)
+
+
+def _edge(size: Any) -> Any:
+    return size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+
+
+def _set_edge(ip: Any, name: str, value: int) -> None:
+    size = getattr(ip, name)
+    if isinstance(size, dict):
+        setattr(ip, name, {**size, "longest_edge": value})
+    else:
+        import dataclasses
+
+        setattr(ip, name, dataclasses.replace(size, longest_edge=value))
 
 
 def video_as_frame_parts(video: VideoFrames) -> list[dict[str, Any]]:
@@ -95,6 +115,37 @@ class _IdeficsAdapter(ModelAdapter):
             text += "\n"
         return text + "\n" + tail
 
+    # ------------------------------------------------------------------ visual token bounds
+    def bound_visual_tokens(
+        self, model: torch.nn.Module, processor: Any, image_tokens: int | None, video_tokens: int | None
+    ) -> str:
+        """Images: an image is up to ``n x n`` tiles of ``image_seq_len`` tokens plus a global view, with
+        ``n = size["longest_edge"] / max_image_size["longest_edge"]``; ``n`` is lowered so that
+        ``(n^2 + 1) x image_seq_len`` fits ``image_tokens`` (below two tiles' worth, splitting is turned off:
+        one ``image_seq_len`` view). Videos: frames are unsplit views, so at most
+        ``video_tokens // image_seq_len`` frames."""
+        bounds = set_bounds(processor, image_tokens, video_tokens)
+        ip = processor.image_processor
+        tile = int(_edge(ip.max_image_size))
+        if not hasattr(processor, "_mmkv_image_size"):
+            processor._mmkv_image_size = (_edge(ip.size), bool(getattr(ip, "do_image_splitting", True)))
+        longest, split = processor._mmkv_image_size
+        seq = int(processor.image_seq_len)
+        if bounds.image_tokens is not None:
+            n = int(math.isqrt(max(0, bounds.image_tokens // seq - 1)))
+            longest = min(int(longest), max(1, n) * tile)
+            split = split and n >= 1
+        _set_edge(ip, "size", longest)
+        ip.do_image_splitting = split
+        n = max(1, int(longest) // tile)
+        what = f"images up to {(n * n + 1) * seq if split else seq} tokens ({n}x{n} tiles + global)" if split else (
+            f"images: one {seq}-token view each (no splitting)")
+        cap = self.frame_cap(model, processor)
+        return what + ("" if cap is None else f"; videos: at most {cap} frames")
+
+    def frame_cap(self, model: torch.nn.Module, processor: Any) -> int | None:
+        return frames_for_budget(bounds_of(processor).video_tokens, int(processor.image_seq_len))
+
     # ------------------------------------------------------------------ prepare
     def _flatten(self, chat: Chat, videos: list[VideoFrames]) -> tuple[Chat, list[tuple[int, int, int]]]:
         out: Chat = []
@@ -126,7 +177,9 @@ class _IdeficsAdapter(ModelAdapter):
         video_fps: float | None = None,
     ) -> PreparedInputs:
         chat = as_chat(chat)
-        images, videos = collect_media(chat, num_frames, video_fps)
+        cap = self.frame_cap(model, processor)
+        images, videos = collect_media(chat, bounded_frames(num_frames, video_fps, cap), video_fps)
+        videos = [cap_frames(v, cap) for v in videos]
         _, sources = self._flatten(chat, videos)
         ip = processor.image_processor
         pixels: list[torch.Tensor] = []

@@ -30,7 +30,12 @@ from .base import (
     PreparedInputs,
     VideoFrames,
     as_chat,
+    bounded_frames,
+    bounds_of,
+    cap_frames,
     collect_media,
+    frames_for_budget,
+    set_bounds,
     context_length_of,
     encode_text,
     expand_placeholders,
@@ -45,6 +50,14 @@ from .base import (
 __all__ = ["LlavaAdapter", "LlavaOnevisionAdapter", "onevision_image_layout", "frames_as_images"]
 
 Cells = tuple[list[int], list[int], list[int]]
+
+
+def _dim(size: Any, key: str) -> Any:
+    if size is None:
+        return None
+    if isinstance(size, dict):
+        return size.get(key) or size.get("shortest_edge")
+    return getattr(size, key, None) or getattr(size, "shortest_edge", None)
 
 
 def frames_as_images(chat: Chat, videos: list[VideoFrames]) -> tuple[Chat, list[tuple[int, int, int]]]:
@@ -102,6 +115,28 @@ class LlavaAdapter(ModelAdapter):
         n = (height // patch) * (width // patch) + extra
         return n - 1 if strategy == "default" else n
 
+    def _fixed_tokens(self, model: torch.nn.Module, processor: Any) -> int:
+        """Tokens of every picture: the vision tower's fixed input size (the processor crops to it)."""
+        ip = processor.image_processor
+        crop = getattr(ip, "crop_size", None) or getattr(ip, "size", None)
+        side = model.config.vision_config.image_size
+        height = _dim(crop, "height") or side
+        width = _dim(crop, "width") or side
+        return self._tokens_per_image(model, processor, int(height), int(width))
+
+    def bound_visual_tokens(
+        self, model: torch.nn.Module, processor: Any, image_tokens: int | None, video_tokens: int | None
+    ) -> str:
+        """Every picture is the tower's fixed size (e.g. 576 tokens), so an image cannot be made cheaper;
+        a video (its frames fed as pictures) keeps at most ``video_tokens // tokens_per_picture`` frames."""
+        set_bounds(processor, image_tokens, video_tokens)
+        per = self._fixed_tokens(model, processor)
+        cap = self.frame_cap(model, processor)
+        return f"images: fixed {per} tokens each" + ("" if cap is None else f"; videos: at most {cap} frames")
+
+    def frame_cap(self, model: torch.nn.Module, processor: Any) -> int | None:
+        return frames_for_budget(bounds_of(processor).video_tokens, self._fixed_tokens(model, processor))
+
     def prepare(
         self,
         model: torch.nn.Module,
@@ -112,7 +147,9 @@ class LlavaAdapter(ModelAdapter):
         video_fps: float | None = None,
     ) -> PreparedInputs:
         chat = as_chat(chat)
-        images, videos = collect_media(chat, num_frames, video_fps)
+        cap = self.frame_cap(model, processor)
+        images, videos = collect_media(chat, bounded_frames(num_frames, video_fps, cap), video_fps)
+        videos = [cap_frames(v, cap) for v in videos]
         _, sources = frames_as_images(chat, videos)
         pictures = _resolved_images(images, videos, sources)
         extra: dict[str, Any] = {}
@@ -297,6 +334,46 @@ class LlavaOnevisionAdapter(ModelAdapter):
         arr = (arr * scale - mean) / std
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
 
+    def bound_visual_tokens(
+        self, model: torch.nn.Module, processor: Any, image_tokens: int | None, video_tokens: int | None
+    ) -> str:
+        """Images: a lone image (the "anyres" layout) is downscaled before processing until its base
+        view + high-resolution grid fit ``image_tokens`` (the smallest layout, one tile, is the floor);
+        several images are a fixed ``side^2 + 1`` tokens each. Videos: fixed pooled tokens per frame, so
+        at most ``video_tokens // per_frame`` frames."""
+        bounds = set_bounds(processor, image_tokens, video_tokens)
+        vc = model.config.vision_config
+        side = vc.image_size // vc.patch_size
+        floor = sum(_segment_length(s) for s in onevision_image_layout(model.config, vc.image_size, vc.image_size, False))
+        what = f"several images: fixed {side * side + 1} tokens each"
+        if bounds.image_tokens is not None:
+            what = f"a lone image: up to {max(bounds.image_tokens, floor)} tokens (floor {floor}); " + what
+        cap = self.frame_cap(model, processor)
+        return what + ("" if cap is None else f"; videos: at most {cap} frames")
+
+    def frame_cap(self, model: torch.nn.Module, processor: Any) -> int | None:
+        vc = model.config.vision_config
+        pooled = math.ceil((vc.image_size // vc.patch_size) / 2) ** 2
+        return frames_for_budget(bounds_of(processor).video_tokens, pooled)
+
+    def bounded_image(self, model: torch.nn.Module, processor: Any, image: Image.Image) -> Image.Image:
+        """A lone image downscaled (aspect kept) until its anyres layout fits the image bound."""
+        budget = bounds_of(processor).image_tokens
+        if budget is None:
+            return image
+        vc = model.config.vision_config
+
+        def tokens(w: int, h: int) -> int:
+            return sum(_segment_length(s) for s in onevision_image_layout(model.config, h, w, False))
+
+        w, h = image.size
+        scale = 1.0
+        while tokens(max(1, round(w * scale)), max(1, round(h * scale))) > budget and max(w, h) * scale > vc.image_size:
+            scale *= 0.9
+        if scale == 1.0:
+            return image
+        return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+
     def prepare(
         self,
         model: torch.nn.Module,
@@ -307,7 +384,11 @@ class LlavaOnevisionAdapter(ModelAdapter):
         video_fps: float | None = None,
     ) -> PreparedInputs:
         chat = as_chat(chat)
-        images, videos = collect_media(chat, num_frames, video_fps)
+        cap = self.frame_cap(model, processor)
+        images, videos = collect_media(chat, bounded_frames(num_frames, video_fps, cap), video_fps)
+        videos = [cap_frames(v, cap) for v in videos]
+        if len(images) == 1:
+            images = [self.bounded_image(model, processor, images[0])]
         extra: dict[str, Any] = {}
         image_repl: list[str] = []
         video_repl: list[str] = []

@@ -31,7 +31,11 @@ from .base import (
     PreparedInputs,
     VideoFrames,
     as_chat,
+    bounded_frames,
+    bounds_of,
+    cap_frames,
     collect_media,
+    set_bounds,
     context_length_of,
     encode_text,
     expand_placeholders,
@@ -125,6 +129,54 @@ class _QwenAdapter(ModelAdapter):
             "rescale_factor": float(vs.get("rescale_factor", ip.rescale_factor)),
         }
 
+    # ------------------------------------------------------------------ visual token bounds
+    def bound_visual_tokens(
+        self, model: torch.nn.Module, processor: Any, image_tokens: int | None, video_tokens: int | None
+    ) -> str:
+        """Images: lower the image processor's ``max_pixels`` (``size["longest_edge"]``) to
+        ``image_tokens x (patch x merge)^2``. Videos: :meth:`video_patches` lowers each frame's pixels so
+        the whole video fits ``video_tokens`` (Qwen3-VL's video budget already counts all frames), and only
+        when even the smallest frames do not fit, keeps fewer frames."""
+        bounds = set_bounds(processor, image_tokens, video_tokens)
+        ip = processor.image_processor
+        factor = int(ip.patch_size) * int(ip.merge_size)
+        if not hasattr(processor, "_mmkv_image_size"):
+            processor._mmkv_image_size = (_size_get(ip.size, "shortest_edge"), _size_get(ip.size, "longest_edge"))
+        low, high = processor._mmkv_image_size
+        if bounds.image_tokens is not None:
+            high = min(int(high), bounds.image_tokens * factor * factor)
+            low = min(int(low), high)
+        _set_size(ip, low, high)
+        what = f"images up to {int(high) // factor**2} tokens ({int(high) / 1e6:.2f} MP)"
+        if bounds.video_tokens is not None:
+            what += f"; videos up to {bounds.video_tokens} tokens (lower resolution first, then fewer frames)"
+        return what
+
+    def bounded_video_config(self, cfg: dict[str, Any], processor: Any, num_frames: int) -> dict[str, Any]:
+        """``cfg`` with ``max_pixels`` lowered so a video of ``num_frames`` frames fits the video bound."""
+        budget = bounds_of(processor).video_tokens
+        if budget is None:
+            return cfg
+        factor = cfg["patch_size"] * cfg["merge_size"]
+        tps = cfg["temporal_patch_size"]
+        if self.timestamps_in_prompt:  # Qwen3-VL: max_pixels counts every frame
+            high = budget * tps * factor * factor
+        else:  # Qwen2/2.5-VL: max_pixels is per frame; a temporal group of tps frames is one token grid
+            high = budget * factor * factor // max(1, math.ceil(num_frames / tps))
+        high = max(factor * factor, min(cfg["max_pixels"], high))
+        return {**cfg, "max_pixels": high, "min_pixels": min(cfg["min_pixels"], high)}
+
+    def frame_cap(self, model: torch.nn.Module, processor: Any) -> int | None:
+        budget = bounds_of(processor).video_tokens
+        if budget is None:
+            return None
+        cfg = self.video_config(processor)
+        if self.timestamps_in_prompt:
+            return budget * cfg["temporal_patch_size"]
+        factor = cfg["patch_size"] * cfg["merge_size"]
+        smallest = max(1, math.ceil(cfg["min_pixels"] / (factor * factor)))  # tokens of the smallest frame group
+        return max(1, budget // smallest) * cfg["temporal_patch_size"]
+
     # ------------------------------------------------------------------ video pixels
     def video_size(self, cfg: dict[str, Any], num_frames: int, height: int, width: int) -> tuple[int, int]:
         factor = cfg["patch_size"] * cfg["merge_size"]
@@ -132,7 +184,7 @@ class _QwenAdapter(ModelAdapter):
 
     def video_patches(self, processor: Any, video: VideoFrames) -> tuple[torch.Tensor, list[int]]:
         """``(patches [T/tps*gh*gw, C*tps*p*p], [grid_t, grid_h, grid_w])`` for one sampled video."""
-        cfg = self.video_config(processor)
+        cfg = self.bounded_video_config(self.video_config(processor), processor, len(video.frames))
         p, m, tps = cfg["patch_size"], cfg["merge_size"], cfg["temporal_patch_size"]
         width, height = video.frames[0].size
         rh, rw = self.video_size(cfg, len(video.frames), height, width)
@@ -178,7 +230,9 @@ class _QwenAdapter(ModelAdapter):
         video_fps: float | None = None,
     ) -> PreparedInputs:
         chat = as_chat(chat)
-        images, videos = collect_media(chat, num_frames, video_fps)
+        cap = self.frame_cap(model, processor)
+        images, videos = collect_media(chat, bounded_frames(num_frames, video_fps, cap), video_fps)
+        videos = [cap_frames(v, cap) for v in videos]
         merge = int(processor.image_processor.merge_size)
         extra: dict[str, Any] = {}
         image_repl: list[str] = []
@@ -311,6 +365,20 @@ def _layout_without_grids(
             rows, cols = 1, n
         layout.append((n // (rows * cols), rows, cols))
     return layout
+
+
+def _set_size(ip: Any, shortest: Any, longest: Any) -> None:
+    """Set a Qwen image processor's pixel range (``size`` is a dict or a ``SizeDict``)."""
+    size = ip.size
+    if isinstance(size, dict):
+        ip.size = {**size, "shortest_edge": shortest, "longest_edge": longest}
+    else:
+        import dataclasses
+
+        ip.size = dataclasses.replace(size, shortest_edge=shortest, longest_edge=longest)
+    for name, value in (("min_pixels", shortest), ("max_pixels", longest)):
+        if getattr(ip, name, None) is not None:
+            setattr(ip, name, value)
 
 
 class Qwen2VLAdapter(_QwenAdapter):

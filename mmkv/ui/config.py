@@ -24,6 +24,91 @@ def _env_float(name: str, default: float) -> float:
         return default
 
 
+def _env_limit(name: str, default: float | None) -> float | None:
+    """A positive number from the environment; ``0``, ``none`` or ``off`` mean no limit; unset: ``default``."""
+    text = os.environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text in ("0", "none", "off", "no", "unlimited"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return default
+    return value if value > 0 else None
+
+
+def _env_int_limit(name: str, default: int | None) -> int | None:
+    value = _env_limit(name, default)
+    return None if value is None else int(value)
+
+
+def is_hosted() -> bool:
+    """Serving the public: ``MMKV_HOSTED=1`` (``0`` turns it off), else a Hugging Face Space (``SPACE_ID``)."""
+    flag = os.environ.get("MMKV_HOSTED", "").strip().lower()
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    if flag in ("0", "false", "no", "off"):
+        return False
+    return bool(os.environ.get("SPACE_ID", "").strip())
+
+
+#: ``(hosted, local)`` defaults of the hosting settings (see :class:`HostingSettings`).
+HOSTING_DEFAULTS: dict[str, tuple[float | None, float | None]] = {
+    "max_model_gb": (20.0, None),  # a 7B model in bf16 is ~16.6 GB of weights
+    "max_image_tokens": (1024, 4096),  # Qwen-VL: ~0.8 MP / ~3.2 MP per image
+    "max_video_tokens": (4096, 16384),  # e.g. 16 frames at 512 tokens per 2-frame group
+    "max_prompt_tokens": (16384, None),
+}
+
+
+@dataclass(frozen=True)
+class HostingSettings:
+    """What visitors may load and how big a prompt may get (``MMKV_*`` variables, hosted defaults).
+
+    - ``allowed_models``: names visitors may load (``MMKV_ALLOWED_MODELS``, comma-separated; ``*`` =
+      anything); ``None`` = anything. Hosted and unset: only the default model and the bundled one.
+      The default model and the bundled one are always allowed.
+    - ``max_model_gb``: refuse checkpoints whose weight files are bigger (``MMKV_MAX_MODEL_GB``), checked
+      before any download.
+    - ``max_image_tokens`` / ``max_video_tokens``: visual tokens per image / per video
+      (``MMKV_MAX_IMAGE_TOKENS`` / ``MMKV_MAX_VIDEO_TOKENS``), applied to each model's processor at load.
+    - ``max_prompt_tokens``: longest prompt (``MMKV_MAX_PROMPT_TOKENS``), on top of the model's context
+      and the memory the device has left.
+    - ``hub_timeout_s``: how long to wait for the Hugging Face hub before saying it is unreachable
+      (``MMKV_HUB_TIMEOUT``).
+    """
+
+    hosted: bool = False
+    allowed_models: tuple[str, ...] | None = None
+    max_model_gb: float | None = None
+    max_image_tokens: int | None = 4096
+    max_video_tokens: int | None = 16384
+    max_prompt_tokens: int | None = None
+    hub_timeout_s: float = 1.5
+
+    @classmethod
+    def from_env(cls) -> "HostingSettings":
+        hosted = is_hosted()
+        pick = 0 if hosted else 1
+        text = os.environ.get("MMKV_ALLOWED_MODELS")
+        names = tuple(n.strip() for n in (text or "").split(",") if n.strip())
+        if "*" in names or (text is None and not hosted):
+            allowed: tuple[str, ...] | None = None
+        else:
+            allowed = names
+        d = {k: v[pick] for k, v in HOSTING_DEFAULTS.items()}
+        return cls(
+            hosted=hosted,
+            allowed_models=allowed,
+            max_model_gb=_env_limit("MMKV_MAX_MODEL_GB", d["max_model_gb"]),
+            max_image_tokens=_env_int_limit("MMKV_MAX_IMAGE_TOKENS", d["max_image_tokens"]),
+            max_video_tokens=_env_int_limit("MMKV_MAX_VIDEO_TOKENS", d["max_video_tokens"]),
+            max_prompt_tokens=_env_int_limit("MMKV_MAX_PROMPT_TOKENS", d["max_prompt_tokens"]),
+            hub_timeout_s=max(0.1, _env_float("MMKV_HUB_TIMEOUT", 1.5)),
+        )
+
+
 @dataclass
 class Limits:
     """What one request may ask for (keeps one heavy request from starving the queue)."""
