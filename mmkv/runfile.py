@@ -18,7 +18,7 @@ without decoding the trace. Its members:
 - ``trace.json``: :meth:`Trace.to_dict`, except that long lists of numbers (kept positions, scores)
   are stored in ``trace.bin`` and replaced by ``{"__mmkv_array__": encoding, "dtype", "n", "offset",
   "nbytes"}``; encodings are ``raw`` (smallest integer type, or float32 when exact), ``delta``
-  (increasing integers as differences) and ``bits`` (increasing non-negative integers as a bitmap); a
+  (increasing integers as the first one, ``"first"``, and the differences) and ``bits`` (increasing non-negative integers as a bitmap); a
   list of equally long short rows of numbers (per-head shares) is one ``raw`` array with a ``"shape"``.
   Loading gives back exactly the same dict, so fields added to the Trace later travel unchanged.
 - ``media/image-K.webp``, ``media/video-V-frame-F.webp``: RGB thumbnails with the original aspect ratio
@@ -94,8 +94,8 @@ def _encode_ints(values: list[int], blob: _Blob, raw_only: bool = False) -> dict
     best = ("raw", dtype, a.astype("<" + dtype).tobytes())
     d = np.diff(a)
     if d.size and int(d.min()) > 0 and not raw_only:  # strictly increasing: positions
-        ddt = _int_dtype(min(int(a[0]), int(d.min())), max(int(a[0]), int(d.max())))
-        delta = np.concatenate([a[:1], d]).astype("<" + ddt).tobytes()
+        ddt = _int_dtype(int(d.min()), int(d.max()))
+        delta = d.astype("<" + ddt).tobytes()
         if len(delta) < len(best[2]):
             best = ("delta", ddt, delta)
         if int(a[0]) >= 0 and (int(a[-1]) + 8) // 8 < len(best[2]):
@@ -104,7 +104,10 @@ def _encode_ints(values: list[int], blob: _Blob, raw_only: bool = False) -> dict
             best = ("bits", "u1", np.packbits(bits).tobytes())
     enc, dt, data = best
     offset, nbytes = blob.add(data)
-    return {_MARK: enc, "dtype": dt, "n": n, "offset": offset, "nbytes": nbytes}
+    out = {_MARK: enc, "dtype": dt, "n": n, "offset": offset, "nbytes": nbytes}
+    if enc == "delta":
+        out["first"] = int(a[0])
+    return out
 
 
 def _encode_floats(values: list[float], blob: _Blob) -> dict[str, Any]:
@@ -155,7 +158,7 @@ def _unpack(value: Any, blob: bytes) -> Any:
             if enc == "bits":
                 out = np.nonzero(np.unpackbits(raw))[0]
             elif enc == "delta":
-                out = np.cumsum(raw.astype(np.int64))
+                out = np.cumsum(np.concatenate([[int(value["first"])], raw.astype(np.int64)]))
             elif enc == "raw":
                 out = raw.astype(np.float64 if raw.dtype.kind == "f" else np.int64)
             else:
