@@ -258,13 +258,11 @@ def need_of(model: Any, tokens: int, new: int, visual: int, prompt: int) -> int:
 def _reason(why: str, size: PromptSize, most: int, context: int | None, usable: int | None) -> str:
     n = f"{size.tokens:,}"
     if why == "context":
-        return (f"This prompt is {n} tokens and the answer up to {size.max_new_tokens:,} more, but the model "
-                f"reads at most {int(context or 0):,}.")
+        return f"This prompt is {n} tokens + up to {size.max_new_tokens:,} new; the model reads at most {int(context or 0):,}."
     if why == "server":
         return f"This prompt is {n} tokens; this server allows {most:,} (MMKV_MAX_PROMPT_TOKENS)."
     where = "GPU" if size.device == "cuda" else "server"
-    return (f"This prompt is {n} tokens and needs about {_bytes(size.need_bytes)}; the {where} has "
-            f"{_bytes(usable or 0)} to spare.")
+    return f"This prompt ({n} tokens) needs about {_bytes(size.need_bytes)}; the {where} has {_bytes(usable or 0)} to spare."
 
 
 def _advice(size: PromptSize, why: str) -> str:
@@ -279,10 +277,10 @@ def _advice(size: PromptSize, why: str) -> str:
         steps.append("shorter text")
     if why == "context" and size.max_new_tokens:
         steps.append("fewer max new tokens")
-    tip = f"Shrink it to at most {size.limit:,} tokens: {', '.join(steps)}."
+    tip = f"Shrink it to at most {size.limit:,} tokens: {', '.join(steps)}"
     if size.image + size.video > size.text:
-        tip += " (MMKV_MAX_IMAGE_TOKENS sets the tokens per image.)"
-    return tip
+        tip += " (or lower MMKV_MAX_IMAGE_TOKENS)"
+    return tip + "."
 
 
 def check_capacity(loaded: Any, prepared: Any, max_new_tokens: int = 0, **kwargs: Any) -> PromptSize:

@@ -228,8 +228,8 @@ class _Slot:
 
 
 class ModelStore:
-    """Load on first use, keep the ``capacity`` most recently used models besides the default (which
-    stays loaded), only load allowed names (``settings``: :meth:`HostingSettings.from_env` by default)."""
+    """Load on first use, keep the ``capacity`` (``MMKV_MAX_MODELS``) most recently used models, the
+    default one always among them, and only load allowed names (``settings``: from the environment)."""
 
     def __init__(self, default: str, capacity: int | None = None, settings: HostingSettings | None = None) -> None:
         self.default = resolve_model_name(str(default).strip())  # "bundled" -> its folder
@@ -326,9 +326,10 @@ class ModelStore:
         return found
 
     def _evict(self) -> None:
-        """Drop least recently used models beyond ``capacity`` (the default model stays)."""
+        """Drop least recently used models beyond ``capacity`` (the default model and the newest one stay)."""
+        newest = next(reversed(self._models), None)
         while len(self._models) > self.capacity:
-            victim = next((k for k in self._models if k != self.default), None)
+            victim = next((k for k in self._models if k not in (self.default, newest)), None)
             if victim is None:
                 break
             self._models.pop(victim)
