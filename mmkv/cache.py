@@ -95,6 +95,10 @@ class CompressedLayer(DynamicLayer):
     def physical_bytes(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def growth(self) -> "GrowthModel | None":
+        """How :meth:`physical_bytes` evolves with appended tokens, from the shapes now (None: unknown)."""
+        return None
+
     def attend(
         self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         scaling: float | None, dropout: float = 0.0,
@@ -146,6 +150,62 @@ class AppendBuffer:
         return self.store.numel() * self.store.element_size()
 
 
+class GrowthModel:
+    """A cache layer's physical bytes after a sequence of forwards, from shapes and counts only (no device).
+
+    ``fixed`` bytes never change; a growing store (an :class:`AppendBuffer` or a ``DynamicLayer``) holds
+    ``fill`` tokens in room for ``store``, ``per_token`` bytes each. Appending ``n`` tokens writes in
+    place while there is room, else grows the store to exactly the tokens held; with ``capacity`` set,
+    H2O then evicts ``min(fill - capacity, fill - recent)`` tokens and keeps one slot of room
+    (:class:`H2ODecodeLayer`). The session records per-step bytes with it (``Trace.step_bytes``).
+    """
+
+    def __init__(self, fixed: int, per_token: int, fill: int, store: int, capacity: int | None = None,
+                 recent: int = 0) -> None:
+        self.fixed, self.per_token, self.fill, self.store = fixed, per_token, fill, store
+        self.capacity, self.recent = capacity, recent
+
+    @classmethod
+    def of_buffer(cls, buffer: "AppendBuffer", fixed: int = 0, values: bool = True, **kwargs: Any) -> "GrowthModel":
+        """A key buffer (and, with ``values``, its value twin of the same shape) growing along its ``dim``."""
+        store = buffer.store.shape[buffer.dim]
+        per_token = (buffer.store.numel() // store if store else _slice_numel(buffer)) * buffer.store.element_size()
+        return cls(fixed, per_token * (2 if values else 1), buffer.fill, store, **kwargs)
+
+    def after(self, counts: list[int]) -> list[int]:
+        """Physical bytes after each forward appending ``counts[i]`` tokens."""
+        fill, store, out = self.fill, self.store, []
+        for n in counts:
+            fill += n
+            store = max(store, fill)
+            if self.capacity is not None:
+                m = min(fill - self.capacity, fill - self.recent)
+                if m > 0:
+                    fill -= m
+                    store = min(store, fill + 1)
+            out.append(self.fixed + self.per_token * store)
+        return out
+
+
+def _slice_numel(buffer: "AppendBuffer") -> int:
+    shape = list(buffer.store.shape)
+    del shape[buffer.dim]
+    n = 1
+    for k in shape:
+        n *= k
+    return n
+
+
+def layer_growth(layer: Any) -> GrowthModel | None:
+    """The :class:`GrowthModel` of any cache layer: ours, or a transformers ``DynamicLayer`` (None: unknown)."""
+    if isinstance(layer, CompressedLayer):
+        return layer.growth()
+    if type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+        keys = layer.keys
+        return GrowthModel(0, 2 * keys.shape[1] * keys.shape[3] * keys.element_size(), keys.shape[2], keys.shape[2])
+    return None
+
+
 class DenseLayer(CompressedLayer):
     """Uniform budget across heads: ``keys``/``values`` ``[1, H_kv, n, d]``, positions ``[H_kv, n]``.
 
@@ -186,6 +246,9 @@ class DenseLayer(CompressedLayer):
 
     def physical_bytes(self) -> int:
         return self._keys.nbytes + self._values.nbytes
+
+    def growth(self) -> GrowthModel:
+        return GrowthModel.of_buffer(self._keys)
 
     def attend(self, module, query, key, value, scaling, dropout=0.0):
         mask = bottom_right_causal_mask(query.shape[2], key.shape[2], query.device)
@@ -488,6 +551,9 @@ class RaggedLayer(CompressedLayer):
     def physical_bytes(self) -> int:
         return self.prefix.nbytes() + self._tail_keys.nbytes + self._tail_values.nbytes
 
+    def growth(self) -> GrowthModel:
+        return GrowthModel.of_buffer(self._tail_keys, fixed=self.prefix.nbytes())
+
     def attend(self, module, query, key, value, scaling, dropout=0.0):
         # `key`/`value` are the tail returned by update(): [1, H_kv, t, d], ending with the queries' own tokens.
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -551,6 +617,9 @@ class H2ODecodeLayer(DenseLayer):
         """Per eviction (one per decode step; a multi-token forward may make several), the evicted logical
         position in each KV head; :attr:`eviction_counts` says how many rows each forward added."""
         return self._log.tolist()
+
+    def growth(self) -> GrowthModel:
+        return GrowthModel.of_buffer(self._keys, capacity=self.capacity, recent=self.recent)
 
     def update(self, key_states, value_states, *args, **kwargs):
         out = super().update(key_states, value_states)

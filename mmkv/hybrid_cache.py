@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from .cache import (
-    DECODE_POLICIES, AppendBuffer, CompressedLayer, DeviceLog, FlatPrefix, batch_size_error, group_rows, ragged_attention,
-    tensor_bytes,
+    DECODE_POLICIES, AppendBuffer, CompressedLayer, DeviceLog, FlatPrefix, GrowthModel, batch_size_error, group_rows,
+    ragged_attention, tensor_bytes,
 )
 from .methods.base import LayerPlan
 
@@ -280,6 +280,11 @@ class HybridLayer(CompressedLayer):
         if not self.offloaded:
             device += tensor_bytes(self.host_keys, self.host_values)
         return device
+
+    def growth(self) -> GrowthModel:
+        """Everything but the generated tail is fixed in size (retrieval rewrites the buffer in place)."""
+        tail = self._tail_keys.nbytes + self._tail_values.nbytes
+        return GrowthModel.of_buffer(self._tail_keys, fixed=self.physical_bytes() - tail)
 
     def overhead_bytes(self) -> int:
         """Device bytes that hold no kept token: summaries + unused (masked) buffer slots (+ a non-offloaded store)."""

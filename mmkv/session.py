@@ -28,7 +28,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .attention import ACTIVE_SESSION, ATTENTION_NAME, register
 from .compat import CACHE_ARGUMENTS, cache_from_kwargs
-from .cache import BatchSizeError, CompressedLayer, bottom_right_causal_mask, H2ODecodeLayer, apply_plan, cache_bytes, layer_bytes
+from .cache import (
+    BatchSizeError, CompressedLayer, bottom_right_causal_mask, H2ODecodeLayer, apply_plan, cache_bytes, layer_bytes,
+    layer_growth,
+)
 from .methods import Method, make_method
 from .methods.base import LayerContext, LayerPlan, reduce_to_kv_heads
 from .modality import ModalityMap
@@ -180,6 +183,8 @@ class Session:
         self._forward_is_prefill = False
         self._q_len = 0
         self._forward_steps: list[int] = []  # per forward after compression: the replay step it belongs to
+        self._forward_tokens: list[int] = []  # ... and the tokens it appended
+        self._growth: list[Any] | None = None  # per cache layer, its GrowthModel at step 0 (None: measure each step)
         self._handles: list[Any] = []
 
     # ---- lookups used by the attention function ------------------------------------------
@@ -286,28 +291,41 @@ class Session:
         self.clock.add(self.trace.timings, "compress_s", t0)
         self.collecting = False
         self.trace.layers = [self._layer_traces[i] for i in sorted(self._layer_traces)]
-        self._forward_steps = []
+        self._forward_steps, self._forward_tokens = [], []
         if self.record_steps:
             self.trace.step_lengths = [self.trace.span_length]
             self.trace.step_bytes = [cache_bytes(self.cache)]
+            growth = [layer_growth(layer) for layer in self.cache.layers]
+            self._growth = None if any(g is None for g in growth) else growth
         return output
 
     def _record_step(self) -> None:
         """A forward on the compressed cache: a new decode step, or (query-agnostic) the question read into step 0.
 
-        Bytes come from tensor shapes (:func:`~mmkv.cache.cache_bytes`, metadata only): no device sync.
+        Only Python ints are kept; :meth:`finish` turns the token counts into bytes per step with each layer's
+        :class:`~mmkv.cache.GrowthModel` (a layer without one is measured here from tensor shapes: no sync).
         """
         trace = self.trace
         step = 0 if not self.query_aware and not self._forward_steps else len(self._forward_steps) + int(self.query_aware)
         self._forward_steps.append(step)
+        self._forward_tokens.append(self._q_len)
         if not self.record_steps or not trace.step_lengths:
             return
         if step < len(trace.step_lengths):
             trace.step_lengths[step] += self._q_len
-            trace.step_bytes[step] = cache_bytes(self.cache)
         else:
             trace.step_lengths.append(trace.step_lengths[-1] + self._q_len)
-            trace.step_bytes.append(cache_bytes(self.cache))
+            trace.step_bytes.append(trace.step_bytes[-1])
+        if self._growth is None:
+            trace.step_bytes[step] = cache_bytes(self.cache)
+
+    def _step_bytes(self) -> None:
+        """``Trace.step_bytes`` from the layers' growth models and the tokens each forward appended."""
+        if self._growth is None or not self.trace.step_bytes or not self._forward_tokens:
+            return
+        per_forward = [sum(column) for column in zip(*(g.after(self._forward_tokens) for g in self._growth))]
+        for step, size in zip(self._forward_steps, per_forward):
+            self.trace.step_bytes[step] = size
 
     # ---- prefill ---------------------------------------------------------------------------
     def _modality_for(self, length: int) -> ModalityMap:
@@ -331,7 +349,7 @@ class Session:
         self.capacity = resolve_capacity(self.budget, length)
         self._layer_traces = {}
         self._pending = {}
-        self._forward_steps = []
+        self._forward_steps, self._forward_tokens, self._growth = [], [], None
         bytes_per = 2 * self.head_dim * next(self.model.parameters()).element_size()
         self.trace = Trace(
             method=self.method.name,
@@ -457,6 +475,7 @@ class Session:
         if self.trace is None or self.cache is None:
             return self.trace
         self.trace.bytes_end = cache_bytes(self.cache)
+        self._step_bytes()
         steps = self._forward_steps
         for layer_trace in self.trace.layers:
             layer = self.cache.layers[layer_trace.layer]

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 import mmkv
+import mmkv.session
 from mmkv.cache import DenseLayer, RaggedLayer
 from mmkv.compat import cache_from_kwargs
 from mmkv.driver import compressed_run
@@ -122,7 +123,7 @@ def _positions(mask: np.ndarray) -> list[int]:
     return np.nonzero(mask == 1.0)[0].tolist()
 
 
-CASES = [  # (method, params, query_aware)
+CASES = [  # (method, params, query_aware); "measure": bytes read from shapes at each step instead of growth models
     ("h2o", {"decode_evict": True}, True),
     ("h2o", {"decode_evict": True}, False),
     ("snapkv", {}, True),
@@ -131,12 +132,17 @@ CASES = [  # (method, params, query_aware)
     ("hybridkv", HYBRID, True),
     ("hybridkv", {**HYBRID, "offload": False}, False),
     ("full", {}, True),
+    ("h2o", {"decode_evict": True, "measure": True}, False),
+    ("hybridkv", {**HYBRID, "measure": True}, True),
 ]
 
 
 @pytest.mark.parametrize("method,params,query_aware", CASES, ids=[f"{m}-{i}" for i, (m, *_) in enumerate(CASES)])
 def test_held_positions_and_bytes_equal_the_physical_cache_at_every_step(method, params, query_aware, monkeypatch):
     model, processor, prepared = _prepared()
+    params = dict(params)
+    if params.pop("measure", False):  # a layer without a growth model: the session measures every step
+        monkeypatch.setattr(mmkv.session, "layer_growth", lambda layer: None)
     result, _, states = _run(model, processor, prepared, monkeypatch, method, query_aware, **params)
     trace = result.trace
     evicting = method == "h2o"
@@ -316,5 +322,5 @@ def test_recording_adds_no_op_and_no_sync_to_a_decode_step(method, params) -> No
             with OpCounter() as counter:
                 step(7)
             counts[record] = counter.ops
-        assert bool(session.trace.step_bytes) == record
+        assert bool(session.trace.step_bytes) == record and (session._growth is not None) == record
     assert counts[True] == counts[False]
