@@ -70,10 +70,11 @@ class StepState:
 
 
 class _Dense:
-    """A (layer, KV head) pair whose held set only shrinks by eviction: per position, entry and exit step."""
+    """A (layer, KV head) pair that only loses tokens by eviction: per position, the step it left the cache
+    (-1: at compression; never: held to the end). A position is held from the step it exists on."""
 
-    def __init__(self, enter: np.ndarray, leave: np.ndarray) -> None:
-        self.enter, self.leave = enter, leave
+    def __init__(self, leave: np.ndarray) -> None:
+        self.leave = leave
 
 
 class _Dynamic:
@@ -114,11 +115,9 @@ class Replay:
         self.steps = len(self.lengths)
         self.span = int(trace.span_length)
         self.size = int(max(self.lengths.max(), self.span))
-        # step at which each position exists: prompt (and query-agnostic question) at 0, token fed at step t at t
-        self.appear = np.searchsorted(self.lengths, np.arange(self.size), side="right").astype(np.int32)
-        self.appear[: self.span] = 0
         self.pairs: dict[tuple[int, int], _Dense | _Dynamic] = {}
-        self._stack: dict[tuple[int | None, int | None], tuple[np.ndarray, np.ndarray] | None] = {}
+        self._stack: dict[tuple[int | None, int | None], np.ndarray | None] = {}
+        self._rows: dict[int, np.ndarray] = {}
         for lt in trace.layers:
             dynamic = list(lt.info.get("dynamic_heads") or [])
             for h, kept in enumerate(lt.kept):
@@ -129,7 +128,6 @@ class Replay:
                     self.pairs[(lt.layer, h)] = self._dense(lt, h, kept)
 
     def _dense(self, lt: Any, h: int, kept: np.ndarray) -> _Dense:
-        enter = self.appear.copy()
         leave = np.full(self.size, _NEVER, dtype=np.int32)
         leave[: self.span] = -1  # not kept: evicted at compression
         leave[kept] = _NEVER
@@ -140,7 +138,7 @@ class Replay:
                 raise ValueError(f"layer {lt.layer}: {rows.size} evictions but {steps.size} eviction steps")
             inside = rows < self.size
             leave[rows[inside]] = steps[inside]
-        return _Dense(enter, leave)
+        return _Dense(leave)
 
     def _dynamic(self, lt: Any, j: int, kept: np.ndarray) -> _Dynamic:
         spans = np.asarray(lt.info.get("chunk_spans") or [], dtype=np.int64).reshape(-1, 2)
@@ -151,13 +149,21 @@ class Replay:
         in_kept[kept[kept < self.span]] = True
         fixed = in_kept & (chunk_of < 0)
         initial = np.unique(chunk_of[in_kept & (chunk_of >= 0)])
-        rows = [np.asarray(r[j], dtype=np.int64) for r in (lt.decode_retrievals or [])]
+        rows = list(self._retrievals(lt)[:, j])
         row_steps = list(lt.decode_retrieval_steps or [])
         if len(row_steps) != len(rows):
             raise ValueError(f"layer {lt.layer}: {len(rows)} retrievals but {len(row_steps)} retrieval steps")
         chunk_of[chunk_of < 0] = len(spans)
         store = (len(rows[0]) if rows else len(initial)) > 0
         return _Dynamic(fixed, chunk_of, rows, row_steps, initial, len(spans), store)
+
+    def _retrievals(self, lt: Any) -> np.ndarray:
+        """``[forwards, dynamic heads, k]`` chunk ids of a layer (converted once per layer)."""
+        if lt.layer not in self._rows:
+            rows, dyn = lt.decode_retrievals or [], len(lt.info.get("dynamic_heads") or [])
+            k = len(rows[0][0]) if rows and rows[0] else 0
+            self._rows[lt.layer] = np.asarray(rows, dtype=np.int64).reshape(len(rows), dyn, k)
+        return self._rows[lt.layer]
 
     def _select(self, layer: int | None, head: int | None) -> list[tuple[int, int]]:
         keys = [k for k in self.pairs if (layer is None or k[0] == int(layer)) and (head is None or k[1] == int(head))]
@@ -166,13 +172,13 @@ class Replay:
                              f"{self.trace.num_layers} layers of {self.trace.num_kv_heads} KV heads")
         return keys
 
-    def _stacked(self, layer: int | None, head: int | None, keys: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
-        """Entry and exit steps ``[pairs, size]`` of the selection's dense pairs (stacked once per selection)."""
+    def _stacked(self, layer: int | None, head: int | None, keys: list[tuple[int, int]]) -> np.ndarray | None:
+        """Exit steps ``[pairs, size]`` of the selection's dense pairs (several pairs: stacked once, then kept)."""
+        dense = [self.pairs[k] for k in keys if isinstance(self.pairs[k], _Dense)]
+        if len(dense) <= 1:
+            return dense[0].leave[None] if dense else None
         if (layer, head) not in self._stack:
-            dense = [self.pairs[k] for k in keys if isinstance(self.pairs[k], _Dense)]
-            self._stack[(layer, head)] = (
-                (np.stack([p.enter for p in dense]), np.stack([p.leave for p in dense])) if dense else None
-            )
+            self._stack[(layer, head)] = np.stack([p.leave for p in dense])
         return self._stack[(layer, head)]
 
     def state(self, step: int, layer: int | None = None, head: int | None = None) -> StepState:
@@ -186,8 +192,8 @@ class Replay:
         keys = self._select(layer, head)
         stacked = self._stacked(layer, head, keys)
         if stacked is not None:
-            enter, leave = stacked
-            acc["held"] += ((enter <= step) & (step < leave)).sum(0)
+            leave = stacked
+            acc["held"] += (step < leave).sum(0)  # positions not existing yet are zeroed below
             acc["evicted_now"] += (leave == step).sum(0)
             acc["evicted"] += (leave < step).sum(0)
         n_dyn = 0
