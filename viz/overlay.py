@@ -1,11 +1,17 @@
-"""Paint what a method kept, evicted or merged back onto the pixels each token came from.
+"""Show what a method kept, evicted or merged on the pixels each token came from.
 
 Every visual token has a cell ``(row, col)`` in its image's (or video frame's, or tile's) token grid
-(:class:`mmkv.ModalityMap`). For a chosen layer and KV head a cell is kept, evicted, or merged into a
-kept token; for "all layers" / "all heads" the cell shows the *fraction* of selected (layer, head)
-pairs that kept it. The cell colour is the mix ``k·KEPT + m·MERGED + (1-k-m)·EVICTED`` (k = kept
-fraction, m = merged fraction), blended over the pixels with ``alpha`` — so a single layer and head
-paints pure colours and aggregates paint in between.
+(:class:`mmkv.ModalityMap`). The picture keeps its own colours where the cache kept the tokens (a red
+ball stays red), so the audience reads the image first and the compression second:
+
+- kept cells: untouched pixels, with a dark-blue contour around each kept region;
+- evicted cells: faded to a light grey ghost and hatched in vermillion;
+- merged cells (evicted, folded into a kept token): faded and dotted in yellow; for one layer and
+  head, white lines run from each merged cell to the kept cell that absorbed it.
+
+For "all layers" / "all heads" a cell kept by a share ``k`` of the (layer, head) pairs is ``k`` parts
+original and ``1 - k`` parts evicted look (so colour and contrast grow with ``k``), and a half-size
+map on the right gives the share per cell on a labelled 0–100 % scale (:data:`viz.colors.KEEP_SCALE`).
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageColor, ImageDraw, ImageFont
 
-from .colors import EVICTED, KEPT, MERGED
+from .colors import EVICTED, KEEP_SCALE, KEPT, MERGED, Style
 
-__all__ = ["TokenFractions", "Panel", "token_fractions", "cell_grid", "paint_cells", "overlay_panels", "video_frame_groups"]
+__all__ = [
+    "TokenFractions", "Panel", "token_fractions", "cell_grid", "cell_box", "paint_cells", "overlay_panels",
+    "video_frame_groups",
+]
 
 IMAGE, VIDEO = 1, 2
 _TILE = re.compile(r"^r(\d+)c(\d+)$")
@@ -88,12 +97,6 @@ def cell_grid(modality: Any, item_index: int, values: np.ndarray) -> np.ndarray:
     return grid
 
 
-def _mix(k: float, m: float) -> np.ndarray:
-    k = min(max(k, 0.0), 1.0)
-    m = min(max(m, 0.0), 1.0 - k)
-    return k * np.asarray(KEPT, float) + m * np.asarray(MERGED, float) + (1.0 - k - m) * np.asarray(EVICTED, float)
-
-
 def cell_box(rows: int, cols: int, r: int, c: int, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     """Pixel box ``(x0, y0, x1, y1)`` (x1/y1 exclusive) of cell ``(r, c)`` of a grid laid over ``box``."""
     bx0, by0, bx1, by1 = box
@@ -106,36 +109,148 @@ def cell_box(rows: int, cols: int, r: int, c: int, box: tuple[int, int, int, int
     )
 
 
+_LUMA = np.array([0.299, 0.587, 0.114])
+_DARK = np.array([34.0, 34.0, 34.0])
+
+
+def _faded(region: np.ndarray, strength: float) -> np.ndarray:
+    """Greyscale, low-contrast, light "ghost" of the pixels (L* roughly 55-85), mixed in by ``strength``."""
+    ghost = 170.0 + 0.35 * (region @ _LUMA - 128.0)
+    amount = math.sqrt(strength)  # 0.5 already fades ~70 %: evicted reads as gone, the shapes stay visible
+    return (1.0 - amount) * region + amount * ghost[..., None]
+
+
+def _patterns(x0: int, y0: int, x1: int, y1: int, spacing: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks in image coordinates (so patterns run on across cells): diagonal hatch, dot rims, dot centres."""
+    ys, xs = np.mgrid[y0:y1, x0:x1]
+    hatch = ((xs + ys) % spacing) < width
+    size = 4 if width < 2 else 6
+    dx, dy = (xs + spacing // 2) % spacing, (ys + spacing // 2) % spacing
+    dot = (dx < size) & (dy < size)
+    centre = (dx >= 1) & (dx < size - 1) & (dy >= 1) & (dy < size - 1)
+    return hatch, dot & ~centre, centre
+
+
 def paint_cells(
     pixels: np.ndarray,
     kept: np.ndarray,
     merged: np.ndarray,
     box: tuple[int, int, int, int] | None = None,
-    alpha: float = 0.5,
+    alpha: float = 0.6,
     grid_lines: bool = True,
+    *,
+    present: bool | Style = False,
 ) -> np.ndarray:
-    """Blend the cell colours of ``kept``/``merged`` grids (``[rows, cols]``, NaN = no token) over ``box``.
+    """Paint ``kept``/``merged`` fraction grids (``[rows, cols]``, NaN = no token) over ``box`` of ``pixels``.
 
-    ``pixels`` is an ``[H, W, 3]`` float array, painted in place and returned. Grid lines darken the
-    first pixel row/column of each cell (never the cell centre).
+    ``pixels`` (``[H, W, 3]`` float) is painted in place and returned. A cell kept by every selected
+    (layer, head) pair keeps its pixels; otherwise it is ``k·pixels + m·merged look + (1-k-m)·evicted
+    look``, where both looks fade the pixels to a light grey by ``alpha`` (the strength) and add a
+    pattern: vermillion hatch (evicted) or yellow dots with a dark rim (merged). Fully kept cells get a
+    dark-blue contour where they border cells that are not; grid lines only cross cells that are not kept.
     """
+    st = Style.of(present)
+    strength = min(max(float(alpha), 0.0), 1.0)
+    opacity = min(1.0, 2.0 * strength)
     h, w = pixels.shape[:2]
     box = box or (0, 0, w, h)
     rows, cols = kept.shape
+    full = np.zeros((rows, cols), dtype=bool)
     for r in range(rows):
         for c in range(cols):
             if math.isnan(kept[r, c]):
                 continue
+            k = min(max(float(kept[r, c]), 0.0), 1.0)
+            m = 0.0 if math.isnan(merged[r, c]) else min(max(float(merged[r, c]), 0.0), 1.0 - k)
+            if k >= 1.0 - 1e-9:
+                full[r, c] = True
+                continue
             x0, y0, x1, y1 = cell_box(rows, cols, r, c, box)
             if x1 <= x0 or y1 <= y0:
                 continue
-            colour = _mix(float(kept[r, c]), float(0.0 if math.isnan(merged[r, c]) else merged[r, c]))
             region = pixels[y0:y1, x0:x1]
-            region[:] = (1.0 - alpha) * region + alpha * colour
+            src = region.copy()
+            hatch, rim, dot = _patterns(x0, y0, x1, y1, st.hatch, max(1, st.outline // 2))
+            ghost = _faded(src, strength)
+            out = k * src
+            if 1.0 - k - m > 1e-9:
+                look = ghost.copy()
+                look[hatch] = (1 - opacity) * look[hatch] + opacity * np.asarray(EVICTED, float)
+                out = out + (1.0 - k - m) * look
+            if m > 1e-9:
+                look = ghost.copy()
+                look[rim] = (1 - opacity) * look[rim] + opacity * _DARK
+                look[dot] = (1 - opacity) * look[dot] + opacity * np.asarray(MERGED, float)
+                out = out + m * look
+            region[:] = out
             if grid_lines and (x1 - x0) >= 6 and (y1 - y0) >= 6:
-                region[0, :] *= 0.6
-                region[:, 0] *= 0.6
+                region[0, :] *= 0.8
+                region[:, 0] *= 0.8
+    _contour(pixels, kept, full, box, st.outline)
     return pixels
+
+
+def _contour(pixels: np.ndarray, kept: np.ndarray, full: np.ndarray, box: tuple[int, int, int, int], width: int) -> None:
+    """Kept-colour bands inside fully kept cells, along the edges they share with cells that are not."""
+    rows, cols = kept.shape
+    colour = np.asarray(KEPT, float)
+    for r, c in zip(*np.nonzero(full)):
+        x0, y0, x1, y1 = cell_box(rows, cols, r, c, box)
+        t = max(1, min(width, (x1 - x0) // 3, (y1 - y0) // 3))
+        for dr, dc, band in ((-1, 0, (slice(y0, y0 + t), slice(x0, x1))), (1, 0, (slice(y1 - t, y1), slice(x0, x1))),
+                             (0, -1, (slice(y0, y1), slice(x0, x0 + t))), (0, 1, (slice(y0, y1), slice(x1 - t, x1)))):
+            rr, cc = r + dr, c + dc
+            if 0 <= rr < rows and 0 <= cc < cols and not math.isnan(kept[rr, cc]) and not full[rr, cc]:
+                pixels[band] = colour
+
+
+def _scale_rgb(value: float) -> tuple[int, int, int]:
+    """Colour of ``value`` in [0, 1] on :data:`KEEP_SCALE` (linear between its stops)."""
+    value = min(max(float(value), 0.0), 1.0)
+    stops = [(float(p), np.asarray(ImageColor.getrgb(c), float)) for p, c in KEEP_SCALE]
+    for (p0, c0), (p1, c1) in zip(stops, stops[1:]):
+        if value <= p1:
+            t = 0.0 if p1 == p0 else (value - p0) / (p1 - p0)
+            return tuple(int(round(v)) for v in (1 - t) * c0 + t * c1)
+    return tuple(int(v) for v in stops[-1][1])
+
+
+def _state_map(img: Image.Image, grids: list[tuple[np.ndarray, tuple[int, int, int, int]]], st: Style) -> Image.Image:
+    """``img`` with a half-size map of the kept share per cell on its right, over a labelled colour bar."""
+    w, h = img.size
+    font = ImageFont.load_default(size=st.label)
+    gap = max(6, st.label // 2)
+    mw, mh = max(8, round(w / 2)), max(8, round(h / 2))
+    lines = ["share of layers and heads", "that kept the cell"]
+    probe = ImageDraw.Draw(img)
+    text_w = max(probe.textbbox((0, 0), t, font=font)[2] for t in lines + ["0%   50%   100%"])
+    col_w = max(mw, text_w)
+    bar_h = max(8, st.label)
+    need = mh + gap + bar_h + 2 + (len(lines) + 1) * (st.label + 4)
+    canvas = Image.new("RGB", (w + gap + col_w, max(h, need)), (255, 255, 255))
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    ox = w + gap
+    for grid, (bx0, by0, bx1, by1) in grids:
+        rows, cols = grid.shape
+        sub = (ox + round(bx0 / 2), round(by0 / 2), ox + round(bx1 / 2), round(by1 / 2))
+        for r in range(rows):
+            for c in range(cols):
+                if math.isnan(grid[r, c]):
+                    continue
+                x0, y0, x1, y1 = cell_box(rows, cols, r, c, sub)
+                if x1 > x0 and y1 > y0:
+                    draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=_scale_rgb(grid[r, c]))
+    y = mh + gap
+    for x in range(mw):
+        draw.line([(ox + x, y), (ox + x, y + bar_h - 1)], fill=_scale_rgb(x / max(1, mw - 1)))
+    y += bar_h + 2
+    for text, anchor, x in (("0%", "la", ox), ("50%", "ma", ox + mw // 2), ("100%", "ra", ox + mw)):
+        draw.text((x, y), text, fill=(0, 0, 0), font=font, anchor=anchor)
+    for line in lines:
+        y += st.label + 4
+        draw.text((ox, y), line, fill=(0, 0, 0), font=font)
+    return canvas
 
 
 @dataclass
@@ -200,25 +315,33 @@ def overlay_panels(
     layer: int | None = None,
     head: int | None = None,
     *,
-    alpha: float = 0.5,
+    alpha: float = 0.6,
     min_side: int = 224,
     max_side: int = 640,
     grid_lines: bool = True,
     draw_merges: bool = True,
     max_frames: int | None = None,
+    state_map: bool | None = None,
+    present: bool | Style = False,
 ) -> list[Panel]:
     """One painted panel per image (and tile layout) and per sampled video frame, in prompt order.
 
     ``images`` are the chat's images (``PreparedInputs.images``); ``videos`` its sampled videos
     (``PreparedInputs.videos``, objects with ``.frames`` and ``.timestamps``). A video's temporal token
     group ``g`` covers several sampled frames (Qwen: 2); each of those frames is painted with group
-    ``g``'s cells. Merges (single layer and head) are drawn as lines from the absorbed cell to the
-    kept cell that absorbed it, when both lie in the same panel.
+    ``g``'s cells. ``alpha`` is the strength of the evicted/merged fade (0 = patterns only barely, 1 =
+    full ghost); kept cells never change. ``state_map`` (default: on when more than one (layer, head)
+    pair is aggregated) adds the side map of kept shares. ``present`` (or a :class:`Style`): thicker
+    contours and patterns, larger labels, panels at least ``Style.min_side`` pixels.
     """
+    st = Style.of(present)
+    min_side = max(min_side, st.min_side) if st.present else min_side
+    max_side = max(max_side, 2 * min_side)
     modality = trace.modality
     if modality is None or not modality.items:
         return []
     fr = token_fractions(trace, layer, head)
+    side_map = fr.pairs > 1 if state_map is None else bool(state_map)
     groups = _panel_items(modality)
     n_groups: dict[int, int] = {}
     for item in modality.items:
@@ -251,16 +374,20 @@ def overlay_panels(
             pixels = np.asarray(img, dtype=np.float64).copy()
             kept_vals: list[float] = []
             centres: dict[int, tuple[float, float]] = {}
+            grids = []
             for index, box in _boxes(modality, indices, kind, w, h):
                 kg = cell_grid(modality, index, fr.kept)
                 mg = cell_grid(modality, index, fr.merged)
-                paint_cells(pixels, kg, mg, box, alpha=alpha, grid_lines=grid_lines)
+                paint_cells(pixels, kg, mg, box, alpha=alpha, grid_lines=grid_lines, present=st)
                 kept_vals.extend(kg[~np.isnan(kg)].tolist())
+                grids.append((kg, box))
                 if merge_pairs:
                     centres.update(_centres(modality, index, box))
             out = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
             if merge_pairs and centres:
-                _draw_merges(out, merge_pairs, centres)
+                _draw_merges(out, merge_pairs, centres, st.outline)
+            if side_map:
+                out = _state_map(out, grids, st)
             frac = float(np.mean(kept_vals)) if kept_vals else 1.0
             panels.append(Panel(out, f"{caption}{suffix} — {100 * frac:.0f}% kept", mod, source, f, frac))
             if max_frames is not None and mod == VIDEO and sum(p.modality == VIDEO for p in panels) >= max_frames:
@@ -290,10 +417,12 @@ def _centres(modality: Any, index: int, box: tuple[int, int, int, int]) -> dict[
     return out
 
 
-def _draw_merges(img: Image.Image, pairs: list[tuple[int, int]], centres: dict[int, tuple[float, float]]) -> None:
+def _draw_merges(img: Image.Image, pairs: list[tuple[int, int]], centres: dict[int, tuple[float, float]], width: int = 2) -> None:
+    """White line from each merged cell to the kept cell that absorbed it; a yellow dot on the kept end."""
     draw = ImageDraw.Draw(img)
+    r = 1.5 * width
     for s, t in pairs:
         if s in centres and t in centres:
             (x0, y0), (x1, y1) = centres[s], centres[t]
-            draw.line([(x0, y0), (x1, y1)], fill=(255, 255, 255), width=2)
-            draw.ellipse([x1 - 3, y1 - 3, x1 + 3, y1 + 3], fill=MERGED, outline=(255, 255, 255))
+            draw.line([(x0, y0), (x1, y1)], fill=(255, 255, 255), width=width)
+            draw.ellipse([x1 - r, y1 - r, x1 + r, y1 + r], fill=MERGED, outline=(34, 34, 34), width=max(1, width // 2))

@@ -10,7 +10,9 @@ from typing import Sequence
 import plotly.graph_objects as go
 from PIL import Image
 
-__all__ = ["figures_html", "figure_png", "png_available"]
+from .colors import EVICTED, KEPT, MERGED, MODALITY_COLORS, STATE_WORDS, hex_color
+
+__all__ = ["figures_html", "figure_png", "png_available", "overlay_key"]
 
 
 def figures_html(
@@ -18,14 +20,19 @@ def figures_html(
     images: Sequence[tuple[Image.Image, str]] = (),
     title: str = "mmkv report",
     notes: str = "",
+    present: bool = False,
 ) -> str:
-    """One HTML page with every figure (interactive) and every overlay image (embedded PNG)."""
+    """One HTML page with every figure (interactive) and every overlay image (embedded PNG), with a key
+    that says in words what each overlay colour and pattern means. ``present``: larger text and images."""
+    size, width = (20, 560) if present else (13, 360)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px}"
-        "figure{display:inline-block;margin:6px;vertical-align:top}figcaption{font-size:12px;max-width:320px}"
-        "img{image-rendering:pixelated;max-width:320px}</style></head><body>",
+        f"<style>body{{font-family:system-ui,sans-serif;margin:24px;max-width:1400px;font-size:{size}px}}"
+        f"figure{{display:inline-block;margin:6px;vertical-align:top}}figcaption{{font-size:{size}px;max-width:{width}px}}"
+        f"img{{image-rendering:pixelated;max-width:{width}px}}.key span{{display:inline-block;margin-right:1.2em}}"
+        ".key i{display:inline-block;width:1em;height:1em;vertical-align:middle;margin-right:.3em;"
+        "border:1px solid #222}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
     if notes:
@@ -37,6 +44,7 @@ def figures_html(
         first = False
     if images:
         parts.append("<h2>Kept / evicted / merged cells</h2>")
+        parts.append(overlay_key())
         for img, caption in images:
             buf = io.BytesIO()
             img.save(buf, format="PNG")
@@ -44,6 +52,27 @@ def figures_html(
             parts.append(f"<figure><img src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def overlay_key() -> str:
+    """HTML key of the overlays and token colours, in plain words."""
+    def swatch(colour: str, words: str, css: str = "") -> str:
+        return f"<span><i style='background:{colour};{css}'></i>{html.escape(words)}</span>"
+
+    stripes = f"repeating-linear-gradient(135deg,{hex_color(EVICTED)} 0 2px,#ccc 2px 6px)"
+    dots = f"radial-gradient({hex_color(MERGED)} 35%,#222 40%,#ccc 55%) 0 0/6px 6px"
+    return (
+        "<p class='key'>"
+        + swatch("transparent", "kept in the cache: the image's own colours, dark-blue outline",
+                 f"border:3px solid {hex_color(KEPT)}")
+        + swatch(stripes, f"{STATE_WORDS['evicted']}: faded grey, vermillion hatching", "background-color:#ccc")
+        + swatch(dots, f"{STATE_WORDS['merged']}: faded grey, yellow dots; a white line points to the kept token")
+        + "<br>All layers / all heads: the more layer × head pairs kept a cell, the more of its colour shows; the map "
+        f"on the right gives the share (white 0 %, dark blue 100 %). "
+        + "<br>In charts, colour says what happened to a token and grey says what kind of token it is: "
+        + "".join(swatch(c, f"{m} token") for m, c in MODALITY_COLORS.items())
+        + "</p>"
+    )
 
 
 def png_available() -> bool:

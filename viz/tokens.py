@@ -18,10 +18,10 @@ def strip_label(kept: float, merged: float) -> str:
     if kept >= 1.0 - 1e-9:
         return "kept"
     if merged > 0 and merged >= kept:
-        return "merged"
+        return "merged into a kept token"
     if kept <= 1e-9:
         return "evicted"
-    return "kept by most heads" if kept >= 0.5 else "kept by few heads"
+    return "kept by most layers/heads" if kept >= 0.5 else "kept by few layers/heads"
 
 
 def _clean(token: str) -> str:
@@ -34,9 +34,12 @@ def token_strip(
     layer: int | None = None,
     head: int | None = None,
     max_items: int = 2000,
+    present: bool = False,
 ) -> list[tuple[str, str | None]]:
     """``(text, category)`` pairs for ``gr.HighlightedText``: every text token, and one chip per image /
-    video frame ("[image 1 · 64 tokens · 25% kept]") so the strip stays readable."""
+    video frame ("[image 1 · 64 tokens · 25% kept]") so the strip stays readable. Categories are the
+    keys of :data:`viz.colors.STRIP_COLORS`. ``present``: shorter chips ("[image 1 · 25% kept]").
+    """
     fr = token_fractions(trace, layer, head)
     modality = trace.modality
     length = len(fr.kept)
@@ -62,7 +65,8 @@ def token_strip(
                 where += f" · frames group {it.frame + 1}"
             if it.tile not in ("full", "", None):
                 where += f" · {it.tile}"
-            out.append((f"[{where} · {q - p} tokens · {100 * k:.0f}% kept]", strip_label(k, m)))
+            count = "" if present else f" · {q - p} tokens"
+            out.append((f"[{where}{count} · {100 * k:.0f}% kept]", strip_label(k, m)))
             p = q
             continue
         text = _clean(tokens[p]) if p < len(tokens) else f"<{p}>"
