@@ -204,6 +204,25 @@ def test_unreachable_hub_times_out(monkeypatch, tiny_dir):
     assert time.perf_counter() - t0 < 0.5
 
 
+def test_a_hanging_hub_lookup_is_cut_short(monkeypatch, tiny_dir):
+    """A DNS lookup or connect that hangs (no answer at all) is abandoned after MMKV_HUB_TIMEOUT."""
+    hang = threading.Event()
+
+    def connect(*args, **kwargs):
+        hang.wait(60)
+        raise OSError("answered too late")
+
+    monkeypatch.setattr(store_module.socket, "create_connection", connect)
+    monkeypatch.setenv("MMKV_HUB_TIMEOUT", "0.5")
+    store = ModelStore(str(tiny_dir), settings=HostingSettings.from_env())
+    assert store.settings.hub_timeout_s == 0.5
+    t0 = time.perf_counter()
+    message = refused(store, UNKNOWN)
+    elapsed = time.perf_counter() - t0
+    hang.set()
+    assert elapsed < 5.0 and "unreachable" in message
+
+
 def test_offline_loads_a_cached_model_from_the_cache(monkeypatch, tmp_path, tiny_dir):
     import huggingface_hub
 

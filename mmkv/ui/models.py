@@ -161,6 +161,10 @@ def hub_reachable(timeout: float = 1.5, endpoint: str | None = None) -> bool:
     if known is not None and now - known[0] < (300.0 if known[1] else 30.0):
         return known[1]
     url = urlparse(endpoint)
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") if url.scheme == "https" else None
+    proxy = proxy or os.environ.get("ALL_PROXY") or os.environ.get("all_proxy")
+    if proxy and "://" in proxy:  # behind a proxy, the proxy is what must answer
+        url = urlparse(proxy)
     host = url.hostname or "huggingface.co"
     port = url.port or (443 if url.scheme == "https" else 80)
     result: list[bool] = []
@@ -169,7 +173,7 @@ def hub_reachable(timeout: float = 1.5, endpoint: str | None = None) -> bool:
         try:
             with socket.create_connection((host, port), timeout=timeout):
                 result.append(True)
-        except OSError:
+        except Exception:  # noqa: BLE001 - any failure means unreachable
             result.append(False)
 
     thread = threading.Thread(target=probe, name="mmkv-hub-probe", daemon=True)
