@@ -330,12 +330,13 @@ def test_budget_figure_explains_kept_above_the_plan():
     planned = next(t for t in fig.data if t.name.startswith("planned"))
     assert planned.customdata[0][0] == pytest.approx(4.0) and "text prior" in planned.customdata[0][1]
     assert planned.customdata[1][1] == ""  # layer 1 keeps nothing: under its plan
-    assert "1 of 2 layers" in fig.layout.title.subtitle.text and "text prior" in fig.layout.title.subtitle.text
-    assert fig.layout.title.text.startswith("MEDA:")
+    subtitle = fig.layout.title.subtitle.text.replace("<br>", " ")
+    assert "1 of 2 layers" in subtitle and "text prior" in subtitle
+    assert fig.layout.title.text.startswith("MEDA:") and all(len(line) <= 60 for line in fig.layout.title.text.split("<br>"))
     # MadaKV: heads keep what they need, the last layer what is left
     info = {0: {"phi": 1.0}, 1: {"phi": 1.0}}
     fig = viz.budget_figure(_trace(kept, info=info))
-    assert "φ" in next(t.name for t in fig.data if t.name.startswith("planned")) and "last layer" in fig.layout.title.subtitle.text
+    assert "φ" in next(t.name for t in fig.data if t.name.startswith("planned")) and "last layer" in fig.layout.title.subtitle.text.replace("<br>", " ")
 
 
 def test_modality_heatmap_from_measured_mass_and_from_madakv_preference():
@@ -368,7 +369,7 @@ def test_constant_head_budgets_get_a_scale_from_zero_and_say_so():
     fig = viz.head_budget_figure(_trace({(l, h): list(range(31)) for l in range(2) for h in range(2)}))
     heat = fig.data[0]
     assert heat.zmin == 0 and heat.zmax == 31  # not the degenerate 30.5-31.5 autoscale
-    assert "31 tokens kept each" in fig.layout.title.subtitle.text
+    assert "31 tokens kept each" in fig.layout.title.subtitle.text.replace("<br>", " ")
     empty = viz.head_budget_figure(_trace({}))
     assert empty.data[0].zmin == 0 and empty.data[0].zmax >= 1
 

@@ -56,7 +56,11 @@ def _finish(fig: go.Figure, title: str, st: Style, height: int = 340, subtitle: 
     screens, large type) without covering the title: plotly pushes the plot down to make room.
     """
     height = round(height * st.height)
-    head = 8 + round(1.4 * st.title) + (round(1.5 * st.font) if subtitle else 0) + 4
+    title = _wrap(title, 44 if st.present else 60)  # plotly never wraps titles: narrow screens would clip them
+    subtitle = _wrap(subtitle, 60 if st.present else 90) if subtitle else ""
+    lines, sub_lines = title.count("<br>") + 1, (subtitle.count("<br>") + 1 if subtitle else 0)
+    head = 8 + round(1.4 * st.title * lines) + round(1.5 * st.font * sub_lines) + 4
+    height += head - (8 + round(1.4 * st.title) + 4)  # extra title lines do not eat the plot
     fig.update_layout(
         template="plotly_white",
         height=height,
