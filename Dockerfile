@@ -1,6 +1,9 @@
 # mmkv app on CPU:   docker build -t mmkv . && docker run --rm -p 7860:7860 mmkv   -> http://localhost:7860
 # A model of your own: docker run -e MMKV_MODEL=/models/my-vlm -v /path/to/my-vlm:/models/my-vlm ... mmkv
 # (hub ids work when the container can reach the Hugging Face hub; mount ~/.cache/huggingface to reuse downloads).
+# The image serves the public by default (MMKV_HOSTED=1): visitors may load only MMKV_MODEL and the bundled
+# model (add names with -e MMKV_ALLOWED_MODELS=a,b or "*"), with bounded prompts; -e MMKV_HOSTED=0 lifts it.
+# Every setting: docs/hosting.md.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -8,7 +11,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     GRADIO_SERVER_NAME=0.0.0.0 \
     GRADIO_SERVER_PORT=7860 \
-    GRADIO_ANALYTICS_ENABLED=False
+    GRADIO_ANALYTICS_ENABLED=False \
+    MMKV_HOSTED=1
 
 # OpenCV (headless) still needs glib at run time.
 RUN apt-get update \
