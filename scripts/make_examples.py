@@ -81,7 +81,8 @@ def needle_question(scene: Any) -> str:
 
 def examples(needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED) -> list[dict[str, Any]]:
     """The app's examples: the prompt, its files, Full's expected answer (recomputed from the scene), the
-    method and budget that show a method family's signature, and one line saying what to look at."""
+    method, budget (and hyper-parameters, where not the defaults) that show a method family's signature, and one
+    line saying what to look at."""
     from mmkv.tiny.tasks import expected_answer
 
     needle, video = task_scenes(needle_seed, video_seed)
@@ -104,7 +105,7 @@ def examples(needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED) -> li
          "method": "hybridkv", "budget": 0.5,
          "shows": "Retrieval at decode: HybridKV's dynamic heads fetch frame chunks per step (Inspect, replay)."},
         {"text": first_frame, "files": ["ball.webm"], "answer": expected_answer(video, "video_colour", first_frame),
-         "method": "h2o", "budget": 0.5,
+         "method": "h2o", "budget": 0.5, "params": {"decode_evict": True},
          "shows": "Decode-time eviction: H2O drops one cached token per head at every generated token (replay)."},
     ]
 

@@ -51,6 +51,11 @@ def _example(i: int) -> dict:
     return {"text": items[i]["text"], "files": [str(EXAMPLES / f) for f in items[i]["files"]]}
 
 
+def _mixed() -> dict:
+    """An image and a video in one message."""
+    return {"text": "Which way does the ball move?", "files": [str(EXAMPLES / "needle_1.png"), str(EXAMPLES / "ball.webm")]}
+
+
 def chat(app, state, message, method="snapkv", ratio=0.3, tokens=0, query_aware=True, max_new=4, frames=4, params=""):
     """All updates of one chat turn: (chatbot, input, status, summary, state, run dropdown) each."""
     return list(app.on_chat(message, state, method, ratio, tokens, query_aware, max_new, frames, params))
@@ -68,8 +73,11 @@ def test_app_defaults_and_queue(app):
     assert app.queue_kwargs()["default_concurrency_limit"] == 1 and app.queue_kwargs()["max_size"] >= 1
     kw = app.launch_kwargs()
     assert kw["server_name"] == "127.0.0.1" and kw["max_file_size"].endswith("mb") and "theme" in kw and "css" in kw
-    model_events = [fn for fn in app.demo.fns.values() if fn.concurrency_id == "model"]
-    assert len(model_events) >= 3 and all(fn.concurrency_limit == 1 for fn in model_events)
+    model_events = {fn.fn.__name__: fn for fn in app.demo.fns.values() if fn.concurrency_id == "model"}
+    assert set(model_events) == {"on_chat", "on_compare"} and all(fn.concurrency_limit == 1 for fn in model_events.values())
+    # loading a model has its own queue: a slow load never holds up chats on a loaded model
+    loads = {fn.fn.__name__ for fn in app.demo.fns.values() if fn.concurrency_id == "load"}
+    assert loads == {"on_page_load", "on_load_model"}
 
 
 def test_default_model_falls_back_to_a_tiny_random_model(tmp_path, monkeypatch):
@@ -88,21 +96,22 @@ def test_default_model_falls_back_to_a_tiny_random_model(tmp_path, monkeypatch):
 
 
 def test_chat_streams_an_answer_and_records_a_run(app, state):
-    assert "parameters" in app.on_page_load(state)
-    updates = chat(app, state, _example(3))  # an image and a video
+    new, status, present = app.on_page_load(state, False)
+    assert "parameters" in status and present is False
+    updates = chat(app, state, _mixed())
     assert len(updates) >= 3  # "running", deltas, done
     display, box, status, summary, new_state, runs = updates[-1]
     assert status.startswith("Done") and "KV bytes" in summary and box is None
-    assert display[-1]["role"] == "assistant" and display[-2]["content"] == _example(3)["text"]
-    assert [m["content"]["path"] for m in display if isinstance(m["content"], dict)] == _example(3)["files"]
+    assert display[-1]["role"] == "assistant" and display[-2]["content"] == _mixed()["text"]
+    assert [m["content"]["path"] for m in display if isinstance(m["content"], dict)] == _mixed()["files"]
     assert list(new_state.runs) == [runs.value] and runs.value.startswith("chat · snapkv @ 0.3")
     run = new_state.runs[runs.value]
     assert len(run.images) == 1 and len(run.videos) == 1 and len(run.videos[0].frames) == 4
     # a second turn sees the whole conversation; clearing empties it
     updates = chat(app, new_state, {"text": "and now?", "files": []}, method="h2o")
     assert updates[-1][2].startswith("Done") and len(new_state.chat) == 4 and len(new_state.runs) == 2
-    st, shown, status, _ = app.on_clear(new_state)
-    assert shown == [] and st.chat == [] and len(st.runs) == 2
+    st, shown, box, status, _ = app.on_clear(new_state)
+    assert shown == [] and box is None and st.chat == [] and len(st.runs) == 2
 
 
 def test_compare_runs_full_and_methods_with_agreement(app, state):
@@ -112,8 +121,11 @@ def test_compare_runs_full_and_methods_with_agreement(app, state):
     rows = table["data"]
     assert [r[0] for r in rows] == ["full", "snapkv", "streamingllm"] and table["headers"][0] == "method"
     full, snap = rows[0], rows[1]
-    assert full[10] == 1.0 and full[12] == 0.0  # Full agrees with itself: overlap 1, KL 0
-    assert 0.0 <= snap[10] <= 1.0 and snap[12] >= 0.0 and snap[5] < full[5]  # fewer KV bytes kept
+    overlap, kl = table["headers"].index("overlap"), table["headers"].index("KL")
+    assert full[overlap] == 1.0 and full[kl] == 0.0  # Full agrees with itself: overlap 1, KL 0
+    kib = table["headers"].index("KV KiB kept / full")
+    kept_kib = [float(r[kib].split("/")[0]) for r in (full, snap)]
+    assert 0.0 <= snap[overlap] <= 1.0 and snap[kl] >= 0.0 and kept_kib[1] < kept_kib[0]  # fewer KV bytes kept
     assert all(isinstance(f, go.Figure) for f in (mem, speed, agree, kept))
     assert len(gallery) >= 2 and all(isinstance(img, Image.Image) for img, _ in gallery)
     assert Path(report).read_text().count("plotly") > 0
@@ -125,23 +137,23 @@ def test_compare_runs_full_and_methods_with_agreement(app, state):
 
 def test_compare_kl_is_zero_for_an_uncompressed_budget(app, state):
     out = compare(app, state, _example(2), methods=("snapkv",), ratio=1.0)
-    rows = out[1]["data"]
-    assert rows[1][10] == 1.0 and rows[1][12] == pytest.approx(0.0, abs=1e-6)
+    rows, headers = out[1]["data"], out[1]["headers"]
+    assert rows[1][headers.index("overlap")] == 1.0 and rows[1][headers.index("KL")] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_compare_budget_sweep_and_query_agnostic(app, state):
     out = compare(app, state, _example(0), methods=("snapkv",), sweep="0.1, 0.6", query_aware=False, with_kl=False)
     assert out[0].startswith("Ran 4 generations"), out[0]  # Full + snapkv at 0.3, 0.1, 0.6
     sweep = out[4]
-    assert [t.name for t in sweep.data] == ["snapkv: overlap"] and list(sweep.data[0].x) == [0.1, 0.3, 0.6]
+    assert [t.name for t in sweep.data] == ["SnapKV: overlap"] and list(sweep.data[0].x) == [0.1, 0.3, 0.6]
     assert [r[0] for r in out[1]["data"]] == ["full", "snapkv"]  # the table shows the main budget
 
 
 def test_inspect_renders_every_view_and_exports(app, state):
-    compare(app, state, _example(3), methods=("lookm",))
+    compare(app, state, _mixed(), methods=("lookm",))
     label = next(k for k in state.runs if "lookm" in k)
-    layers, heads, summary, budget, pref, head_fig, gallery, strip, merges, trace_path, report_path = app.on_run_change(
-        state, label, 0.5)
+    (layers, heads, summary, budget, pref, head_fig, gallery, strip, merges, trace_path, report_path, step,
+     replay_summary, replay_gallery, replay_fig, replay_answer) = app.on_run_change(state, label, 0.5)
     assert layers.choices[0][0] == "all layers" and len(layers.choices) == 1 + 2
     assert len(heads.choices) == 1 + 2 and "lookm" in summary
     assert all(isinstance(f, go.Figure) for f in (budget, pref, head_fig))
@@ -220,7 +232,7 @@ def test_bad_files_give_a_message_in_chat_and_compare(app, state, tmp_path, monk
 
 @pytest.mark.parametrize("kwargs, needles", [
     ({"message": {"text": "   ", "files": []}}, ("prompt is empty",)),
-    ({"message": {"text": "zq " * 1500, "files": []}}, ("context is 4096 tokens",)),
+    ({"message": {"text": "zq " * 1500, "files": []}}, ("the model reads at most 4,096",)),
     ({"ratio": 1.5}, ("budget ratio must be in (0, 1]",)),
     ({"ratio": 0}, ("budget ratio must be in (0, 1]",)),
     ({"ratio": float("nan")}, ("finite",)),

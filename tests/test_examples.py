@@ -28,8 +28,9 @@ def _message(item: dict) -> dict:
     return {"text": item["text"], "files": [str(EXAMPLES_DIR / f) for f in item["files"]]}
 
 
-def _answer(store: ModelStore, item: dict, method: str, budget: float) -> str:
-    updates = list(H.chat_turn(store, H.AppState(), _message(item), method, budget, 0, True, 24, 8, "", Limits()))
+def _answer(store: ModelStore, item: dict, method: str, budget: float, params: dict | None = None) -> str:
+    updates = list(H.chat_turn(store, H.AppState(), _message(item), method, budget, 0, True, 24, 8,
+                               json.dumps(params or {}), Limits()))
     assert updates[-1].done
     return updates[-1].state.display[-1]["content"]
 
@@ -41,7 +42,7 @@ def test_full_answers_every_example(store, item):
 
 @pytest.mark.parametrize("item", EXAMPLES, ids=[e["method"] for e in EXAMPLES])
 def test_suggested_method_answers_at_its_budget(store, item):
-    assert _answer(store, item, item["method"], item["budget"]) == item["answer"]
+    assert _answer(store, item, item["method"], item["budget"], item.get("params")) == item["answer"]
 
 
 def test_text_prior_example_separates_lookm_from_query_aware_eviction(store):

@@ -7,6 +7,8 @@
   cells faded and dotted, over each image and video frame;
 - :mod:`viz.colors`: the state palette (kept / evicted / merged), the modality greys, and
   :class:`Style` (``present=True`` on every builder: presentation mode);
+- :mod:`viz.replay`: the cache at one decode step (held cells, evicted now, retrieved now) and the bytes
+  it holds step by step;
 - :mod:`viz.tokens`: the text-token strip and the merge list;
 - :mod:`viz.report`: export of figures and overlays as one self-contained HTML file.
 """
@@ -27,7 +29,8 @@ from .figures import (
     speed_figure,
     sweep_figure,
 )
-from .overlay import Panel, cell_grid, overlay_panels, paint_cells, token_fractions, video_frame_groups
+from .overlay import Panel, cell_grid, overlay_panels, paint_cells, token_fractions, video_frame_groups, with_title
+from .replay import REPLAY_WORDS, RETRIEVED, replay_bytes_figure, replay_panels
 from .report import figure_png, figures_html, png_available
 from .tokens import describe_position, merge_rows, strip_label, token_strip
 
@@ -36,7 +39,8 @@ __all__ = [
     "STRIP_COLORS", "Style",
     "agreement_figure", "budget_figure", "empty_figure", "head_budget_figure", "keep_map_figure", "memory_figure", "method_name",
     "modality_heatmap", "preference_matrix", "speed_figure", "sweep_figure",
-    "Panel", "cell_grid", "overlay_panels", "paint_cells", "token_fractions", "video_frame_groups",
+    "Panel", "cell_grid", "overlay_panels", "paint_cells", "token_fractions", "video_frame_groups", "with_title",
+    "REPLAY_WORDS", "RETRIEVED", "replay_bytes_figure", "replay_panels",
     "figure_png", "figures_html", "png_available",
     "describe_position", "merge_rows", "strip_label", "token_strip",
 ]

@@ -27,7 +27,7 @@ from PIL import Image, ImageColor, ImageDraw, ImageFont
 from .colors import EVICTED, KEEP_SCALE, KEPT, MERGED, Style
 
 __all__ = [
-    "TokenFractions", "Panel", "token_fractions", "cell_grid", "cell_box", "paint_cells", "overlay_panels",
+    "TokenFractions", "Panel", "with_title", "token_fractions", "cell_grid", "cell_box", "paint_cells", "overlay_panels",
     "video_frame_groups",
 ]
 
@@ -204,6 +204,43 @@ def _contour(pixels: np.ndarray, kept: np.ndarray, full: np.ndarray, box: tuple[
                 pixels[band] = colour
 
 
+def _outline_cells(pixels: np.ndarray, grid: np.ndarray, box: tuple[int, int, int, int], colour: tuple[int, int, int],
+                   width: int) -> None:
+    """A box in ``colour`` just inside every cell whose value is > 0."""
+    rows, cols = grid.shape
+    rgb = np.asarray(colour, float)
+    for r, c in zip(*np.nonzero(np.nan_to_num(grid, nan=0.0) > 0)):
+        x0, y0, x1, y1 = cell_box(rows, cols, r, c, box)
+        t = max(1, min(width, (x1 - x0) // 3, (y1 - y0) // 3))
+        for band in ((slice(y0, y0 + t), slice(x0, x1)), (slice(y1 - t, y1), slice(x0, x1)),
+                     (slice(y0, y1), slice(x0, x0 + t)), (slice(y0, y1), slice(x1 - t, x1))):
+            pixels[band] = rgb
+
+
+def with_title(img: Image.Image, title: str, present: bool | Style = False) -> Image.Image:
+    """``img`` under a white band holding ``title`` (wrapped): a caption that never covers the cells."""
+    st = Style.of(present)
+    size = max(12, st.label + 2)
+    font = ImageFont.load_default(size=size)
+    probe = ImageDraw.Draw(img)
+    words, lines, line = title.split(), [], ""
+    for word in words:
+        trial = f"{line} {word}".strip()
+        if line and probe.textbbox((0, 0), trial, font=font)[2] > img.width - 8:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    lines.append(line)
+    band = len(lines) * (size + 4) + 6
+    canvas = Image.new("RGB", (img.width, img.height + band), (255, 255, 255))
+    canvas.paste(img.convert("RGB"), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(lines):
+        draw.text((4, 3 + i * (size + 4)), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
 def _scale_rgb(value: float) -> tuple[int, int, int]:
     """Colour of ``value`` in [0, 1] on :data:`KEEP_SCALE` (linear between its stops)."""
     value = min(max(float(value), 0.0), 1.0)
@@ -323,6 +360,8 @@ def overlay_panels(
     max_frames: int | None = None,
     state_map: bool | None = None,
     present: bool | Style = False,
+    fractions: TokenFractions | None = None,
+    outlines: Sequence[tuple[np.ndarray, tuple[int, int, int]]] = (),
 ) -> list[Panel]:
     """One painted panel per image (and tile layout) and per sampled video frame, in prompt order.
 
@@ -332,7 +371,9 @@ def overlay_panels(
     ``g``'s cells. ``alpha`` is the strength of the evicted/merged fade (0 = patterns only barely, 1 =
     full ghost); kept cells never change. ``state_map`` (default: on when more than one (layer, head)
     pair is aggregated) adds the side map of kept shares. ``present`` (or a :class:`Style`): thicker
-    contours and patterns, larger labels, panels at least ``Style.min_side`` pixels.
+    contours and patterns, larger labels, panels at least ``Style.min_side`` pixels. ``fractions``
+    replaces the trace's kept / merged shares (the decode replay paints a step's cache this way);
+    ``outlines``: ``(per-position values, colour)`` pairs: cells with a value > 0 get a box in that colour.
     """
     st = Style.of(present)
     min_side = max(min_side, st.min_side) if st.present else min_side
@@ -340,7 +381,7 @@ def overlay_panels(
     modality = trace.modality
     if modality is None or not modality.items:
         return []
-    fr = token_fractions(trace, layer, head)
+    fr = fractions if fractions is not None else token_fractions(trace, layer, head)
     side_map = fr.pairs > 1 if state_map is None else bool(state_map)
     groups = _panel_items(modality)
     n_groups: dict[int, int] = {}
@@ -379,6 +420,8 @@ def overlay_panels(
                 kg = cell_grid(modality, index, fr.kept)
                 mg = cell_grid(modality, index, fr.merged)
                 paint_cells(pixels, kg, mg, box, alpha=alpha, grid_lines=grid_lines, present=st)
+                for values, colour in outlines:
+                    _outline_cells(pixels, cell_grid(modality, index, values), box, colour, st.outline + 1)
                 kept_vals.extend(kg[~np.isnan(kg)].tolist())
                 grids.append((kg, box))
                 if merge_pairs:

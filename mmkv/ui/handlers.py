@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -25,6 +25,7 @@ from ..driver import generate
 from ..models import adapter_for
 from ..trace import Trace
 from .agreement import agreement, forced_logits
+from .capacity import check_capacity
 from .config import Limits
 from .errors import UserError
 from .inputs import check_method, parse_budget, parse_params, parse_sweep, user_content
@@ -38,7 +39,7 @@ __all__ = [
 
 ALL_LAYERS = "all layers"
 ALL_HEADS = "all KV heads"
-MAX_RUNS = 8
+MAX_RUNS = 24  # runs a session keeps for Inspect (a Compare sweep adds one per method and budget)
 
 
 @dataclass
@@ -65,13 +66,19 @@ class AppState:
     runs: "OrderedDict[str, Run]" = field(default_factory=OrderedDict)
     last: str | None = None
     workdir: str | None = None
+    present: bool = False  # presentation mode: figures with large type and thick lines
 
-    def add_run(self, run: Run) -> None:
-        self.runs.pop(run.label, None)
+    def add_run(self, run: Run) -> str:
+        """Keep ``run`` for Inspect under a label no other run of the session has (returned)."""
+        label, n = run.label, 2
+        while label in self.runs:
+            label, n = f"{run.label} ({n})", n + 1
+        run.label = label
         self.runs[run.label] = run
         while len(self.runs) > MAX_RUNS:
             self.runs.popitem(last=False)
         self.last = run.label
+        return run.label
 
     def folder(self) -> Path:
         if self.workdir is None or not os.path.isdir(self.workdir):
@@ -218,6 +225,7 @@ def chat_turn(
     while sum(m["role"] == "user" for m in chat) > limits.max_turns:
         chat = chat[2:]  # drop the oldest turn (user + assistant)
     prepared = _prepare(loaded, chat, n_frames)
+    check_capacity(loaded, prepared, n_new)
     try:
         stream = generate(loaded.model, loaded.processor, None, method=method, budget=budget, max_new_tokens=n_new,
                           query_aware=bool(query_aware), stream=True, prepared=prepared, **method_params)
@@ -238,17 +246,20 @@ def chat_turn(
     turn = sum(m["role"] == "user" for m in chat)
     run = Run(label=f"chat · {method} @ {_fmt_budget(budget)} · turn {turn}", trace=trace,
               images=list(prepared.images), videos=list(prepared.videos), tokens=_tokens(loaded, prepared),
-              answer=result.text, model=loaded.name)
+              answer=result.text, model=loaded.label)
     state.chat = [*chat, {"role": "assistant", "content": [{"type": "text", "text": result.text}]}]
     state.display = [*shown, {"role": "assistant", "content": result.text or "(empty answer)"}]
     state.add_run(run)
-    yield ChatUpdate(state, state.display, "Done — open **Inspect** to see what was kept.", summary_markdown(run), done=True)
+    media = "" if any(p["type"] != "text" for m in state.chat for p in m["content"] if isinstance(p, dict)) else (
+        " No image or video was attached, so it answered from the text alone (attach files with the clip).")
+    yield ChatUpdate(state, state.display, f"Done — open **Inspect** to see what was kept.{media}", summary_markdown(run),
+                     done=True)
 
 
 # ---- Compare ---------------------------------------------------------------------------------
+#: The Compare table (10 columns, fits 1400 px; the memory chart has the bytes at the end, Inspect the compression time).
 COMPARE_HEADERS = [
-    "method", "budget", "answer", "kept %", "KV KiB full", "KV KiB kept", "KV KiB end",
-    "prefill ms", "compress ms", "decode ms/tok", "overlap", "1st diff", "KL",
+    "method", "budget", "answer", "kept %", "KV KiB kept / full", "prefill ms", "decode ms/token", "overlap", "1st diff", "KL",
 ]
 
 
@@ -268,8 +279,8 @@ class CompareResult:
         for r in self.rows:
             out.append([
                 r["method"], _fmt_budget(r["budget"]), r["answer"], round(100 * r["kept_ratio"], 1),
-                _kib(r["kv_bytes_full"]), _kib(r["kv_bytes_compressed"]), _kib(r["kv_bytes_end"]),
-                r["prefill_ms"], r["compress_ms"], r["decode_ms_per_token"], r.get("overlap"),
+                f"{_kib(r['kv_bytes_compressed']):g} / {_kib(r['kv_bytes_full']):g}",
+                r["prefill_ms"], r["decode_ms_per_token"], r.get("overlap"),
                 "—" if r.get("first_divergence") is None else r["first_divergence"], r.get("kl"),
             ])
         return out
@@ -312,6 +323,7 @@ def compare(
     loaded = store.get(state.model or None)
     chat = [{"role": "user", "content": content}]
     prepared = _prepare(loaded, chat, n_frames)
+    check_capacity(loaded, prepared, n_new)
     tokens_str = _tokens(loaded, prepared)
     step = [0]
 
@@ -341,49 +353,119 @@ def compare(
             results.append((method, b, res, agreement(full_ids, res.token_ids, full_logits, logits)))
     elapsed = time.perf_counter() - t0
 
-    rows, points = [], []
+    runs: list[tuple[Run, float | int]] = []
     for method, b, res, agr in results:
-        row = {"label": method if method == "full" else f"{method} @ {_fmt_budget(b)}", "method": method, "budget": b,
-               "answer": res.text, **res.trace.summary(), **agr}
-        row["method"], row["budget"] = method, b  # summary() also has these keys
-        if method != "full":
+        label = method if method == "full" else f"{method} @ {_fmt_budget(b)}"
+        runs.append((Run(label=label, trace=_cpu_trace(res.trace), images=list(prepared.images),
+                         videos=list(prepared.videos), tokens=tokens_str, answer=res.text, model=loaded.label,
+                         agreement=agr), b))
+    status = (f"Ran {len(results)} generations in {elapsed:.1f} s on `{loaded.label}` "
+              f"({'query-aware' if query_aware else 'query-agnostic'}; KL by teacher-forcing Full's answer"
+              f"{'' if with_kl else ' — off'}). Open **Inspect** for any of them.")
+    return _assemble(state, runs, budget, bool(budgets), status, prefix="compare · ")
+
+
+def _assemble(
+    state: AppState, runs: Sequence[tuple[Run, float | int]], budget: float | int | None, swept: bool, status: str,
+    prefix: str,
+) -> CompareResult:
+    """The Compare view of finished runs: the table (Full and the main budget), figures, overlays, exports.
+
+    Every run is also kept for Inspect (label ``prefix + label``); ``budget`` None = every run is a row.
+    """
+    rows, points, main = [], [], []
+    for run, b in runs:
+        t = run.trace
+        row = {"label": run.label, "answer": run.answer, **t.summary(), **(run.agreement or {})}
+        row["method"], row["budget"] = t.method, b  # summary() has these keys too
+        if t.method != "full":
             points.append(row)
-        if method == "full" or b == budget:
+        if budget is None or t.method == "full" or b == budget:
             rows.append(row)
-    for method, b, res, agr in results:
-        if method == "full" or b == budget:
-            label = f"compare · {method} @ {_fmt_budget(b)}"
-            state.add_run(Run(label=label, trace=_cpu_trace(res.trace), images=list(prepared.images),
-                              videos=list(prepared.videos), tokens=tokens_str, answer=res.text, model=loaded.name,
-                              agreement=agr))
-    main = [(r["label"], res.trace) for (m, b, res, _), r in zip([x for x in results if x[0] == "full" or x[1] == budget], rows)]
+            main.append((run.label, t, run))
+    for run, _ in runs:
+        state.add_run(replace(run, label=prefix + run.label))
+    present = state.present
     figures = {
-        "memory": viz.memory_figure(rows),
-        "speed": viz.speed_figure(rows),
-        "agreement": viz.sweep_figure(points) if budgets else viz.agreement_figure(rows),
-        "kept": viz.keep_map_figure(main),
+        "memory": viz.memory_figure(rows, present=present),
+        "speed": viz.speed_figure(rows, present=present),
+        "agreement": viz.sweep_figure(points, present=present) if swept else viz.agreement_figure(rows, present=present),
+        "kept": viz.keep_map_figure([(label, t) for label, t, _ in main], present=present),
     }
     gallery: list[tuple[Image.Image, str]] = []
-    for label, trace in main:
-        if label == "full":
+    for label, trace, run in main:
+        if trace.method == "full":
             continue
-        panels = viz.overlay_panels(trace, prepared.images, prepared.videos, max_frames=2, min_side=192)
+        panels = viz.overlay_panels(trace, run.images, run.videos, max_frames=2, min_side=192, present=present)
         first_per_source: dict[tuple[int, int], viz.Panel] = {}
         for p in panels:
             first_per_source.setdefault((p.modality, p.source), p)
         for p in list(first_per_source.values())[:3]:
-            gallery.append((p.image, f"{label}: {p.caption}"))
+            caption = f"{viz.method_name(trace.method)} @ {_fmt_budget(trace.budget)} · {p.caption}"
+            gallery.append((viz.with_title(p.image, caption, present), caption))
     folder = state.folder()
     report = folder / "compare-report.html"
     report.write_text(viz.figures_html(list(figures.items()), gallery, title="mmkv compare",
                                        notes=json.dumps([{k: v for k, v in r.items() if k != "label"} for r in rows], indent=1, default=str)),
                       encoding="utf-8")
     traces = folder / "compare-traces.json"
-    traces.write_text(json.dumps({label: trace.to_dict() for label, trace in main}), encoding="utf-8")
-    status = (f"Ran {len(results)} generations in {elapsed:.1f} s on `{loaded.name}` "
-              f"({'query-aware' if query_aware else 'query-agnostic'}; KL by teacher-forcing Full's answer"
-              f"{'' if with_kl else ' — off'}). Open **Inspect** for any of them.")
+    traces.write_text(json.dumps({label: trace.to_dict() for label, trace, _ in main}), encoding="utf-8")
     return CompareResult(state, rows, points, figures, gallery, status, str(report), str(traces))
+
+
+# ---- saved runs (run files) ------------------------------------------------------------------
+def _read_runs(files: Sequence[Any] | None) -> list[Run]:
+    from ..runfile import SUFFIX, load_run
+    from .inputs import file_path
+
+    if not files:
+        raise UserError(f"choose one or more saved runs ({SUFFIX} files, from `mmkv run --save`, `mmkv.save_run` or "
+                        "the app's Download run button)")
+    runs = []
+    for entry in files:
+        path = Path(file_path(entry))
+        if path.suffix != SUFFIX:
+            raise UserError(f"{path.name} is not a saved run: open {SUFFIX} files")
+        try:
+            rf = load_run(path)
+        except (ValueError, OSError) as exc:
+            raise UserError(str(exc).replace(str(path), path.name)) from None
+        fields_ = rf.app_fields()
+        fields_["label"] = fields_["label"] or path.stem
+        runs.append(Run(**fields_))
+    return runs
+
+
+def open_runs(state: AppState, files: Sequence[Any] | None) -> tuple[AppState, str]:
+    """Add saved runs to the session's Inspect list (no model needed); returns the state and a status line."""
+    runs = _read_runs(files)
+    labels = [state.add_run(replace(run, label=f"saved · {run.label}")) for run in runs]
+    return state, f"Opened {len(labels)} saved run{'s' if len(labels) > 1 else ''}: " + ", ".join(f"**{x}**" for x in labels)
+
+
+def compare_runs(state: AppState, files: Sequence[Any] | None) -> CompareResult:
+    """Compare saved runs side by side (no model needed): the same table, figures and overlays as a live Compare."""
+    runs = _read_runs(files)
+    if len({id(r) for r in runs}) < 1:
+        raise UserError("open at least one saved run")
+    runs.sort(key=lambda r: r.trace.method != "full")  # Full first, as in a live Compare
+    status = (f"Compared {len(runs)} saved run{'s' if len(runs) > 1 else ''} (no model was run; numbers as recorded). "
+              "Open **Inspect** for any of them.")
+    return _assemble(state, [(r, r.trace.budget) for r in runs], None, False, status, prefix="saved · ")
+
+
+def save_run(state: AppState, label: str | None) -> str:
+    """Write the Inspect run ``label`` as a run file in the session folder; returns its path."""
+    from ..runfile import SUFFIX, RunFile
+
+    run = _run(state, label)
+    rf = RunFile(trace=run.trace, images=run.images, videos=run.videos, tokens=run.tokens, answer=run.answer,
+                 model=run.model, label=run.label, agreement=run.agreement)
+    folder = state.folder()
+    for old in folder.glob(f"*{SUFFIX}"):
+        old.unlink(missing_ok=True)
+    name = "".join(c if c.isalnum() or c in "-_.@" else "-" for c in run.label).strip("-")[:80] or "run"
+    return str(rf.save(folder / f"{name}{SUFFIX}"))
 
 
 # ---- Inspect ---------------------------------------------------------------------------------
@@ -426,14 +508,18 @@ class InspectView:
     report_path: str
 
 
-def inspect(state: AppState, label: str | None, layer: Any = None, head: Any = None, alpha: float = 0.5) -> InspectView:
-    """Everything the Inspect tab shows for one run at one (layer, head) selection."""
+def _run(state: AppState, label: str | None) -> Run:
     if not state.runs:
-        raise UserError("nothing to inspect yet: send a message in Chat or run Compare first")
+        raise UserError("nothing to inspect yet: send a message in Chat, run Compare, or open a saved run")
     label = label or state.last
     if label not in state.runs:
         raise UserError(f"no run named {label!r} in this session: pick one from the list")
-    run = state.runs[label]
+    return state.runs[label]
+
+
+def inspect(state: AppState, label: str | None, layer: Any = None, head: Any = None, alpha: float = 0.5) -> InspectView:
+    """Everything the Inspect tab shows for one run at one (layer, head) selection."""
+    run = _run(state, label)
     trace = run.trace
     layer_i = _pick(layer, "layer", trace.num_layers, "layer")
     head_i = _pick(head, "KV head", trace.num_kv_heads, "KV head")
@@ -442,19 +528,22 @@ def inspect(state: AppState, label: str | None, layer: Any = None, head: Any = N
     except (TypeError, ValueError):
         alpha = 0.5
     alpha = min(max(alpha, 0.0), 1.0)
+    present = state.present
     figures = {
-        "budget": viz.budget_figure(trace),
-        "preference": viz.modality_heatmap(trace),
-        "heads": viz.head_budget_figure(trace),
+        "budget": viz.budget_figure(trace, present=present),
+        "preference": viz.modality_heatmap(trace, present=present),
+        "heads": viz.head_budget_figure(trace, present=present),
     }
-    panels = viz.overlay_panels(trace, run.images, run.videos, layer_i, head_i, alpha=alpha)
-    gallery = [(p.image, p.caption) for p in panels]
-    strip = viz.token_strip(trace, run.tokens, layer_i, head_i)
+    panels = viz.overlay_panels(trace, run.images, run.videos, layer_i, head_i, alpha=alpha, present=present)
+    gallery = [(viz.with_title(p.image, p.caption, present), p.caption) for p in panels]
+    strip = viz.token_strip(trace, run.tokens, layer_i, head_i, present=present)
     merges = viz.merge_rows(trace, run.tokens, layer_i, head_i)
     where = f"{'all layers' if layer_i is None else f'layer {layer_i}'}, {'all KV heads' if head_i is None else f'KV head {head_i}'}"
     summary = summary_markdown(run) + f"\n\n**Answer:** {run.answer or '(empty)'}\n\nShowing: {where}. " + (
-        "Cells and tokens show the share of (layer, head) pairs that kept them." if layer_i is None or head_i is None
-        else "Green kept · red evicted · blue merged into a kept token (white lines point to it).")
+        "The brighter a cell, the more (layer, KV head) pairs kept it; the map beside each picture gives the share."
+        if layer_i is None or head_i is None else
+        "Kept: the picture's own colours, blue outline · evicted: faded, vermillion hatching · merged into a kept token: "
+        "faded, yellow dots (white lines point to the token that absorbed it).")
     if run.agreement:
         a = run.agreement
         summary += f"\n\nAgreement with Full: token overlap {a['overlap']}, first divergence {a['first_divergence']}, KL {a['kl']}."
@@ -466,6 +555,108 @@ def inspect(state: AppState, label: str | None, layer: Any = None, head: Any = N
             old.unlink(missing_ok=True)
     trace.to_json(trace_path)
     report_path = folder / "inspect-figures.html"
-    report_path.write_text(viz.figures_html(list(figures.items()), gallery, title=f"mmkv · {label} · {where}",
+    report_path.write_text(viz.figures_html(list(figures.items()), gallery, title=f"mmkv · {run.label} · {where}",
                                             notes=json.dumps(trace.summary(), indent=1)), encoding="utf-8")
     return InspectView(run, layer_i, head_i, summary, figures, gallery, strip, merges, str(trace_path), str(report_path))
+
+
+# ---- decode replay ---------------------------------------------------------------------------
+@dataclass
+class ReplayView:
+    summary: str
+    gallery: list[tuple[Image.Image, str]]
+    figure: Any
+    answer: list[tuple[str, str | None]]
+
+
+def replay_steps(trace: Trace | None) -> int:
+    """Decode steps recorded in ``trace`` (0 when it has no decode record)."""
+    return int(trace.decode_steps) if trace is not None and trace.step_lengths else 0
+
+
+def replay(state: AppState, label: str | None, step: Any = 0, layer: Any = None, head: Any = None) -> ReplayView:
+    """The cache after one decode step (``mmkv.replay``): painted over the pictures, bytes held, the token."""
+    run = _run(state, label)
+    trace = run.trace
+    steps = replay_steps(trace)
+    if steps == 0:
+        return ReplayView("This run has no decode record (it was made before mmkv recorded decode steps): run it again.",
+                          [], None, [])
+    try:
+        at = int(float(step or 0))
+    except (TypeError, ValueError):
+        raise UserError(f"the decode step must be a whole number, got {step!r}") from None
+    at = min(max(at, 0), steps - 1)
+    layer_i = _pick(layer, "layer", trace.num_layers, "layer")
+    head_i = _pick(head, "KV head", trace.num_kv_heads, "KV head")
+    s = trace.step_state(at, layer_i, head_i)
+    present = state.present
+    panels = viz.replay_panels(trace, run.images, run.videos, s, present=present)
+    figure = viz.replay_bytes_figure(trace, at, present=present)
+    pieces = list(trace.generated_tokens[: at + 1])
+    answer = [(p if p.strip() else repr(p), "this step" if i == at else None) for i, p in enumerate(pieces)]
+    pairs = max(s.pairs, 1)
+    held = int(round(float(s.held.sum()) * pairs))
+    events = []
+    if s.evicted_now.any():
+        events.append(f"**{int(round(float(s.evicted_now.sum()) * pairs))}** (token, KV head) pairs evicted at this step (H2O)")
+    if s.dynamic_pairs:
+        events.append(f"**{int(round(float(s.retrieved.sum()) * pairs))}** tokens' worth of chunks retrieved for this step's "
+                      f"query by {s.dynamic_pairs} dynamic head(s) (HybridKV), "
+                      f"{int(round(float(s.fetched.sum()) * pairs))} newly copied from host memory")
+    token = pieces[at] if pieces else ""
+    where = f"{'all layers' if layer_i is None else f'layer {layer_i}'}, {'all KV heads' if head_i is None else f'KV head {head_i}'}"
+    summary = (f"**Step {at} of {steps - 1}** · this step generates **{token!r}** · the cache holds {held:,} (token, KV head) "
+               f"pairs over {where}" + (f" · {_kib(s.bytes)} KiB on the device" if s.bytes is not None else "") + "."
+               + ("\n\n" + "; ".join(events) + "." if events else "\n\nNothing changes in the prompt's cache at this step "
+                  "(only the new token is appended)."))
+    gallery = [(viz.with_title(p.image, p.caption, present), p.caption) for p in panels]
+    return ReplayView(summary + "\n\n" + " · ".join(viz.REPLAY_WORDS.values()) + ".", gallery, figure, answer)
+
+
+# ---- example runs and the prompt preview -------------------------------------------------------
+def example_run_choices() -> list[tuple[str, str]]:
+    """(title, file name) of the shipped example runs, for a dropdown."""
+    from ..runfile import example_runs
+
+    return [(f"{e.get('title', Path(e['file']).stem)}", Path(e["file"]).name) for e in example_runs()]
+
+
+def example_run_files(names: Sequence[str] | str | None) -> list[str]:
+    """Paths of the chosen shipped example runs (names as :func:`example_run_choices` gives them)."""
+    from ..runfile import RUNS_DIR, example_runs
+
+    if not names:
+        return []
+    names = [names] if isinstance(names, str) else list(names)
+    known = {Path(e["file"]).name for e in example_runs()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"no example run named {', '.join(map(repr, unknown))}: pick one from the list")
+    return [str(RUNS_DIR / n) for n in names]
+
+
+def message_parts(value: Any) -> tuple[str, list[Any]]:
+    """Text and files of a MultimodalTextbox value (or a plain string)."""
+    return _message(value)
+
+
+def preview(store: ModelStore, state: AppState, message: Any, num_frames: Any = 8, max_new_tokens: Any = 0,
+            limits: Limits | None = None) -> str:
+    """One line about the prompt before it runs: its tokens per modality, its KV bytes, whether it fits."""
+    from .capacity import prompt_preview
+
+    limits = limits or Limits()
+    text, files = _message(message)
+    if not files and not text.strip():
+        return ""
+    if not store.is_loaded(state.model or None):
+        return ""  # never load a model for a preview
+    content = user_content(text or "?", files, limits)
+    loaded = store.get(state.model or None)
+    prepared = _prepare(loaded, [*state.chat, {"role": "user", "content": content}], _check_frames(num_frames, limits))
+    try:
+        new = int(max_new_tokens or 0)
+    except (TypeError, ValueError):
+        new = 0
+    return prompt_preview(loaded, prepared, max(new, 0)).summary()
