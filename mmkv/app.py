@@ -64,7 +64,8 @@ CSS = """
 #replay-gallery .thumbnail-item .caption-label {display: none}
 #compare-table table, #inspect-merges table {min-width: 560px}
 #compare-table .table-wrap, #inspect-merges .table-wrap {overflow-x: auto}
-#compare-table th, #inspect-merges th {word-break: normal; overflow-wrap: normal; hyphens: none}
+#compare-table th, #compare-table th *, #inspect-merges th, #inspect-merges th * {word-break: keep-all !important;
+  overflow-wrap: normal !important; hyphens: none !important}
 @media (max-width: 700px) {
   .gradio-container {padding: 4px !important}
   #chatbot {height: 360px !important}
@@ -74,8 +75,11 @@ CSS = """
 body.mmkv-present .js-plotly-plot .modebar-container {display: none !important}
 body.mmkv-present #inspect-strip, body.mmkv-present #replay-answer {font-size: 22px}
 /* presentation mode (switch, or ?present=1 in the URL): large type, one figure per screen */
-body.mmkv-present .gradio-container {font-size: 22px; --text-md: 20px; --text-lg: 24px; --text-xl: 30px;
-  --block-label-text-size: 18px; --block-title-text-size: 20px; --button-large-text-size: 22px}
+body.mmkv-present .gradio-container {font-size: 22px; --text-sm: 18px; --text-md: 22px; --text-lg: 26px; --text-xl: 32px;
+  --body-text-size: 22px; --prose-text-size: 22px; --input-text-size: 20px; --block-label-text-size: 18px;
+  --block-title-text-size: 20px; --button-large-text-size: 22px; --button-small-text-size: 18px; --checkbox-label-text-size: 20px}
+body.mmkv-present .prose, body.mmkv-present .md, body.mmkv-present table {font-size: 22px !important}
+body.mmkv-present #replay-gallery .grid-container {grid-template-columns: repeat(2, minmax(0, 1fr)) !important}
 body.mmkv-present .plot-row {flex-direction: column !important}
 body.mmkv-present .plot-row > * {min-width: 100% !important}
 body.mmkv-present .js-plotly-plot, body.mmkv-present .plot-row .plot-container {min-height: 70vh}
@@ -143,13 +147,12 @@ def _new_state() -> H.AppState:
 
 
 # ---- model and presentation mode ---------------------------------------------------------------
-def on_page_load(state: H.AppState, present: bool = False) -> tuple[H.AppState, str, bool]:
-    state.present = bool(present)
+def on_page_load(state: H.AppState) -> tuple[H.AppState, str, Any]:
     try:
         loaded = STORE.get(state.model or None)
-        return state, f"Model: {loaded.describe()}", state.present
+        return state, f"Model: {loaded.describe()}", gr.skip()
     except Exception as exc:  # noqa: BLE001 - shown to the user
-        return state, problem(exc), state.present
+        return state, problem(exc), gr.skip()
 
 
 def on_load_model(name: str, state: H.AppState) -> tuple[H.AppState, str, list, str]:
@@ -362,7 +365,7 @@ def _settings(prefix: str, compare: bool) -> dict[str, Any]:
 def _saved_run_picker(prefix: str) -> tuple[Any, Any]:
     """A file box for .mmkvrun files and a list of the shipped example runs."""
     runs = H.example_run_choices()
-    files = gr.File(file_count="multiple", file_types=[".mmkvrun"], label="Saved runs (.mmkvrun)", height=120,
+    files = gr.File(file_count="multiple", file_types=[".mmkvrun"], label="Saved runs (.mmkvrun)",
                     elem_id=f"{prefix}-runfiles")
     examples = gr.Dropdown(runs, value=[], multiselect=True, label="…or example runs made with the bundled model",
                            elem_id=f"{prefix}-example-runs")
@@ -431,13 +434,14 @@ def build_demo() -> gr.Blocks:
                     with gr.Column(scale=3):
                         cmp_status = gr.Markdown(elem_id="compare-status", elem_classes=["status-box"])
                         cmp_table = gr.Dataframe(headers=H.COMPARE_HEADERS, label="Answers and costs", wrap=True,
-                                                 interactive=False, elem_id="compare-table", max_chars=60)
+                                                 interactive=False, elem_id="compare-table", max_chars=60,
+                                                 column_widths=["10%", "7%", "25%", "7%", "11%", "8%", "9%", "8%", "6%", "9%"])
                         with gr.Row(elem_classes=["plot-row"]):
-                            mem_plot = gr.Plot(label="Memory", elem_id="compare-memory")
-                            speed_plot = gr.Plot(label="Time", elem_id="compare-speed")
+                            mem_plot = gr.Plot(label="Memory", show_label=False, elem_id="compare-memory")
+                            speed_plot = gr.Plot(label="Time", show_label=False, elem_id="compare-speed")
                         with gr.Row(elem_classes=["plot-row"]):
-                            agree_plot = gr.Plot(label="Agreement with Full", elem_id="compare-agreement")
-                            kept_plot = gr.Plot(label="Kept tokens", elem_id="compare-kept")
+                            agree_plot = gr.Plot(label="Agreement with Full", show_label=False, elem_id="compare-agreement")
+                            kept_plot = gr.Plot(label="Kept tokens", show_label=False, elem_id="compare-kept")
                         cmp_gallery = gr.Gallery(label="What each method kept (all layers and heads; title above each picture)",
                                                  columns=3, height="auto", object_fit="contain", elem_id="compare-gallery")
                         with gr.Row():
@@ -472,14 +476,13 @@ def build_demo() -> gr.Blocks:
                     replay_answer = gr.HighlightedText(label="The answer so far (this step's token highlighted)",
                                                        color_map={"this step": "#E69F00"}, combine_adjacent=False,
                                                        show_legend=False, elem_id="replay-answer")
-                    with gr.Row(elem_classes=["plot-row"]):
-                        replay_gallery = gr.Gallery(label="The cache at this step", columns=4, height="auto", scale=2,
-                                                    object_fit="contain", elem_id="replay-gallery")
-                        replay_plot = gr.Plot(label="Bytes held per step", scale=1, elem_id="replay-bytes")
+                    replay_gallery = gr.Gallery(label="The cache at this step", columns=4, height="auto",
+                                                object_fit="contain", elem_id="replay-gallery")
+                    replay_plot = gr.Plot(label="Bytes held per step", show_label=False, elem_id="replay-bytes")
                 with gr.Row(elem_classes=["plot-row"]):
-                    budget_plot = gr.Plot(label="Budget per layer", elem_id="inspect-budget")
-                    pref_plot = gr.Plot(label="Modality preference", elem_id="inspect-preference")
-                heads_plot = gr.Plot(label="Per-head budgets / head types", elem_id="inspect-heads")
+                    budget_plot = gr.Plot(label="Budget per layer", show_label=False, elem_id="inspect-budget")
+                    pref_plot = gr.Plot(label="Modality preference", show_label=False, elem_id="inspect-preference")
+                heads_plot = gr.Plot(label="Per-head budgets / head types", show_label=False, elem_id="inspect-heads")
                 strip = gr.HighlightedText(label="Prompt tokens (images and frames collapsed into chips)", color_map=STRIP_COLORS,
                                            show_legend=True, combine_adjacent=False, elem_id="inspect-strip")
                 merges = gr.Dataframe(label="Merges: which kept token absorbed which (first 500)", interactive=False,
@@ -495,13 +498,14 @@ def build_demo() -> gr.Blocks:
         # model runs share one queue ("model"); loading a model has its own, so a slow load never holds up chats
         model_kw = dict(concurrency_id="model", concurrency_limit=int(os.environ.get("MMKV_CONCURRENCY", "1")))
         light = dict(concurrency_limit=4)
-        demo.load(on_page_load, inputs=[state, present], outputs=[state, model_status, present], js=PRESENT_FROM_URL_JS,
-                  concurrency_id="load", concurrency_limit=2)
+        demo.load(on_page_load, inputs=[state], outputs=[state, model_status, present], concurrency_id="load",
+                  concurrency_limit=2)
+        demo.load(None, None, [present], js=PRESENT_FROM_URL_JS)  # ?present=1 ticks the switch (its change does the rest)
         load_btn.click(on_load_model, [model_box, state], [state, model_status, chatbot, chat_status],
                        concurrency_id="load", concurrency_limit=2)
         view_out = [ins_summary, budget_plot, pref_plot, heads_plot, ins_gallery, strip, merges, trace_dl, report_dl]
-        present.input(on_present, [present, state, run_dd, layer_dd, head_dd, alpha], [state, *view_out], js=TOGGLE_PRESENT_JS,
-                      **light)
+        present.change(on_present, [present, state, run_dd, layer_dd, head_dd, alpha], [state, *view_out], js=TOGGLE_PRESENT_JS,
+                       **light)
         cs["method"].input(on_method_change, [cs["method"]], [params], **light)  # not on an example's own params
         chat_in.change(on_preview, [chat_in, state, cs["num_frames"], cs["max_new_tokens"]], [chat_preview], trigger_mode="always_last",
                        concurrency_id="preview", concurrency_limit=2, show_progress="hidden")

@@ -96,8 +96,8 @@ def test_default_model_falls_back_to_a_tiny_random_model(tmp_path, monkeypatch):
 
 
 def test_chat_streams_an_answer_and_records_a_run(app, state):
-    new, status, present = app.on_page_load(state, False)
-    assert "parameters" in status and present is False
+    new, status, _ = app.on_page_load(state)
+    assert "parameters" in status
     updates = chat(app, state, _mixed())
     assert len(updates) >= 3  # "running", deltas, done
     display, box, status, summary, new_state, runs = updates[-1]

@@ -220,9 +220,10 @@ def _outline_cells(pixels: np.ndarray, grid: np.ndarray, box: tuple[int, int, in
 def with_title(img: Image.Image, title: str, present: bool | Style = False) -> Image.Image:
     """``img`` under a white band holding ``title`` (wrapped): a caption that never covers the cells."""
     st = Style.of(present)
-    size = max(12, st.label + 2)
+    size = max(st.label + 2, img.width // 20)  # the gallery shrinks panels: the text scales with the picture
     font = ImageFont.load_default(size=size)
     probe = ImageDraw.Draw(img)
+    title = title.replace(" — ", ", ")  # the built-in font has no dashes
     words, lines, line = title.split(), [], ""
     for word in words:
         trial = f"{line} {word}".strip()

@@ -280,8 +280,8 @@ class CompareResult:
             out.append([
                 r["method"], _fmt_budget(r["budget"]), r["answer"], round(100 * r["kept_ratio"], 1),
                 f"{_kib(r['kv_bytes_compressed']):g} / {_kib(r['kv_bytes_full']):g}",
-                r["prefill_ms"], r["decode_ms_per_token"], r.get("overlap"),
-                "—" if r.get("first_divergence") is None else r["first_divergence"], r.get("kl"),
+                round(r["prefill_ms"], 1), round(r["decode_ms_per_token"], 2), r.get("overlap"),
+                "—" if r.get("first_divergence") is None else r["first_divergence"], None if r.get("kl") is None else round(r["kl"], 4),
             ])
         return out
 
@@ -459,12 +459,13 @@ def save_run(state: AppState, label: str | None) -> str:
     from ..runfile import SUFFIX, RunFile
 
     run = _run(state, label)
+    saved_as = run.label.removeprefix("saved · ")  # opening adds it again: never "saved · saved · ..."
     rf = RunFile(trace=run.trace, images=run.images, videos=run.videos, tokens=run.tokens, answer=run.answer,
-                 model=run.model, label=run.label, agreement=run.agreement)
+                 model=run.model, label=saved_as, agreement=run.agreement)
     folder = state.folder()
     for old in folder.glob(f"*{SUFFIX}"):
         old.unlink(missing_ok=True)
-    name = "".join(c if c.isalnum() or c in "-_.@" else "-" for c in run.label).strip("-")[:80] or "run"
+    name = "".join(c if c.isalnum() or c in "-_.@" else "-" for c in saved_as).strip("-")[:80] or "run"
     return str(rf.save(folder / f"{name}{SUFFIX}"))
 
 
@@ -619,7 +620,8 @@ def example_run_choices() -> list[tuple[str, str]]:
     """(title, file name) of the shipped example runs, for a dropdown."""
     from ..runfile import example_runs
 
-    return [(f"{e.get('title', Path(e['file']).stem)}", Path(e["file"]).name) for e in example_runs()]
+    return [(f"{Path(e['file']).stem[:2]} · {e.get('label') or Path(e['file']).stem}", Path(e["file"]).name)
+            for e in example_runs()]
 
 
 def example_run_files(names: Sequence[str] | str | None) -> list[str]:
