@@ -157,6 +157,10 @@ def mmkv_run_trace(tmp_path: Path) -> None:
     trace = json.loads((cwd / "trace.json").read_text())
     assert trace["method"] == "adakv" and trace["budget"] == 0.3 and f"trace written to trace.json" in out.stdout
     assert len(trace["generated_ids"]) >= 1
+    import mmkv
+
+    run = mmkv.load_run(cwd / "needle.mmkvrun")  # the same run, with thumbnails and tokens, opens without the model
+    assert run.trace.to_dict() == trace and len(run.images) == 3 and len(run.tokens) == trace["prompt_length"]
 
 
 def mmkv_methods(tmp_path: Path) -> None:
