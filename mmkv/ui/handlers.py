@@ -446,8 +446,6 @@ def open_runs(state: AppState, files: Sequence[Any] | None) -> tuple[AppState, s
 def compare_runs(state: AppState, files: Sequence[Any] | None) -> CompareResult:
     """Compare saved runs side by side (no model needed): the same table, figures and overlays as a live Compare."""
     runs = _read_runs(files)
-    if len({id(r) for r in runs}) < 1:
-        raise UserError("open at least one saved run")
     runs.sort(key=lambda r: r.trace.method != "full")  # Full first, as in a live Compare
     status = (f"Compared {len(runs)} saved run{'s' if len(runs) > 1 else ''} (no model was run; numbers as recorded). "
               "Open **Inspect** for any of them.")
