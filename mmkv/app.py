@@ -68,6 +68,8 @@ CSS = """
   overflow-wrap: normal !important; hyphens: none !important}
 @media (max-width: 700px) {
   .gradio-container {padding: 4px !important}
+  /* a phone shows method, budget, answer, kept and bytes; the times and agreement are in the charts below */
+  #compare-table th:nth-child(n+6), #compare-table td:nth-child(n+6) {display: none}
   #chatbot {height: 360px !important}
 }
 /* plotly's mode bar covers titles and colour bars on small screens */
