@@ -69,7 +69,8 @@ CSS = """
 @media (max-width: 700px) {
   .gradio-container {padding: 4px !important}
   /* a phone shows method, budget, answer, kept and bytes; the times and agreement are in the charts below */
-  #compare-table th:nth-child(n+6), #compare-table td:nth-child(n+6) {display: none}
+  #compare-table [aria-colindex="6"], #compare-table [aria-colindex="7"], #compare-table [aria-colindex="8"],
+  #compare-table [aria-colindex="9"], #compare-table [aria-colindex="10"] {display: none}
   #chatbot {height: 360px !important}
 }
 /* plotly's mode bar covers titles and colour bars on small screens */
@@ -437,7 +438,7 @@ def build_demo() -> gr.Blocks:
                         cmp_status = gr.Markdown(elem_id="compare-status", elem_classes=["status-box"])
                         cmp_table = gr.Dataframe(headers=H.COMPARE_HEADERS, label="Answers and costs", wrap=True,
                                                  interactive=False, elem_id="compare-table", max_chars=60,
-                                                 column_widths=["10%", "7%", "25%", "7%", "11%", "8%", "9%", "8%", "6%", "9%"])
+                                                 column_widths=["96px", "64px", "220px", "60px", "104px", "72px", "84px", "72px", "56px", "72px"])
                         with gr.Row(elem_classes=["plot-row"]):
                             mem_plot = gr.Plot(label="Memory", show_label=False, elem_id="compare-memory")
                             speed_plot = gr.Plot(label="Time", show_label=False, elem_id="compare-speed")
