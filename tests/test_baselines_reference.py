@@ -1,6 +1,6 @@
 """Oracle tests for the text baselines (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV).
 
-Each reference below is a naive per-head loop written from the formulas of algorithms.md section 6
+Each reference below is a naive per-head loop written from the formulas of docs/methods.md (the baselines' pages)
 and the method docstrings (capacity ``C`` counts the window; GQA reduction = mean over the query
 heads ``h*G .. h*G+G-1`` of KV head ``h``; ties break toward the earlier position). No helper of
 ``mmkv.methods`` is used by the references.
@@ -9,7 +9,7 @@ Two readings are taken from the reference code the formulas were transcribed fro
 formula lines are PyTorch calls whose defaults matter:
 
 - pooling runs over the scores *before* the window only, ``s = a[..., :L-w].sum(queries)`` then
-  ``pool1d(s)`` (algorithms.md 6.1; FasterDecoding/SnapKV and KVCache-Factory ``SnapKVCluster``;
+  ``pool1d(s)`` (docs/methods.md, SnapKV; FasterDecoding/SnapKV and KVCache-Factory ``SnapKVCluster``;
   FFY0/AdaKV ``calcul_attn_sore`` slices ``[..., :-window_size]`` before ``F.max_pool1d`` too);
 - average pooling is ``F.avg_pool1d(s, k, padding=k//2, stride=1)`` with PyTorch's default
   ``count_include_pad=True``: every output is the window sum divided by ``k`` (zero padding counted).
@@ -82,7 +82,7 @@ def ref_top_plus_window(row: list[float], count: int, window: int, length: int) 
 
 
 def ref_snapkv(window_scores_q, h_kv, length, capacity, window, kernel, pooling, head_caps=None):
-    """SnapKV (algorithms.md 6.1): keep all if L <= C; else top(C - w) of pooled s[:L-w] + last w."""
+    """SnapKV (docs/methods.md, SnapKV): keep all if L <= C; else top(C - w) of pooled s[:L-w] + last w."""
     caps = head_caps if head_caps is not None else [capacity] * h_kv
     if min(caps) >= length:
         return [list(range(length)) for _ in range(h_kv)]
@@ -96,7 +96,7 @@ def ref_snapkv(window_scores_q, h_kv, length, capacity, window, kernel, pooling,
 
 
 def ref_h2o(column_sums_q, h_kv, length, capacity, recent_ratio):
-    """H2O (algorithms.md 6.2, KVCache-Factory form): top(C - r) of column sums before the last r, + last r."""
+    """H2O (docs/methods.md, H2O; KVCache-Factory form): top(C - r) of column sums before the last r, + last r."""
     recent = min(capacity, max(1, round(capacity * recent_ratio)))
     if capacity >= length:
         return [list(range(length)) for _ in range(h_kv)], recent

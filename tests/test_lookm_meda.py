@@ -1,6 +1,6 @@
 """LOOK-M, MEDA and their merge math against hand computations, naive references and the eviction oracle.
 
-The references below are written from the formulas of algorithms.md §2-§3 (and the docstrings of
+The references below are written from the formulas of docs/methods.md, LOOK-M and MEDA (and the docstrings of
 mmkv/methods/lookm.py, meda.py, merge.py for the documented readings) with plain Python loops; none
 of them calls mmkv.methods code:
 

@@ -1,7 +1,7 @@
 """MadaKV and HybridKV: naive references, budget invariants, decode-time chunk retrieval, end to end.
 
 The references below are per-head loops over Python lists written from the formulas of
-algorithms.md §4-§5 and the readings in docs/_madakv_hybridkv.md; they use no helper of
+docs/methods.md (MadaKV, HybridKV: formulas and readings); they use no helper of
 ``mmkv.methods``. Synthetic scores are dyadic rationals (``integer / 1024``) so that sums and GQA
 means are exact in fp32 and ties are real ties (ties break toward the earlier position / lower id).
 """
@@ -56,7 +56,7 @@ def ref_top(row: list[float], candidates: list[int], count: int) -> list[int]:
 
 
 def ref_madakv(ctxs, window=32, theta=0.9, hcc="B", phi_init=1.0, min_ratio=0.2, max_ratio=2.0):
-    """MadaKV per algorithms.md §4 with the readings of docs/_madakv_hybridkv.md: per layer, kept lists + budgets."""
+    """MadaKV per docs/methods.md (MadaKV: formulas, readings): per layer, kept lists + budgets."""
     first = ctxs[0]
     L, C, H, N = first.length, first.capacity, first.num_kv_heads, len(ctxs)
     if C >= L:
@@ -142,7 +142,7 @@ def ref_water_fill(total: int, weights: list[float], cap: int) -> list[int]:
 
 
 def ref_hybridkv(ctxs, theta=0.9, tau=None, static_fraction=0.7, r=None, chunk=16, sinks=4, recent=32):
-    """HybridKV per algorithms.md §5 with the readings of docs/_madakv_hybridkv.md."""
+    """HybridKV per docs/methods.md (HybridKV: formulas, readings)."""
     first = ctxs[0]
     L, C, H, N = first.length, first.capacity, first.num_kv_heads, len(ctxs)
     att = [ref_reduce(ctx.stats.question_scores, H) for ctx in ctxs]

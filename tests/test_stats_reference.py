@@ -3,7 +3,7 @@
 The reference builds the *full* causal attention matrix naively (float64, one query head and one
 query row at a time, the KV head of query head ``i`` being ``i // G`` as in transformers'
 ``repeat_kv``) and derives every statistic from it by the definitions in ``mmkv/stats.py``'s
-docstrings and algorithms.md section 1.2:
+docstrings and docs/methods.md (Common framework):
 
 - ``window_scores[h, j]`` = sum over the last ``W`` query rows of ``A[h, t, j]``
 - ``column_sums[h, j]``   = sum over all query rows of ``A[h, t, j]``
