@@ -20,6 +20,8 @@ from .runfile import RunFile, load_run, save_run
 from .session import Session, compress, resolve_capacity
 from .trace import LayerTrace, Trace
 
+# The package's one version number: pyproject.toml reads it (dynamic = ["version"]), and so do
+# the wheel's metadata and run files (mmkv_version). Bump it here and in CHANGELOG.md.
 __version__ = "0.1.0"
 
 __all__ = [
