@@ -133,9 +133,12 @@ def _cpu_trace(trace: Trace) -> Trace:
 
 def _whole_number_in_range(value: Any, what: str, high: int) -> int:
     try:
-        n = int(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise UserError(f"{what} must be a whole number, got {value!r}") from None
+    if isinstance(value, bool) or not number.is_integer():  # 2.5 is refused, not rounded; NaN / inf too
+        raise UserError(f"{what} must be a whole number, got {value!r}")
+    n = int(number)
     if not 1 <= n <= high:
         raise UserError(f"{what} must be between 1 and {high}, got {value}")
     return n
