@@ -243,6 +243,8 @@ def test_bad_files_give_a_message_in_chat_and_compare(app, state, tmp_path, monk
     ({"params": '{"window": 0}'}, ("bad hyper-parameters",)),
     ({"params": '{"bogus": 1}'}, ("no hyper-parameter bogus",)),
     ({"max_new": 10_000}, ("max new tokens",)),
+    ({"max_new": 2.5}, ("max new tokens must be a whole number",)),
+    ({"frames": 7.5}, ("frames per video must be a whole number",)),
     ({"frames": 0}, ("frames per video",)),
 ])
 def test_bad_chat_requests_give_a_message_and_keep_the_session(app, state, kwargs, needles):
