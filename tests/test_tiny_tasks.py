@@ -336,3 +336,224 @@ def test_example_answers_are_what_the_scenes_imply():
         png = np.asarray(Image.open(folder / f"needle_{k + 1}.png").convert("RGB"))
         assert np.array_equal(png, np.asarray(render_image(objs)[0].convert("RGB")))
     assert {i["method"] for i in items} >= {"lookm", "madakv", "hybridkv", "h2o"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Teaching model v2 (docs/tiny-v2.md): the new tasks, the v2 vocabulary and prompt shape, the growth oracle
+# --------------------------------------------------------------------------------------------------
+
+
+def _label_sets(scene):
+    """Per image, from the rendered label maps (not the scene's objects): {shape: (colour, centroid)}."""
+    import numpy as np
+
+    from mmkv.tiny.tasks import SHAPES
+
+    out = []
+    for objs in scene.images:
+        _, lab = render_image(objs, scene.size)
+        found = {}
+        for key in np.unique(lab[lab > 0]):
+            colour, shape = COLOUR_NAMES[(int(key) - 1) // len(SHAPES)], SHAPES[(int(key) - 1) % len(SHAPES)]
+            ys, xs = np.nonzero(lab == key)
+            found[shape] = (colour, (xs.mean(), ys.mean()))
+        out.append(found)
+    return out
+
+
+def _difference_from_pixels(scene) -> str:
+    a, b = _label_sets(scene)
+    changes = []
+    for shape in sorted(set(a) | set(b)):
+        if shape not in b:
+            changes.append(f"The {a[shape][0]} {shape} disappeared.")
+        elif shape not in a:
+            article = "An" if b[shape][0][0] in "aeiou" else "A"
+            changes.append(f"{article} {b[shape][0]} {shape} appeared.")
+        elif a[shape][0] != b[shape][0]:
+            changes.append(f"The {a[shape][0]} {shape} turned {b[shape][0]}.")
+        elif sum((p - q) ** 2 for p, q in zip(a[shape][1], b[shape][1])) ** 0.5 > 5:
+            changes.append(f"The {a[shape][0]} {shape} moved.")
+    assert len(changes) == 1, changes
+    return changes[0]
+
+
+def _v2_wrong_answers(answer: str) -> list[str]:
+    from mmkv.tiny.tasks import CHANGES, NUMBER_WORDS
+
+    out = _wrong_answers(answer)
+    words = answer.rstrip(".").split(" ")
+    for i, w in enumerate(words):
+        for pool in (NUMBER_WORDS, CHANGES):
+            if w in pool:
+                for repl in pool:
+                    if repl != w:
+                        out.append(" ".join(words[:i] + [repl] + words[i + 1 :]) + ".")
+    return out
+
+
+@pytest.mark.parametrize("task", ["spot_difference", "count"])
+def test_v2_task_answers_are_recomputed_from_the_pixels(task):
+    """Both new tasks: the reference answer equals one recomputed from the rendered label maps (count: the images
+    whose pixels hold the colour; spot_difference: the one shape whose presence, colour or centroid differs),
+    wrong variants are rejected, answers are sentences whose decisive word is not the first token."""
+    from mmkv.tiny.tasks import NUMBER_WORDS, V2_SIZES
+
+    seen = set()
+    for i in range(80):
+        k = None if task == "spot_difference" else 1 + i % 8
+        s = make_sample(task, i, k)
+        assert s.scene.size == V2_SIZES[task]
+        assert s.check(s.answer) and s.check(" " + s.answer + "\n")
+        assert len(s.answer.split()) >= 4
+        if task == "count":
+            colour = s.question.split()[-2]
+            n = sum(colour in {c for c, _ in found.values()} for found in _label_sets(s.scene))
+            word = s.answer.split()[2]
+            assert word == NUMBER_WORDS[n], (s.question, s.answer, n)
+            assert s.answer.split()[1] == ("is" if n == 1 else "are")
+            seen.add(n)
+        else:
+            assert s.scene.k == 2
+            assert s.answer == _difference_from_pixels(s.scene), s.answer
+            seen.add(s.answer.rstrip(".").split()[-1] if s.answer.split()[-1] not in COLOUR_NAMES else "turned")
+        wrong = [w for w in _v2_wrong_answers(s.answer) if w != s.answer]
+        assert wrong
+        for w in wrong:
+            assert not s.check(w), (s.question, w)
+        assert not check_answer(s.scene, task, "What is this?", s.answer)
+    if task == "count":
+        assert seen >= set(range(8))  # counts are drawn uniformly over 0..k
+    else:
+        assert {"moved", "appeared", "disappeared"} <= seen and len(seen) >= 4
+
+
+def test_v2_checker_refuses_ambiguous_scenes():
+    from dataclasses import replace
+
+    from mmkv.tiny.tasks import expected_answer, make_difference_scene
+
+    s = make_sample("spot_difference", 5)
+    first, second = s.scene.images
+    # a second change (every shape of the second picture turns another colour): no single answer
+    recoloured = tuple(replace(o, colour=next(c for c in COLOUR_NAMES if c != o.colour)) for o in second)
+    s.scene.images[1] = recoloured + ()
+    if len(first) > 1 or len(second) > 1:
+        assert expected_answer(s.scene, "spot_difference", s.question) in (None, *[f"The {o.colour} {o.shape} turned {r.colour}." for o, r in zip(second, recoloured)])
+    # identical pictures: nothing changed
+    s.scene.images[1] = first
+    assert expected_answer(s.scene, "spot_difference", s.question) is None
+    for change in ("turned", "moved", "appeared", "disappeared"):
+        scene = make_difference_scene(random.Random(change), change=change)
+        assert change in expected_answer(scene, "spot_difference", "What changed between the two pictures?")
+    c = make_sample("count", 3, 6)
+    assert expected_answer(c.scene, "count", "How many images have a pink shape?") is None
+    assert expected_answer(c.scene, "count", "How many images have a orange shape?") is None  # "an orange"
+
+
+def test_v2_episodes_and_vocabulary():
+    from mmkv.tiny.tasks import V2_TASKS, WORDS, WORDS_V2
+    from mmkv.tiny.tokenizer import build_tokenizer, vocabulary
+
+    assert vocabulary(2)[: len(vocabulary())] == vocabulary()  # every v1 id is kept
+    assert not set(WORDS_V2) & set(WORDS)
+    tok = build_tokenizer(2)
+    for task in V2_TASKS:
+        for s in heldout_set(task, 20, 8):
+            for text in (s.question, s.answer):
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                assert tok.unk_token_id not in ids and tok.decode(ids) == text
+    rng = random.Random(4)
+    for kind in ("spot", "count", "images", "video"):
+        for _ in range(5):
+            ep = make_episode(rng, k=6, kind=kind, size=168)
+            assert ep.turns
+            for task, q, a in ep.turns:
+                assert check_answer(ep.scene, task, q, a)
+    ep = make_episode(random.Random(1), k=8, kind="count", weights={"count": 1, "needle": 0, "text_needle": 0}, max_turns=1)
+    assert ep.turns[0][1] == f"How many images have {'an' if ep.scene.focus[0] in 'aeiou' else 'a'} {ep.scene.focus} shape?"
+
+
+@pytest.fixture(scope="module")
+def v2_processor():
+    from mmkv.tiny.grow import build_v2_processor
+
+    return build_v2_processor()
+
+
+def test_v2_prompts_are_mostly_visual_tokens(v2_processor):
+    """Image prompts at their hardest held-out settings: visual (pad) tokens are at least 75% of the prompt."""
+    from mmkv.tiny.tasks import V2_SIZES, V2_TASKS
+    from mmkv.tiny.train import FastEncoder
+
+    enc = FastEncoder(v2_processor)
+    for task in V2_TASKS:
+        k = 8 if task in ("needle", "text_needle", "count") else None
+        eps = [s.episode() for s in heldout_set(task, 16, k, size=V2_SIZES.get(task))]
+        batch = enc.encode(eps, answer_last=False, aux=False)
+        share = float((batch["mm_token_type_ids"] > 0).sum() / batch["attention_mask"].sum())
+        assert share >= 0.75, (task, share)
+
+
+@pytest.mark.parametrize("task,k", [("spot_difference", None), ("count", 8), ("needle", 5), ("text_needle", 3), ("video_colour", None)])
+def test_v2_fast_encoder_equals_the_processor_path(v2_processor, task, k):
+    from mmkv.models import adapter_for
+    from mmkv.tiny.grow import build_v2_model
+    from mmkv.tiny.tasks import V2_SIZES
+    from mmkv.tiny.train import FastEncoder
+
+    model = build_v2_model(v2_processor.tokenizer).eval()
+    enc = FastEncoder(v2_processor)
+    s = make_sample(task, 21, k, size=V2_SIZES.get(task))
+    fast = enc.encode([s.episode()], answer_last=False)
+    ref = adapter_for(model).prepare(model, v2_processor, s.chat).inputs
+    for key in ("input_ids", "mm_token_type_ids", "image_grid_thw", "pixel_values", "video_grid_thw", "pixel_values_videos"):
+        assert (key in ref) == (key in fast), key
+        if key in ref:
+            assert torch.equal(ref[key].cpu(), fast[key]), key
+    # mixed sizes in one batch (196 px pictures next to 168 px ones) keep every image's patches and grid
+    other = make_sample("needle", 2, 3, size=168)
+    both = enc.encode([s.episode(), other.episode()], answer_last=False, aux=False)
+    one = enc.encode([other.episode()], answer_last=False, aux=False)
+    if "pixel_values" in fast:
+        n = fast["pixel_values"].shape[0]
+        assert torch.equal(both["pixel_values"][:n], fast["pixel_values"]) and torch.equal(both["pixel_values"][n:], one["pixel_values"])
+
+
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in mmkv/assets/")
+def test_grown_v2_computes_v1s_function(tmp_path, monkeypatch):
+    """The oracle of mmkv.tiny.grow: v2 (6 layers, 8 query heads over 4 KV heads, hidden 256) grown from the
+    shipped v1 gives v1's logits over v1's vocabulary (fp32 tolerance) on held-out prompts and the same greedy
+    answers through mmkv.generate with the Full cache, after a save / load round trip."""
+    import mmkv
+    from mmkv.tiny.grow import build_v2_processor, grow, load_v1
+    from mmkv.tiny.model import save
+    from mmkv.tiny.tokenizer import build_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    v1 = load_v1()
+    tok = build_tokenizer(2)
+    save(grow(v1, tok), build_v2_processor(tok), tmp_path / "v2")
+    v2, proc2 = mmkv.models.load(tmp_path / "v2", device="cpu")
+    _, proc1 = mmkv.models.load(ASSET, device="cpu")
+    t = v2.config.text_config
+    assert type(v2).__name__ == "Qwen2VLForConditionalGeneration"
+    assert (t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.hidden_size // t.num_attention_heads) == (6, 8, 4, 32)
+    assert t.rope_parameters["mrope_section"] == v1.config.text_config.rope_parameters["mrope_section"]
+    assert (tmp_path / "v2" / "model.safetensors").stat().st_size <= 25 * 2**20
+    from mmkv.models import adapter_for
+
+    v_old = v1.config.text_config.vocab_size
+    for task, k in (("needle", 8), ("text_needle", 6), ("video_colour", None), ("video_direction", None)):
+        for s in heldout_set(task, 3, k, seed=777):
+            a = adapter_for(v1).prepare(v1, proc1, s.chat).inputs
+            b = adapter_for(v2).prepare(v2, proc2, s.chat).inputs
+            assert torch.equal(a["input_ids"], b["input_ids"])
+            with torch.no_grad():
+                l1 = v1(**a).logits
+                l2 = v2(**b).logits
+            assert torch.allclose(l2[..., :v_old], l1, atol=2e-3, rtol=1e-4), float((l2[..., :v_old] - l1).abs().max())
+            assert float(l2[..., v_old:].max(-1).values.sub(l1.max(-1).values).max()) < -1.0  # new tokens never win
+            o1 = mmkv.generate(v1, proc1, s.chat, method="full", max_new_tokens=16, record_attention=False)
+            o2 = mmkv.generate(v2, proc2, s.chat, method="full", max_new_tokens=16, record_attention=False)
+            assert o2.text == o1.text, (o1.text, o2.text)  # the same answers, right or wrong (v1 gets 85% of video_direction)

@@ -26,11 +26,12 @@ MIN_PIXELS = FACTOR * FACTOR * 4  # 56 x 56
 MAX_PIXELS = IMAGE_SIZE * IMAGE_SIZE  # 112 x 112 -> 16 merged tokens
 
 
-def build_config(tokenizer: Any) -> Any:
+def build_config(tokenizer: Any, text: dict[str, Any] | None = None, vision: dict[str, Any] | None = None) -> Any:
+    """The v1 config; ``text`` / ``vision`` override entries of the text / vision config (v2: ``mmkv.tiny.grow``)."""
     import transformers
 
     ids = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
-    text = {
+    text_config = {
         "model_type": "qwen2_vl_text",
         "vocab_size": len(tokenizer),
         "hidden_size": 128,
@@ -44,8 +45,9 @@ def build_config(tokenizer: Any) -> Any:
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": None,
         "tie_word_embeddings": False,
+        **(text or {}),
     }
-    vision = {
+    vision_config = {
         "depth": 2,
         "embed_dim": 64,
         "hidden_size": 128,
@@ -55,10 +57,11 @@ def build_config(tokenizer: Any) -> Any:
         "spatial_merge_size": MERGE,
         "temporal_patch_size": 2,
         "in_channels": 3,
+        **(vision or {}),
     }
     return transformers.Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
+        text_config=text_config,
+        vision_config=vision_config,
         image_token_id=ids[0],
         video_token_id=ids[1],
         vision_start_token_id=ids[2],
@@ -67,9 +70,9 @@ def build_config(tokenizer: Any) -> Any:
     )
 
 
-def video_settings(image_processor: Any) -> dict[str, Any]:
+def video_settings(image_processor: Any, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
     return {
-        "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+        "size": {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels},
         "patch_size": PATCH,
         "merge_size": MERGE,
         "temporal_patch_size": 2,
@@ -78,8 +81,11 @@ def video_settings(image_processor: Any) -> dict[str, Any]:
     }
 
 
-def build_processor(tokenizer: Any | None = None) -> Any:
-    """A ``Qwen2VLProcessor`` (PIL image processor, no video processor: mmkv builds video inputs)."""
+def build_processor(tokenizer: Any | None = None, max_pixels: int = MAX_PIXELS) -> Any:
+    """A ``Qwen2VLProcessor`` (PIL image processor, no video processor: mmkv builds video inputs).
+
+    ``max_pixels``: the image pixel budget (v1 112 x 112; v2 196 x 196, ``mmkv.tiny.grow.V2_MAX_PIXELS``).
+    """
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -87,18 +93,18 @@ def build_processor(tokenizer: Any | None = None) -> Any:
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     ip = Qwen2VLImageProcessorPil(
-        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2
+        min_pixels=MIN_PIXELS, max_pixels=max_pixels, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2
     )
     processor = _build(transformers.Qwen2VLProcessor, ip, tokenizer, CHAT_TEMPLATE)
-    processor.video_settings = video_settings(ip)
+    processor.video_settings = video_settings(ip, max_pixels)
     return processor
 
 
-def build_model(tokenizer: Any, seed: int = 0) -> Any:
-    """A freshly initialised fp32 model (sdpa attention), seeded."""
+def build_model(tokenizer: Any, seed: int = 0, config: Any = None) -> Any:
+    """A freshly initialised fp32 model (sdpa attention), seeded (``config``: default the v1 config)."""
     import transformers
 
-    config = build_config(tokenizer)
+    config = config if config is not None else build_config(tokenizer)
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

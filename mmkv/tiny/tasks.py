@@ -17,6 +17,19 @@ Tasks (answers are full sentences, so the decisive token is not the first answer
 - ``video_colour``: "What colour is the ball in the last frame?" -> "The ball is red in the last
   frame." (the ball may change colour once; the first and last two frames are never mixed).
 
+Teaching model v2 (``docs/tiny-v2.md``) adds two tasks and larger images (``V2_SIZES``: 168 px = 36
+visual tokens, 196 px = 49 for the two-picture task), so that visual tokens are most of the prompt:
+
+- ``spot_difference``: two pictures, identical but for one change; "What changed between the two
+  pictures?" -> "The blue square turned red." / "The red circle moved." / "A green triangle appeared." (or "An orange ...") /
+  "The green triangle disappeared." (shapes are distinct within a picture, so a shape names its object).
+- ``count`` (needs every image, the opposite of a needle): "How many images have a red shape?" ->
+  "There are three images with a red shape." / "There is one image with a red shape." / "There are no
+  images with a red shape."
+
+The v1 tasks keep their defaults (112 px, the v1 vocabulary and seeds), so the shipped model's sets
+and examples are unchanged; pass ``size=`` for v2 scenes.
+
 A :class:`Sample` is one question about a scene, as a transformers chat (images as PIL images, video
 as a list of PIL frames with an ``fps`` key) plus the reference answer and a checker. An
 :class:`Episode` is one scene with several question/answer turns (used for training).
@@ -39,6 +52,8 @@ __all__ = [
     "CELL", "GRID", "NUM_FRAMES", "VIDEO_FPS", "Shape", "MultiImageScene", "VideoScene", "Episode", "Sample",
     "make_image_scene", "make_video_scene", "video_direction", "make_episode", "make_sample", "heldout_set", "check_answer",
     "expected_answer", "render_image", "render_frames", "cell_labels", "WORDS",
+    "V2_NEW_TASKS", "V2_IMAGE_TASKS", "V2_TASKS", "ALL_TASKS", "V2_SIZES", "WORDS_V2", "NUMBER_WORDS", "CHANGES",
+    "make_count_scene", "make_difference_scene", "difference", "count_answer", "count_question",
 ]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -56,6 +71,15 @@ PASSWORDS = ("apple", "river", "tiger", "cloud", "stone", "maple", "piano", "lem
 IMAGE_TASKS = ("needle", "colour_at", "text_needle")
 VIDEO_TASKS = ("video_direction", "video_colour")
 TASKS = IMAGE_TASKS + VIDEO_TASKS
+# v2 (docs/tiny-v2.md): two more image tasks; TASKS stays the v1 set the shipped model is held to
+V2_NEW_TASKS = ("spot_difference", "count")
+V2_IMAGE_TASKS = IMAGE_TASKS + V2_NEW_TASKS
+ALL_TASKS = V2_IMAGE_TASKS + VIDEO_TASKS
+V2_TASKS = ("needle", "text_needle", "spot_difference", "count") + VIDEO_TASKS  # what v2 is trained and held to
+V2_SIZES = {"needle": 168, "colour_at": 168, "text_needle": 168, "count": 168, "spot_difference": 196}
+NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight")
+CHANGES = ("turned", "moved", "appeared", "disappeared")
+MIN_MOVE = 28  # a moved shape travels at least one visual-token cell
 
 IMAGE_SIZE = 112
 CELL = 28  # one merged visual token covers a 28 x 28 px cell
@@ -77,6 +101,14 @@ WORDS = tuple(
             "first last video a an of and there are you helpful assistant user system picture shows yes no "
             "object objects where how many answer question".split()
         )
+    )
+)
+# v2's extra words: appended after the v1 vocabulary (mmkv.tiny.tokenizer.vocabulary(version=2)), so every
+# v1 token keeps its id and a grown model starts from v1's embeddings.
+WORDS_V2 = tuple(
+    sorted(
+        (set(NUMBER_WORDS) | set(CHANGES) | set("changed between pictures with have shape".split()))
+        - set(WORDS)
     )
 )
 
@@ -102,6 +134,8 @@ class MultiImageScene:
     images: list[tuple[Shape, ...]]
     password: str | None = None
     note_after: int = 0  # the fact follows image ``note_after`` (0-based)
+    size: int = IMAGE_SIZE  # px per side of every image
+    focus: str | None = None  # count scenes: the colour whose image count was drawn uniformly
 
     @property
     def k(self) -> int:
@@ -153,15 +187,17 @@ def cell_labels(label_maps: Sequence[np.ndarray], min_pixels: int = 40) -> tuple
     """Per 28 px cell (row-major), the (colour, shape) class covering most pixels over ``label_maps``.
 
     Colour classes are 0 (background) and 1..6 (``COLOUR_NAMES``); shape classes 0 (none) and 1..3.
-    Cells with fewer than ``min_pixels`` shape pixels are background.
+    Cells with fewer than ``min_pixels`` shape pixels are background. The grid follows the maps' size
+    (4 x 4 at 112 px, 6 x 6 at 168 px).
     """
     n = len(COLOUR_NAMES) * len(SHAPES) + 1
-    counts = np.zeros(GRID * GRID * n, dtype=np.int64)
-    offset = (np.arange(GRID * GRID) * n)[:, None]
+    grid = label_maps[0].shape[0] // CELL
+    counts = np.zeros(grid * grid * n, dtype=np.int64)
+    offset = (np.arange(grid * grid) * n)[:, None]
     for lab in label_maps:
-        cells = lab.reshape(GRID, CELL, GRID, CELL).transpose(0, 2, 1, 3).reshape(GRID * GRID, CELL * CELL)
-        counts += np.bincount((cells.astype(np.int64) + offset).reshape(-1), minlength=GRID * GRID * n)
-    counts = counts.reshape(GRID * GRID, n)
+        cells = lab.reshape(grid, CELL, grid, CELL).transpose(0, 2, 1, 3).reshape(grid * grid, CELL * CELL)
+        counts += np.bincount((cells.astype(np.int64) + offset).reshape(-1), minlength=grid * grid * n)
+    counts = counts.reshape(grid * grid, n)
     counts[:, 0] = 0
     best = counts.argmax(1)
     best[counts.max(1) < min_pixels] = 0
@@ -170,19 +206,22 @@ def cell_labels(label_maps: Sequence[np.ndarray], min_pixels: int = 40) -> tuple
     return colour, shape
 
 
-def _place(rng: random.Random, n: int, shapes: Sequence[str], colours: Sequence[str]) -> tuple[Shape, ...]:
+def _place(
+    rng: random.Random, n: int, shapes: Sequence[str], colours: Sequence[str], size: int = IMAGE_SIZE,
+    existing: Sequence[Shape] = (),
+) -> tuple[Shape, ...]:
     out: list[Shape] = []
     while len(out) < n:
         r = rng.uniform(12, 17)
-        x, y = rng.uniform(r + 3, IMAGE_SIZE - r - 3), rng.uniform(r + 3, IMAGE_SIZE - r - 3)
-        if all((x - o.x) ** 2 + (y - o.y) ** 2 > (r + o.r + 5) ** 2 for o in out):
+        x, y = rng.uniform(r + 3, size - r - 3), rng.uniform(r + 3, size - r - 3)
+        if all((x - o.x) ** 2 + (y - o.y) ** 2 > (r + o.r + 5) ** 2 for o in (*existing, *out)):
             out.append(Shape(shapes[len(out)], colours[len(out)], x, y, r))
     return tuple(out)
 
 
-def _random_image(rng: random.Random, max_objects: int = 2) -> tuple[Shape, ...]:
+def _random_image(rng: random.Random, max_objects: int = 2, size: int = IMAGE_SIZE, colours: Sequence[str] = COLOUR_NAMES) -> tuple[Shape, ...]:
     n = rng.randint(1, max_objects)
-    return _place(rng, n, rng.sample(SHAPES, n), [rng.choice(COLOUR_NAMES) for _ in range(n)])
+    return _place(rng, n, rng.sample(SHAPES, n), [rng.choice(colours) for _ in range(n)], size)
 
 
 def _pair_counts(images: Sequence[Sequence[Shape]]) -> dict[tuple[str, str], list[int]]:
@@ -193,18 +232,75 @@ def _pair_counts(images: Sequence[Sequence[Shape]]) -> dict[tuple[str, str], lis
     return where
 
 
-def make_image_scene(rng: random.Random, k: int, password: bool | None = None) -> MultiImageScene:
+def make_image_scene(rng: random.Random, k: int, password: bool | None = None, size: int = IMAGE_SIZE) -> MultiImageScene:
     """``k`` images with at least one (colour, shape) pair that occurs exactly once."""
     if not 1 <= k <= 16:
         raise ValueError(f"k must be in 1..16, got {k}")
     while True:
-        images = [_random_image(rng) for _ in range(k)]
+        images = [_random_image(rng, size=size) for _ in range(k)]
         if any(len(v) == 1 for v in _pair_counts(images).values()):
             break
     has_pw = rng.random() < 0.5 if password is None else password
     return MultiImageScene(
-        images=images, password=rng.choice(PASSWORDS) if has_pw else None, note_after=rng.randrange(k)
+        images=images, password=rng.choice(PASSWORDS) if has_pw else None, note_after=rng.randrange(k), size=size
     )
+
+
+def make_count_scene(rng: random.Random, k: int, password: bool | None = None, size: int = V2_SIZES["count"]) -> MultiImageScene:
+    """``k`` images where the number of images holding a ``focus``-coloured shape is uniform in 0..k
+    (the other colours fall as they may); at least one (colour, shape) pair is unique, as for ``needle``."""
+    if not 1 <= k <= 16:
+        raise ValueError(f"k must be in 1..16, got {k}")
+    focus = rng.choice(COLOUR_NAMES)
+    others = [c for c in COLOUR_NAMES if c != focus]
+    while True:
+        n = rng.randint(0, k)
+        holders = set(rng.sample(range(k), n))
+        images = []
+        for i in range(k):
+            objs = _random_image(rng, size=size, colours=others)
+            if i in holders:  # one of the shapes takes the focus colour
+                j = rng.randrange(len(objs))
+                objs = tuple(Shape(o.shape, focus if m == j else o.colour, o.x, o.y, o.r) for m, o in enumerate(objs))
+            images.append(objs)
+        if any(len(v) == 1 for v in _pair_counts(images).values()):
+            break
+    has_pw = rng.random() < 0.5 if password is None else password
+    return MultiImageScene(
+        images=images, password=rng.choice(PASSWORDS) if has_pw else None, note_after=rng.randrange(k), size=size, focus=focus
+    )
+
+
+def make_difference_scene(rng: random.Random, size: int = V2_SIZES["spot_difference"], change: str | None = None) -> MultiImageScene:
+    """Two pictures of 1-3 shapes (distinct shapes within a picture), identical but for one ``change``
+    (``CHANGES``: a shape turned another colour, moved by at least ``MIN_MOVE`` px, appeared or disappeared)."""
+    change = change or rng.choice(CHANGES)
+    if change not in CHANGES:
+        raise ValueError(f"change must be one of {CHANGES}, got {change!r}")
+    lo = 2 if change == "disappeared" else 1
+    hi = 2 if change == "appeared" else 3
+    n = rng.randint(lo, hi)
+    first = _place(rng, n, rng.sample(SHAPES, n), [rng.choice(COLOUR_NAMES) for _ in range(n)], size)
+    if change == "appeared":
+        shape = rng.choice([s for s in SHAPES if s not in {o.shape for o in first}])
+        second = first + _place(rng, 1, [shape], [rng.choice(COLOUR_NAMES)], size, existing=first)
+        return MultiImageScene(images=[first, second], size=size)
+    if change == "disappeared":
+        j = rng.randrange(n)
+        return MultiImageScene(images=[first, first[:j] + first[j + 1 :]], size=size)
+    j = rng.randrange(n)
+    o = first[j]
+    rest = first[:j] + first[j + 1 :]
+    if change == "turned":
+        new = Shape(o.shape, rng.choice([c for c in COLOUR_NAMES if c != o.colour]), o.x, o.y, o.r)
+    else:
+        while True:
+            x, y = rng.uniform(o.r + 3, size - o.r - 3), rng.uniform(o.r + 3, size - o.r - 3)
+            clear = all((x - p.x) ** 2 + (y - p.y) ** 2 > (o.r + p.r + 5) ** 2 for p in rest)
+            if clear and (x - o.x) ** 2 + (y - o.y) ** 2 >= MIN_MOVE**2:
+                break
+        new = Shape(o.shape, o.colour, x, y, o.r)
+    return MultiImageScene(images=[first, first[:j] + (new,) + first[j + 1 :]], size=size)
 
 
 def make_video_scene(rng: random.Random) -> VideoScene:
@@ -253,7 +349,45 @@ _Q = {
     "text_needle": re.compile(r"^What is the password\?$"),
     "video_direction": re.compile(r"^Which way does the ball move\?$"),
     "video_colour": re.compile(r"^What colour is the ball in the (first|last) frame\?$"),
+    "spot_difference": re.compile(r"^What changed between the two pictures\?$"),
+    "count": re.compile(r"^How many images have an? (\w+) shape\?$"),
 }
+MOVE_SEEN = 8.0  # px: a shape that shifts more than this between the pictures has moved (0 < shift <= this: ambiguous)
+
+
+def count_answer(colour: str, n: int) -> str:
+    """``n`` images hold a ``colour`` shape: "There are three images with a red shape." (one: "There is one
+    image ...", none: "There are no images ...")."""
+    a = "an" if colour[0] in "aeiou" else "a"
+    if n == 1:
+        return f"There is one image with {a} {colour} shape."
+    return f"There are {NUMBER_WORDS[n]} images with {a} {colour} shape."
+
+
+def difference(first: Sequence[Shape], second: Sequence[Shape]) -> str | None:
+    """The one change from ``first`` to ``second`` as an answer sentence, recomputed from the objects
+    (shapes name objects, as they are distinct within a picture); None unless exactly one thing changed."""
+    a = {o.shape: o for o in first}
+    b = {o.shape: o for o in second}
+    if len(a) != len(first) or len(b) != len(second):
+        return None
+    changes = []
+    for shape in SHAPES:
+        if shape in a and shape not in b:
+            changes.append(f"The {a[shape].colour} {shape} disappeared.")
+        elif shape in b and shape not in a:
+            colour = b[shape].colour
+            changes.append(f"{'An' if colour[0] in 'aeiou' else 'A'} {colour} {shape} appeared.")
+        elif shape in a:
+            o, p = a[shape], b[shape]
+            shift = ((o.x - p.x) ** 2 + (o.y - p.y) ** 2) ** 0.5
+            if o.colour != p.colour:
+                changes.append(f"The {o.colour} {shape} turned {p.colour}.")
+            if shift > MOVE_SEEN:
+                changes.append(f"The {o.colour} {shape} moved.")
+            elif shift > 0 or abs(o.r - p.r) > 0:
+                return None
+    return changes[0] if len(changes) == 1 else None
 
 
 def video_direction(scene: VideoScene) -> str:
@@ -291,6 +425,14 @@ def expected_answer(scene: Any, task: str, question: str) -> str | None:
         which = m.group(1)
         colour = scene.colours[0] if which == "first" else scene.colours[-1]
         return f"The ball is {colour} in the {which} frame."
+    if task == "spot_difference":
+        return difference(*scene.images) if scene.k == 2 else None
+    if task == "count":
+        colour = m.group(1)
+        article = "an" if colour[0] in "aeiou" else "a"
+        if colour not in COLOURS or not question.startswith(f"How many images have {article} "):
+            return None
+        return count_answer(colour, sum(any(o.colour == colour for o in objs) for objs in scene.images))
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -298,6 +440,10 @@ def check_answer(scene: Any, task: str, question: str, answer: str) -> bool:
     """True when ``answer`` (stripped) is exactly the answer the scene implies."""
     expected = expected_answer(scene, task, question)
     return expected is not None and answer.strip() == expected
+
+
+def count_question(colour: str) -> str:
+    return f"How many images have {'an' if colour[0] in 'aeiou' else 'a'} {colour} shape?"
 
 
 def _questions(rng: random.Random, scene: Any, task: str) -> list[str]:
@@ -312,8 +458,12 @@ def _questions(rng: random.Random, scene: Any, task: str) -> list[str]:
         qs = ["Which way does the ball move?"]
     elif task == "video_colour":
         qs = [f"What colour is the ball in the {w} frame?" for w in ("first", "last")]
+    elif task == "spot_difference":
+        qs = ["What changed between the two pictures?"] if scene.k == 2 and difference(*scene.images) else []
+    elif task == "count":
+        qs = [count_question(c) for c in COLOUR_NAMES]
     else:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(ALL_TASKS)}")
     rng.shuffle(qs)
     return qs
 
@@ -341,7 +491,7 @@ class Episode:
             if self.is_video:
                 self._media = render_frames(self.scene)
             else:
-                pairs = [render_image(objs) for objs in self.scene.images]
+                pairs = [render_image(objs, self.scene.size) for objs in self.scene.images]
                 self._media = ([p[0] for p in pairs], [p[1] for p in pairs])
         return self._media
 
@@ -398,20 +548,39 @@ def make_episode(
     max_turns: int = 6,
     weights: dict[str, float] | None = None,
     password_frac: float | None = None,
+    kind: str | None = None,
+    size: int | None = None,
 ) -> Episode:
     """One scene (``k`` images, or a video) with 1..``max_turns`` questions drawn by task ``weights``.
 
     ``password_frac``: probability that an image scene carries the text fact (default 0.5).
+    ``kind`` (v2): ``"images"`` (the v1 scene, at ``size`` px), ``"count"`` (a count scene: ``needle``,
+    ``text_needle`` and ``count`` questions), ``"spot"`` (two pictures, one ``spot_difference`` question)
+    or ``"video"``; None is the v1 behaviour (``video`` picks).
     """
     weights = weights or {}
-    if video:
+    kind = kind or ("video" if video else "images")
+    if kind == "video":
         scene: Any = make_video_scene(rng)
-        tasks = VIDEO_TASKS
-    else:
+        tasks: tuple[str, ...] = VIDEO_TASKS
+    elif kind == "spot":
+        scene = make_difference_scene(rng, size or V2_SIZES["spot_difference"])
+        tasks = ("spot_difference",)
+    elif kind in ("images", "count"):
         pw = None if password_frac is None else rng.random() < password_frac
-        scene = make_image_scene(rng, k or rng.randint(1, MAX_IMAGES), password=pw)
-        tasks = IMAGE_TASKS
+        k = k or rng.randint(1, MAX_IMAGES)
+        if kind == "count":
+            scene = make_count_scene(rng, k, password=pw, size=size or V2_SIZES["count"])
+            tasks = ("needle", "text_needle", "count")
+        else:
+            scene = make_image_scene(rng, k, password=pw, size=size or IMAGE_SIZE)
+            tasks = IMAGE_TASKS
+    else:
+        raise ValueError(f"unknown episode kind {kind!r}")
     pools = {t: _questions(rng, scene, t) for t in tasks if weights.get(t, 1.0) > 0}
+    if kind == "count" and "count" in pools:  # the focus colour's question is asked first (uniform counts)
+        focus = count_question(scene.focus)
+        pools["count"] = [q for q in pools["count"] if q != focus] + [focus]
     n = rng.randint(1, max_turns)
     turns: list[tuple[str, str, str]] = []
     while len(turns) < n:
@@ -426,25 +595,35 @@ def make_episode(
     return Episode(scene, turns)
 
 
-def make_sample(task: str, seed: Any, k: int | None = None) -> Sample:
-    """One single-question sample of ``task``; deterministic in ``(task, seed, k)``.
+def make_sample(task: str, seed: Any, k: int | None = None, size: int | None = None) -> Sample:
+    """One single-question sample of ``task``; deterministic in ``(task, seed, k, size)``.
 
-    Image tasks use ``k`` images (default: 1..8 drawn from the seed); video tasks ignore ``k``.
+    Image tasks use ``k`` images (default: 1..8 drawn from the seed); video tasks ignore ``k``. ``size``:
+    px per image (v1 tasks default to 112 px, the shipped model's; v2's tasks to ``V2_SIZES``).
+    ``spot_difference`` always shows two pictures; ``count`` asks about a colour whose image count is
+    uniform in 0..k.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    rng = random.Random(f"mmkv-tiny/{task}/{seed}/{k}")
+    if task not in ALL_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(ALL_TASKS)}")
+    if task in V2_NEW_TASKS:
+        size = size or V2_SIZES[task]
+    tag = "" if size in (None, IMAGE_SIZE) or task in VIDEO_TASKS else f"/{size}px"
+    rng = random.Random(f"mmkv-tiny/{task}/{seed}/{k}{tag}")
     if task in VIDEO_TASKS:
         scene: Any = make_video_scene(rng)
+    elif task == "spot_difference":
+        scene = make_difference_scene(rng, size)
+    elif task == "count":
+        scene = make_count_scene(rng, k or rng.randint(1, MAX_IMAGES), size=size)
     else:
-        scene = make_image_scene(rng, k or rng.randint(1, MAX_IMAGES), password=True if task == "text_needle" else None)
-    q = _questions(rng, scene, task)[0]
+        scene = make_image_scene(rng, k or rng.randint(1, MAX_IMAGES), password=True if task == "text_needle" else None, size=size or IMAGE_SIZE)
+    q = count_question(scene.focus) if task == "count" else _questions(rng, scene, task)[0]
     answer = expected_answer(scene, task, q)
     assert answer is not None
     ep = Episode(scene, [(task, q, answer)])
     return Sample(task=task, chat=ep.chat(), answer=answer, question=q, scene=scene, seed=seed)
 
 
-def heldout_set(task: str, n: int, k: int | None = None, seed: int = 10_000) -> list[Sample]:
+def heldout_set(task: str, n: int, k: int | None = None, seed: int = 10_000, size: int | None = None) -> list[Sample]:
     """``n`` held-out samples (seed namespace ``heldout-<seed>``, disjoint from training's)."""
-    return [make_sample(task, f"heldout-{seed}-{i}", k) for i in range(n)]
+    return [make_sample(task, f"heldout-{seed}-{i}", k, size) for i in range(n)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .tasks import WORDS
+from .tasks import WORDS, WORDS_V2
 
 __all__ = ["SPECIALS", "CHAT_TEMPLATE", "build_tokenizer", "vocabulary"]
 
@@ -49,24 +49,31 @@ CHAT_TEMPLATE = (
 )
 
 
-def vocabulary() -> list[str]:
-    """Ordered vocabulary: ``<unk>``, the Qwen specials, then words (bare, capitalised, with a leading space)."""
+def vocabulary(version: int = 1) -> list[str]:
+    """Ordered vocabulary: ``<unk>``, the Qwen specials, then words (bare, capitalised, with a leading space).
+
+    ``version=2`` appends the v2 tasks' words (``WORDS_V2``) after the whole v1 list, so v1 ids are kept.
+    """
     pieces: list[str] = [UNK, *SPECIALS, "\n", " "]
     words = sorted({w for base in WORDS for w in (base, base.capitalize())})
     for w in words:
         pieces += [w, " " + w]
     for ch in "0123456789" + _PUNCT:
         pieces += [ch, " " + ch]
+    if version >= 2:
+        for w in sorted({w for base in WORDS_V2 for w in (base, base.capitalize())}):
+            pieces += [w, " " + w]
     seen: set[str] = set()
     return [p for p in pieces if not (p in seen or seen.add(p))]
 
 
-def build_tokenizer() -> Any:
-    """A ``PreTrainedTokenizerFast`` (eos ``<|im_end|>``, pad ``<|endoftext|>``) with the chat template."""
+def build_tokenizer(version: int = 1) -> Any:
+    """A ``PreTrainedTokenizerFast`` (eos ``<|im_end|>``, pad ``<|endoftext|>``) with the chat template
+    (``version=2``: the v2 vocabulary, a superset with the same ids for v1's pieces)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {p: i for i, p in enumerate(vocabulary())}
+    vocab = {p: i for i, p in enumerate(vocabulary(version))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(_PATTERN), behavior="isolated")
     tok.decoder = decoders.Fuse()

@@ -36,12 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from .tasks import (
+    ALL_TASKS,
     COLOUR_NAMES,
     DIRECTIONS,
     MAX_IMAGES,
     NUM_FRAMES,
     SHAPES,
     TASKS,
+    V2_SIZES,
+    V2_TASKS,
     Episode,
     cell_labels,
     heldout_set,
@@ -84,7 +87,19 @@ class FastEncoder:
 
     # -------------------------------------------------------------- pixels
     def image_patches(self, images: Sequence[Any]) -> tuple[torch.Tensor, list[list[int]]]:
-        """Patches of same-size RGB images, laid out as ``Qwen2VLImageProcessor`` does."""
+        """Patches of RGB images, laid out as ``Qwen2VLImageProcessor`` does (runs of same-size images at once)."""
+        runs: list[list[Any]] = []
+        for im in images:
+            if runs and runs[-1][0].size == im.size:
+                runs[-1].append(im)
+            else:
+                runs.append([im])
+        if len(runs) > 1:
+            parts = [self._same_size_patches(r) for r in runs]
+            return torch.cat([p for p, _ in parts]), [g for _, grids in parts for g in grids]
+        return self._same_size_patches(images)
+
+    def _same_size_patches(self, images: Sequence[Any]) -> tuple[torch.Tensor, list[list[int]]]:
         # same rounding as the PIL image processor: rescale in float64, normalise in float32
         arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])  # N, H, W, C
         arr = (arr.astype(np.float64) * self.rescale).astype(np.float32)
@@ -275,11 +290,12 @@ class AuxHeads(torch.nn.Module):
     share KV head 0 of the tiny model, so one KV head learns to retrieve and the other stays free.
     """
 
-    def __init__(self, hidden: int, bind_layer: int, retrieval_layer: int = 2, retrieval_heads: Sequence[int] = (0, 1)) -> None:
+    def __init__(self, hidden: int, bind_layer: int, retrieval_layer: int | None = 2, retrieval_heads: Sequence[int] = (0, 1)) -> None:
         super().__init__()
         self.retrieval_layer = retrieval_layer
         self.retrieval_heads = list(retrieval_heads)
         self.retrieval_on = False  # needs eager attention (attention weights); set by the trainer
+        self.hooked = False  # True: recompute the retrieval layer's attention from its input (the rest stays sdpa)
         self.cells = torch.nn.Linear(hidden, len(COLOUR_NAMES) + 1 + len(SHAPES) + 1)
         self.motion = torch.nn.Linear(hidden, len(DIRECTIONS) + 1)
         self.bind = torch.nn.Linear(hidden, MAX_IMAGES)
@@ -324,6 +340,17 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
                 stats[f"aux_acc_{key}"] = float(ok.float().mean())
             if key == "video" and "video_aux_motion" in batch:
                 motion_loss, stats["aux_acc_motion"] = _probe(heads.motion(feats), batch["video_aux_motion"])
+    captured: dict[str, Any] = {}
+    hook = None
+    want_retrieval = heads is not None and heads.retrieval_on and "retrieval_mask" in batch
+    if want_retrieval and heads.hooked:
+        attn_module = model.model.language_model.layers[heads.retrieval_layer].self_attn
+
+        def grab(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+            captured["rope"] = kwargs["position_embeddings"]
+
+        hook = attn_module.register_forward_pre_hook(grab, with_kwargs=True)
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -333,12 +360,18 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
         mm_encoder_outputs=enc or None,
         use_cache=False,
         output_hidden_states=heads is not None and "aux_bind" in batch,
-        output_attentions=heads is not None and heads.retrieval_on and "retrieval_mask" in batch,
+        output_attentions=want_retrieval and not heads.hooked,
     )
-    if heads is not None and heads.retrieval_on and "retrieval_mask" in batch:
-        attn = out.attentions[heads.retrieval_layer]  # [B, H, L, L]
+    if hook is not None:
+        hook.remove()
+    if want_retrieval:
         rows, queries = batch["retrieval_row"], batch["retrieval_query"]
-        probs = attn[rows, :, queries, :][:, heads.retrieval_heads]  # [n, heads, L]
+        if heads.hooked:
+            probs = retrieval_attention(model.model.language_model.layers[heads.retrieval_layer].self_attn,
+                                        captured["hidden"], captured["rope"], rows, queries, heads.retrieval_heads)
+        else:
+            attn = out.attentions[heads.retrieval_layer]  # [B, H, L, L]
+            probs = attn[rows, :, queries, :][:, heads.retrieval_heads]  # [n, heads, L]
         mass = (probs * batch["retrieval_mask"][:, None, :]).sum(-1)
         retrieval_loss = -torch.log(mass.clamp_min(1e-6)).mean()
         stats["retrieval_mass"] = float(mass.detach().mean())
@@ -351,6 +384,34 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
                         "retrieval_loss": retrieval_loss, **stats}
 
 
+def retrieval_attention(attn: Any, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor,
+                        queries: torch.Tensor, head_ids: Sequence[int]) -> torch.Tensor:
+    """The attention probabilities of query heads ``head_ids`` of ``attn`` (a text layer's self-attention) from
+    token ``queries[i]`` of row ``rows[i]`` over that row's tokens, as eager attention computes them (causal; rows
+    are right-padded, so a query sees only real tokens), recomputed from the layer's input ``hidden`` and M-RoPE
+    ``rope`` for just those rows -- the rest of the model keeps sdpa. Shape ``[n, len(head_ids), L]``."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
+
+    hd = attn.head_dim
+    groups = attn.num_key_value_groups
+    cos, sin = rope
+    h = hidden[rows]  # [n, L, D]
+    n, length, _ = h.shape
+    q = attn.q_proj(h[torch.arange(n), queries])  # [n, H * hd]
+    q = q.view(n, -1, hd)[:, list(head_ids)]  # [n, h, hd]
+    kv_ids = sorted({i // groups for i in head_ids})
+    k = attn.k_proj(h).view(n, length, -1, hd)[:, :, kv_ids]  # [n, L, kv, hd]
+    c, si = cos[rows], sin[rows]  # [n, L, hd]
+    cq, sq = c[torch.arange(n), queries][:, None], si[torch.arange(n), queries][:, None]
+    q = q * cq + rotate_half(q) * sq
+    k = k * c[:, :, None] + rotate_half(k) * si[:, :, None]
+    k = k[:, :, [kv_ids.index(i // groups) for i in head_ids]]  # [n, L, h, hd]
+    scores = torch.einsum("nhd,nlhd->nhl", q, k) * attn.scaling
+    causal = torch.arange(length, device=h.device)[None, :] <= queries[:, None]  # [n, L]
+    scores = scores.masked_fill(~causal[:, None, :], float("-inf"))
+    return torch.softmax(scores.float(), dim=-1)
+
+
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
@@ -360,10 +421,12 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class TeacherForcedEval:
     """Per-task held-out accuracy: exact match of every answer token (= greedy decoding's answer)."""
 
-    def __init__(self, encoder: FastEncoder, n: int, suites: Sequence[tuple[str, int | None]], batch: int = 32) -> None:
+    def __init__(self, encoder: FastEncoder, n: int, suites: Sequence[tuple[str, int | None]], batch: int = 32,
+                 sizes: dict[str, int] | None = None) -> None:
         self.encoder = encoder
         self.batch = batch
-        self.suites = [(task, k, [s.episode() for s in heldout_set(task, n, k)]) for task, k in suites]
+        sizes = sizes or {}
+        self.suites = [(task, k, [s.episode() for s in heldout_set(task, n, k, size=sizes.get(task))]) for task, k in suites]
 
     @torch.no_grad()
     def __call__(self, model: Any, device: torch.device) -> dict[str, float]:
@@ -390,6 +453,17 @@ EVAL_SUITES = (
     ("colour_at", 4),
     ("colour_at", 8),
     ("text_needle", 8),
+    ("video_direction", None),
+    ("video_colour", None),
+)
+# v2 (docs/tiny-v2.md): the issue's tasks at their hardest settings, plus 4-image points for the curves
+EVAL_SUITES_V2 = (
+    ("needle", 4),
+    ("needle", 8),
+    ("text_needle", 8),
+    ("spot_difference", None),
+    ("count", 4),
+    ("count", 8),
     ("video_direction", None),
     ("video_colour", None),
 )
@@ -421,6 +495,19 @@ def batch_episodes(step: int, args: argparse.Namespace, weights: dict[str, float
     rng = random.Random(f"mmkv-tiny-train/{args.seed}/{step}")
     kmax = k_max_at(step, args)
     out = []
+    if args.arch == "v2":  # scene kinds: video, two-picture (spot_difference), count scene, v1 image scene
+        for _ in range(args.batch):
+            u = rng.random()
+            if u < args.video_frac:
+                out.append(make_episode(rng, kind="video", max_turns=args.turns, weights=weights))
+            elif u < args.video_frac + args.spot_frac:
+                out.append(make_episode(rng, kind="spot", max_turns=1, weights=weights))
+            else:
+                k = kmax if rng.random() < 0.5 else rng.randint(1, kmax)
+                kind = "count" if rng.random() < args.count_frac else "images"
+                out.append(make_episode(rng, k=k, kind=kind, size=args.image_size, max_turns=args.turns, weights=weights,
+                                        password_frac=args.password_frac))
+        return out
     for _ in range(args.batch):
         if rng.random() < args.video_frac:
             out.append(make_episode(rng, video=True, max_turns=args.turns, weights=weights))
@@ -434,8 +521,8 @@ def parse_weights(text: str) -> dict[str, float]:
     out = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
-        if name not in TASKS:
-            raise SystemExit(f"--weights: unknown task {name!r}; choose from {', '.join(TASKS)}")
+        if name not in ALL_TASKS:
+            raise SystemExit(f"--weights: unknown task {name!r}; choose from {', '.join(ALL_TASKS)}")
         out[name] = float(value)
     return out
 
@@ -457,7 +544,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind-layer", type=int, default=2, help="hidden state (after this many text layers) the binding probe reads")
     p.add_argument("--retrieval-weight", type=float, default=0.0,
                    help="weight of the retrieval-attention loss (text layer --retrieval-layer, query heads 0-1); >0 trains with eager attention")
-    p.add_argument("--retrieval-layer", type=int, default=2)
+    p.add_argument("--retrieval-layer", type=int, default=None, help="default 2 (v1) / 3 (v2: v1's layer 2 after the layer inserted before it)")
+    p.add_argument("--retrieval-heads", default="0,1", help="query heads of the retrieval loss (v1 and v2: 0,1 share KV head 0)")
+    p.add_argument("--eager-all", action="store_true",
+                   help="with the retrieval loss, run every layer eager (the v1 chain did); default: only the retrieval layer")
+    p.add_argument("--arch", choices=("v1", "v2"), default="v1", help="v2: mmkv.tiny.grow's shape, vocabulary and processor")
+    p.add_argument("--image-size", type=int, default=None, help="v2: px of the multi-image scenes (default 168)")
+    p.add_argument("--spot-frac", type=float, default=0.0, help="v2: share of two-picture (spot_difference) episodes")
+    p.add_argument("--count-frac", type=float, default=0.0, help="v2: share of the multi-image scenes drawn as count scenes")
+    p.add_argument("--stage-out", default=None,
+                   help="when the stage ends (--steps or --stop-at), write the model, aux heads, metrics and log here "
+                        "(what scripts/train_tiny_v2.sh commits under training/tiny-v2/<stage>)")
     p.add_argument("--turns", type=int, default=6, help="max QA turns per episode")
     p.add_argument("--video-frac", type=float, default=0.25)
     p.add_argument("--password-frac", type=float, default=0.5, help="share of image scenes with the text fact")
@@ -475,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--export-only", action="store_true", help="export the checkpoint to --out and stop")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--init", default=None, help="warm start: weights (model + aux head) from another work dir's ckpt.pt; "
+    p.add_argument("--init", default=None, help="warm start: weights (model + aux head) from another work dir's ckpt.pt, "
+                   "or a stage output / model dir with model.safetensors (+ aux.safetensors); "
                    "the optimizer, step and schedules start afresh (used to chain curriculum stages)")
     return p
 
@@ -492,12 +590,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .model import build_model, build_processor, save
     from .tokenizer import build_tokenizer
 
-    tok = build_tokenizer()
-    processor = build_processor(tok)
-    model = build_model(tok, seed=args.seed).to(device)
-    heads = AuxHeads(model.config.text_config.hidden_size, args.bind_layer, args.retrieval_layer).to(device)
+    v2 = args.arch == "v2"
+    if v2 and args.out == build_parser().get_default("out"):
+        args.out = None  # v2 stages never write over the shipped v1 model; pass --out to export one
+    if args.retrieval_layer is None:
+        args.retrieval_layer = 3 if v2 else 2
+    if v2 and args.image_size is None:
+        args.image_size = V2_SIZES["needle"]
+    ship_tasks = V2_TASKS if v2 else TASKS
+    if v2:
+        from .grow import build_v2_model, build_v2_processor
+
+        tok = build_tokenizer(2)
+        processor = build_v2_processor(tok)
+        model = build_v2_model(tok, seed=args.seed).to(device)
+    else:
+        tok = build_tokenizer()
+        processor = build_processor(tok)
+        model = build_model(tok, seed=args.seed).to(device)
+    heads = AuxHeads(model.config.text_config.hidden_size, args.bind_layer, args.retrieval_layer,
+                     [int(h) for h in args.retrieval_heads.split(",")]).to(device)
     if args.retrieval_weight > 0:
-        model.set_attn_implementation("eager")  # attention weights for the retrieval loss
+        if args.eager_all or not v2:
+            model.set_attn_implementation("eager")  # attention weights for the retrieval loss
+        else:
+            heads.hooked = True
         heads.retrieval_on = True
     decay, no_decay = [], []
     for n, prm in list(model.named_parameters()) + [("aux." + n, q) for n, q in heads.named_parameters()]:
@@ -516,14 +633,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"resumed from {ckpt} at step {step}", flush=True)
     elif args.init:
         src = Path(args.init)
-        src = src / "ckpt.pt" if src.is_dir() else src
-        if not src.exists():
-            raise SystemExit(f"--init: no checkpoint at {src}; pass a work dir of an earlier stage or its ckpt.pt")
-        state = torch.load(src, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        # heads added after the source run start fresh
-        missing = heads.load_state_dict(_heads_state(state["aux"]), strict=False).missing_keys
-        print(f"warm start from {src} (its step {int(state['step'])}; fresh heads: {missing or 'none'})", flush=True)
+        if (src / "model.safetensors").is_file():  # a stage output (or any saved model dir)
+            from safetensors.torch import load_file
+
+            model.load_state_dict(_model_state(load_file(str(src / "model.safetensors"), device=str(device)), model))
+            aux_file = src / "aux.safetensors"
+            aux_state = load_file(str(aux_file), device=str(device)) if aux_file.is_file() else {}
+            missing = _load_heads(heads, aux_state)
+            print(f"warm start from {src} (model dir; fresh heads: {missing or 'none'})", flush=True)
+        else:
+            src = src / "ckpt.pt" if src.is_dir() else src
+            if not src.exists():
+                raise SystemExit(f"--init: no checkpoint at {src}; pass a work dir of an earlier stage, its ckpt.pt or a stage output dir")
+            state = torch.load(src, map_location=device, weights_only=False)
+            model.load_state_dict(state["model"])
+            # heads added after the source run start fresh
+            missing = heads.load_state_dict(_heads_state(state["aux"]), strict=False).missing_keys
+            print(f"warm start from {src} (its step {int(state['step'])}; fresh heads: {missing or 'none'})", flush=True)
 
     def export(metrics: dict[str, Any] | None = None, out: str | os.PathLike = args.out) -> None:
         model.eval()
@@ -535,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if metrics is not None:
             acc = metrics["heldout_accuracy"]
             # a task ships when it reaches the target at its hardest evaluated setting (8 images / 8 frames)
-            hardest = {t: min(v for key, v in acc.items() if key.split("@")[0] == t) for t in TASKS if any(key.split("@")[0] == t for key in acc)}
+            hardest = {t: min(v for key, v in acc.items() if key.split("@")[0] == t) for t in ship_tasks if any(key.split("@")[0] == t for key in acc)}
             metrics = {**metrics, "ship_threshold": SHIP_AT, "shipped_tasks": [t for t, v in hardest.items() if v >= SHIP_AT]}
             (Path(out) / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
@@ -544,8 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write(json.dumps(record) + "\n")
 
     encoder = FastEncoder(processor)
-    evaluator = TeacherForcedEval(encoder, args.eval_n, EVAL_SUITES)
+    evaluator = TeacherForcedEval(encoder, args.eval_n, EVAL_SUITES_V2 if v2 else EVAL_SUITES, sizes=V2_SIZES if v2 else None)
     if args.export_only:
+        if not args.out:
+            raise SystemExit("--export-only: pass --out DIR")
         acc = evaluator(model, device)
         print(json.dumps(acc), flush=True)
         export({"step": step, "heldout_accuracy": acc, "n_per_task": args.eval_n})
@@ -602,17 +730,82 @@ def main(argv: Sequence[str] | None = None) -> int:
             # least one task reaches SHIP_AT (--export-only forces an export)
             metrics = {"step": step, "heldout_accuracy": acc, "n_per_task": args.eval_n}
             export(metrics, work / "latest")
-            if step == args.steps:
+            if step == args.steps and args.out:
                 shipped = json.loads((work / "latest" / "training_metrics.json").read_text())["shipped_tasks"]
                 if shipped:
                     export(metrics)
                     print(f"exported to {args.out}; shipped tasks: {', '.join(shipped)}", flush=True)
                 else:
                     print(f"no task reached {SHIP_AT:.0%}: not exported to {args.out} (latest snapshot in {work / 'latest'})", flush=True)
+            if args.stage_out and step == stop:
+                write_stage(Path(args.stage_out), model, heads, processor, export, metrics, log_path, args, work)
             model.train()
             t_last = time.time()
     log({"event": "end", "step": step, "time": time.time()})
+    if args.stage_out and not (Path(args.stage_out) / "metrics.json").is_file():  # resumed at the stop step
+        acc = evaluator(model, device)
+        write_stage(Path(args.stage_out), model, heads, processor, export,
+                    {"step": step, "heldout_accuracy": acc, "n_per_task": args.eval_n}, log_path, args, work)
     return 0
+
+
+def write_stage(out: Path, model: Any, heads: AuxHeads, processor: Any, export: Any, metrics: dict[str, Any],
+                log_path: Path, args: argparse.Namespace, work: Path) -> None:
+    """A finished stage's output: the loadable model (fp32 safetensors, config, tokenizer, processor), the aux
+    heads (``aux.safetensors``), ``metrics.json`` (held-out accuracy, steps, wall time), ``log.jsonl`` and
+    ``args.json``. No optimizer state: the next stage starts from these weights with a fresh optimizer."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    export(metrics, out)
+    (out / "training_metrics.json").unlink(missing_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(out / "aux.safetensors"))
+    shutil.copyfile(log_path, out / "log.jsonl")
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    wall = sum(r.get("s_per_step", 0) * args.log_every for r in records if "s_per_step" in r)
+    evals = sum(r.get("eval_s", 0) for r in records if "eval_s" in r)
+    import platform
+
+    info = {**metrics, "stage": out.name, "steps": metrics["step"], "train_wall_s": round(wall), "eval_wall_s": round(evals),
+            "hardware": f"{platform.machine()} {os.cpu_count()} CPU cores, torch threads {args.threads}",
+            "cpu": _cpu_name(), "torch": torch.__version__, "args": vars(args)}
+    (out / "metrics.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n", encoding="utf-8")
+    print(f"stage output written to {out}", flush=True)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def _model_state(state: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    """A saved ``model.safetensors`` state for ``load_state_dict`` (an untied lm_head, keys as the model names them)."""
+    own = model.state_dict()
+    if set(state) == set(own):
+        return state
+    fixed = {}
+    for k, v in state.items():
+        key = k if k in own else next((o for o in own if o.endswith(k) or k.endswith(o)), k)
+        fixed[key] = v
+    return fixed
+
+
+def _load_heads(heads: AuxHeads, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load what fits (same shapes); return the keys that start fresh."""
+    own = heads.state_dict()
+    ok = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    heads.load_state_dict(ok, strict=False)
+    return [k for k in own if k not in ok]
 
 
 if __name__ == "__main__":

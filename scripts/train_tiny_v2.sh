@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The training chain of teaching model v2 (docs/tiny-v2.md), stage by stage, resumable across machines.
+#
+#   bash scripts/train_tiny_v2.sh              # run (or continue) the chain
+#   COMMIT=1 bash scripts/train_tiny_v2.sh     # ... and git-commit each stage's output when it finishes
+#   ONLY=s1 bash scripts/train_tiny_v2.sh      # run one stage (its input stage must be finished)
+#
+# Every stage is `python -m mmkv.tiny.train --arch v2` with the arguments below (each stage's log.jsonl
+# "start" records and args.json repeat them). A stage warm-starts from the previous stage's committed output
+# (--init training/tiny-v2/<previous>: model.safetensors + aux.safetensors) with a fresh optimizer and its own
+# schedules. Finished stages live in training/tiny-v2/<stage>/ (model.safetensors, aux.safetensors,
+# metrics.json, log.jsonl, args.json; no optimizer state) and are skipped; an interrupted stage continues from
+# its checkpoint in .cache/tiny-v2/<stage>/ckpt.pt on the same machine, and restarts from its input stage on a
+# fresh one. Stage g0 is the function-preserving growth of the shipped v1 model (mmkv.tiny.grow), no training.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+W=${W:-.cache/tiny-v2}          # work dirs: checkpoints with optimizer state (not committed)
+T=${T:-training/tiny-v2}        # finished stages (committed)
+THREADS=${THREADS:-2}
+mkdir -p "$W" "$T"
+
+train() { "$PY" -m mmkv.tiny.train --arch v2 --threads "$THREADS" --eval-n 64 "$@"; }
+finished() { [ -f "$T/$1/metrics.json" ]; }
+
+commit_stage() {  # COMMIT=1: commit only this stage's files, retrying while another commit holds the index
+  [ "${COMMIT:-0}" = 1 ] || return 0
+  local msg
+  msg="tiny v2: stage $1 finished ($("$PY" -c "import json,sys; m=json.load(open('$T/$1/metrics.json')); print(m['steps'], 'steps,', ', '.join(f'{k} {v:.2f}' for k, v in m['heldout_accuracy'].items()))"))"
+  for _ in $(seq 1 30); do
+    if git add -- "$T/$1" && git commit -q -m "$msg" -- "$T/$1"; then echo "committed $T/$1"; return 0; fi
+    sleep 10
+  done
+  echo "could not commit $T/$1 (left in the work tree)" >&2
+}
+
+# stage NAME INPUT ARGS...: run stage NAME from finished stage INPUT unless NAME is finished
+stage() {
+  local name=$1 input=$2; shift 2
+  if finished "$name"; then echo "stage $name: finished (skipped)"; return 0; fi
+  if [ -n "${ONLY:-}" ] && [ "$ONLY" != "$name" ]; then echo "stage $name: not run (ONLY=$ONLY)"; return 0; fi
+  finished "$input" || { echo "stage $name needs stage $input, which is not finished" >&2; exit 1; }
+  echo "stage $name: from $input, $(date -u +%FT%TZ)"
+  train --init "$T/$input" --work "$W/$name" --stage-out "$T/$name" "$@"
+  commit_stage "$name"
+}
+
+ALL=needle=2,text_needle=1,spot_difference=1,count=1,video_direction=1,video_colour=1
+
+# ---- g0: v1 grown to the v2 shape (function-preserving; see mmkv/tiny/grow.py), evaluated at v2's sizes
+if ! finished g0 && { [ -z "${ONLY:-}" ] || [ "$ONLY" = g0 ]; }; then
+  "$PY" -m mmkv.tiny.grow "$W/g0-model"
+  train --init "$W/g0-model" --work "$W/g0" --stage-out "$T/g0" --steps 0
+  commit_stage g0
+fi
+
+# ---- s1: spot_difference focus (60% two-picture episodes), the other tasks replayed at K <= 4
+stage s1 g0 --seed 101 --steps 600 --batch 16 --lr 2e-3 --warmup 20 --decay 0.2 --eval-every 200 --retrieval-weight 3 \
+  --k-start 2 --k-hold 0 --k-ramp 100 --k-max 4 --spot-frac 0.6 --video-frac 0.15 --count-frac 0 --password-frac 0.5 \
+  --weights needle=2,text_needle=1,spot_difference=1,count=0,video_direction=1,video_colour=1
+
+# ---- s2: count focus (count scenes, K 2 -> 8), spot_difference and video replayed
+stage s2 s1 --seed 102 --steps 600 --batch 16 --lr 2e-3 --warmup 20 --decay 0.2 --eval-every 200 --retrieval-weight 3 \
+  --k-start 2 --k-hold 100 --k-ramp 400 --k-max 8 --spot-frac 0.15 --video-frac 0.15 --count-frac 0.8 --password-frac 0.3 \
+  --weights needle=1,text_needle=0.5,spot_difference=1,count=4,video_direction=1,video_colour=1
+
+# ---- s3: all tasks mixed at K up to 8
+stage s3 s2 --seed 103 --steps 600 --batch 16 --lr 1.5e-3 --warmup 20 --decay 0.3 --eval-every 200 --retrieval-weight 3 \
+  --k-start 8 --k-max 8 --spot-frac 0.2 --video-frac 0.25 --count-frac 0.5 --password-frac 0.5 --weights $ALL
