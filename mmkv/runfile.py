@@ -46,7 +46,7 @@ from typing import IO, Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .models.base import VideoFrames
+from .video import VideoFrames
 from .trace import Trace
 
 __all__ = ["RunFile", "save_run", "load_run", "peek_run", "example_runs", "RUNS_DIR", "SUFFIX", "FORMAT_VERSION"]

@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from .models.base import VideoFrames
 
-__all__ = ["read_video", "as_video_frames", "load_image", "sample_indices"]
+@dataclass
+class VideoFrames:
+    """Frames sampled from one video, with their timestamps in seconds."""
+
+    frames: list[Image.Image]
+    timestamps: list[float]
+    fps: float  # sampling rate of the returned frames (frames per second of video time)
+    duration: float | None = None  # length of the whole source video in seconds, when known
+
+
+__all__ = ["VideoFrames", "read_video", "as_video_frames", "load_image", "sample_indices"]
 
 
 def load_image(image: Any) -> Image.Image:

@@ -21,22 +21,13 @@ import torch
 from PIL import Image
 
 from ..modality import ModalityMap
+from ..video import VideoFrames, as_video_frames, load_image
 
 Chat = list[dict[str, Any]]
 
 
 class UnsupportedModelError(ValueError):
     """The model class has no mmkv adapter."""
-
-
-@dataclass
-class VideoFrames:
-    """Frames sampled from one video, with their timestamps in seconds."""
-
-    frames: list[Image.Image]
-    timestamps: list[float]
-    fps: float  # sampling rate of the returned frames (frames per second of video time)
-    duration: float | None = None  # length of the whole source video in seconds, when known
 
 
 @dataclass
@@ -474,7 +465,6 @@ def collect_media(
 
     ``num_frames``/``video_fps`` as in :func:`mmkv.video.as_video_frames`; with neither, 8 frames.
     """
-    from ..video import as_video_frames, load_image
 
     if num_frames is None and video_fps is None:
         num_frames = 8
