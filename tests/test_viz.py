@@ -383,7 +383,9 @@ def test_compare_figures():
     ]
     mem = viz.memory_figure(rows)
     assert [t.name for t in mem.data] == ["prompt, uncompressed", "after compression", "end of the answer"]
-    assert list(mem.data[1].y) == [2.0, 0.5] and list(mem.data[1].x) == ["full", "snapkv @ 0.2"]
+    # the budget goes on its own tick line; the hover keeps the whole label
+    assert list(mem.data[1].y) == [2.0, 0.5] and list(mem.data[1].x) == ["full", "snapkv<br>@ 0.2"]
+    assert list(mem.data[1].customdata) == ["full", "snapkv @ 0.2"]
     speed = viz.speed_figure(rows)
     assert len(speed.data) == 3 and list(speed.data[2].y) == [1.0, 0.8]
     agr = viz.agreement_figure(rows)

@@ -312,8 +312,7 @@ def _labels(rows: Sequence[dict[str, Any]], st: Style) -> tuple[list[str], list[
         full.append(label)
     width = 10 if st.present else 14
     # the budget goes on its own line: four to eight bars share a half-width chart
-    return ["<br>".join(_wrap(part, width) for part in label.split(" @ ", 1)) if " @ " in label else _wrap(label, width)
-            for label in full], full
+    return [_wrap(label, width).replace(" @ ", "<br>@ ") for label in full], full
 
 
 def _bars(fig: go.Figure, rows: Sequence[dict[str, Any]], series: Sequence[tuple[str, str, str, float]], unit: str,
