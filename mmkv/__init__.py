@@ -22,7 +22,7 @@ from .trace import LayerTrace, Trace
 
 # The package's one version number: pyproject.toml reads it (dynamic = ["version"]), and so do
 # the wheel's metadata and run files (mmkv_version). Bump it here and in CHANGELOG.md.
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ATTENTION_NAME", "register", "BUNDLED_MODEL", "EXAMPLES_DIR", "chat", "BatchSizeError", "cache_bytes", "Generation", "GenerationResult", "generate",

@@ -4,7 +4,8 @@ Exceptions are by design and must say so: Full keeps everything; LOOK-M and MEDA
 (the text prior), so a layer may hold more than its nominal ``N + M`` (``info["over_budget"]``), or
 everything when the prompt has no visual token (``info["skipped"]``); HybridKV's dynamic heads hold
 whole chunk slots, so their resident tokens may fall short of the slots when the short last chunk is
-resident (the slots, ``info["head_budgets"]``, hold the budget).
+resident (the slots, ``info["head_budgets"]``, hold the budget). The methods, their settings and what each
+promises come from the shared list, tests/default_methods.py (every configuration whose budget is held).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import mmkv
-from mmkv.methods import METHODS
+from default_methods import ALL_METHODS, MethodConfig, on, params
 from mmkv.models.base import resolve_text_model
 from mmkv.testing.tiny import build_tiny, make_image
 
@@ -43,28 +44,28 @@ def setups():
     return out
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_holds_the_budget(setups, method: str) -> None:
+@pytest.mark.parametrize("case", params(c for c in on("qwen2_5_vl", ALL_METHODS) if c.held))
+def test_every_method_holds_the_budget(setups, case: MethodConfig) -> None:
     for label, model, processor, prepared in setups:
         for rho in BUDGETS:
-            trace = mmkv.generate(model, processor, None, method=method, budget=rho, max_new_tokens=1,
-                                  prepared=prepared).trace
-            where = f"{method} {label} rho={rho} L={trace.span_length}"
+            trace = mmkv.generate(model, processor, None, method=case.method, budget=rho, max_new_tokens=1,
+                                  prepared=prepared, **case.kwargs()).trace
+            where = f"{case.id} {label} rho={rho} L={trace.span_length}"
             full = trace.span_length * trace.num_kv_heads * trace.num_layers
             ratio = trace.kept_tokens / full
             assert trace.kept_tokens * trace.bytes_per_token_head == sum(
                 l.bytes_after - l.info.get("overhead_bytes", 0) for l in trace.layers), where
             within = abs(ratio - rho) <= TOLERANCE * rho
-            if method == "full":
+            if case.budget == "full":
                 assert ratio == 1.0, where
-            elif method in ("lookm", "meda"):
+            elif case.budget == "text":
                 assert ratio >= rho * (1 - TOLERANCE), where
                 over = [l for l in trace.layers if l.info["retained"] > l.info["nominal"]]
                 assert within or over, f"{where}: {ratio:.3f}"
                 for layer in over:  # every layer above its nominal budget says why
                     reason = layer.info.get("over_budget") or layer.info.get("skipped")
                     assert reason and ("text prior" in reason or "L <= N + M" in reason), where
-            elif method == "hybridkv":
+            elif case.budget == "slots":
                 slots = sum(sum(l.info["head_budgets"]) for l in trace.layers) / full
                 assert abs(slots - rho) <= TOLERANCE * rho, f"{where}: slots {slots:.3f}"
                 assert ratio <= slots, where

@@ -23,11 +23,6 @@ EXAMPLE = json.loads((EXAMPLES_DIR / "examples.json").read_text())[0]  # eight i
 FILES = [str(EXAMPLES_DIR / f) for f in EXAMPLE["files"]]
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    return mmkv.load("bundled", device="cpu")
-
-
 @dataclass
 class _Sample:
     task: str

@@ -1,4 +1,6 @@
-"""End-to-end on tiny models of every family: every method, the oracles, positions, bytes, errors."""
+"""End-to-end on tiny models of every family: every method, the oracles, positions, bytes, errors.
+
+The methods and their hyper-parameters come from the shared list, tests/default_methods.py."""
 
 from __future__ import annotations
 
@@ -6,23 +8,12 @@ import pytest
 import torch
 
 import mmkv
-from mmkv.methods import METHODS
-from mmkv.testing.tiny import FAMILIES, build_tiny, make_image
+from default_methods import ALL_METHODS, DEFAULT_METHODS, KINDS, VARIANTS, MethodConfig, family_params, on, params
+from mmkv.methods import METHODS, make_method
+from mmkv.testing.tiny import FAMILIES
 from oracle import FixedPlan, compressed_logits, masked_reference_logits, random_ragged_plan
 
 torch.set_num_threads(2)
-
-
-def _chat(n_images: int = 2, question: str = "which image has the red circle ?"):
-    content = [{"type": "image", "image": make_image(i, 64)} for i in range(n_images)]
-    content.append({"type": "text", "text": question})
-    return [{"role": "user", "content": content}]
-
-
-def _prepared(family: str):
-    model, processor = build_tiny(family)
-    prepared = mmkv.adapter_for(model).prepare(model, processor, _chat())
-    return model, processor, prepared
 
 
 def _plain_generate(model, prepared, n: int):
@@ -34,11 +25,26 @@ def _plain_generate(model, prepared, n: int):
     return out.sequences[0, prepared.length :].tolist(), [l[0].float() for l in out.logits]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_on_every_family(family: str, method: str) -> None:
-    model, processor, prepared = _prepared(family)
-    result = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=4, prepared=prepared)
+def test_every_registered_method_has_a_kind() -> None:
+    """A new method file is in every matrix test at once; tests/default_methods.py must say what it promises."""
+    assert sorted(KINDS) == sorted(METHODS), "add the method to KINDS in tests/default_methods.py"
+    assert [case.method for case in DEFAULT_METHODS] == sorted(METHODS)
+
+
+@pytest.mark.parametrize("case", params(VARIANTS))
+def test_variants_are_valid_non_default_settings(case: MethodConfig) -> None:
+    method, default = make_method(case.method, **case.kwargs()), make_method(case.method)
+    as_list = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # pairs may be stored as lists
+    for key, value in case.params.items():
+        assert as_list(getattr(method, key)) == as_list(value) != as_list(getattr(default, key)), (case.id, key)
+
+
+@pytest.mark.parametrize("family,case", family_params(DEFAULT_METHODS))
+def test_every_method_on_every_family(family: str, case: MethodConfig, tiny_prepared) -> None:
+    method = case.method
+    model, processor, prepared = tiny_prepared(family)
+    result = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=4, prepared=prepared,
+                           **case.kwargs())
     trace = result.trace
     L = prepared.length
     assert trace.prompt_length == L and trace.span_length == L and len(trace.layers) == trace.num_layers
@@ -53,16 +59,16 @@ def test_every_method_on_every_family(family: str, method: str) -> None:
         assert layer.bytes_before == L * trace.num_kv_heads * per_token
     budgets = [layer.budgets for layer in trace.layers]
     cap = trace.capacity
-    if method == "full":
+    if case.budget == "full":
         assert trace.bytes_compressed == trace.bytes_full
     else:
         assert trace.bytes_compressed < trace.bytes_full
-    if method in ("streamingllm", "h2o", "snapkv"):
+    if case.budget == "uniform":
         assert all(b == [cap] * trace.num_kv_heads for b in budgets)
-    elif method == "pyramidkv":
+    elif case.budget == "layers":
         per_layer = [b[0] for b in budgets]
         assert all(len(set(b)) == 1 for b in budgets) and per_layer == sorted(per_layer, reverse=True)
-    elif method == "adakv":
+    elif case.budget == "heads":
         assert all(abs(sum(b) - cap * trace.num_kv_heads) <= trace.num_kv_heads for b in budgets)
     generated_forwards = len(result.token_ids) - 1
     assert trace.bytes_end == trace.bytes_compressed + generated_forwards * trace.num_layers * trace.num_kv_heads * per_token
@@ -72,8 +78,8 @@ def test_every_method_on_every_family(family: str, method: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_and_budget_one_match_plain_generate(family: str) -> None:
-    model, processor, prepared = _prepared(family)
+def test_full_and_budget_one_match_plain_generate(family: str, tiny_prepared) -> None:
+    model, processor, prepared = tiny_prepared(family)
     tokens, logits = _plain_generate(model, prepared, 6)
     for method, budget in (("full", 0.5), ("snapkv", 1.0), ("adakv", 1.0)):
         result = mmkv.generate(model, processor, None, method=method, budget=budget, max_new_tokens=6,
@@ -91,8 +97,8 @@ ORACLE_FAMILIES = FAMILIES  # the issue asks for Qwen2.5-VL, LLaVA-OneVision and
 
 @pytest.mark.parametrize("family", ORACLE_FAMILIES)
 @pytest.mark.parametrize("ragged", [False, True])
-def test_eviction_plan_equals_masked_full_cache(family: str, ragged: bool) -> None:
-    model, _, prepared = _prepared(family)
+def test_eviction_plan_equals_masked_full_cache(family: str, ragged: bool, tiny_prepared) -> None:
+    model, _, prepared = tiny_prepared(family)
     session = mmkv.Session(model, "full")
     plan = random_ragged_plan(session.num_layers, session.num_kv_heads, prepared.length, seed=7, ragged=ragged)
     tokens = [5, 9, 13, 7]
@@ -108,12 +114,18 @@ def test_eviction_plan_equals_masked_full_cache(family: str, ragged: bool) -> No
     assert max((a - b).abs().max().item() for a, b in zip(got[1:], other_logits[1:])) > 1e-3
 
 
+# Eviction-only plans (kept positions, no merge, no decode-time policy) on three families; Full and
+# MadaKV are replayed elsewhere (test_eviction_plan_equals_masked_full_cache, test_madakv_hybridkv.py).
+REPLAYED = [case for case in DEFAULT_METHODS if case.replayable and case.method not in ("full", "madakv")]
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "smolvlm"])
-@pytest.mark.parametrize("method", ["snapkv", "adakv", "pyramidkv", "h2o", "streamingllm"])
-def test_real_method_plans_equal_masked_full_cache(family: str, method: str) -> None:
+@pytest.mark.parametrize("case", params(REPLAYED))
+def test_real_method_plans_equal_masked_full_cache(family: str, case: MethodConfig, tiny_prepared) -> None:
     """The kept sets a method records in the trace, replayed as masks, give the same logits."""
-    model, _, prepared = _prepared(family)
+    model, _, prepared = tiny_prepared(family)
     tokens = [11, 4, 6]
+    method = make_method(case.method, **case.kwargs())
     got, session, _ = compressed_logits(model, prepared, method, tokens, budget=0.3)
     kept = {layer.layer: [torch.tensor(k) for k in layer.kept] for layer in session.trace.layers}
     want = masked_reference_logits(model, prepared.inputs, kept, tokens)
@@ -121,8 +133,8 @@ def test_real_method_plans_equal_masked_full_cache(family: str, method: str) -> 
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-def test_qwen_decode_positions_use_rope_deltas_and_logical_length() -> None:
-    model, processor, prepared = _prepared("qwen2_5_vl")
+def test_qwen_decode_positions_use_rope_deltas_and_logical_length(tiny_prepared) -> None:
+    model, processor, prepared = tiny_prepared("qwen2_5_vl")
     captured = []
     rotary = mmkv.models.base.resolve_text_model(model).rotary_emb
     handle = rotary.register_forward_hook(lambda m, args, out: captured.append(args[1].clone()))
@@ -138,8 +150,8 @@ def test_qwen_decode_positions_use_rope_deltas_and_logical_length() -> None:
     assert deltas != 0  # images shorten the M-RoPE span, so this really exercises rope_deltas
 
 
-def test_query_agnostic_compresses_only_the_context() -> None:
-    model, processor, prepared = _prepared("qwen2_5_vl")
+def test_query_agnostic_compresses_only_the_context(tiny_prepared) -> None:
+    model, processor, prepared = tiny_prepared("qwen2_5_vl")
     assert 0 < prepared.context_length < prepared.length
     result = mmkv.generate(model, processor, None, method="snapkv", budget=0.3, max_new_tokens=3,
                            query_aware=False, prepared=prepared)
@@ -154,8 +166,8 @@ def test_query_agnostic_compresses_only_the_context() -> None:
     assert trace.bytes_end == trace.bytes_compressed + (q_tokens + len(result.token_ids) - 1) * per
 
 
-def test_streaming_yields_the_same_text() -> None:
-    model, processor, prepared = _prepared("qwen2_vl")
+def test_streaming_yields_the_same_text(tiny_prepared) -> None:
+    model, processor, prepared = tiny_prepared("qwen2_vl")
     full = mmkv.generate(model, processor, None, method="h2o", budget=0.3, max_new_tokens=5, prepared=prepared)
     stream = mmkv.generate(model, processor, None, method="h2o", budget=0.3, max_new_tokens=5, prepared=prepared,
                            stream=True)
@@ -163,8 +175,8 @@ def test_streaming_yields_the_same_text() -> None:
     assert "".join(pieces) == full.text and stream.result.token_ids == full.token_ids
 
 
-def test_h2o_decode_eviction_keeps_the_cache_at_capacity() -> None:
-    model, processor, prepared = _prepared("llava")
+def test_h2o_decode_eviction_keeps_the_cache_at_capacity(tiny_prepared) -> None:
+    model, processor, prepared = tiny_prepared("llava")
     result = mmkv.generate(model, processor, None, method="h2o", budget=0.3, max_new_tokens=6, prepared=prepared,
                            decode_evict=True)
     trace = result.trace
@@ -173,8 +185,8 @@ def test_h2o_decode_eviction_keeps_the_cache_at_capacity() -> None:
     assert all(len(layer.decode_evictions) == steps for layer in trace.layers)
 
 
-def test_errors_name_the_fix() -> None:
-    model, processor, prepared = _prepared("qwen2_vl")
+def test_errors_name_the_fix(tiny_prepared) -> None:
+    model, processor, prepared = tiny_prepared("qwen2_vl")
     with pytest.raises(ValueError, match="choose one of"):
         mmkv.generate(model, processor, None, method="nope", prepared=prepared)
     for bad in (0.0, -0.1, 1.5):
@@ -198,8 +210,8 @@ def test_errors_name_the_fix() -> None:
         mmkv.adapter_for(encoder_decoder)
 
 
-def test_compress_context_manager_infers_the_modality_map() -> None:
-    model, _, prepared = _prepared("qwen2_5_vl")
+def test_compress_context_manager_infers_the_modality_map(tiny_prepared) -> None:
+    model, _, prepared = tiny_prepared("qwen2_5_vl")
     with mmkv.compress(model, "snapkv", 0.3) as session:
         model.generate(**prepared.inputs, max_new_tokens=3, do_sample=False)
     trace = session.trace
@@ -209,23 +221,25 @@ def test_compress_context_manager_infers_the_modality_map() -> None:
     assert model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_preallocated_decode_gives_the_same_tokens(method: str) -> None:
+@pytest.mark.parametrize("case", params(on("qwen2_5_vl", ALL_METHODS)))
+def test_preallocated_decode_gives_the_same_tokens(case: MethodConfig, tiny_prepared) -> None:
     """The in-place (preallocated) decode path is checked against the plain concatenating path."""
-    model, processor, prepared = _prepared("qwen2_5_vl")
-    plain = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=6, prepared=prepared)
+    model, processor, prepared = tiny_prepared("qwen2_5_vl")
+    method, kwargs = case.method, case.kwargs()
+    plain = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=6, prepared=prepared,
+                          **kwargs)
     fast = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=6, prepared=prepared,
-                         preallocate=True)
+                         preallocate=True, **kwargs)
     assert fast.token_ids == plain.token_ids
-    if method not in ("h2o", "hybridkv"):  # layers with their own decode policy keep their own storage
+    if not case.decode_policy:  # layers with their own decode policy keep their own storage
         # Room for the generated tokens was reserved up front, so the cache did not grow while decoding.
         assert fast.trace.bytes_end == fast.trace.bytes_compressed
         per = fast.trace.bytes_per_token_head * fast.trace.num_kv_heads * fast.trace.num_layers
         assert fast.trace.bytes_compressed == plain.trace.bytes_compressed + 6 * per
 
 
-def test_trace_counts_generated_tokens_around_plain_generate() -> None:
-    model, _, prepared = _prepared("qwen2_5_vl")
+def test_trace_counts_generated_tokens_around_plain_generate(tiny_prepared) -> None:
+    model, _, prepared = tiny_prepared("qwen2_5_vl")
     with mmkv.compress(model, "snapkv", 0.3) as session:
         out = model.generate(**prepared.inputs, max_new_tokens=9, min_new_tokens=9, do_sample=False)
     assert out.shape[1] - prepared.length == 9 == session.trace.summary()["new_tokens"]

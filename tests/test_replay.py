@@ -23,17 +23,8 @@ from mmkv.driver import compressed_run
 from mmkv.hybrid_cache import HybridLayer
 from mmkv.opcount import OpCounter
 from mmkv.session import Session
-from mmkv.testing.tiny import build_tiny, make_image
 
 HYBRID = {"static_fraction": 0.5, "chunk_size": 4, "sinks": 2, "recent": 4}
-
-
-def _prepared(family: str = "qwen2_5_vl"):
-    model, processor = build_tiny(family)
-    content = [{"type": "image", "image": make_image(i, 64)} for i in range(2)]
-    content.append({"type": "text", "text": "which image has the red circle ?"})
-    prepared = mmkv.adapter_for(model).prepare(model, processor, [{"role": "user", "content": content}])
-    return model, processor, prepared
 
 
 def _storage(*tensors) -> int:
@@ -138,8 +129,9 @@ CASES = [  # (method, params, query_aware); "measure": bytes read from shapes at
 
 
 @pytest.mark.parametrize("method,params,query_aware", CASES, ids=[f"{m}-{i}" for i, (m, *_) in enumerate(CASES)])
-def test_held_positions_and_bytes_equal_the_physical_cache_at_every_step(method, params, query_aware, monkeypatch):
-    model, processor, prepared = _prepared()
+def test_held_positions_and_bytes_equal_the_physical_cache_at_every_step(method, params, query_aware, monkeypatch,
+                                                                         tiny_prepared):
+    model, processor, prepared = tiny_prepared()
     params = dict(params)
     if params.pop("measure", False):  # a layer without a growth model: the session measures every step
         monkeypatch.setattr(mmkv.session, "layer_growth", lambda layer: None)
@@ -198,8 +190,8 @@ def _chunk_grid(length: int, sinks: int, recent: int, c: int) -> list[list[int]]
 
 
 @pytest.mark.parametrize("query_aware", [True, False])
-def test_hybridkv_retrieved_chunks_equal_an_independent_retrieval(query_aware, monkeypatch) -> None:
-    model, processor, prepared = _prepared()
+def test_hybridkv_retrieved_chunks_equal_an_independent_retrieval(query_aware, monkeypatch, tiny_prepared) -> None:
+    model, processor, prepared = tiny_prepared()
     result, capture, states = _run(model, processor, prepared, monkeypatch, "hybridkv", query_aware, max_new_tokens=8,
                                    **HYBRID)
     trace = result.trace
@@ -244,8 +236,8 @@ def test_hybridkv_retrieved_chunks_equal_an_independent_retrieval(query_aware, m
 
 
 @pytest.mark.parametrize("method,params", [("h2o", {"decode_evict": True}), ("hybridkv", HYBRID)])
-def test_json_round_trip_keeps_the_replay(method, params) -> None:
-    model, processor, prepared = _prepared()
+def test_json_round_trip_keeps_the_replay(method, params, tiny_prepared) -> None:
+    model, processor, prepared = tiny_prepared()
     result = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=5, prepared=prepared,
                            **params)
     trace = result.trace
@@ -264,8 +256,8 @@ def test_json_round_trip_keeps_the_replay(method, params) -> None:
                     assert value == getattr(b, name), name
 
 
-def test_generated_tokens_are_the_answer_pieces() -> None:
-    model, processor, prepared = _prepared("llava")
+def test_generated_tokens_are_the_answer_pieces(tiny_prepared) -> None:
+    model, processor, prepared = tiny_prepared("llava")
     result = mmkv.generate(model, processor, None, method="snapkv", budget=0.3, max_new_tokens=8, prepared=prepared)
     trace = result.trace
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -280,8 +272,8 @@ def test_generated_tokens_are_the_answer_pieces() -> None:
             assert piece == tokenizer.convert_ids_to_tokens(token)
 
 
-def test_step_state_errors_and_old_traces() -> None:
-    model, processor, prepared = _prepared()
+def test_step_state_errors_and_old_traces(tiny_prepared) -> None:
+    model, processor, prepared = tiny_prepared()
     trace = mmkv.generate(model, processor, None, method="snapkv", budget=0.3, max_new_tokens=3, prepared=prepared).trace
     with pytest.raises(ValueError, match="out of range"):
         trace.step_state(trace.decode_steps)
@@ -297,8 +289,8 @@ def test_step_state_errors_and_old_traces() -> None:
         legacy.step_state(0)
 
 
-def test_plain_generate_around_a_session_records_the_steps() -> None:
-    model, _, prepared = _prepared()
+def test_plain_generate_around_a_session_records_the_steps(tiny_prepared) -> None:
+    model, _, prepared = tiny_prepared()
     with mmkv.compress(model, "h2o", 0.3, decode_evict=True) as session:
         out = model.generate(**prepared.inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     trace = session.trace
@@ -310,9 +302,9 @@ def test_plain_generate_around_a_session_records_the_steps() -> None:
 
 
 @pytest.mark.parametrize("method,params", [("h2o", {"decode_evict": True}), ("hybridkv", HYBRID), ("adakv", {})])
-def test_recording_adds_no_op_and_no_sync_to_a_decode_step(method, params) -> None:
+def test_recording_adds_no_op_and_no_sync_to_a_decode_step(method, params, tiny_prepared) -> None:
     """The recorded steps are Python ints (shapes, counts): a decode forward dispatches the same aten ops."""
-    model, _, prepared = _prepared()
+    model, _, prepared = tiny_prepared()
     counts = {}
     for record in (True, False):
         session = Session(model, method, 0.3, modality=prepared.modality, method_params=params, record_steps=record)

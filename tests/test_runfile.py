@@ -46,11 +46,6 @@ def _pixels(img: Image.Image) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def bundled():
-    return mmkv.load("bundled", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def result(bundled):
     model, processor = bundled
     chat = mmkv.chat(QUESTION, images=NEEDLES, videos=[VIDEO])

@@ -9,7 +9,7 @@ import torch
 
 import mmkv
 from mmkv.methods.meda import MEDA
-from mmkv.testing.tiny import build_tiny, make_image
+from mmkv.testing.tiny import build_tiny
 from mmkv.cache import DenseLayer
 from mmkv.driver import compressed_run
 from mmkv.models.base import UnsupportedModelError, resolve_text_model
@@ -20,22 +20,14 @@ from oracle import FixedPlan
 torch.set_num_threads(2)
 
 
-def _prepared(family: str = "qwen2_5_vl", n_images: int = 2, size: int = 64):
-    model, processor = build_tiny(family)
-    content = [{"type": "image", "image": make_image(i, size)} for i in range(n_images)]
-    content.append({"type": "text", "text": "which image has the red circle ?"})
-    prepared = mmkv.adapter_for(model).prepare(model, processor, [{"role": "user", "content": content}])
-    return model, processor, prepared
-
-
 def _full_answer(model, processor, prepared, n: int) -> list[int]:
     return mmkv.generate(model, processor, None, method="full", max_new_tokens=n, prepared=prepared).token_ids
 
 
-def test_question_forward_after_compressing_layer_0_only() -> None:
+def test_question_forward_after_compressing_layer_0_only(tiny_prepared) -> None:
     """B1: layer 0 compressed, layer 1 kept whole (a plain DynamicLayer); the multi-token question
     forward used to build layer 1's mask from layer 0's compressed size and crash."""
-    model, processor, prepared = _prepared()
+    model, processor, prepared = tiny_prepared()
     context = prepared.context_length
     assert context < prepared.length
     kept = torch.arange(context // 2, context)
@@ -54,17 +46,17 @@ def test_question_forward_after_compressing_layer_0_only() -> None:
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
 
 
-def test_question_forward_with_nothing_compressed_matches_full() -> None:
+def test_question_forward_with_nothing_compressed_matches_full(tiny_prepared) -> None:
     """A keep-all plan in every layer (no layer compressed): the plain path, token-identical to Full."""
-    model, processor, prepared = _prepared()
+    model, processor, prepared = tiny_prepared()
     result = mmkv.generate(model, processor, None, method=FixedPlan(), budget=1.0, max_new_tokens=4,
                            query_aware=False, prepared=prepared)
     assert result.token_ids == _full_answer(model, processor, prepared, 4)
 
 
-def test_meda_query_agnostic_when_a_layer_gets_its_full_length() -> None:
+def test_meda_query_agnostic_when_a_layer_gets_its_full_length(tiny_prepared) -> None:
     """B1 as MEDA reaches it: a peaked entropy softmax gives one layer S_l = L (kept whole)."""
-    model, processor, prepared = _prepared(n_images=3, size=128)
+    model, processor, prepared = tiny_prepared(n_images=3, size=128)
     layers = mmkv.models.base.resolve_text_model(model).layers
     with torch.no_grad():  # layer 0 peaked (entropy ~0), layer 1 uniform (q = 0: maximal entropy)
         layers[0].self_attn.q_proj.weight.mul_(50.0)
@@ -113,9 +105,9 @@ def test_plain_models_are_accepted() -> None:
     assert unsupported_attention(resolve_text_model(build_tiny("qwen2_vl")[0]), None) is None
 
 
-def test_trace_keeps_positions_and_merges_packed_until_read() -> None:
+def test_trace_keeps_positions_and_merges_packed_until_read(tiny_prepared) -> None:
     """Kept lists and merge records stay compact CPU tensors in the trace and become lists on first read."""
-    model, processor, prepared = _prepared()
+    model, processor, prepared = tiny_prepared()
     result = mmkv.generate(model, processor, None, method="lookm", budget=0.3, max_new_tokens=2, prepared=prepared)
     trace = result.trace
     layer = trace.layers[0]
