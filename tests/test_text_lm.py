@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import mmkv
+from default_methods import DEFAULT_METHODS, MethodConfig, params
+from mmkv.methods import make_method
 from mmkv.models import TEXT_ADAPTER, adapter_for
 from oracle import compressed_logits, masked_reference_logits
 
@@ -51,12 +53,17 @@ def test_full_is_token_identical_to_plain_generate(text_lm):
     assert result.token_ids == plain[0, ids.shape[1]:].tolist()[: len(result.token_ids)]
 
 
-@pytest.mark.parametrize("method", ["snapkv", "adakv", "streaming_llm"])
-def test_eviction_equals_masked_attention_without_a_map(text_lm, method):
+# every method whose plan is kept positions only (tests/default_methods.py), Full aside
+EVICTING = [case for case in DEFAULT_METHODS if case.replayable and case.budget != "full"]
+
+
+@pytest.mark.parametrize("case", params(EVICTING))
+def test_eviction_equals_masked_attention_without_a_map(text_lm, case: MethodConfig):
     """``mmkv.compress`` builds the all-text map itself; logits equal a full run with the evicted keys masked."""
     model, tokenizer = text_lm
     prepared = TEXT_ADAPTER.prepare(model, tokenizer, mmkv.chat(PROMPT))
     tokens = [5, 9, 13]
+    method = make_method(case.method, **case.kwargs())
     got, session, _ = compressed_logits(model, prepared, method, tokens, budget=0.3)
     kept = {t.layer: [torch.tensor(k) for k in t.kept] for t in session.trace.layers}
     assert 0.25 < session.trace.summary()["kept_ratio"] < 0.35
