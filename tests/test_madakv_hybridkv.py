@@ -19,7 +19,7 @@ from mmkv.methods import HybridKV, MadaKV
 from mmkv.methods.base import LayerContext, LayerPlan
 from mmkv.modality import IMAGE, TEXT, VIDEO, ModalityMap
 from mmkv.stats import LayerStats
-from mmkv.testing.tiny import FAMILIES, build_tiny, make_image
+from mmkv.testing.tiny import FAMILIES
 import oracle
 from oracle import masked_reference_logits
 
@@ -508,14 +508,6 @@ def test_hybrid_layer_bytes(scoring: str) -> None:
 # ---- end to end on tiny models ----------------------------------------------------------------
 
 
-def _prepared(family: str, n_images: int = 2):
-    model, processor = build_tiny(family)
-    content = [{"type": "image", "image": make_image(i, 64)} for i in range(n_images)]
-    content.append({"type": "text", "text": "which image has the red circle ?"})
-    prepared = mmkv.adapter_for(model).prepare(model, processor, [{"role": "user", "content": content}])
-    return model, processor, prepared
-
-
 def _check_trace(trace, n_generated: int) -> None:
     per_token = trace.bytes_per_token_head
     H, N, cap = trace.num_kv_heads, trace.num_layers, trace.capacity
@@ -532,8 +524,8 @@ def _check_trace(trace, n_generated: int) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_end_to_end_every_family(family: str) -> None:
-    model, processor, prepared = _prepared(family)
+def test_end_to_end_every_family(family: str, tiny_prepared) -> None:
+    model, processor, prepared = tiny_prepared(family)
     for method, params in (("madakv", {}), ("madakv", {"window": 4, "hcc": "A"}), ("hybridkv", {}),
                            ("hybridkv", {"chunk_size": 4, "sinks": 2, "scoring": "bounds"})):
         result = mmkv.generate(model, processor, None, method=method, budget=0.2, max_new_tokens=3, prepared=prepared,
@@ -546,8 +538,8 @@ def test_end_to_end_every_family(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "smolvlm"])
-def test_madakv_plan_equals_masked_full_cache(family: str) -> None:
-    model, _, prepared = _prepared(family)
+def test_madakv_plan_equals_masked_full_cache(family: str, tiny_prepared) -> None:
+    model, _, prepared = tiny_prepared(family)
     tokens = [11, 4, 6]
     got, session, _ = oracle.compressed_logits(model, prepared, MadaKV(window=4), tokens, budget=0.3)
     kept = {layer.layer: [torch.tensor(k) for k in layer.kept] for layer in session.trace.layers}
@@ -558,8 +550,8 @@ def test_madakv_plan_equals_masked_full_cache(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
-def test_hybridkv_all_chunks_equals_full_cache(family: str) -> None:
-    model, _, prepared = _prepared(family)
+def test_hybridkv_all_chunks_equals_full_cache(family: str, tiny_prepared) -> None:
+    model, _, prepared = tiny_prepared(family)
     tokens = [5, 9, 13, 7]
     oracle._reset_rope(model)
     want = masked_reference_logits(model, prepared.inputs, {}, tokens)  # nothing masked = plain full cache
@@ -603,11 +595,11 @@ def _per_step_reference(model, inputs, masks_per_step, tokens):
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "idefics3"])
-def test_hybridkv_retrieval_equals_per_step_masked_full_cache(family: str) -> None:
+def test_hybridkv_retrieval_equals_per_step_masked_full_cache(family: str, tiny_prepared) -> None:
     """Every decode step attends to exactly sinks ∪ retrieved chunks ∪ recent (dynamic) / the pruned set (static)."""
     from mmkv.hybrid_cache import HybridLayer
 
-    model, _, prepared = _prepared(family)
+    model, _, prepared = tiny_prepared(family)
     tokens = [5, 9, 13, 7]
     method = HybridKV(static_fraction=0.5, chunk_size=4, sinks=2, recent=4)
     got, session, _ = oracle.compressed_logits(model, prepared, method, tokens, budget=0.5)
