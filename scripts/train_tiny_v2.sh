@@ -12,6 +12,10 @@
 # metrics.json, log.jsonl, args.json; no optimizer state) and are skipped; an interrupted stage continues from
 # its checkpoint in .cache/tiny-v2/<stage>/ckpt.pt on the same machine, and restarts from its input stage on a
 # fresh one. Stage g0 is the function-preserving growth of the shipped v1 model (mmkv.tiny.grow), no training.
+#
+# The whole script is one function, parsed before it runs, so editing this file (e.g. appending stages)
+# never disturbs a chain already running; a restarted chain picks the edits up.
+main() {
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -54,16 +58,27 @@ if ! finished g0 && { [ -z "${ONLY:-}" ] || [ "$ONLY" = g0 ]; }; then
   commit_stage g0
 fi
 
+# Stages are short (200 steps, 30-60 min on the shared 2-core CPU) so that each sitting commits some; each ends
+# with a short LR decay. Common settings: batch 16, retrieval-attention loss x3 on layer 3 (v1's layer 2), heads 0-1.
+COMMON=(--batch 16 --warmup 20 --decay 0.25 --eval-every 100 --retrieval-weight 3)
+SPOT=(--k-start 2 --k-hold 0 --k-ramp 100 --k-max 4 --spot-frac 0.6 --video-frac 0.15 --count-frac 0 --password-frac 0.5
+      --weights needle=2,text_needle=1,spot_difference=1,count=0,video_direction=1,video_colour=1)
+COUNT=(--k-hold 50 --k-ramp 150 --k-max 8 --spot-frac 0.15 --video-frac 0.15 --count-frac 0.8 --password-frac 0.3
+       --weights needle=1,text_needle=0.5,spot_difference=1,count=4,video_direction=1,video_colour=1)
+MIX=(--k-start 8 --k-max 8 --spot-frac 0.2 --video-frac 0.25 --count-frac 0.5 --password-frac 0.5 --weights $ALL)
+
 # ---- s1: spot_difference focus (60% two-picture episodes), the other tasks replayed at K <= 4
-stage s1 g0 --seed 101 --steps 600 --batch 16 --lr 2e-3 --warmup 20 --decay 0.2 --eval-every 200 --retrieval-weight 3 \
-  --k-start 2 --k-hold 0 --k-ramp 100 --k-max 4 --spot-frac 0.6 --video-frac 0.15 --count-frac 0 --password-frac 0.5 \
-  --weights needle=2,text_needle=1,spot_difference=1,count=0,video_direction=1,video_colour=1
+stage s1 g0 --seed 101 --steps 200 --lr 2e-3 "${COMMON[@]}" "${SPOT[@]}"
 
-# ---- s2: count focus (count scenes, K 2 -> 8), spot_difference and video replayed
-stage s2 s1 --seed 102 --steps 600 --batch 16 --lr 2e-3 --warmup 20 --decay 0.2 --eval-every 200 --retrieval-weight 3 \
-  --k-start 2 --k-hold 100 --k-ramp 400 --k-max 8 --spot-frac 0.15 --video-frac 0.15 --count-frac 0.8 --password-frac 0.3 \
-  --weights needle=1,text_needle=0.5,spot_difference=1,count=4,video_direction=1,video_colour=1
+# ---- s2: the same with the changed-cell probe (layer 3: does this cell differ in the other picture?)
+stage s2 s1 --seed 102 --steps 200 --lr 2e-3 "${COMMON[@]}" "${SPOT[@]}" --diff-weight 1
 
-# ---- s3: all tasks mixed at K up to 8
-stage s3 s2 --seed 103 --steps 600 --batch 16 --lr 1.5e-3 --warmup 20 --decay 0.3 --eval-every 200 --retrieval-weight 3 \
-  --k-start 8 --k-max 8 --spot-frac 0.2 --video-frac 0.25 --count-frac 0.5 --password-frac 0.5 --weights $ALL
+# ---- s3, s4: count focus (80% of image scenes are count scenes; K 2 -> 8) with the per-image colour-presence
+# probe at each <|vision_end|> (layer 3), the rest replayed
+stage s3 s2 --seed 103 --steps 200 --lr 2e-3 --k-start 2 "${COMMON[@]}" "${COUNT[@]}" --diff-weight 0.5 --presence-weight 1
+stage s4 s3 --seed 104 --steps 200 --lr 2e-3 --k-start 4 "${COMMON[@]}" "${COUNT[@]}" --diff-weight 0.5 --presence-weight 1
+
+# ---- s5: all tasks mixed at K = 8
+stage s5 s4 --seed 105 --steps 200 --lr 1.5e-3 "${COMMON[@]}" "${MIX[@]}" --diff-weight 0.5 --presence-weight 0.5
+}
+main "$@"

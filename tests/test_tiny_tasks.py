@@ -557,3 +557,74 @@ def test_grown_v2_computes_v1s_function(tmp_path, monkeypatch):
             o1 = mmkv.generate(v1, proc1, s.chat, method="full", max_new_tokens=16, record_attention=False)
             o2 = mmkv.generate(v2, proc2, s.chat, method="full", max_new_tokens=16, record_attention=False)
             assert o2.text == o1.text, (o1.text, o2.text)  # the same answers, right or wrong (v1 gets 85% of video_direction)
+
+
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in mmkv/assets/")
+def test_v2_stages_chain_from_stage_outputs(tmp_path):
+    """scripts/train_tiny_v2.sh's mechanics: a v2 stage starts from a grown model dir, writes its stage output
+    (model, aux heads, metrics, log, args; no optimizer), the next stage starts from that output, and an
+    interrupted stage resumes from its checkpoint; a v2 run never exports to the shipped model's folder."""
+    from mmkv.tiny.grow import main as grow_main
+    from mmkv.tiny.train import main
+
+    assert grow_main([str(tmp_path / "g0")]) == 0
+    common = ["--arch", "v2", "--batch", "3", "--eval-n", "1", "--eval-every", "100", "--log-every", "1", "--threads", "1",
+              "--k-start", "2", "--k-max", "3", "--spot-frac", "0.34", "--video-frac", "0.33", "--count-frac", "0.5",
+              "--retrieval-weight", "1", "--diff-weight", "1", "--presence-weight", "1",
+              "--weights", "needle=1,text_needle=1,spot_difference=1,count=1,video_direction=1,video_colour=1"]
+    before = (ASSET / "model.safetensors").stat().st_mtime
+    assert main(["--work", str(tmp_path / "w1"), "--init", str(tmp_path / "g0"), "--stage-out", str(tmp_path / "s1"),
+                 "--steps", "2", *common]) == 0
+    out = tmp_path / "s1"
+    assert {"model.safetensors", "aux.safetensors", "metrics.json", "log.jsonl", "args.json", "config.json"} <= {p.name for p in out.iterdir()}
+    assert not any(p.suffix == ".pt" for p in out.iterdir())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and set(metrics["heldout_accuracy"]) >= {"needle@8", "spot_difference", "count@8"}
+    assert (ASSET / "model.safetensors").stat().st_mtime == before
+    # the next stage starts from the stage output; stopped at step 1, it resumes from its checkpoint
+    assert main(["--work", str(tmp_path / "w2"), "--init", str(out), "--stage-out", str(tmp_path / "s2"), "--steps", "2",
+                 "--stop-at", "1", *common]) == 0
+    assert not (tmp_path / "s2").exists()
+    assert main(["--work", str(tmp_path / "w2"), "--init", str(out), "--stage-out", str(tmp_path / "s2"), "--steps", "2", *common]) == 0
+    log = [json.loads(line) for line in (tmp_path / "w2" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r.get("event") == "start"] == [0, 1]
+    assert json.loads((tmp_path / "s2" / "metrics.json").read_text())["steps"] == 2
+    rec = next(r for r in log if "retrieval_mass" in r)
+    assert 0.0 < rec["retrieval_mass"] <= 1.0
+    assert any("aux_acc_presence" in r for r in log)
+    from safetensors.torch import load_file
+
+    assert {k.split(".")[0] for k in load_file(str(tmp_path / "s2" / "aux.safetensors"))} == {"cells", "motion", "bind", "diff", "presence"}
+
+
+def test_v2_probe_labels_mark_changed_cells_and_image_colours(v2_processor):
+    """The changed-cell labels of a two-picture scene are exactly the cells whose rendered content differs
+    (both pictures alike), other visual tokens are ignored; colour-presence labels sit on each image's
+    <|vision_end|> token and list the colours drawn in that image."""
+    import numpy as np
+
+    from mmkv.tiny.tasks import CELL
+    from mmkv.tiny.train import FastEncoder
+
+    enc = FastEncoder(v2_processor)
+    rng = random.Random(12)
+    spot = make_episode(rng, kind="spot")
+    eps = [make_episode(rng, k=3, kind="count", size=168), spot, make_episode(rng, kind="video")]
+    batch = enc.encode(eps)
+    per = [36] * 3 + [49, 49] + [64]
+    assert batch["aux_diff"].shape[0] == sum(per) == int((batch["mm_token_type_ids"] > 0).sum())
+    d = batch["aux_diff"].split(per)
+    assert all((x == -100).all() for x in (d[0], d[1], d[2], d[5]))
+    assert torch.equal(d[3], d[4]) and int(d[3].sum()) >= 1
+    (a, _), (b, _) = [render_image(objs, 196) for objs in spot.scene.images]
+    pa, pb = np.asarray(a).astype(int), np.asarray(b).astype(int)
+    moved = np.abs(pa - pb).sum(-1) > 0
+    cells = moved.reshape(7, CELL, 7, CELL).sum((1, 3)).reshape(-1)
+    assert all(cells[i] > 0 for i in np.nonzero(d[3].numpy())[0])  # every marked cell changed on screen
+    end = v2_processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    rows, pos = batch["presence_row"], batch["presence_pos"]
+    assert rows.tolist() == [0, 0, 0, 1, 1]
+    assert all(int(batch["input_ids"][r, p]) == end for r, p in zip(rows.tolist(), pos.tolist()))
+    objs = eps[0].scene.images + spot.scene.images
+    for v, o in zip(batch["aux_presence"].tolist(), objs):
+        assert [c for c, x in zip(COLOUR_NAMES, v) if x] == [c for c in COLOUR_NAMES if c in {s.colour for s in o}]

@@ -164,6 +164,7 @@ class FastEncoder:
             add(self.text(a) + [end], learn=True)
             if not last:
                 add(nl)
+        self._spans = spans
         return ids, labels, targets
 
     def retrieval_targets(self, task: str, answer: str, spans: Sequence[tuple[int, int]]) -> tuple[int, list[int]] | None:
@@ -196,6 +197,8 @@ class FastEncoder:
     def encode(self, episodes: Sequence[Episode], answer_last: bool = True, aux: bool = True) -> dict[str, Any]:
         images, image_labels, videos, video_labels = [], [], [], []
         bind, motion = [], []
+        diff: list[np.ndarray] = []  # per visual token: the cell differs in the other picture (spot_difference scenes), else -100
+        presence: list[tuple[int, int, list[float]]] = []  # (row, position of an image's <|vision_end|>, colours present)
         retrieval: list[tuple[int, int, list[int]]] = []
         rows = []
         for ep in episodes:
@@ -207,6 +210,7 @@ class FastEncoder:
                 gt, gh, gw = grid
                 per = [gt * gh * gw // self.merge**2]
                 if aux:
+                    diff.append(np.full(per[0], IGNORE))
                     direction = 1 + DIRECTIONS.index(video_direction(ep.scene))
                     for g in range(gt):
                         colour, shape = cell_labels(labs[g * self.tps : (g + 1) * self.tps])
@@ -217,9 +221,19 @@ class FastEncoder:
                 images.extend(media)
                 per = [(m.size[0] // (self.patch * self.merge)) * (m.size[1] // (self.patch * self.merge)) for m in media]
                 if aux:
-                    image_labels.extend(cell_labels([lab]) for lab in labs)
+                    cells = [cell_labels([lab]) for lab in labs]
+                    image_labels.extend(cells)
                     bind.extend(np.full(n, k) for k, n in enumerate(per))
+                    if len(cells) == 2 and ep.turns and ep.turns[0][0] == "spot_difference" and per[0] == per[1]:
+                        changed = ((cells[0][0] != cells[1][0]) | (cells[0][1] != cells[1][1])).astype(np.int64)
+                        diff.extend([changed, changed])
+                    else:
+                        diff.extend(np.full(n, IGNORE) for n in per)
             ids, answer_labels, targets = self.episode_ids(ep, per, answer_last)
+            if aux and not ep.is_video:
+                for (_, end), objs in zip(self._spans, ep.scene.images):
+                    present = {o.colour for o in objs}
+                    presence.append((len(rows), end, [float(c in present) for c in COLOUR_NAMES]))
             rows.append((ids, answer_labels))
             retrieval.extend((len(rows) - 1, q, pos) for q, pos in targets)
         length = max(len(r[0]) for r in rows)
@@ -251,6 +265,12 @@ class FastEncoder:
                 out["aux_bind"] = torch.from_numpy(np.concatenate(bind)).long()
             if motion:
                 out["video_aux_motion"] = torch.from_numpy(np.concatenate(motion)).long()
+            if diff and any((d >= 0).any() for d in diff):
+                out["aux_diff"] = torch.from_numpy(np.concatenate(diff)).long()
+            if presence:
+                out["presence_row"] = torch.tensor([r for r, _, _ in presence])
+                out["presence_pos"] = torch.tensor([p for _, p, _ in presence])
+                out["aux_presence"] = torch.tensor([v for _, _, v in presence])
             if retrieval:
                 out["retrieval_row"] = torch.tensor([r for r, _, _ in retrieval])
                 out["retrieval_query"] = torch.tensor([q for _, q, _ in retrieval])
@@ -300,6 +320,21 @@ class AuxHeads(torch.nn.Module):
         self.motion = torch.nn.Linear(hidden, len(DIRECTIONS) + 1)
         self.bind = torch.nn.Linear(hidden, MAX_IMAGES)
         self.bind_layer = bind_layer
+        self.diff_layer: int | None = None
+        self.presence_layer: int | None = None
+
+    def add_v2_probes(self, hidden: int, diff_layer: int | None, presence_layer: int | None) -> None:
+        """v2's probes (created only when used, so runs without them keep their checkpoints' shapes):
+        ``diff``: on the hidden state after ``diff_layer`` layers, whether each visual token's cell differs from
+        the same cell of the other picture (spot_difference scenes; the comparison the answer needs);
+        ``presence``: at each image's ``<|vision_end|>`` token after ``presence_layer`` layers, which colours the
+        image holds (a per-image summary that counting reads)."""
+        if diff_layer is not None:
+            self.diff = torch.nn.Linear(hidden, 2)
+            self.diff_layer = diff_layer
+        if presence_layer is not None:
+            self.presence = torch.nn.Linear(hidden, len(COLOUR_NAMES))
+            self.presence_layer = presence_layer
 
 
 def _heads_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -321,6 +356,8 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
     bind_loss = torch.zeros((), device=batch["input_ids"].device)
     motion_loss = torch.zeros((), device=batch["input_ids"].device)
     retrieval_loss = torch.zeros((), device=batch["input_ids"].device)
+    diff_loss = torch.zeros((), device=batch["input_ids"].device)
+    presence_loss = torch.zeros((), device=batch["input_ids"].device)
     stats: dict[str, Any] = {}
     for key, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
         if batch.get(pix) is None:
@@ -359,7 +396,7 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
         video_grid_thw=batch.get("video_grid_thw"),
         mm_encoder_outputs=enc or None,
         use_cache=False,
-        output_hidden_states=heads is not None and "aux_bind" in batch,
+        output_hidden_states=heads is not None and ("aux_bind" in batch or "aux_presence" in batch),
         output_attentions=want_retrieval and not heads.hooked,
     )
     if hook is not None:
@@ -380,8 +417,23 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
         visual = (batch["mm_token_type_ids"] > 0) & (batch["attention_mask"] > 0)
         hidden = out.hidden_states[heads.bind_layer][visual]
         bind_loss, stats["aux_acc_bind"] = _probe(heads.bind(hidden), batch["aux_bind"].to(ids.device))
+        if heads.diff_layer is not None and "aux_diff" in batch:
+            target = batch["aux_diff"].to(ids.device)
+            keep = target >= 0
+            logits = heads.diff(out.hidden_states[heads.diff_layer][visual][keep])
+            diff_loss = F.cross_entropy(logits, target[keep])
+            with torch.no_grad():  # accuracy on the changed cells (most cells are unchanged)
+                on = target[keep] == 1
+                stats["aux_acc_diff"] = float((logits.argmax(-1)[on] == 1).float().mean()) if bool(on.any()) else 1.0
+    if heads is not None and heads.presence_layer is not None and "aux_presence" in batch:
+        h = out.hidden_states[heads.presence_layer][batch["presence_row"], batch["presence_pos"]]
+        logits = heads.presence(h)
+        target = batch["aux_presence"].to(logits.device)
+        presence_loss = F.binary_cross_entropy_with_logits(logits, target)
+        with torch.no_grad():
+            stats["aux_acc_presence"] = float(((logits > 0).float() == target).all(-1).float().mean())
     return out.logits, {"aux_loss": aux_loss, "bind_loss": bind_loss, "motion_loss": motion_loss,
-                        "retrieval_loss": retrieval_loss, **stats}
+                        "retrieval_loss": retrieval_loss, "diff_loss": diff_loss, "presence_loss": presence_loss, **stats}
 
 
 def retrieval_attention(attn: Any, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor,
@@ -549,6 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eager-all", action="store_true",
                    help="with the retrieval loss, run every layer eager (the v1 chain did); default: only the retrieval layer")
     p.add_argument("--arch", choices=("v1", "v2"), default="v1", help="v2: mmkv.tiny.grow's shape, vocabulary and processor")
+    p.add_argument("--diff-weight", type=float, default=0.0, help="v2: weight of the changed-cell probe (spot_difference scenes)")
+    p.add_argument("--diff-layer", type=int, default=3, help="hidden state (after this many text layers) the changed-cell probe reads")
+    p.add_argument("--presence-weight", type=float, default=0.0, help="v2: weight of the per-image colour-presence probe (at <|vision_end|>)")
+    p.add_argument("--presence-layer", type=int, default=3)
     p.add_argument("--image-size", type=int, default=None, help="v2: px of the multi-image scenes (default 168)")
     p.add_argument("--spot-frac", type=float, default=0.0, help="v2: share of two-picture (spot_difference) episodes")
     p.add_argument("--count-frac", type=float, default=0.0, help="v2: share of the multi-image scenes drawn as count scenes")
@@ -609,7 +665,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         processor = build_processor(tok)
         model = build_model(tok, seed=args.seed).to(device)
     heads = AuxHeads(model.config.text_config.hidden_size, args.bind_layer, args.retrieval_layer,
-                     [int(h) for h in args.retrieval_heads.split(",")]).to(device)
+                     [int(h) for h in args.retrieval_heads.split(",")])
+    heads.add_v2_probes(model.config.text_config.hidden_size, args.diff_layer if args.diff_weight > 0 else None,
+                        args.presence_layer if args.presence_weight > 0 else None)
+    heads = heads.to(device)
     if args.retrieval_weight > 0:
         if args.eager_all or not v2:
             model.set_attn_implementation("eager")  # attention weights for the retrieval loss
@@ -699,7 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logits, aux = forward(model, heads, batch)
         loss_ans = answer_loss(logits, batch["labels"])
         loss = (loss_ans + args.aux_weight * aux["aux_loss"] + args.bind_weight * aux["bind_loss"] + args.motion_weight * aux["motion_loss"]
-                + args.retrieval_weight * aux["retrieval_loss"])
+                + args.retrieval_weight * aux["retrieval_loss"] + args.diff_weight * aux["diff_loss"]
+                + args.presence_weight * aux["presence_loss"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
@@ -737,12 +797,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"exported to {args.out}; shipped tasks: {', '.join(shipped)}", flush=True)
                 else:
                     print(f"no task reached {SHIP_AT:.0%}: not exported to {args.out} (latest snapshot in {work / 'latest'})", flush=True)
-            if args.stage_out and step == stop:
+            if args.stage_out and step == args.steps:  # a stage is finished at --steps, not at --stop-at
                 write_stage(Path(args.stage_out), model, heads, processor, export, metrics, log_path, args, work)
             model.train()
             t_last = time.time()
     log({"event": "end", "step": step, "time": time.time()})
-    if args.stage_out and not (Path(args.stage_out) / "metrics.json").is_file():  # resumed at the stop step
+    if args.stage_out and step >= args.steps and not (Path(args.stage_out) / "metrics.json").is_file():  # resumed at the end
         acc = evaluator(model, device)
         write_stage(Path(args.stage_out), model, heads, processor, export,
                     {"step": step, "heldout_accuracy": acc, "n_per_task": args.eval_n}, log_path, args, work)
