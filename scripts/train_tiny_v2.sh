@@ -18,6 +18,7 @@
 main() {
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SCRIPT=scripts/train_tiny_v2.sh
 PY=${PY:-.venv/bin/python}
 W=${W:-.cache/tiny-v2}          # work dirs: checkpoints with optimizer state (not committed)
 T=${T:-training/tiny-v2}        # finished stages (committed)
@@ -47,6 +48,8 @@ stage() {
   echo "stage $name: from $input, $(date -u +%FT%TZ)"
   train --init "$T/$input" --work "$W/$name" --stage-out "$T/$name" "$@"
   commit_stage "$name"
+  # re-read this file after every finished stage: stages appended meanwhile run next, finished ones are skipped
+  [ -n "${ONLY:-}" ] || exec bash "$SCRIPT"
 }
 
 ALL=needle=2,text_needle=1,spot_difference=1,count=1,video_direction=1,video_colour=1
@@ -80,5 +83,15 @@ stage s4 s3 --seed 104 --steps 200 --lr 2e-3 --k-start 4 "${COMMON[@]}" "${COUNT
 
 # ---- s5: all tasks mixed at K = 8
 stage s5 s4 --seed 105 --steps 200 --lr 1.5e-3 "${COMMON[@]}" "${MIX[@]}" --diff-weight 0.5 --presence-weight 0.5
+
+# ---- s6: video focus (v1 learned video_direction only in a video-only stage), image tasks replayed at K = 8
+stage s6 s5 --seed 106 --steps 200 --lr 1.5e-3 "${COMMON[@]}" --k-start 8 --k-max 8 --spot-frac 0.1 --video-frac 0.6 \
+  --count-frac 0.5 --password-frac 0.5 --weights needle=2,text_needle=1,spot_difference=1,count=1,video_direction=3,video_colour=1 \
+  --diff-weight 0.5 --presence-weight 0.5
+
+# ---- s7, s8: all tasks mixed at K = 8, LR stepping down
+stage s7 s6 --seed 107 --steps 200 --lr 1e-3 "${COMMON[@]}" "${MIX[@]}" --diff-weight 0.5 --presence-weight 0.5
+stage s8 s7 --seed 108 --steps 200 --lr 5e-4 "${COMMON[@]}" "${MIX[@]}" --diff-weight 0.5 --presence-weight 0.5
+echo "chain finished: every stage in this file is in $T"
 }
 main "$@"
