@@ -25,13 +25,14 @@ Positions of the kept tokens are tracked per head (logical indices), for the tra
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .methods.base import LayerPlan
+from .methods.decode import as_decode_policy
 
 
 class BatchSizeError(ValueError):
@@ -714,11 +715,8 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reser
     unchanged = plan.keys is None and plan.decode is None and all(k.numel() == length for k in kept)
     if unchanged and reserve == 0:
         return None
-    if plan.decode is not None:
-        policy = plan.decode.get("policy")
-        if policy not in DECODE_POLICIES:
-            raise ValueError(f"unknown decode policy {policy!r}; known: {', '.join(sorted(DECODE_POLICIES))}")
-        return DECODE_POLICIES[policy](keys, values, plan, reserve)
+    if plan.decode is not None:  # a decode-time policy builds its own layer (mmkv.methods.decode)
+        return as_decode_policy(plan.decode).build_layer(keys, values, plan, reserve)
     head_keys, head_values = kept_contents(keys, values, plan, kept)
     counts = [k.numel() for k in kept]
     if len(set(counts)) == 1:
@@ -736,24 +734,6 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reser
         length,
         reserve,
     )
-
-
-def _h2o_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> CompressedLayer:
-    """H2O storage never grows: one slot of room for the incoming token replaces ``reserve``."""
-    kept = [k.to(device=keys.device, dtype=torch.long) for k in plan.kept]
-    if len({k.numel() for k in kept}) != 1:
-        raise ValueError("H2O decode-time eviction needs the same budget in every head")
-    head_keys, head_values = kept_contents(keys, values, plan, kept)
-    scores = torch.stack([s.float().to(keys.device) for s in plan.decode["scores"]])
-    return H2ODecodeLayer(
-        torch.stack(head_keys)[None].to(keys.dtype), torch.stack(head_values)[None].to(values.dtype),
-        torch.stack(kept), keys.shape[2], plan.decode["capacity"], plan.decode["recent"], scores,
-    )
-
-
-#: Decode-time policies: ``plan.decode["policy"]`` -> builder ``(full keys, full values, plan, reserve) -> layer``.
-#: A method with its own decode behaviour registers its layer builder here.
-DECODE_POLICIES: dict[str, Callable[[torch.Tensor, torch.Tensor, LayerPlan, int], CompressedLayer]] = {"h2o": _h2o_layer}
 
 
 def apply_plan(cache: Cache, layer_idx: int, plan: LayerPlan, reserve: int = 0) -> None:

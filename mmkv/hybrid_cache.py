@@ -24,8 +24,8 @@ appended to :attr:`HybridLayer.retrievals` (a list per step, one sorted list per
 Chunks tile the middle span ``[sinks, L - recent)`` from its start; the last one may be shorter:
 its unused buffer slots are masked out. :meth:`physical_bytes` counts device memory only (static
 prefix, fixed tokens, buffers, summaries, tail, plus the store itself when ``offload`` is off);
-:meth:`host_bytes` counts the host store. Importing this module registers the ``"hybrid"`` decode
-policy in :data:`mmkv.cache.DECODE_POLICIES`.
+:meth:`host_bytes` counts the host store. The plan's typed decode policy
+(:class:`mmkv.methods.decode.ChunkRetrieval`) builds this layer.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .cache import (
-    DECODE_POLICIES, AppendBuffer, CompressedLayer, DeviceLog, FlatPrefix, GrowthModel, batch_size_error, group_rows,
+    AppendBuffer, CompressedLayer, DeviceLog, FlatPrefix, GrowthModel, batch_size_error, group_rows,
     ragged_attention, tensor_bytes,
 )
 from .methods.base import LayerPlan
@@ -313,7 +313,7 @@ def _host_copy(tensor: torch.Tensor, device: torch.device | str, pin: bool = Fal
 
 
 def build_hybrid_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> HybridLayer:
-    """``DECODE_POLICIES["hybrid"]``: build a :class:`HybridLayer` from full ``[1, H, L, d]`` tensors and the plan.
+    """:class:`mmkv.methods.decode.ChunkRetrieval`'s layer: build a :class:`HybridLayer` from full ``[1, H, L, d]`` tensors and the plan.
 
     ``plan.decode`` holds ``head_types`` (``"static"``/``"dynamic"`` per KV head), ``sinks``, ``recent``,
     ``chunk_size``, ``top_chunks``, ``scoring``, ``offload`` and ``initial_chunks`` (per dynamic head).
@@ -360,5 +360,3 @@ def build_hybrid_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan
     })
     return layer
 
-
-DECODE_POLICIES["hybrid"] = build_hybrid_layer

@@ -18,6 +18,7 @@ Mechanics (no model class is patched):
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from contextlib import contextmanager
@@ -518,6 +519,8 @@ def _switch_attention(model: torch.nn.Module, delta: int) -> None:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a composition's parts (mmkv.methods.compose)
+        return {"type": type(value).__name__, **{f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}}
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -1,7 +1,10 @@
 """Compression methods: one file and one dataclass per method, behind :class:`Method`.
 
-Every module of this package that defines a :class:`Method` subclass with its own ``name`` is
+Every module of this package that defines a :class:`Method` subclass with its own ``name`` string is
 registered automatically (adding a method = adding a file); the classes are also exported here.
+The named methods are presets of composable parts (:mod:`.compose`: scorers and budget policies,
+whose names are derived from their parts and which are not registered; :mod:`.decode`: typed
+decode-time policies), see docs/methods.md, "Composing methods".
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ import pkgutil
 from typing import Any
 
 from .base import LayerContext, LayerPlan, MergeRecord, Method, pool1d, reduce_to_kv_heads, topk_plus_recent
+from .compose import (
+    H2OScorer, HeadAdaptive, LayerEntropy, ModalityAdaptive, Policy, Pyramid, Scorer, SinkScorer, SnapKVScorer, Uniform,
+)
+from .decode import ChunkRetrieval, DecodePolicy, H2OEviction
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -20,7 +27,10 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         continue
     _module = importlib.import_module(f"{__name__}.{_info.name}")
     for _cls in vars(_module).values():
-        if inspect.isclass(_cls) and issubclass(_cls, Method) and _cls.__module__ == _module.__name__:
+        if (
+            inspect.isclass(_cls) and issubclass(_cls, Method) and _cls.__module__ == _module.__name__
+            and isinstance(vars(_cls).get("name"), str)
+        ):
             if _cls.name in METHODS and METHODS[_cls.name] is not _cls:
                 raise RuntimeError(f"two methods are named {_cls.name!r}: {METHODS[_cls.name]} and {_cls}")
             METHODS[_cls.name] = _cls
@@ -50,4 +60,6 @@ def make_method(method: str | Method, **params: Any) -> Method:
 __all__ = [
     "METHODS", "make_method", "Method", "LayerContext", "LayerPlan", "MergeRecord",
     "reduce_to_kv_heads", "pool1d", "topk_plus_recent", *sorted(c.__name__ for c in METHODS.values()),
+    "Scorer", "SinkScorer", "H2OScorer", "SnapKVScorer", "Policy", "Uniform", "Pyramid", "HeadAdaptive", "LayerEntropy",
+    "ModalityAdaptive", "DecodePolicy", "H2OEviction", "ChunkRetrieval",
 ]

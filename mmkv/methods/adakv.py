@@ -10,15 +10,17 @@ alpha 0.2). Since ``sum_h n_h = H_kv b``, the shares add up to exactly ``H_kv b`
 exactly ``H_kv C`` tokens (the repository's ``round(n_h (1 - alpha) + floor(b alpha))``
 loses up to one token per head to the floor). Heads then keep different numbers of tokens: the cache
 stores them ragged, so the savings are physical.
+
+Preset: ``HeadAdaptive(SnapKVScorer(window, kernel, pooling, gqa_reduce), alpha)`` (docs/methods.md,
+"Composing methods"); ``HeadAdaptive(H2OScorer())`` is the same allocation over H2O's scores.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .base import LayerContext, LayerPlan, check_fraction, largest_remainder
+from .base import LayerContext, LayerPlan, check_fraction
+from .compose import HeadAdaptive
 from .snapkv import SnapKV
 
 
@@ -38,23 +40,14 @@ class AdaKV(SnapKV):
         super().__post_init__()
         check_fraction(self, "alpha")
 
+    @property
+    def policy(self) -> HeadAdaptive:
+        """This preset as a composition."""
+        return HeadAdaptive(self.scorer, self.alpha)
+
     def head_capacities(self, ctx: LayerContext) -> list[int]:
         """Per-KV-head capacities (window included)."""
-        length, capacity = ctx.length, ctx.capacity
-        if capacity >= length:
-            return [length] * ctx.num_kv_heads
-        window = min(self.window, capacity, length)
-        base = capacity - window
-        scores = self.scores(ctx, window)  # [H_kv, L - w]
-        h_kv, span = scores.shape
-        flat = scores.reshape(-1)
-        top = torch.topk(flat, min(h_kv * base, flat.numel())).indices
-        counts = torch.bincount(top // span, minlength=h_kv).tolist()
-        shares = [n * (1 - self.alpha) + base * self.alpha for n in counts]
-        return [c + window for c in largest_remainder(shares, h_kv * base, span)]
+        return self.policy.head_capacities(ctx)
 
     def plan_layer(self, ctx: LayerContext) -> LayerPlan:
-        caps = self.head_capacities(ctx)
-        plan = self.keep(ctx, caps)
-        plan.info["head_capacities"] = caps
-        return plan
+        return self.policy.plan_layer(ctx)

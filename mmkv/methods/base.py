@@ -24,6 +24,7 @@ import torch
 
 from ..modality import ModalityMap
 from ..stats import LayerStats, StatsRequest
+from .decode import DecodePolicy
 
 
 @dataclass
@@ -63,8 +64,9 @@ class LayerPlan:
     - ``keys`` / ``values``: optional replacement contents for the kept tokens, ``[n_h, d]`` per head
       (merging methods); ``None`` means "gather the original keys/values".
     - ``merges``: optional per-head :class:`MergeRecord` for the trace.
-    - ``decode``: optional decode-time policy (e.g. ``{"policy": "h2o", "capacity": C, "recent": w,
-      "scores": [H_kv, n]}``), applied by the cache at every decode step.
+    - ``decode``: optional typed decode-time policy (:class:`~mmkv.methods.decode.H2OEviction`,
+      :class:`~mmkv.methods.decode.ChunkRetrieval`) that builds this layer's cache layer and acts at
+      every decode step; the older ``{"policy": name, ...}`` dict form is still read.
     - ``info``: small per-layer numbers for the trace (budgets, entropies, ...).
     """
 
@@ -72,7 +74,7 @@ class LayerPlan:
     keys: list[torch.Tensor] | None = None
     values: list[torch.Tensor] | None = None
     merges: list[MergeRecord] | None = None
-    decode: dict[str, Any] | None = None
+    decode: DecodePolicy | dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -7,6 +7,9 @@ attention"; algorithms.md §6.2), computed in query blocks. Keep the last ``rece
 ``decode_evict=True`` gives the original H2O: the cache stays at ``capacity`` tokens during
 decoding, each new query's attention is added to the scores and the lowest-scored token outside
 the recent window is evicted at every step. Off by default, as in the multimodal papers' usage.
+
+Preset: ``Uniform(H2OScorer(recent_ratio, gqa_reduce))`` plus, with ``decode_evict``, the typed decode
+policy :class:`~mmkv.methods.decode.H2OEviction` (docs/methods.md, "Composing methods").
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..stats import StatsRequest
-from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction, reduce_to_kv_heads, topk_plus_recent
+from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction
+from .compose import H2OScorer, select
+from .decode import H2OEviction
 
 
 @dataclass
@@ -35,20 +40,17 @@ class H2O(Method):
     def stats_request(self) -> StatsRequest:
         return StatsRequest(column_sums=True)
 
+    @property
+    def scorer(self) -> H2OScorer:
+        """This preset's scorer: ``Uniform(scorer)`` keeps the same tokens."""
+        return H2OScorer(self.recent_ratio, self.gqa_reduce)
+
     def plan_layer(self, ctx: LayerContext) -> LayerPlan:
-        length, capacity = ctx.length, ctx.capacity
-        scores = reduce_to_kv_heads(ctx.stats.column_sums, ctx.num_kv_heads, self.gqa_reduce)
-        recent = min(capacity, max(1, round(capacity * self.recent_ratio)))
-        if capacity >= length:
-            plan = LayerPlan.keep_all(ctx.num_kv_heads, length)
-        else:
-            plan = LayerPlan(kept=topk_plus_recent(scores, capacity - recent, recent))
+        scorer = self.scorer
+        recent = scorer.window(ctx, ctx.capacity)
+        plan = select(scorer, ctx, ctx.capacity)
         if self.decode_evict:
-            plan.decode = {
-                "policy": "h2o",
-                "capacity": capacity,
-                "recent": recent,
-                "scores": [scores[h, k] for h, k in enumerate(plan.kept)],
-            }
+            scores = scorer.full_scores(ctx)
+            plan.decode = H2OEviction(ctx.capacity, recent, [scores[h, k] for h, k in enumerate(plan.kept)])
         plan.info["recent"] = recent
         return plan

@@ -21,7 +21,8 @@ largest fractions).
 
 Stage 3 — compression. Static heads: text-prior pruning — the last ``recent`` tokens, then text
 tokens before visual ones, each by question attention (all text fits in any budget that allows it).
-Dynamic heads: :class:`mmkv.hybrid_cache.HybridLayer` — full prompt KV in a host store, chunk summaries
+Dynamic heads: :class:`mmkv.hybrid_cache.HybridLayer`, built by the plan's typed decode policy
+:class:`~mmkv.methods.decode.ChunkRetrieval` — full prompt KV in a host store, chunk summaries
 on the device, the ``top_chunks`` chunks best for the current query loaded at every decode step.
 Before the first step the buffer holds the chunks with the most question attention (so the trace's
 ``kept`` shows the tokens resident on the device after compression).
@@ -37,7 +38,8 @@ import torch
 from ..modality import TEXT
 from ..stats import StatsRequest
 from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction, check_positive, reduce_to_kv_heads, water_fill
-from .madakv import coverage_count
+from .compose import coverage_count
+from .decode import ChunkRetrieval
 
 
 def dynamic_layout(length: int, budget: int, sinks: int, recent: int, chunk_size: int, top_chunks: int | None) -> dict:
@@ -201,20 +203,17 @@ class HybridKV(Method):
                     "recent": layout["recent"],
                     "initial_chunks": initial,
                 })
-                decode = {
-                    "policy": "hybrid",
-                    "head_types": types[layer],
-                    "sinks": layout["sinks"],
-                    "recent": layout["recent"],
-                    "chunk_size": self.chunk_size,
-                    "top_chunks": layout["top_chunks"],
-                    "scoring": self.scoring,
-                    "offload": self.offload,
-                    "initial_chunks": initial,
-                }
+                decode = ChunkRetrieval(
+                    head_types=types[layer],
+                    sinks=layout["sinks"],
+                    recent=layout["recent"],
+                    chunk_size=self.chunk_size,
+                    top_chunks=layout["top_chunks"],
+                    scoring=self.scoring,
+                    offload=self.offload,
+                    initial_chunks=initial,
+                )
             plans.append(LayerPlan(kept=kept, decode=decode, info=info))
-        from .. import hybrid_cache  # noqa: F401  (registers the "hybrid" decode policy; lazy: import cycle)
-
         return plans
 
     def text_prior(self, ctx: LayerContext, scores: torch.Tensor, budget: int) -> torch.Tensor:

@@ -54,87 +54,19 @@ Our readings where the paper is vague or the code differs (algorithms.md §3.2, 
 ``LayerPlan.info`` records ``entropy`` (E_CM^l or the full entropy, nats), ``weight`` (softmax
 weight), ``layer_budget`` (S_l tokens), ``layer_ratio`` (S_l / L), plus the selection facts of
 :func:`mmkv.methods.lookm.text_prior_plan` (``retained`` is the actual count, >= S_l with long text).
+
+Preset: ``LayerEntropy(LookM(recent_share=split[0] / sum(split), merge="average"), entropy, head_average,
+cross_mask, clamp, redistribute)`` (docs/methods.md, "Composing methods").
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Sequence
 
-from ..stats import LayerStats, StatsRequest
-from .base import LayerContext, LayerPlan, Method, check_choice, largest_remainder
-from .lookm import check_text_prior_params, text_prior_plan
-
-
-def layer_entropy(stats: LayerStats, entropy: str, head_average: str) -> float:
-    """The per-layer entropy that sets MEDA's budgets (see the module docstring)."""
-    if entropy == "full":
-        if stats.full_entropy is None:
-            raise ValueError("MEDA entropy='full' needs stats.full_entropy")
-        return float(stats.full_entropy.float().mean())
-    if stats.cross_tv is None or stats.cross_vt is None:
-        raise ValueError("MEDA entropy='cross_modal' needs the cross-modal statistics")
-    if head_average == "attention":
-        return float(stats.cross_tv_head_mean or 0.0) + float(stats.cross_vt_head_mean or 0.0)
-    return float(stats.cross_tv.float().mean()) + float(stats.cross_vt.float().mean())
-
-
-def softmax(values: Sequence[float]) -> list[float]:
-    top = max(values)
-    exp = [math.exp(v - top) for v in values]
-    total = sum(exp)
-    return [e / total for e in exp]
-
-
-def proportional_fill(weights: Sequence[float], total: float, low: float, high: float) -> list[float]:
-    """``x_l = clip(lam · w_l, low, high)`` with ``sum x_l = total`` (``w_l > 0``; needs ``n·low <= total <= n·high``).
-
-    ``f(lam) = sum_l clip(lam · w_l, low, high)`` is continuous, piecewise linear and non-decreasing,
-    with breakpoints ``low / w_l`` and ``high / w_l``: find the segment where it reaches ``total``
-    and solve the linear equation there (exact, no iteration).
-    """
-    n = len(weights)
-    if not n * low - 1e-9 <= total <= n * high + 1e-9:
-        raise ValueError(f"cannot fill {total} into {n} layers within [{low}, {high}]")
-
-    def f(lam: float) -> float:
-        return sum(min(high, max(low, lam * w)) for w in weights)
-
-    points = sorted({low / w for w in weights} | {high / w for w in weights})
-    prev = 0.0
-    for point in points:
-        if f(point) >= total:
-            break
-        prev = point
-    else:
-        return [high] * n
-    # On [prev, point] a layer is pinned at `high` if high/w <= prev, at `low` if low/w >= point, else free.
-    pinned = sum(high for w in weights if high / w <= prev) + sum(low for w in weights if low / w >= point)
-    free = sum(w for w in weights if high / w > prev and low / w < point)
-    lam = (total - pinned) / free if free > 0 else point
-    return [min(high, max(low, lam * w)) for w in weights]
-
-
-def layer_budgets(
-    entropies: Sequence[float], capacities: Sequence[int], length: int,
-    clamp: Sequence[float] | None = (0.01, 1.0), redistribute: bool = True,
-) -> tuple[list[float], list[int]]:
-    """Softmax weights and integer layer budgets ``S_l`` (tokens per KV head) from the layer entropies."""
-    n = len(entropies)
-    weights = softmax(entropies)
-    total = int(sum(capacities))
-    if clamp is None:
-        low, high = 0, length
-    else:
-        low = min(length, max(0, math.ceil(clamp[0] * length - 1e-9)))
-        high = max(0, min(length, math.floor(clamp[1] * length + 1e-9)))
-    if not redistribute:
-        return weights, [int(math.floor(min(high, max(low, w * total)) + 1e-9)) for w in weights]
-    low = min(low, total // n)  # a floor the total cannot pay for is relaxed to the average
-    high = max(high, -(-total // n))
-    filled = proportional_fill(weights, float(total), float(low), float(high))
-    return weights, largest_remainder(filled, total, high)
+from ..stats import StatsRequest
+from .base import LayerContext, LayerPlan, Method, check_choice
+from .compose import LayerEntropy, layer_budgets, layer_entropy, proportional_fill, softmax  # noqa: F401  (re-exported)
+from .lookm import LookM, check_text_prior_params
 
 
 @dataclass
@@ -186,20 +118,15 @@ class MEDA(Method):
             return StatsRequest(column_sums=True, full_entropy=True)
         return StatsRequest(column_sums=True, cross_modal=self.cross_mask)
 
+    @property
+    def policy(self) -> LayerEntropy:
+        """This preset as a composition: entropy layer budgets over LOOK-M's text prior with MEDA's split and merge."""
+        inner = LookM(recent_share=self.recent_share, merge=self.merge, similarity_filter=self.similarity_filter,
+                     text_only=self.text_only, gqa_reduce=self.gqa_reduce)
+        return LayerEntropy(inner, self.entropy, self.head_average, self.cross_mask, self.clamp, self.redistribute)
+
     def plan(self, contexts: list[LayerContext]) -> list[LayerPlan]:
-        if not contexts:
-            return []
-        length = contexts[0].length
-        entropies = [layer_entropy(ctx.stats, self.entropy, self.head_average) for ctx in contexts]
-        weights, budgets = layer_budgets(entropies, [ctx.capacity for ctx in contexts], length, self.clamp, self.redistribute)
-        plans = []
-        for ctx, e, w, budget in zip(contexts, entropies, weights, budgets):
-            plan = text_prior_plan(
-                ctx, budget, self.recent_share, self.merge, self.similarity_filter, self.text_only, self.gqa_reduce
-            )
-            plan.info.update(entropy=e, weight=w, layer_budget=budget, layer_ratio=budget / length if length else 0.0)
-            plans.append(plan)
-        return plans
+        return self.policy.plan(contexts)
 
     def plan_layer(self, ctx: LayerContext) -> LayerPlan:
         """One layer alone gets the whole budget (a single-layer softmax); used only outside a session."""

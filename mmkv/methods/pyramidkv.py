@@ -9,13 +9,16 @@ layers hold exactly ``N_L C`` tokens per KV head and stay non-increasing with de
 code floors ``min`` and the step ``(max - min) // (N_L - 1)`` instead, which overspends by up to
 ``(N_L - 1) / 2`` tokens per head (+14% at C = 108 over 32 layers). Prompts shorter than ``2b`` fall
 back to uniform SnapKV.
+
+Preset: ``Pyramid(SnapKVScorer(window, kernel, pooling, gqa_reduce), beta)`` (docs/methods.md, "Composing methods").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import LayerContext, LayerPlan, check_positive, largest_remainder
+from .base import LayerContext, LayerPlan, check_positive
+from .compose import Pyramid
 from .snapkv import SnapKV
 
 
@@ -35,24 +38,14 @@ class PyramidKV(SnapKV):
         super().__post_init__()
         check_positive(self, "beta")
 
+    @property
+    def policy(self) -> Pyramid:
+        """This preset as a composition."""
+        return Pyramid(self.scorer, self.beta)
+
     def layer_capacity(self, ctx: LayerContext) -> int:
         """Capacity (window included) of layer ``ctx.layer``."""
-        length, capacity = ctx.length, ctx.capacity
-        window = self.effective_window(ctx, capacity)
-        base = capacity - window
-        if capacity >= length or length < 2 * base or ctx.num_layers == 1:
-            return capacity
-        low = base / self.beta
-        high = 2 * base - low
-        if high >= length - window:
-            high = length - window
-            low = 2 * base - high
-        step = (high - low) / (ctx.num_layers - 1)
-        schedule = [high - layer * step for layer in range(ctx.num_layers)]
-        return largest_remainder(schedule, ctx.num_layers * base, length - window)[ctx.layer] + window
+        return self.policy.layer_capacity(ctx)
 
     def plan_layer(self, ctx: LayerContext) -> LayerPlan:
-        cap = self.layer_capacity(ctx)
-        plan = self.keep(ctx, cap)
-        plan.info["layer_capacity"] = cap
-        return plan
+        return self.policy.plan_layer(ctx)

@@ -5,6 +5,8 @@ Score = attention of the last ``window`` prompt queries summed per key, pooled a
 ``capacity - window`` keys before the window plus the window itself (algorithms.md §6.1; defaults
 of the SnapKV repository: window 32, kernel 5, avg pooling). When the capacity is smaller than the
 window, only the last ``capacity`` tokens are kept.
+
+Preset: ``Uniform(SnapKVScorer(window, kernel, pooling, gqa_reduce))`` (docs/methods.md, "Composing methods").
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..stats import StatsRequest
-from .base import LayerContext, LayerPlan, Method, check_choice, check_positive, pool1d, reduce_to_kv_heads, topk_plus_recent
+from .base import LayerContext, LayerPlan, Method, check_choice, check_positive
+from .compose import SnapKVScorer, select
 
 
 @dataclass
@@ -37,9 +40,14 @@ class SnapKV(Method):
         check_choice(self, "pooling", ("max", "avg"))
         check_choice(self, "gqa_reduce", ("mean", "max"))
 
+    @property
+    def scorer(self) -> SnapKVScorer:
+        """This preset's scorer: ``Uniform(scorer)`` is the same method."""
+        return SnapKVScorer(self.window, self.kernel, self.pooling, self.gqa_reduce)
+
     def effective_window(self, ctx: LayerContext, capacity: int) -> int:
         """The recent window kept verbatim: never more than the capacity or the prompt."""
-        return min(self.window, capacity, ctx.length)
+        return self.scorer.window(ctx, capacity)
 
     def scores(self, ctx: LayerContext, window: int) -> torch.Tensor:
         """Pooled window scores of the positions before the window, per KV head ``[H_kv, L - window]``.
@@ -47,18 +55,11 @@ class SnapKV(Method):
         The slice comes before the pooling (SnapKV Alg. 1), so the window's own scores do not leak
         into the positions just before it.
         """
-        scores = reduce_to_kv_heads(ctx.stats.window_scores, ctx.num_kv_heads, self.gqa_reduce)
-        return pool1d(scores[:, : ctx.length - window], self.kernel, self.pooling)
+        return self.scorer.scores(ctx, window)
 
     def keep(self, ctx: LayerContext, capacity: int | list[int]) -> LayerPlan:
         """Keep ``capacity`` (per head, or one value for all) tokens: top scores + the window."""
-        length = ctx.length
-        caps = [capacity] * ctx.num_kv_heads if isinstance(capacity, int) else list(capacity)
-        if min(caps) >= length:
-            return LayerPlan.keep_all(ctx.num_kv_heads, length)
-        window = self.effective_window(ctx, min(caps))
-        kept = topk_plus_recent(self.scores(ctx, window), [c - window for c in caps], window, length)
-        return LayerPlan(kept=kept, info={"window": window})
+        return select(self.scorer, ctx, capacity)
 
     def plan_layer(self, ctx: LayerContext) -> LayerPlan:
         return self.keep(ctx, ctx.capacity)

@@ -3,15 +3,16 @@
 As a prefill compressor (the KVCache-Factory form, algorithms.md §6.4): keep the first ``sinks``
 tokens and the last ``capacity - sinks`` tokens. Positions are *not* re-encoded: kept tokens keep
 their original RoPE positions, and new tokens continue at the logical length.
+
+Preset: ``Uniform(SinkScorer(sinks))`` (docs/methods.md, "Composing methods").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .base import LayerContext, LayerPlan, Method
+from .compose import SinkScorer, select
 
 
 @dataclass
@@ -27,10 +28,10 @@ class StreamingLLM(Method):
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
             raise ValueError(f"streamingllm: sinks must be a non-negative integer, got {self.sinks!r}")
 
+    @property
+    def scorer(self) -> SinkScorer:
+        """This preset's scorer: ``Uniform(scorer)`` is the same method."""
+        return SinkScorer(self.sinks)
+
     def plan_layer(self, ctx: LayerContext) -> LayerPlan:
-        length, capacity = ctx.length, ctx.capacity
-        if capacity >= length:
-            return LayerPlan.keep_all(ctx.num_kv_heads, length)
-        sinks = min(self.sinks, capacity)
-        kept = torch.cat([torch.arange(sinks), torch.arange(length - (capacity - sinks), length)])
-        return LayerPlan(kept=[kept.clone() for _ in range(ctx.num_kv_heads)], info={"sinks": sinks})
+        return select(self.scorer, ctx, ctx.capacity)
