@@ -136,7 +136,7 @@ def check_choice(method: "Method", name: str, choices: tuple[str, ...]) -> None:
 
 
 def reduce_to_kv_heads(scores: torch.Tensor, num_kv_heads: int, how: str = "mean") -> torch.Tensor:
-    """GQA: reduce per-query-head scores ``[H_q, L]`` to KV heads ``[H_kv, L]`` (algorithms.md §1.2).
+    """GQA: reduce per-query-head scores ``[H_q, L]`` to KV heads ``[H_kv, L]`` (docs/methods.md, Common framework).
 
     Query heads ``h*G .. h*G+G-1`` share KV head ``h`` (the transformers ``repeat_kv`` layout).
     """

@@ -1,7 +1,7 @@
 """H2O: heavy hitters + recent tokens (Zhang et al., NeurIPS 2023, arXiv 2306.14048).
 
 Score of a key = attention it received, summed over *all* prompt queries (Eq. "accumulated
-attention"; algorithms.md §6.2), computed in query blocks. Keep the last ``recent`` tokens and the
+attention"; docs/methods.md, H2O), computed in query blocks. Keep the last ``recent`` tokens and the
 ``capacity - recent`` best-scored earlier tokens, per KV head (GQA: mean over the group).
 
 ``decode_evict=True`` gives the original H2O: the cache stays at ``capacity`` tokens during

@@ -1,8 +1,8 @@
 """HybridKV: static/dynamic heads, top-down budgets, text-prior pruning + chunk-wise retrieval.
 
 HybridKV, ACL 2026 (arXiv 2604.05887). No public code and no paper body were available; the
-design comes from summaries (algorithms.md §5) and every gap is filled by a reading that is named
-below and in ``docs/_madakv_hybridkv.md``.
+design comes from summaries (docs/methods.md, HybridKV) and every gap is filled by a reading that is named
+below and in docs/methods.md, HybridKV.
 
 Stage 1 — classification, per (layer, KV head). ``a`` = the question's attention (the text after the
 last visual token; fallback the last 32 tokens) summed over the question queries, averaged over the

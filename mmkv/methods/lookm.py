@@ -1,10 +1,10 @@
 """LOOK-M: text-prior KV eviction + KV merging (Wan et al., EMNLP Findings 2024, arXiv 2406.18139).
 
-Once per layer at the end of prefill (algorithms.md §2):
+Once per layer at the end of prefill (docs/methods.md, LOOK-M):
 
 1. Score (Eq. 4): ``A_s = sum_i A_p[i, :]``, the attention each key received summed over **all**
    prompt queries (H2O's accumulated attention; ``stats.column_sums``), per query head, reduced to
-   KV heads by the mean over each GQA group (algorithms.md §1.2).
+   KV heads by the mean over each GQA group (docs/methods.md, Common framework).
 2. Text prior (Eq. 5): ``A_s[T] += max(A_s)``, so every text token outranks every visual token. We
    implement the *ordering* directly (text first, as the code's ``-65516`` on visual positions does):
    the paper's ``+= max`` would tie a zero-score text token with the best visual token.

@@ -1,8 +1,8 @@
 """MadaKV: modality preference adaptation + hierarchical compression compensation.
 
 MadaKV, ACL 2025 (arXiv 2506.15724). No public code and no paper body were available; the
-formulas come from third-party notes (algorithms.md §4) and every gap is filled by a reading that is
-named below and in ``docs/_madakv_hybridkv.md``.
+formulas come from third-party notes (docs/methods.md, MadaKV) and every gap is filled by a reading that is
+named below and in docs/methods.md, MadaKV.
 
 Per layer ``l`` (processed in order, so the method is global) and KV head ``h``:
 

@@ -1,7 +1,7 @@
 """MEDA: entropy-guided layer budgets + text-prior selection + average merging (Wan et al., NAACL 2025, arXiv 2502.17599).
 
 A *global* method: the budget of a layer depends on every layer's cross-modal entropy, so it plans
-once after the whole prefill (algorithms.md §3).
+once after the whole prefill (docs/methods.md, MEDA).
 
 1. Cross-modal entropy per layer (Eq. 5-6). With ``A_TV = softmax(Q_T K_V^T / sqrt(D))`` (text
    queries over visual keys only) and ``A_VT = softmax(Q_V K_T^T / sqrt(D))``::
@@ -19,7 +19,7 @@ once after the whole prefill (algorithms.md §3).
    (§4.4, ``M_l = floor(3/4 · S_l)``, ``N_l = S_l - M_l``), then **average** merging (Eq. 11-12),
    see :mod:`mmkv.methods.lookm` and :mod:`mmkv.methods.merge`.
 
-Our readings where the paper is vague or the code differs (algorithms.md §3.2, §7.1 item 2):
+Our readings where the paper is vague or the code differs (docs/methods.md, MEDA):
 
 - ``entropy="cross_modal"`` (default, the paper) or ``"full"``: the released code's quantity, the
   mean row entropy of the full causal attention averaged over heads (its cross-modal function is

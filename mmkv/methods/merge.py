@@ -8,7 +8,7 @@ Assignment (LOOK-M Eq. 9; MEDA Eq. 11), on **keys only**, and reused for the val
     j*(i)   = argmax_j S[i, j]       (ties: the earliest kept position, torch's first maximum)
     N_j     = { i in E : j*(i) = j }
 
-Updates of a kept token ``j`` (algorithms.md §2.4; the same formula for ``v_j`` with the same ``j*``):
+Updates of a kept token ``j`` (docs/methods.md, LOOK-M; the same formula for ``v_j`` with the same ``j*``):
 
 - ``"average"``  (LOOK-M Eq. 10, MEDA Eq. 12):  k_j <- (k_j + sum_{i in N_j} k_i) / (|N_j| + 1)
 - ``"pivotal"``  (LOOK-M Eq. 11, default):       k_j <- (k_j + 1/2 sum_{i in N_j} (k_i + k_j)) / (|N_j| + 1)
@@ -18,7 +18,7 @@ Kept tokens nobody merged into (``N_j`` empty) are returned bit-identical. Sever
 merged into the same target are summed exactly (an accumulating scatter of all contributions, then
 one division); this is what the official code's ``scatter_reduce(reduce="mean", include_self=True)``
 computes when its ``src`` and ``index`` are aligned. We implement the equations, *not* the A-Merge code path, whose
-``src`` (all evicted tokens) and ``index`` (filtered targets) are misaligned (algorithms.md §2.4, §7.1).
+``src`` (all evicted tokens) and ``index`` (filtered targets) are misaligned (docs/methods.md, LOOK-M).
 
 Code-faithful filter (``similarity_filter=True``, average and weighted only, off by default): the
 released code merges only the evicted tokens whose max-similarity, averaged over heads, is at least

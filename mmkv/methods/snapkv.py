@@ -2,7 +2,7 @@
 
 Score = attention of the last ``window`` prompt queries summed per key, pooled along positions
 (``kernel``, avg or max) so neighbours of a strong key survive together; keep the top
-``capacity - window`` keys before the window plus the window itself (algorithms.md §6.1; defaults
+``capacity - window`` keys before the window plus the window itself (docs/methods.md, SnapKV; defaults
 of the SnapKV repository: window 32, kernel 5, avg pooling). When the capacity is smaller than the
 window, only the last ``capacity`` tokens are kept.
 

@@ -1,6 +1,6 @@
 """StreamingLLM: attention sinks + a recent window (Xiao et al., ICLR 2024, arXiv 2309.17453).
 
-As a prefill compressor (the KVCache-Factory form, algorithms.md §6.4): keep the first ``sinks``
+As a prefill compressor (the KVCache-Factory form, docs/methods.md, StreamingLLM): keep the first ``sinks``
 tokens and the last ``capacity - sinks`` tokens. Positions are *not* re-encoded: kept tokens keep
 their original RoPE positions, and new tokens continue at the logical length.
 
