@@ -302,6 +302,28 @@ def test_compositions_run_end_to_end(tiny_run) -> None:
     assert head == {"scorer": {"type": "H2OScorer", "recent_ratio": 0.5, "gqa_reduce": "mean"}, "alpha": 0.2}
 
 
+def test_text_prior_over_h2o_is_lookm_selection_under_the_budget() -> None:
+    """``Uniform(TextPrior(H2OScorer()))`` keeps LOOK-M's tokens when the text fits in N; else the budget holds."""
+    from mmkv.methods import H2OScorer, LookM, TextPrior, Uniform
+    from mmkv.modality import IMAGE, ModalityMap
+
+    length = 60
+    codes = torch.zeros(length, dtype=torch.int8)
+    codes[5:45] = IMAGE  # 5 text tokens, 40 image tokens, 15 text tokens (question)
+    modality = ModalityMap.text_only(length)
+    modality.modality = codes
+    for capacity in (30, 40, 50):  # even: H2O's round(C/2) == LOOK-M's floor(C/2)
+        ctx = _ctx(length, capacity, modality=modality, seed=capacity)
+        got = Uniform(TextPrior(H2OScorer())).plan_layer(ctx)
+        want = LookM(merge="none").plan_layer(ctx)
+        assert [k.tolist() for k in got.kept] == [k.tolist() for k in want.kept]
+    ctx = _ctx(length, 16, modality=modality, seed=1)  # N = 8 < the 12 text tokens before the window
+    got = Uniform(TextPrior(H2OScorer())).plan_layer(ctx)
+    assert got.budgets == [16, 16] and LookM(merge="none").plan_layer(ctx).budgets == [20, 20]
+    for kept in got.kept:
+        assert all(codes[p] == 0 for p in kept.tolist() if p < length - 8)  # only text before the window
+
+
 def test_decode_policies_are_typed_and_read_the_dict_form() -> None:
     from mmkv.methods import H2O, ChunkRetrieval, H2OEviction
     from mmkv.methods.decode import as_decode_policy

@@ -16,7 +16,8 @@ from typing import Any
 
 from .base import LayerContext, LayerPlan, MergeRecord, Method, pool1d, reduce_to_kv_heads, topk_plus_recent
 from .compose import (
-    H2OScorer, HeadAdaptive, LayerEntropy, ModalityAdaptive, Policy, Pyramid, Scorer, SinkScorer, SnapKVScorer, Uniform,
+    H2OScorer, HeadAdaptive, LayerEntropy, ModalityAdaptive, Policy, Pyramid, Scorer, SinkScorer, SnapKVScorer, TextPrior,
+    Uniform,
 )
 from .decode import ChunkRetrieval, DecodePolicy, H2OEviction
 
@@ -60,6 +61,6 @@ def make_method(method: str | Method, **params: Any) -> Method:
 __all__ = [
     "METHODS", "make_method", "Method", "LayerContext", "LayerPlan", "MergeRecord",
     "reduce_to_kv_heads", "pool1d", "topk_plus_recent", *sorted(c.__name__ for c in METHODS.values()),
-    "Scorer", "SinkScorer", "H2OScorer", "SnapKVScorer", "Policy", "Uniform", "Pyramid", "HeadAdaptive", "LayerEntropy",
+    "Scorer", "SinkScorer", "H2OScorer", "SnapKVScorer", "TextPrior", "Policy", "Uniform", "Pyramid", "HeadAdaptive", "LayerEntropy",
     "ModalityAdaptive", "DecodePolicy", "H2OEviction", "ChunkRetrieval",
 ]

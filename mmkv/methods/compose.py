@@ -6,7 +6,8 @@ keeps and takes a scorer (or an inner policy), so ``HeadAdaptive(H2OScorer())`` 
 head-adaptive allocation over H2O's accumulated attention. The named methods are presets of these
 parts (``SnapKV = Uniform(SnapKVScorer())``, ``AdaKV = HeadAdaptive(SnapKVScorer(...))``, ...).
 
-Scorers: :class:`SinkScorer` (StreamingLLM), :class:`H2OScorer`, :class:`SnapKVScorer`.
+Scorers: :class:`SinkScorer` (StreamingLLM), :class:`H2OScorer`, :class:`SnapKVScorer`, and the
+wrapper :class:`TextPrior` (LOOK-M's text-first order over any scorer).
 Policies: :class:`Uniform`, :class:`Pyramid` (PyramidKV), :class:`HeadAdaptive` (AdaKV),
 :class:`LayerEntropy` (MEDA), :class:`ModalityAdaptive` (MadaKV).
 """
@@ -139,6 +140,43 @@ class SnapKVScorer:
 
     def info(self, capacity: int, window: int) -> dict[str, Any]:
         return {"window": window}
+
+
+@dataclass
+class TextPrior:
+    """LOOK-M's text prior (Eq. 5; docs/methods.md, LOOK-M) over any scorer: text outranks visual.
+
+    Within each modality the inner scorer's order stands (ties: the earlier position). The scores are
+    ranks (``-rank``), so a budget policy takes text first; unlike LOOK-M's preset, the budget holds
+    (text beyond it is cut, lowest-scored first).
+    """
+
+    inner: Any  # Scorer
+
+    @property
+    def name(self) -> str:
+        return f"textprior({self.inner.name})"
+
+    def stats_request(self) -> StatsRequest:
+        return self.inner.stats_request()
+
+    def window(self, ctx: LayerContext, capacity: int) -> int:
+        return self.inner.window(ctx, capacity)
+
+    def scores(self, ctx: LayerContext, window: int) -> torch.Tensor:
+        scores = self.inner.scores(ctx, window)
+        span = scores.shape[1]
+        visual = (ctx.modality.modality[:span].to(scores.device) != TEXT).to(torch.uint8)
+        out = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+        ranks = -torch.arange(span, dtype=torch.float32, device=scores.device)
+        for h in range(scores.shape[0]):
+            order = torch.sort(scores[h], descending=True, stable=True).indices
+            order = order[torch.sort(visual[order], stable=True).indices]
+            out[h, order] = ranks
+        return out
+
+    def info(self, capacity: int, window: int) -> dict[str, Any]:
+        return self.inner.info(capacity, window)
 
 
 def select(scorer: Scorer, ctx: LayerContext, capacity: int | list[int], window: int | None = None) -> LayerPlan:
