@@ -3,13 +3,12 @@
 Installed, the same app starts with ``mmkv app``.
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
-try:  # ZeroGPU: `spaces` must be imported before torch
+with contextlib.suppress(Exception):  # ZeroGPU: `spaces` must be imported before torch (not on a Space: no-op)
     import spaces  # noqa: F401
-except Exception:  # not on a Space
-    pass
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 

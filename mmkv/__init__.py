@@ -14,8 +14,8 @@ from .cache import BatchSizeError, cache_bytes
 from .driver import Generation, GenerationResult, generate
 from .methods import METHODS, Method, make_method
 from .modality import IMAGE, TEXT, VIDEO, ModalityMap
-from .prompt import chat
 from .models import PreparedInputs, UnsupportedModelError, adapter_for, load
+from .prompt import chat
 from .runfile import RunFile, load_run, save_run
 from .session import Session, compress, resolve_capacity
 from .trace import LayerTrace, Trace

@@ -21,7 +21,8 @@ _T_START = time.perf_counter()  # app start time is reported from here (imports 
 
 import logging  # noqa: E402
 import os  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
 
@@ -41,13 +42,13 @@ import gradio as gr  # noqa: E402
 from viz import STRIP_COLORS  # noqa: E402
 
 from .bundled import EXAMPLES_DIR  # noqa: E402
-from .runfile import RUNS_DIR  # noqa: E402
 from .methods import METHODS  # noqa: E402
+from .runfile import RUNS_DIR  # noqa: E402
 from .ui import Limits, UserError, default_model  # noqa: E402
 from .ui import handlers as H  # noqa: E402
 from .ui.about import about_html  # noqa: E402
 from .ui.inputs import params_text  # noqa: E402
-from .ui.models import SUGGESTED_MODELS, ModelStore  # noqa: E402
+from .ui.models import ModelStore  # noqa: E402
 
 log = logging.getLogger("mmkv.app")
 
@@ -499,8 +500,8 @@ def build_demo() -> gr.Blocks:
 
         # ---- events ----
         # model runs share one queue ("model"); loading a model has its own, so a slow load never holds up chats
-        model_kw = dict(concurrency_id="model", concurrency_limit=int(os.environ.get("MMKV_CONCURRENCY", "1")))
-        light = dict(concurrency_limit=4)
+        model_kw: dict[str, Any] = dict(concurrency_id="model", concurrency_limit=int(os.environ.get("MMKV_CONCURRENCY", "1")))
+        light: dict[str, Any] = dict(concurrency_limit=4)
         demo.load(on_page_load, inputs=[state], outputs=[state, model_status, present], concurrency_id="load",
                   concurrency_limit=2)
         demo.load(None, None, [present], js=PRESENT_FROM_URL_JS)  # ?present=1 ticks the switch (its change does the rest)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .session import Session
 
 ATTENTION_NAME = "mmkv"
-ACTIVE_SESSION: ContextVar["Session | None"] = ContextVar("mmkv_active_session", default=None)
+ACTIVE_SESSION: ContextVar[Session | None] = ContextVar("mmkv_active_session", default=None)
 
 
 def mmkv_attention(
@@ -44,7 +44,7 @@ def mmkv_attention(
     """AttentionInterface entry point: ``(module, q, k, v, mask, ...) -> (output [B, q, H, d], None)``."""
     session = ACTIVE_SESSION.get()
     layer_idx = session.layer_index(module) if session is not None else None
-    if layer_idx is None:
+    if session is None or layer_idx is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return session.attend(layer_idx, module, query, key, value, attention_mask, dropout, scaling, kwargs), None
 

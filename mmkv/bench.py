@@ -18,23 +18,28 @@ markdown) and a plotly HTML report are built from that store.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import DynamicCache
 
 from .cache import cache_bytes
-from .compat import cache_kwargs
+from .compat import cache_kwargs, model_config
 from .modality import IMAGE, ModalityMap
 from .opcount import count_ops
 from .progress import Progress
 from .records import ResultStore, write_records
 from .session import Session
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: Text and vision sizes of the published Qwen2.5-VL checkpoints (config.json of the Instruct models).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -144,7 +149,7 @@ def synthetic_prompt(model: torch.nn.Module, length: int, visual_share: float = 
 
     Each image is a ``image_grid x image_grid`` patch grid, i.e. ``(image_grid / 2)^2`` LLM tokens.
     """
-    cfg = model.config
+    cfg = model_config(model)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     merge = cfg.vision_config.spatial_merge_size
@@ -232,7 +237,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """
     visual = getattr(getattr(model, "model", model), "visual", None)
     skip = {id(p) for p in visual.parameters()} if visual is not None else set()
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    pretrained = cast("PreTrainedModel", model)  # the embedding accessors are transformers'
+    embed, head = pretrained.get_input_embeddings(), pretrained.get_output_embeddings()
     if embed is not None and (head is None or head.weight is not embed.weight):
         skip |= {id(p) for p in embed.parameters()}
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
@@ -248,7 +254,7 @@ def run_one(model, inputs, modality, method: str, budget: float | int, new_token
         inner.rope_deltas = None
     reserve = new_tokens + 1 if preallocate else 0
     session = Session(model, method, budget, modality=modality, record_attention=False, reserve=reserve)
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    cache = DynamicCache(config=model_config(model).get_text_config(decoder=True))
     _reset_peak(device)
     with session.activate():
         out = model(**inputs, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
@@ -267,6 +273,7 @@ def run_one(model, inputs, modality, method: str, budget: float | int, new_token
         peak_decode = _peak(device)
         ops = count_ops(lambda: model(input_ids=token, **cache_kwargs(model, cache), use_cache=True))
     trace = session.trace
+    assert trace is not None  # the prefill above made it
     steps = trace.timings.decode_s[warmup : warmup + new_tokens] or trace.timings.decode_s
     decode_ms = 1000 * statistics.median(steps)
     # the room reserved for generated tokens is memory held, but not part of the compressed prompt
@@ -429,15 +436,13 @@ def plot(rows: Sequence[BenchRow]) -> Any:
 def write(rows: Sequence[BenchRow], out: Path) -> None:
     write_records(rows, out, "bench")
     (out / "bench.md").write_text(markdown_table(rows) + "\n")
-    try:
+    with contextlib.suppress(ImportError):
         plot(rows).write_html(out / "bench.html", include_plotlyjs="cdn")
-    except ImportError:
-        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .methods import METHODS
     from .budget import parse_budget
+    from .methods import METHODS
 
     p = argparse.ArgumentParser(prog="python -m mmkv.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny",

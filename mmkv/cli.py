@@ -14,8 +14,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .budget import parse_budget
 from .methods import METHODS

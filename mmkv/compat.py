@@ -8,7 +8,7 @@ transformers 5.24 renamed the cache argument of model forwards and ``generate`` 
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ import torch
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cache_argument_of(forward: Any) -> str:
     try:
         parameters = inspect.signature(forward).parameters
@@ -32,6 +32,12 @@ def _cache_argument_of(forward: Any) -> str:
 def cache_argument(model: torch.nn.Module) -> str:
     """The keyword under which ``model``'s forward takes the KV cache (``"cache"`` from 5.24 on)."""
     return _cache_argument_of(type(model).forward)
+
+
+def model_config(model: torch.nn.Module) -> Any:
+    """``model.config``, typed ``Any``: a transformers config's fields come from the checkpoint (and
+    ``torch.nn.Module`` types an unknown attribute as ``Tensor | Module``)."""
+    return model.config
 
 
 def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:

@@ -9,14 +9,15 @@ processed against the compressed cache, so compression can change every answer t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Literal, overload
 
 import torch
 from transformers import DynamicCache
 
-from .compat import cache_kwargs
+from .compat import cache_kwargs, model_config
 from .methods import Method
 from .models import PreparedInputs, adapter_for
 from .models.base import Chat
@@ -46,7 +47,7 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
 
 def check_prompt_length(model: torch.nn.Module, prompt_length: int, max_new_tokens: int) -> None:
     """Raise a fixable error when prompt + answer exceed the model's context window."""
-    cfg = model.config.get_text_config(decoder=True)
+    cfg = model_config(model).get_text_config(decoder=True)
     limit = getattr(cfg, "max_position_embeddings", None)
     if limit is not None and prompt_length + max_new_tokens > limit:
         raise ValueError(
@@ -116,10 +117,25 @@ def _session_for(
     return Session(model, method, budget, modality=modality, query_aware=query_aware, **session_kwargs), context
 
 
+@overload
+def generate(
+    model: torch.nn.Module, processor: Any, chat: Chat | str | None, method: str | Method = ..., budget: float | int = ...,
+    *, stream: Literal[False] = ..., **kwargs: Any,
+) -> GenerationResult: ...
+@overload
+def generate(
+    model: torch.nn.Module, processor: Any, chat: Chat | str | None, method: str | Method = ..., budget: float | int = ...,
+    *, stream: Literal[True], **kwargs: Any,
+) -> Generation: ...
+@overload
+def generate(
+    model: torch.nn.Module, processor: Any, chat: Chat | str | None, method: str | Method = ..., budget: float | int = ...,
+    *, stream: bool, **kwargs: Any,
+) -> GenerationResult | Generation: ...
 def generate(
     model: torch.nn.Module,
     processor: Any,
-    chat: Chat | str,
+    chat: Chat | str | None,
     method: str | Method = "snapkv",
     budget: float | int = 0.2,
     *,
@@ -143,7 +159,8 @@ def generate(
     ``method`` is a name (``"snapkv"``, ``"adakv"``, ...) or a :class:`~mmkv.methods.Method`;
     ``budget`` a ratio in (0, 1] of the compressed span or an absolute token count (int) per layer
     and KV head. Returns a :class:`GenerationResult` (text, token ids, Trace), or with
-    ``stream=True`` a :class:`Generation` to iterate for text deltas. ``preallocate=True`` reserves
+    ``stream=True`` a :class:`Generation` to iterate for text deltas. ``chat`` may be None when
+    ``prepared`` (inputs from the adapter's ``prepare``) is given. ``preallocate=True`` reserves
     room for ``max_new_tokens`` in every cache layer after compression, so decoding writes in place
     instead of copying the cache at every step (the reserved room counts in the trace's bytes).
     """
@@ -151,6 +168,8 @@ def generate(
         raise ValueError("max_new_tokens must be at least 1")
     adapter = adapter_for(model)
     if prepared is None:
+        if chat is None:
+            raise ValueError("generate needs a chat, or prepared inputs (prepared=...)")
         prepared = adapter.prepare(model, processor, chat, num_frames=num_frames, video_fps=video_fps)
     check_prompt_length(model, prepared.length, max_new_tokens)
     session, context = _session_for(
@@ -173,7 +192,7 @@ def compressed_run(model: torch.nn.Module, prepared: PreparedInputs, session: Se
     (``context < prepared.length``) prefill the context, compress it, then read the question.
     """
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    cache = DynamicCache(config=model_config(model).get_text_config(decoder=True))
     inputs = dict(prepared.inputs)
     _reset_rope_state(model)
 

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 __all__ = [
     "MileBenchSample", "load_milebench", "list_datasets", "normalise", "rouge_l", "rouge_l_official",
@@ -369,7 +370,8 @@ class MileBenchSample:
             limit -= self.max_new_tokens
         tokenizer = getattr(processor, "tokenizer", processor)
         count = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
-        per_image = (lambda _: self.tokens_per_image) if self.tokens_per_image else lambda p: image_tokens(model, processor, p)
+        fixed = self.tokens_per_image
+        per_image = (lambda _: fixed) if fixed else lambda p: image_tokens(model, processor, p)
         context, images = truncate_left(self.instruction, self.context, self.images, count, tokenizer.decode, limit,
                                         per_image, with_images=not self.combined)
         return self._chat(context, self.images if self.combined else images)

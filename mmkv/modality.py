@@ -72,18 +72,18 @@ class ModalityMap:
     def counts(self) -> dict[str, int]:
         return {name: int((self.modality == code).sum()) for code, name in enumerate(MODALITY_NAMES)}
 
-    def prefix(self, length: int) -> "ModalityMap":
+    def prefix(self, length: int) -> ModalityMap:
         """The map of the first ``length`` tokens (the compressed context in query-agnostic mode)."""
         items = [it for it in self.items if it.start < length]
         return ModalityMap(self.modality[:length], self.item[:length], self.row[:length], self.col[:length], items)
 
     @classmethod
-    def text_only(cls, length: int) -> "ModalityMap":
+    def text_only(cls, length: int) -> ModalityMap:
         minus = torch.full((length,), -1, dtype=torch.int32)
         return cls(torch.zeros(length, dtype=torch.int8), minus.clone(), minus.clone(), minus.clone(), [])
 
     @classmethod
-    def from_items(cls, length: int, items: list[VisualItem], cells: list[tuple[list[int], list[int], list[int]]]) -> "ModalityMap":
+    def from_items(cls, length: int, items: list[VisualItem], cells: list[tuple[list[int], list[int], list[int]]]) -> ModalityMap:
         """Build a map from items and, per item, the (positions, rows, cols) of its grid tokens."""
         m = cls.text_only(length)
         for index, (it, (pos, rows, cols)) in enumerate(zip(items, cells)):
@@ -106,7 +106,7 @@ class ModalityMap:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModalityMap":
+    def from_dict(cls, d: dict) -> ModalityMap:
         return cls(
             torch.tensor(d["modality"], dtype=torch.int8),
             torch.tensor(d["item"], dtype=torch.int32),

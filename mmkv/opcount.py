@@ -8,7 +8,8 @@ device catches up. :class:`OpCounter` counts both, by op name, through ``TorchDi
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch.utils._python_dispatch import TorchDispatchMode
 

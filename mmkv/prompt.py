@@ -9,7 +9,8 @@ template labels images itself, as Qwen's templates do with ``add_vision_id``.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from PIL import Image
 

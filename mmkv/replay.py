@@ -174,7 +174,7 @@ class Replay:
 
     def _stacked(self, layer: int | None, head: int | None, keys: list[tuple[int, int]]) -> np.ndarray | None:
         """Exit steps ``[pairs, size]`` of the selection's dense pairs (several pairs: stacked once, then kept)."""
-        dense = [self.pairs[k] for k in keys if isinstance(self.pairs[k], _Dense)]
+        dense = [pair for k in keys if isinstance(pair := self.pairs[k], _Dense)]
         if len(dense) <= 1:
             return dense[0].leave[None] if dense else None
         if (layer, head) not in self._stack:

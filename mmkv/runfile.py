@@ -38,16 +38,17 @@ import os
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
 
-from .video import VideoFrames
 from .trace import Trace
+from .video import VideoFrames
 
 __all__ = ["RunFile", "save_run", "load_run", "peek_run", "example_runs", "RUNS_DIR", "SUFFIX", "FORMAT_VERSION"]
 
@@ -156,7 +157,7 @@ def _unpack(value: Any, blob: bytes) -> Any:
                 raise ValueError("array outside trace.bin")
             raw = np.frombuffer(blob, dtype="<" + dt, count=nbytes // np.dtype(dt).itemsize, offset=offset)
             if enc == "bits":
-                out = np.nonzero(np.unpackbits(raw))[0]
+                out: np.ndarray = np.nonzero(np.unpackbits(raw))[0]
             elif enc == "delta":
                 out = np.cumsum(np.concatenate([[int(value["first"])], raw.astype(np.int64)]))
             elif enc == "raw":
@@ -187,7 +188,7 @@ def thumbnail(img: Image.Image, side: int) -> Image.Image:
     if max(w, h) <= side:
         return img.copy()
     scale = side / max(w, h)
-    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
 
 
 def _encode_image(img: Image.Image, codec: str, quality: int) -> tuple[bytes, str]:
@@ -230,7 +231,7 @@ class RunFile:
     def from_result(
         cls, result: Any, processor: Any, *, question: str | None = None, label: str | None = None,
         model: str | None = None, agreement: dict[str, Any] | None = None,
-    ) -> "RunFile":
+    ) -> RunFile:
         """A run file for a :class:`~mmkv.GenerationResult`; ``processor`` turns prompt ids into token strings."""
         tok = getattr(processor, "tokenizer", processor)
         prepared = result.prepared
@@ -323,7 +324,7 @@ class RunFile:
 
     # ---- reading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike | IO[bytes]) -> "RunFile":
+    def load(cls, path: str | os.PathLike | IO[bytes]) -> RunFile:
         """Read a run file (no model needed). Raises ``ValueError`` saying what is wrong and what to do."""
         where = str(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "the run file")
         zf = _open(path, where)

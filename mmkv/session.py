@@ -21,24 +21,34 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .attention import ACTIVE_SESSION, ATTENTION_NAME, register
-from .compat import CACHE_ARGUMENTS, cache_from_kwargs
 from .cache import (
-    BatchSizeError, CompressedLayer, bottom_right_causal_mask, H2ODecodeLayer, apply_plan, cache_bytes, layer_bytes,
+    BatchSizeError,
+    CompressedLayer,
+    H2ODecodeLayer,
+    apply_plan,
+    bottom_right_causal_mask,
+    cache_bytes,
+    layer_bytes,
     layer_growth,
 )
+from .compat import CACHE_ARGUMENTS, cache_from_kwargs, model_config
 from .methods import Method, make_method
 from .methods.base import LayerContext, LayerPlan, reduce_to_kv_heads
 from .modality import ModalityMap
 from .models.base import UnsupportedModelError, resolve_text_model
 from .stats import LayerStats, StatsRequest, compute_layer_stats
 from .trace import LayerTrace, Packed, Timings, Trace
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def resolve_capacity(budget: float | int, length: int) -> int:
@@ -106,12 +116,13 @@ def unsupported_attention(text_model: torch.nn.Module, config: Any) -> str | Non
     recompute and the compressed layers evaluate (both assume plain causal softmax attention), and a
     replaced cache layer would lose the sliding window's eviction: refused rather than silently wrong.
     """
+    layers: Any = text_model.layers  # the decoder layers: their attention modules' fields vary by model
     windowed = [
-        i for i, layer in enumerate(text_model.layers)
+        i for i, layer in enumerate(layers)
         if getattr(getattr(layer, "self_attn", None), "sliding_window", None)
     ]
     if windowed:
-        window = getattr(text_model.layers[windowed[0]].self_attn, "sliding_window")
+        window = layers[windowed[0]].self_attn.sliding_window
         return (
             f"layers {windowed} use sliding-window attention (window {window}); mmkv supports full causal "
             "attention only (for Qwen2-VL, set use_sliding_window=False in the text config)"
@@ -119,7 +130,7 @@ def unsupported_attention(text_model: torch.nn.Module, config: Any) -> str | Non
     softcap = getattr(config, "attn_logit_softcapping", None)
     if softcap is None:
         softcap = next(
-            (c for layer in text_model.layers if (c := getattr(getattr(layer, "self_attn", None), "attn_logit_softcapping", None))),
+            (c for layer in layers if (c := getattr(getattr(layer, "self_attn", None), "attn_logit_softcapping", None))),
             None,
         )
     if softcap:
@@ -128,7 +139,7 @@ def unsupported_attention(text_model: torch.nn.Module, config: Any) -> str | Non
 
 
 def _text_config(model: torch.nn.Module) -> Any:
-    config = model.config
+    config = model_config(model)
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
@@ -164,8 +175,9 @@ class Session:
         reason = unsupported_attention(self.text_model, cfg)
         if reason is not None:
             raise UnsupportedModelError(f"mmkv cannot compress this model: {reason}")
-        self._layer_of = {id(layer.self_attn): i for i, layer in enumerate(self.text_model.layers)}
-        self.num_layers = len(self.text_model.layers)
+        layers = cast(torch.nn.ModuleList, self.text_model.layers)
+        self._layer_of = {id(layer.self_attn): i for i, layer in enumerate(layers)}
+        self.num_layers = len(layers)
         self.num_q_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_q_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -198,7 +210,7 @@ class Session:
 
     # ---- activation ------------------------------------------------------------------------
     @contextmanager
-    def activate(self, bind: bool = True) -> Iterator["Session"]:
+    def activate(self, bind: bool = True) -> Iterator[Session]:
         """Hook the model; with ``bind`` also make this the active session in the current context.
 
         The driver binds only around its own forward calls (:meth:`bound`), so a streaming consumer
@@ -226,7 +238,7 @@ class Session:
             self.finish()
 
     @contextmanager
-    def bound(self) -> Iterator["Session"]:
+    def bound(self) -> Iterator[Session]:
         """Make this the active session in the current context for the block."""
         token = ACTIVE_SESSION.set(self)
         try:
@@ -310,7 +322,10 @@ class Session:
         step = 0 if not self.query_aware and not self._forward_steps else len(self._forward_steps) + int(self.query_aware)
         self._forward_steps.append(step)
         self._forward_tokens.append(self._q_len)
-        if not self.record_steps or not trace.step_lengths:
+        if not self.record_steps:
+            return
+        assert trace is not None  # a forward on the compressed cache comes after the prefill that made it
+        if not trace.step_lengths:
             return
         if step < len(trace.step_lengths):
             trace.step_lengths[step] += self._q_len
@@ -322,11 +337,11 @@ class Session:
 
     def _step_bytes(self) -> None:
         """``Trace.step_bytes`` from the layers' growth models and the tokens each forward appended."""
-        if self._growth is None or not self.trace.step_bytes or not self._forward_tokens:
+        if self._growth is None or not self._live_trace.step_bytes or not self._forward_tokens:
             return
         per_forward = [sum(column) for column in zip(*(g.after(self._forward_tokens) for g in self._growth))]
         for step, size in zip(self._forward_steps, per_forward):
-            self.trace.step_bytes[step] = size
+            self._live_trace.step_bytes[step] = size
 
     # ---- prefill ---------------------------------------------------------------------------
     def _modality_for(self, length: int) -> ModalityMap:
@@ -380,19 +395,29 @@ class Session:
         q_len, kv_len = query.shape[2], key.shape[2]
         if 1 < q_len != kv_len and self._has_compressed_layer():
             # transformers built the mask from layer 0's (compressed) size; this layer kept all its tokens.
-            mask = bottom_right_causal_mask(q_len, kv_len, query.device)[None, None]
+            causal = bottom_right_causal_mask(q_len, kv_len, query.device)
+            assert causal is not None  # None only for a single query
+            mask = causal[None, None]
             kwargs = {**kwargs, "is_causal": False}
             out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
             return out
-        collect = self.collecting and q_len == kv_len == self.trace.span_length and layer_idx not in self._layer_traces
+        collect = self.collecting and q_len == kv_len == self._live_trace.span_length and layer_idx not in self._layer_traces
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if collect and self.request.all_queries and not (module.training and dropout):
             # the all-query statistics pass computes every attention row anyway: it gives the output too
-            return self._on_prefill_layer(layer_idx, query, key, scale, value)
+            output = self._on_prefill_layer(layer_idx, query, key, scale, value)
+            assert output is not None  # given value, the all-query pass returns the layer's output
+            return output
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if collect:
             self._on_prefill_layer(layer_idx, query, key, scale)
         return out
+
+    @property
+    def _live_trace(self) -> Trace:
+        """:attr:`trace` where it is set (from the prefill on)."""
+        assert self.trace is not None, "the session has not started a prefill"
+        return self.trace
 
     def _has_compressed_layer(self) -> bool:
         return any(isinstance(layer, CompressedLayer) for layer in self.cache.layers)
@@ -408,7 +433,7 @@ class Session:
                                                                             value)
         output, stats.attention_output = stats.attention_output, None
         t1 = self.clock.mark()
-        self.clock.add(self.trace.timings, "stats_s", t0, t1)
+        self.clock.add(self._live_trace.timings, "stats_s", t0, t1)
         if self.method.compresses and self.method.is_global:
             self._pending[layer_idx] = stats
             self._layer_traces[layer_idx] = self._record(layer_idx, LayerPlan.keep_all(self.num_kv_heads, 0), stats, 0, 0)
@@ -416,10 +441,10 @@ class Session:
         plan = (
             self.method.plan_layer(self._context(layer_idx, stats))
             if self.method.compresses
-            else LayerPlan.keep_all(self.num_kv_heads, self.trace.span_length)
+            else LayerPlan.keep_all(self.num_kv_heads, self._live_trace.span_length)
         )
         self._apply(layer_idx, plan, stats)
-        self.clock.add(self.trace.timings, "compress_s", t1)
+        self.clock.add(self._live_trace.timings, "compress_s", t1)
         return output
 
     def _context(self, layer_idx: int, stats: LayerStats) -> LayerContext:
@@ -429,7 +454,7 @@ class Session:
             num_layers=self.num_layers,
             num_kv_heads=self.num_kv_heads,
             num_q_heads=self.num_q_heads,
-            length=self.trace.span_length,
+            length=self._live_trace.span_length,
             capacity=self.capacity,
             modality=self.modality,
             stats=stats,
@@ -501,17 +526,18 @@ _ATTENTION_LOCK = threading.Lock()
 
 def _switch_attention(model: torch.nn.Module, delta: int) -> None:
     """Switch ``model`` to the mmkv attention while at least one session uses it; restore it after."""
+    pretrained = cast("PreTrainedModel", model)  # set_attn_implementation is transformers'
     with _ATTENTION_LOCK:
         count, previous = _ATTENTION_USERS.get(id(model), (0, None))
         if delta > 0 and count == 0:
-            previous = getattr(model.config, "_attn_implementation", None)
+            previous = getattr(model_config(model), "_attn_implementation", None)
             if previous != ATTENTION_NAME:
-                model.set_attn_implementation(ATTENTION_NAME)
+                pretrained.set_attn_implementation(ATTENTION_NAME)
         count += delta
         if count <= 0:
             _ATTENTION_USERS.pop(id(model), None)
             if previous is not None and previous != ATTENTION_NAME:
-                model.set_attn_implementation(previous)
+                pretrained.set_attn_implementation(previous)
         else:
             _ATTENTION_USERS[id(model)] = (count, previous)
 

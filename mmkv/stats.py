@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ class StatsRequest:
         if self.cross_modal not in (None, "causal", "full"):
             raise ValueError(f"cross_modal must be None, 'causal' or 'full', got {self.cross_modal!r}")
 
-    def __or__(self, other: "StatsRequest") -> "StatsRequest":
+    def __or__(self, other: StatsRequest) -> StatsRequest:
         return StatsRequest(
             window=max(self.window, other.window),
             column_sums=self.column_sums or other.column_sums,
@@ -98,10 +99,11 @@ class LayerStats:
     # [1, L, H_q, d]: the layer's causal attention output, from an all-query pass given the values
     attention_output: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> "LayerStats":
-        return LayerStats(
-            **{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v) for f in fields(self)}
-        )
+    def to(self, device: torch.device | str) -> LayerStats:
+        moved: dict[str, Any] = {
+            f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v) for f in fields(self)
+        }
+        return LayerStats(**moved)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -215,7 +217,7 @@ def _cross_modal_entropy(
         rows = qi.numel()
         qg = q[:, qi].to(dtype).reshape(h_kv, group * rows, d)
         logits = _logits(qg, kt, scaling, s_buf[: h_q * rows * n].view(h_kv, group * rows, n)).view(h_q, rows, n)
-        if causal:
+        if visible is not None:  # causal
             lo = int(visible[start])
             if lo < n:  # columns < lo are visible to every row of the block
                 band = torch.arange(lo, n, device=q.device)[None, :] >= visible[start : start + rows, None]
@@ -301,6 +303,7 @@ def compute_layer_stats(
         masked = torch.finfo(torch.float32).min  # finite, so that p * s stays 0 where p = 0
         attend = value is not None and first == 0
         if attend:
+            assert value is not None
             vg = value[0].to(dtype)  # [H_kv, L, d]
             attention = torch.empty(h_kv, group, length, d, dtype=query.dtype, device=device)
         for start in range(first, length, block):
@@ -324,16 +327,19 @@ def compute_layer_stats(
             if out.column_sums is not None:
                 out.column_sums[:, :stop] += torch.bmm(ones[:, :, :rows], probs).squeeze(1)
             if out.full_entropy is not None:
+                assert entropy is not None  # need_logits: computed for every block
                 out.full_entropy += entropy.sum(1)
             if out.question_scores is not None and stop > int(qpos[0]):
                 r = max(0, int(qpos[0]) - start)
                 out.question_scores[:, :stop] += torch.bmm(ones[:, :, : rows - r], probs[:, r:]).squeeze(1)
             if want_window and stop > length - out.window:
                 r = max(0, length - out.window - start)
+                assert out.window_scores is not None  # allocated when want_window
                 out.window_scores[:, :stop] += torch.bmm(ones[:, :, : rows - r], probs[:, r:]).squeeze(1)
                 if out.modality_mass is not None:
                     out.modality_mass += torch.matmul(probs[:, r:], onehot[:stop]).sum(1)
                 if out.entropy is not None:
+                    assert entropy is not None  # need_logits and stop > length - window
                     out.entropy += entropy[:, r:].sum(1)
         if attend:
             out.attention_output = attention.view(h_q, length, d).transpose(0, 1).unsqueeze(0)

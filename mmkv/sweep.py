@@ -11,9 +11,11 @@ only module that imports Ray.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 
@@ -46,10 +48,10 @@ def _init(address: str | None, num_cpus: int | None) -> bool:
         return False
     package_root = str(Path(__file__).resolve().parent.parent)
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level=logging.WARNING)
     else:  # a local instance: its workers import mmkv from this checkout
         path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
     return True
 
@@ -104,7 +106,8 @@ def run_ray(
     count = max(1, min(workers or gpus or int(resources.get("CPU", 1)), len(pending)))
     actor_cls = ray.remote(EvalWorker).options(
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=max_retries, max_task_retries=max_retries)
-    actors = [actor_cls.remote(model, max_new_tokens, None if gpus else 1) for _ in range(count)]
+    # actor handles (ray types .remote() on a class-made actor loosely)
+    actors: list[Any] = [actor_cls.remote(model, max_new_tokens, None if gpus else 1) for _ in range(count)]
     idle = list(actors)
     last_shard: dict[Any, tuple[str, int]] = {}
     shard_refs: dict[tuple[str, int], Any] = {}
@@ -193,8 +196,9 @@ def run_bench_ray(
         count = max(1, min(workers or gpus or 1, len(cells)))
         actor_cls = ray.remote(CellMeasurer).options(
             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=max_retries, max_task_retries=max_retries)
-        actors = [actor_cls.remote(model, device, dtype, settings or {}) for _ in range(count)]
-        queue, idle, inflight = list(cells), list(actors), {}
+        actors: list[Any] = [actor_cls.remote(model, device, dtype, settings or {}) for _ in range(count)]
+        inflight: dict[Any, tuple[Any, Any]] = {}  # task ref -> (cell, actor)
+        queue, idle = list(cells), list(actors)
         while queue or inflight:
             while queue and idle:
                 actor, cell = idle.pop(0), queue.pop(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import torch
 
@@ -57,7 +57,10 @@ def _lists(value: Any) -> Any:
     return value
 
 
-class _Lazy:
+_T = TypeVar("_T")
+
+
+class _Lazy(Generic[_T]):
     """A :class:`LayerTrace` field that may be assigned a :class:`Packed` value, read back as lists (once)."""
 
     def __init__(self, required: bool = False) -> None:
@@ -66,17 +69,17 @@ class _Lazy:
     def __set_name__(self, owner: type, name: str) -> None:
         self.slot = "_" + name
 
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+    def __get__(self, obj: Any, owner: type | None = None) -> _T:
         if obj is None:  # the dataclass asks for the default
             if self.required:
                 raise AttributeError(self.slot)
-            return None
+            return cast(_T, None)  # the default of an optional field
         value = obj.__dict__[self.slot]
         if isinstance(value, Packed):
             value = obj.__dict__[self.slot] = value.lists()
         return value
 
-    def __set__(self, obj: Any, value: Any) -> None:
+    def __set__(self, obj: Any, value: _T | Packed) -> None:
         obj.__dict__[self.slot] = value
 
 
@@ -90,16 +93,17 @@ class LayerTrace:
     """
 
     layer: int
-    kept: list[list[int]] = _Lazy(required=True)  # per KV head: logical prompt positions kept after compression
-    bytes_before: int  # physical KV bytes of this layer right after prefill
-    bytes_after: int  # ... and right after compression
-    merges: list[dict[str, list] | None] | None = _Lazy()  # per KV head: {"source", "target", "similarity"}
+    kept: _Lazy[list[list[int]]] = _Lazy(required=True)  # per KV head: logical prompt positions kept after compression
+    # kept has no default at runtime (its descriptor raises when the dataclass asks), so these may follow it.
+    bytes_before: int  # type: ignore[misc]  # physical KV bytes of this layer right after prefill
+    bytes_after: int  # type: ignore[misc]  # ... and right after compression
+    merges: _Lazy[list[dict[str, list] | None] | None] = _Lazy()  # per KV head: {"source", "target", "similarity"}
     info: dict[str, Any] = field(default_factory=dict)  # method-specific numbers (capacities, entropy, ...)
-    modality_mass: list[list[float]] | None = _Lazy()  # per query head: share on [text, image, video]
-    entropy: list[float] | None = _Lazy()  # per query head, window queries (nats)
-    scores: list[list[float]] | None = _Lazy()  # per KV head, the method's token scores (optional)
-    decode_evictions: list[list[int]] | None = _Lazy()  # per eviction (H2O: one per decode step), position per KV head
-    decode_retrievals: list[list[list[int]]] | None = _Lazy()  # per forward, per dynamic head: chunk ids (HybridKV)
+    modality_mass: _Lazy[list[list[float]] | None] = _Lazy()  # per query head: share on [text, image, video]
+    entropy: _Lazy[list[float] | None] = _Lazy()  # per query head, window queries (nats)
+    scores: _Lazy[list[list[float]] | None] = _Lazy()  # per KV head, the method's token scores (optional)
+    decode_evictions: _Lazy[list[list[int]] | None] = _Lazy()  # per eviction (H2O: one per decode step), position per KV head
+    decode_retrievals: _Lazy[list[list[list[int]]] | None] = _Lazy()  # per forward, per dynamic head: chunk ids (HybridKV)
     decode_eviction_steps: list[int] | None = None  # the step of each ``decode_evictions`` row (Trace.step_state)
     decode_retrieval_steps: list[int] | None = None  # the step of each ``decode_retrievals`` row
 
@@ -207,7 +211,7 @@ class Trace:
         """Recorded steps: step 0 (after compression) plus one per decode forward (0 if not recorded)."""
         return len(self.step_lengths)
 
-    def step_state(self, step: int, layer: int | None = None, head: int | None = None) -> "StepState":
+    def step_state(self, step: int, layer: int | None = None, head: int | None = None) -> StepState:
         """What the cache holds after ``step``, per position, over the chosen layer(s)/KV head(s) (None = all).
 
         See :class:`mmkv.replay.StepState`; the replay index is built once per trace and cached.
@@ -231,7 +235,7 @@ class Trace:
         return text
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Trace":
+    def from_dict(cls, d: dict[str, Any]) -> Trace:
         d = dict(d)
         modality = ModalityMap.from_dict(d.pop("modality")) if d.get("modality") else None
         d.pop("modality", None)
@@ -240,7 +244,7 @@ class Trace:
         return cls(**d, modality=modality, layers=layers, timings=timings)
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "Trace":
+    def from_json(cls, text_or_path: str | Path) -> Trace:
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
             text = Path(text).read_text()

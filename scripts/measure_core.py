@@ -59,7 +59,6 @@ def build_inputs(images: int, grid: int, text_tokens: int) -> tuple[dict, Modali
 
 def prefill_ms(model, inputs, modality, method, budget, repeats: int) -> tuple[float, float, float, object]:
     times, stats, comp = [], [], []
-    session = None
     for _ in range(repeats):
         model.model.rope_deltas = None
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))

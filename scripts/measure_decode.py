@@ -29,6 +29,7 @@ from mmkv.cache import build_layer
 from mmkv.methods.base import LayerPlan
 from mmkv.opcount import OpCounter
 
+
 class AttentionModule(torch.nn.Module):
     """Stands in for a decoder attention module (the dense path's SDPA reads these two attributes)."""
 

@@ -37,9 +37,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "mmkv" / "assets" / "examples"
@@ -65,7 +66,7 @@ class App:
                    PYTHONUNBUFFERED="1")
         if queue_size is not None:
             env["MMKV_QUEUE_SIZE"] = str(queue_size)
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 -- the app writes to it until stop() closes it
         self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -78,7 +79,7 @@ class App:
                     break
             except OSError:
                 if time.perf_counter() - t0 > 300:
-                    raise RuntimeError("the app did not listen within 300 s")
+                    raise RuntimeError("the app did not listen within 300 s") from None
                 time.sleep(0.3)
         self.start_s = time.perf_counter() - t0
 

@@ -21,9 +21,9 @@ import torch
 from transformers import DynamicCache
 
 import mmkv
+from measure_core import build_inputs, build_model
 from mmkv.compat import cache_kwargs
 from mmkv.methods import METHODS
-from measure_core import build_inputs, build_model
 
 GRID = 32  # 16 x 16 = 256 tokens per image
 
@@ -31,9 +31,8 @@ GRID = 32  # 16 x 16 = 256 tokens per image
 def prefill(model, inputs, modality, method: str, budget: float) -> mmkv.Trace:
     model.model.rope_deltas = None
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    with mmkv.compress(model, method, budget, modality=modality, record_attention=False) as session:
-        with torch.inference_mode():
-            model(**inputs, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+    with mmkv.compress(model, method, budget, modality=modality, record_attention=False) as session, torch.inference_mode():
+        model(**inputs, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     return session.trace
 
 

@@ -27,8 +27,9 @@ What a configuration promises (``budget``) is what the tests assert about its ke
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import pytest
 

@@ -26,7 +26,7 @@ import math
 import pytest
 import torch
 
-from mmkv.methods import AdaKV, Full, H2O, PyramidKV, SnapKV, StreamingLLM, make_method
+from mmkv.methods import H2O, AdaKV, Full, PyramidKV, SnapKV, StreamingLLM, make_method
 from mmkv.methods.base import LayerContext
 from mmkv.modality import ModalityMap
 from mmkv.stats import LayerStats, StatsRequest, compute_layer_stats

@@ -7,7 +7,14 @@ import torch
 from transformers import DynamicCache
 
 from mmkv.cache import (
-    BatchSizeError, DenseLayer, H2ODecodeLayer, RaggedLayer, apply_plan, build_layer, cache_bytes, kept_positions,
+    BatchSizeError,
+    DenseLayer,
+    H2ODecodeLayer,
+    RaggedLayer,
+    apply_plan,
+    build_layer,
+    cache_bytes,
+    kept_positions,
 )
 from mmkv.methods.base import LayerPlan
 
@@ -149,7 +156,7 @@ def test_reserved_room_is_written_in_place_then_grows(ragged: bool) -> None:
     per_token = 2 * D * 4
     assert fast.physical_bytes() == plain.physical_bytes() + 2 * H_KV * per_token  # room is memory held
     g = torch.Generator().manual_seed(9)
-    for step in range(3):  # two steps fit in the reserved room, the third grows the storage
+    for _step in range(3):  # two steps fit in the reserved room, the third grows the storage
         nk, nv = torch.randn(1, H_KV, 1, D, generator=g), torch.randn(1, H_KV, 1, D, generator=g)
         q = torch.randn(1, H_KV * GROUP, 1, D, generator=g)
         a = plain.attend(_Module(), q, *plain.update(nk, nv), scaling=D**-0.5)

@@ -11,10 +11,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmkv.cache as cache_mod
-from mmkv.cache import FlatPrefix, H2ODecodeLayer, RaggedLayer, build_layer, ragged_attention
+from mmkv.cache import FlatPrefix, H2ODecodeLayer, RaggedLayer, build_layer
 from mmkv.hybrid_cache import build_hybrid_layer
 from mmkv.methods.base import LayerPlan
 from mmkv.opcount import OpCounter
+
 
 def per_head_reference(query, head_keys, head_values, tail_keys, tail_values, scale):
     """Per KV head, in float64: softmax over that head's prefix + the bottom-right causal tail."""
@@ -226,12 +227,11 @@ def test_hybrid_copies_only_changed_chunks_and_logs_each_step(monkeypatch) -> No
 
     monkeypatch.setattr(torch.Tensor, "index_copy_", spy)
     d, c = 8, layer.chunk_size
-    tail_len = 0
     for step in range(4):
         n_chunks = layer.chunk_starts.numel()
         q = torch.randn(1, 8, 1, d) * 0.01
         tail_k, tail_v = layer.update(torch.randn(1, 4, 1, d), torch.randn(1, 4, 1, d))
-        tail_len += 1
+        tail_len = step + 1
         before = layer.slot_chunks.clone()
         copied.clear()
         out = layer.attend(None, q, tail_k, tail_v, scaling=d**-0.5)
@@ -288,7 +288,7 @@ def test_hybrid_decode_step_never_syncs_and_ops_do_not_grow_with_heads(padded, m
     for pairs in (2, 8):
         layer, *_ = _hybrid(pairs=pairs)
         h_kv = 2 * pairs
-        for step in range(3):
+        for _step in range(3):
             tail = layer.update(torch.randn(1, h_kv, 1, d), torch.randn(1, h_kv, 1, d))
             q = torch.randn(1, 2 * h_kv, 1, d)
             with OpCounter() as counter:

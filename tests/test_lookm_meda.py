@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import mmkv
-from mmkv.methods import LookM, MEDA, make_method
+from mmkv.methods import MEDA, LookM, make_method
 from mmkv.methods.base import LayerContext
-from mmkv.methods.merge import merge_head, merge_layer
 from mmkv.methods.meda import layer_budgets
+from mmkv.methods.merge import merge_head, merge_layer
 from mmkv.modality import IMAGE, ModalityMap, grid_item
 from mmkv.stats import StatsRequest, compute_layer_stats
 from mmkv.testing.tiny import FAMILIES, build_tiny, make_image
@@ -370,7 +370,7 @@ def test_meda_gives_the_high_entropy_layer_more_and_matches_reference(merge: str
     assert sum(budgets) == 3 * capacity and budgets[1] == max(budgets) and budgets[1] > capacity
     assert [p.info["layer_ratio"] for p in plans] == [b / 24 for b in budgets]
     text = [c == 0 for c in CODES]
-    for (q, k, v), ctx, plan, budget in zip(_meda_layers(), contexts, plans, budgets):
+    for (_q, k, v), ctx, plan, budget in zip(_meda_layers(), contexts, plans, budgets):
         want = ref_text_prior(ctx.stats.column_sums, text, budget, 0.75)  # split 3:1
         assert [p.tolist() for p in plan.kept] == want
         assert all(all(j in p for j in range(24) if text[j]) for p in want)

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 import mmkv
+import oracle
 from mmkv.compat import cache_kwargs
 from mmkv.methods import HybridKV, MadaKV
 from mmkv.methods.base import LayerContext, LayerPlan
 from mmkv.modality import IMAGE, TEXT, VIDEO, ModalityMap
 from mmkv.stats import LayerStats
 from mmkv.testing.tiny import FAMILIES
-import oracle
 from oracle import masked_reference_logits
 
 torch.set_num_threads(2)
@@ -41,10 +41,9 @@ def ref_cover(values: list[float], theta: float) -> int:
     total = sum(values)
     if not values or total <= 0:
         return 0
-    acc, n = 0.0, 0
-    for v in sorted(values, reverse=True):
+    acc = 0.0
+    for n, v in enumerate(sorted(values, reverse=True), start=1):
         acc += v
-        n += 1
         if acc >= theta * total:
             return n
     return len(values)

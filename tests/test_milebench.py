@@ -11,8 +11,16 @@ import pytest
 import mmkv
 from mmkv import eval as mmkv_eval
 from mmkv.milebench import (
-    _MARK, list_datasets, load_milebench, match_choice, match_choice_official, normalise, rouge_l, rouge_l_official,
-    score_answer, truncate_left,
+    _MARK,
+    list_datasets,
+    load_milebench,
+    match_choice,
+    match_choice_official,
+    normalise,
+    rouge_l,
+    rouge_l_official,
+    score_answer,
+    truncate_left,
 )
 from mmkv.models import adapter_for
 from mmkv.tiny.tasks import heldout_set
@@ -323,7 +331,7 @@ def test_every_item_is_checked_before_generation(tmp_path) -> None:
         "placeholder beyond images": ([_item(0, "{image#3} which?", ["a.png"], **ok)], "multi-choice", "names \\{image#3\\}"),
         "empty open-ended reference": ([_item(0, "{image#1} which?", ["a.png"], "...")], "open-ended", "empty once normalised"),
     }
-    for i, (label, (items, qtype, message)) in enumerate(cases.items()):
+    for i, (_label, (items, qtype, message)) in enumerate(cases.items()):
         root = tmp_path / f"c{i}"
         # a good item first: the bad one must still stop the run before anything is generated
         _raw_dataset(root, "ActionSequence", [_item(9, "{image#1} ok?", ["a.png"], **ok)] + items, qtype)

@@ -360,7 +360,7 @@ def test_read_video_num_frames(video_path):
     v = read_video(video_path, num_frames=4)
     assert len(v.frames) == 4 == len(v.timestamps)
     assert v.frames[0].mode == "RGB" and v.frames[0].size == (64, 64)
-    assert v.timestamps == sorted(v.timestamps) and 0 <= v.timestamps[0] and v.timestamps[-1] < 2.0
+    assert v.timestamps == sorted(v.timestamps) and v.timestamps[0] >= 0 and v.timestamps[-1] < 2.0
     assert v.duration == pytest.approx(2.0)
     assert len(read_video(video_path, num_frames=None).frames) == 8
     assert len(read_video(video_path, num_frames=50).frames) == 8  # never more than the video has

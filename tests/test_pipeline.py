@@ -34,7 +34,9 @@ def test_every_registered_method_has_a_kind() -> None:
 @pytest.mark.parametrize("case", params(VARIANTS))
 def test_variants_are_valid_non_default_settings(case: MethodConfig) -> None:
     method, default = make_method(case.method, **case.kwargs()), make_method(case.method)
-    as_list = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # pairs may be stored as lists
+    def as_list(v):  # pairs may be stored as lists
+        return list(v) if isinstance(v, (tuple, list)) else v
+
     for key, value in case.params.items():
         assert as_list(getattr(method, key)) == as_list(value) != as_list(getattr(default, key)), (case.id, key)
 
@@ -200,9 +202,8 @@ def test_errors_name_the_fix(tiny_prepared) -> None:
              for k, v in prepared.inputs.items()}
     batch["pixel_values"] = torch.cat([prepared.inputs["pixel_values"]] * 2)
     batch["image_grid_thw"] = torch.cat([prepared.inputs["image_grid_thw"]] * 2)
-    with pytest.raises(mmkv.BatchSizeError, match="batch size 1"):
-        with mmkv.compress(model, "snapkv", 0.3):
-            model.generate(**batch, max_new_tokens=2)
+    with pytest.raises(mmkv.BatchSizeError, match="batch size 1"), mmkv.compress(model, "snapkv", 0.3):
+        model.generate(**batch, max_new_tokens=2)
     from transformers import T5Config, T5ForConditionalGeneration
 
     encoder_decoder = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))

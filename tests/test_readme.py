@@ -20,8 +20,8 @@ import sys
 import time
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -155,7 +155,7 @@ def mmkv_run_trace(tmp_path: Path) -> None:
     cwd = _workdir(tmp_path)
     out = _run(_mmkv(command.removeprefix("mmkv ")), cwd)
     trace = json.loads((cwd / "trace.json").read_text())
-    assert trace["method"] == "adakv" and trace["budget"] == 0.3 and f"trace written to trace.json" in out.stdout
+    assert trace["method"] == "adakv" and trace["budget"] == 0.3 and "trace written to trace.json" in out.stdout
     assert len(trace["generated_ids"]) >= 1
     import mmkv
 

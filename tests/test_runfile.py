@@ -25,8 +25,19 @@ from mmkv import EXAMPLES_DIR
 from mmkv.modality import IMAGE, ModalityMap, VisualItem
 from mmkv.models.base import VideoFrames
 from mmkv.runfile import (
-    BLOB, FORMAT_VERSION, MANIFEST, RUNS_DIR, RunFile, _Blob, _pack, _unpack, example_runs, load_run, peek_run,
-    save_run, thumbnail,
+    BLOB,
+    FORMAT_VERSION,
+    MANIFEST,
+    RUNS_DIR,
+    RunFile,
+    _Blob,
+    _pack,
+    _unpack,
+    example_runs,
+    load_run,
+    peek_run,
+    save_run,
+    thumbnail,
 )
 from mmkv.trace import LayerTrace, Packed, Timings, Trace
 

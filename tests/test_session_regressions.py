@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import mmkv
-from mmkv.methods.meda import MEDA
-from mmkv.testing.tiny import build_tiny
 from mmkv.cache import DenseLayer
 from mmkv.driver import compressed_run
+from mmkv.methods.meda import MEDA
 from mmkv.models.base import UnsupportedModelError, resolve_text_model
 from mmkv.session import Session, unsupported_attention
+from mmkv.testing.tiny import build_tiny
 from mmkv.trace import Packed, Trace
 from oracle import FixedPlan
 
@@ -88,9 +88,8 @@ def test_sliding_window_model_is_refused_at_session_creation() -> None:
                      layer_types=["full_attention"] + ["sliding_attention"] * (layers - 1))
     with pytest.raises(UnsupportedModelError, match="sliding-window attention.*window 16"):
         Session(model, "snapkv", 0.3)
-    with pytest.raises(UnsupportedModelError, match="sliding-window"):
-        with mmkv.compress(model, "h2o", 0.3):
-            pass
+    with pytest.raises(UnsupportedModelError, match="sliding-window"), mmkv.compress(model, "h2o", 0.3):
+        pass
     # The model is left as it was (the attention implementation is switched only after the check).
     assert model.config._attn_implementation != "mmkv"
 

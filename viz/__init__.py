@@ -14,7 +14,17 @@
 """
 
 from .colors import (
-    EVICTED, KEEP_SCALE, KEPT, MERGED, MODALITY_COLORS, NORMAL, PRESENT, PREFERENCE_SCALE, STATE_WORDS, STRIP_COLORS, Style,
+    EVICTED,
+    KEEP_SCALE,
+    KEPT,
+    MERGED,
+    MODALITY_COLORS,
+    NORMAL,
+    PREFERENCE_SCALE,
+    PRESENT,
+    STATE_WORDS,
+    STRIP_COLORS,
+    Style,
 )
 from .figures import (
     agreement_figure,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 KEPT = (0, 91, 148)  # dark blue: the token stayed in the cache
 EVICTED = (213, 94, 0)  # vermillion: dropped from the cache
@@ -34,7 +35,7 @@ def hex_color(rgb: tuple[int, int, int]) -> str:
 
 
 #: Share of (layer, head) pairs that kept a token: 0 (evicted everywhere, near white) -> 1 (kept everywhere, kept blue).
-KEEP_SCALE = [[0.0, "#f7f7f7"], [0.5, "#8fb3d0"], [1.0, hex_color(KEPT)]]
+KEEP_SCALE: list[list[Any]] = [[0.0, "#f7f7f7"], [0.5, "#8fb3d0"], [1.0, hex_color(KEPT)]]
 #: Visual share of attention (a modality quantity, so greys): 0 = all on text (light), 1 = all on images/video (dark).
 PREFERENCE_SCALE = [[0.0, "#f7f7f7"], [0.5, "#969696"], [1.0, "#1a1a1a"]]
 #: Tokens kept per head: none (light) -> many (the kept colour).
@@ -67,7 +68,7 @@ class Style:
     label: int = 12  # overlay: text size of the side map's labels (px)
 
     @staticmethod
-    def of(present: "bool | Style" = False) -> "Style":
+    def of(present: bool | Style = False) -> Style:
         if isinstance(present, Style):
             return present
         return PRESENT if present else NORMAL

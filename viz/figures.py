@@ -16,14 +16,23 @@ token, grey = what kind of token).
 from __future__ import annotations
 
 import textwrap
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .colors import (
-    BUDGET_SCALE, KEEP_SCALE, KEPT, MODALITY_COLORS, MODALITY_PATTERNS, NOT_COMPRESSED, PREFERENCE_SCALE, SERIES, Style,
+    BUDGET_SCALE,
+    KEEP_SCALE,
+    KEPT,
+    MODALITY_COLORS,
+    MODALITY_PATTERNS,
+    NOT_COMPRESSED,
+    PREFERENCE_SCALE,
+    SERIES,
+    Style,
     hex_color,
 )
 from .overlay import token_fractions
@@ -200,7 +209,8 @@ def budget_figure(trace: Any, present: bool | Style = False) -> go.Figure:
 def _pref_value(v: Any) -> Any:
     """MadaKV-style preference per head: a number (visual weight) or a pair ``[w_v, w_t]``."""
     if isinstance(v, dict):
-        wv, wt = float(v.get("visual", v.get("w_v", 0.0))), float(v.get("text", v.get("w_t", 0.0)))
+        weights: dict[str, float] = v
+        wv, wt = float(weights.get("visual", weights.get("w_v", 0.0))), float(weights.get("text", weights.get("w_t", 0.0)))
         return wv / (wv + wt) if wv + wt > 0 else 0.5
     if isinstance(v, (list, tuple)) and len(v) == 2 and not isinstance(v[0], (list, tuple)):
         wv, wt = float(v[0]), float(v[1])

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
@@ -249,8 +250,10 @@ def _scale_rgb(value: float) -> tuple[int, int, int]:
     for (p0, c0), (p1, c1) in zip(stops, stops[1:]):
         if value <= p1:
             t = 0.0 if p1 == p0 else (value - p0) / (p1 - p0)
-            return tuple(int(round(v)) for v in (1 - t) * c0 + t * c1)
-    return tuple(int(v) for v in stops[-1][1])
+            r, g, b = (int(round(v)) for v in (1 - t) * c0 + t * c1)
+            return r, g, b
+    r, g, b = (int(v) for v in stops[-1][1])
+    return r, g, b
 
 
 def _state_map(img: Image.Image, grids: list[tuple[np.ndarray, tuple[int, int, int, int]]], st: Style) -> Image.Image:
@@ -261,7 +264,7 @@ def _state_map(img: Image.Image, grids: list[tuple[np.ndarray, tuple[int, int, i
     mw, mh = max(8, round(w / 2)), max(8, round(h / 2))
     lines = ["share of layers and heads", "that kept the cell"]
     probe = ImageDraw.Draw(img)
-    text_w = max(probe.textbbox((0, 0), t, font=font)[2] for t in lines + ["0%   50%   100%"])
+    text_w = int(max(probe.textbbox((0, 0), t, font=font)[2] for t in lines + ["0%   50%   100%"]))
     col_w = max(mw, text_w)
     bar_h = max(8, st.label)
     need = mh + gap + bar_h + 2 + (len(lines) + 1) * (st.label + 4)
@@ -322,7 +325,7 @@ def _display(img: Image.Image, min_side: int, max_side: int) -> Image.Image:
     if abs(scale - 1.0) < 1e-6:
         return img.copy()
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return img.resize(size, Image.NEAREST if scale > 1 else Image.LANCZOS)
+    return img.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
 
 
 def _panel_items(modality: Any) -> dict[tuple[int, int, int, str], list[int]]:
@@ -334,10 +337,17 @@ def _panel_items(modality: Any) -> dict[tuple[int, int, int, str], list[int]]:
     return groups
 
 
+def _tile_cell(tile: str) -> tuple[int, ...]:
+    """``(row, col)`` of a tile name ``"r<row>c<col>"``."""
+    match = _TILE.match(tile)
+    assert match is not None, f"not a tile name: {tile!r}"
+    return tuple(int(x) for x in match.groups())
+
+
 def _boxes(modality: Any, indices: list[int], kind: str, w: int, h: int) -> list[tuple[int, tuple[int, int, int, int]]]:
     if kind != "tiles":
         return [(i, (0, 0, w, h)) for i in indices]
-    spots = {i: tuple(int(x) for x in _TILE.match(modality.items[i].tile).groups()) for i in indices}
+    spots = {i: _tile_cell(modality.items[i].tile) for i in indices}
     n_rows = max(r for r, _ in spots.values()) + 1
     n_cols = max(c for _, c in spots.values()) + 1
     out = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import plotly.graph_objects as go
 from PIL import Image
@@ -40,7 +40,7 @@ def figures_html(
     first = True
     for name, fig in figures:
         parts.append(f"<h2>{html.escape(name)}</h2>")
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=True if first else False))
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=first))
         first = False
     if images:
         parts.append("<h2>Kept / evicted / merged cells</h2>")
@@ -68,7 +68,7 @@ def overlay_key() -> str:
         + swatch(stripes, f"{STATE_WORDS['evicted']}: faded grey, vermillion hatching", "background-color:#ccc")
         + swatch(dots, f"{STATE_WORDS['merged']}: faded grey, yellow dots; a white line points to the kept token")
         + "<br>All layers / all heads: the more layer × head pairs kept a cell, the more of its colour shows; the map "
-        f"on the right gives the share (white 0 %, dark blue 100 %). "
+        "on the right gives the share (white 0 %, dark blue 100 %). "
         + "<br>In charts, colour says what happened to a token and grey says what kind of token it is: "
         + "".join(swatch(c, f"{m} token") for m, c in MODALITY_COLORS.items())
         + "</p>"

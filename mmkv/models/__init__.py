@@ -12,7 +12,16 @@ from typing import Any
 import torch
 
 from ..bundled import resolve_model_name
-from .base import Chat, ModelAdapter, PreparedInputs, UnsupportedModelError, VideoFrames, VisualBounds, as_chat, bounds_of
+from .base import (
+    Chat,
+    ModelAdapter,
+    PreparedInputs,
+    UnsupportedModelError,
+    VideoFrames,
+    VisualBounds,
+    as_chat,
+    bounds_of,
+)
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .llava import LlavaAdapter, LlavaOnevisionAdapter
 from .qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter
@@ -71,7 +80,7 @@ def supported_families() -> str:
 def adapter_for(model_or_config: Any) -> ModelAdapter:
     """The adapter for a model, a config, or a ``model_type`` string."""
     if isinstance(model_or_config, str):
-        model_type = model_or_config
+        model_type: str | None = model_or_config
         what = model_type
     else:
         config = getattr(model_or_config, "config", model_or_config)
@@ -166,7 +175,7 @@ def load(
         ) from exc
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).eval()
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' decorated to() misreads its arguments
     try:
         processor = adapter.load_processor(source)
     except (OSError, ValueError) as exc:

@@ -15,13 +15,16 @@ from __future__ import annotations
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from PIL import Image
 
 from ..modality import ModalityMap
 from ..video import VideoFrames, as_video_frames, load_image
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
 
 Chat = list[dict[str, Any]]
 
@@ -145,7 +148,7 @@ def frames_for_budget(video_tokens: int | None, tokens_per_frame: int) -> int | 
     return max(1, int(video_tokens) // int(tokens_per_frame))
 
 
-def cap_frames(video: "VideoFrames", cap: int | None) -> "VideoFrames":
+def cap_frames(video: VideoFrames, cap: int | None) -> VideoFrames:
     """Keep at most ``cap`` frames of a sampled video, evenly spread (first and last kept)."""
     n = len(video.frames)
     if cap is None or n <= cap:
@@ -177,7 +180,8 @@ def resolve_text_model(model: torch.nn.Module) -> torch.nn.Module:
             return tower
     if hasattr(inner, "layers"):
         return inner
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if get_decoder is not None else None
     if decoder is not None and hasattr(decoder, "layers"):
         return decoder
     raise UnsupportedModelError(
@@ -288,7 +292,7 @@ def expand_placeholders(text: str, replacements: dict[str, list[str]]) -> str:
     pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
     counters = dict.fromkeys(tokens, 0)
 
-    def sub(m: "re.Match[str]") -> str:
+    def sub(m: re.Match[str]) -> str:
         token = m.group(0)
         i = counters[token]
         counters[token] += 1
@@ -348,7 +352,7 @@ def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
 _NO_VIDEO: dict[type, type] = {}
 
 
-def processor_class_without_video(cls: type) -> type:
+def processor_class_without_video(cls: type[ProcessorMixin]) -> type:
     """A subclass of a transformers processor class that needs no video processor.
 
     transformers' video processors require torchvision. The subclass drops ``video_processor`` from the
@@ -378,7 +382,7 @@ def build_processor(cls: type, image_processor: Any, tokenizer: Any, chat_templa
     import inspect
 
     sub = processor_class_without_video(cls)
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]  # the class's own constructor
     call = {k: v for k, v in kwargs.items() if k in params and k not in ("image_processor", "tokenizer", "video_processor")}
     if "video_processor" in params:
         call["video_processor"] = None
@@ -413,7 +417,7 @@ def _pil_image_processor(name_or_path: str, **kwargs: Any) -> Any:
     return getattr(mod, base + "Pil").from_pretrained(name_or_path, **kwargs)
 
 
-def load_processor_without_video(cls: type, name_or_path: str, **kwargs: Any) -> Any:
+def load_processor_without_video(cls: type[ProcessorMixin], name_or_path: str, **kwargs: Any) -> Any:
     """Load a processor of class ``cls`` from a checkpoint directory or hub id, offline-safe.
 
     Reads the tokenizer, the image processor (``preprocessor_config.json`` or the nested entry of
@@ -440,21 +444,21 @@ def load_processor_without_video(cls: type, name_or_path: str, **kwargs: Any) ->
     skip = ("image_processor", "tokenizer", "video_processor", "chat_template", "processor_class", "auto_map")
     settings = {k: v for k, v in processor_dict.items() if k not in skip}
     proc = build_processor(cls, image_processor, tokenizer, chat_template, **settings)
-    settings: dict[str, Any] = {}
+    video_settings: dict[str, Any] = {}
     try:
         if os.path.isdir(name_or_path):
-            path = os.path.join(name_or_path, VIDEO_CONFIG_FILE)
-            path = path if os.path.isfile(path) else None
+            local = os.path.join(name_or_path, VIDEO_CONFIG_FILE)
+            path: str | None = local if os.path.isfile(local) else None
         else:
             from transformers.utils import cached_file
 
             path = cached_file(name_or_path, VIDEO_CONFIG_FILE, _raise_exceptions_for_missing_entries=False, **kwargs)
         if path:
             with open(path, encoding="utf-8") as f:
-                settings = json.load(f)
+                video_settings = json.load(f)
     except (OSError, ValueError):
-        settings = {}
-    proc.video_settings = settings
+        video_settings = {}
+    proc.video_settings = video_settings
     return proc
 
 
@@ -492,7 +496,7 @@ def collect_media(
 # the same token ids is then the exact answer.
 # ----------------------------------------------------------------------------------------------
 
-_RECENT: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, int], ModalityMap]]" = weakref.WeakKeyDictionary()
+_RECENT: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, int], ModalityMap]] = weakref.WeakKeyDictionary()
 _RECENT_MAX = 16
 
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..compat import model_config
 from ..modality import IMAGE, VIDEO, ModalityMap, VisualItem, grid_item
 from .base import (
     Chat,
@@ -32,15 +33,15 @@ from .base import (
     bounds_of,
     cap_frames,
     collect_media,
-    frames_for_budget,
-    set_bounds,
     context_length_of,
     encode_text,
     expand_placeholders,
+    frames_for_budget,
     load_processor_without_video,
     recall_map,
     remember_map,
     render_chat,
+    set_bounds,
     to_model,
 )
 
@@ -101,7 +102,7 @@ class _IdeficsAdapter(ModelAdapter):
         return processor.fake_image_token + marker + processor.image_token * processor.image_seq_len
 
     def _global_tag(self, processor: Any) -> str:
-        return getattr(processor, "global_image_token", None) or getattr(processor, "global_image_tag", "<global-img>")
+        return getattr(processor, "global_image_token", "") or getattr(processor, "global_image_tag", "<global-img>")
 
     def image_string(self, processor: Any, rows: int, cols: int) -> str:
         """The expansion of one ``<image>`` placeholder for an image split into ``rows x cols`` tiles."""
@@ -183,7 +184,7 @@ class _IdeficsAdapter(ModelAdapter):
         _, sources = self._flatten(chat, videos)
         ip = processor.image_processor
         pixels: list[torch.Tensor] = []
-        masks: list[torch.Tensor] = []
+        masks: list[torch.Tensor | None] = []
         repl: list[str] = []
         done_videos: set[int] = set()
         for modality, source, _frame in sources:
@@ -210,11 +211,11 @@ class _IdeficsAdapter(ModelAdapter):
         ids = encode(chat)
         input_ids = torch.tensor([ids], dtype=torch.long)
         inputs = to_model({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **extra}, model)
-        modality = self.modality_map(model, inputs, processor=processor, sources=sources)
-        remember_map(model, ids, modality)
+        token_map = self.modality_map(model, inputs, processor=processor, sources=sources)
+        remember_map(model, ids, token_map)
         return PreparedInputs(
             inputs=inputs,
-            modality=modality,
+            modality=token_map,
             context_length=context_length_of(encode, chat, ids),
             images=images,
             videos=videos,
@@ -228,7 +229,7 @@ class _IdeficsAdapter(ModelAdapter):
         marker is taken from the last tile (every image ends with its global view) and split tiles are
         named ``"tile{k}"``. ``sources``: ``(modality, source, frame)`` per image input.
         """
-        config = model.config
+        config = model_config(model)
         if not kwargs.get("sources") and (cached := recall_map(model, inputs["input_ids"])) is not None:
             return cached  # the map prepare() made: it knows tile names and which images are video frames
         vc = config.vision_config

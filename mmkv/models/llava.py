@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..compat import model_config
 from ..modality import IMAGE, VIDEO, ModalityMap, VisualItem, grid_item
 from .base import (
     Chat,
@@ -34,16 +35,16 @@ from .base import (
     bounds_of,
     cap_frames,
     collect_media,
-    frames_for_budget,
-    set_bounds,
     context_length_of,
     encode_text,
-    expand_placeholders,
     encoder_counts,
+    expand_placeholders,
+    frames_for_budget,
     load_processor_without_video,
     recall_map,
     remember_map,
     render_chat,
+    set_bounds,
     to_model,
 )
 
@@ -107,11 +108,11 @@ class LlavaAdapter(ModelAdapter):
         return load_processor_without_video(LlavaProcessor, name_or_path, **kwargs)
 
     def _tokens_per_image(self, model: torch.nn.Module, processor: Any, height: int, width: int) -> int:
-        patch = getattr(processor, "patch_size", None) or model.config.vision_config.patch_size
-        strategy = getattr(processor, "vision_feature_select_strategy", None) or model.config.vision_feature_select_strategy
+        patch = getattr(processor, "patch_size", None) or model_config(model).vision_config.patch_size
+        strategy = getattr(processor, "vision_feature_select_strategy", None) or model_config(model).vision_feature_select_strategy
         extra = getattr(processor, "num_additional_image_tokens", None)
         if extra is None:
-            extra = 1 if "clip" in getattr(model.config.vision_config, "model_type", "") else 0
+            extra = 1 if "clip" in getattr(model_config(model).vision_config, "model_type", "") else 0
         n = (height // patch) * (width // patch) + extra
         return n - 1 if strategy == "default" else n
 
@@ -119,7 +120,7 @@ class LlavaAdapter(ModelAdapter):
         """Tokens of every picture: the vision tower's fixed input size (the processor crops to it)."""
         ip = processor.image_processor
         crop = getattr(ip, "crop_size", None) or getattr(ip, "size", None)
-        side = model.config.vision_config.image_size
+        side = model_config(model).vision_config.image_size
         height = _dim(crop, "height") or side
         width = _dim(crop, "width") or side
         return self._tokens_per_image(model, processor, int(height), int(width))
@@ -184,13 +185,13 @@ class LlavaAdapter(ModelAdapter):
         Tokens beyond ``rows*cols`` in a chunk (a kept CLS token) lead the chunk with row = col = -1.
         """
         ids = inputs["input_ids"].reshape(-1).cpu()
-        positions = (ids == model.config.image_token_id).nonzero().reshape(-1).tolist()
+        positions = (ids == model_config(model).image_token_id).nonzero().reshape(-1).tolist()
         if not positions:
             return ModalityMap.text_only(ids.numel())
         if not kwargs.get("sources") and (cached := recall_map(model, ids)) is not None:
             return cached  # the map prepare() made: it knows which images are video frames
         pv = inputs.get("pixel_values")
-        vc = model.config.vision_config
+        vc = model_config(model).vision_config
         patch = vc.patch_size
         if pv is not None:
             n_images = pv.shape[0]
@@ -242,7 +243,7 @@ def onevision_image_layout(config: Any, height: int, width: int, multi_image: bo
     side = vc.image_size // vc.patch_size
     if multi_image:
         return [("full", side, side, "end")]
-    best_h, best_w = select_best_resolution([height, width], config.image_grid_pinpoints)
+    best_h, best_w = select_best_resolution((height, width), config.image_grid_pinpoints)
     cur_h, cur_w = (best_h // vc.image_size) * side, (best_w // vc.image_size) * side
     if width / height > cur_w / cur_h:
         new_h = int(round(height * (cur_w / width), 7))
@@ -250,7 +251,7 @@ def onevision_image_layout(config: Any, height: int, width: int, multi_image: bo
     else:
         new_w = int(round(width * (cur_h / height), 7))
         cur_w -= 2 * ((cur_w - new_w) // 2)
-    max_patches = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).strip("anyres_max_"))
+    max_patches = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).strip("anyres_max_"))  # noqa: B005 -- as transformers' LLaVA-OneVision
     ratio = math.sqrt(cur_h * cur_w / (max_patches * side**2))
     if ratio > 1.1:
         cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
@@ -329,7 +330,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         std = np.asarray(vs.get("image_std", ip.image_std), dtype=np.float32)
         scale = float(vs.get("rescale_factor", ip.rescale_factor))
         arr = np.stack(
-            [np.asarray(f.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.float32) for f in video.frames]
+            [np.asarray(f.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32) for f in video.frames]
         )
         arr = (arr * scale - mean) / std
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
@@ -342,9 +343,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
         several images are a fixed ``side^2 + 1`` tokens each. Videos: fixed pooled tokens per frame, so
         at most ``video_tokens // per_frame`` frames."""
         bounds = set_bounds(processor, image_tokens, video_tokens)
-        vc = model.config.vision_config
+        vc = model_config(model).vision_config
         side = vc.image_size // vc.patch_size
-        floor = sum(_segment_length(s) for s in onevision_image_layout(model.config, vc.image_size, vc.image_size, False))
+        floor = sum(_segment_length(s) for s in onevision_image_layout(model_config(model), vc.image_size, vc.image_size, False))
         what = f"several images: fixed {side * side + 1} tokens each"
         if bounds.image_tokens is not None:
             what = f"a lone image: up to {max(bounds.image_tokens, floor)} tokens (floor {floor}); " + what
@@ -352,7 +353,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return what + ("" if cap is None else f"; videos: at most {cap} frames")
 
     def frame_cap(self, model: torch.nn.Module, processor: Any) -> int | None:
-        vc = model.config.vision_config
+        vc = model_config(model).vision_config
         pooled = math.ceil((vc.image_size // vc.patch_size) / 2) ** 2
         return frames_for_budget(bounds_of(processor).video_tokens, pooled)
 
@@ -361,10 +362,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
         budget = bounds_of(processor).image_tokens
         if budget is None:
             return image
-        vc = model.config.vision_config
+        vc = model_config(model).vision_config
 
         def tokens(w: int, h: int) -> int:
-            return sum(_segment_length(s) for s in onevision_image_layout(model.config, h, w, False))
+            return sum(_segment_length(s) for s in onevision_image_layout(model_config(model), h, w, False))
 
         w, h = image.size
         scale = 1.0
@@ -372,7 +373,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
             scale *= 0.9
         if scale == 1.0:
             return image
-        return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+        return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
 
     def prepare(
         self,
@@ -401,7 +402,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
             extra["batch_num_images"] = torch.tensor([len(images)], dtype=torch.long)
             multi = len(images) > 1
             for h, w in out["image_sizes"].tolist():
-                n = sum(_segment_length(s) for s in onevision_image_layout(model.config, h, w, multi))
+                n = sum(_segment_length(s) for s in onevision_image_layout(model_config(model), h, w, multi))
                 image_repl.append(processor.image_token * n)
         if videos:
             counts = {len(v.frames) for v in videos}
@@ -411,7 +412,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
                     "sample with num_frames instead of fps"
                 )
             extra["pixel_values_videos"] = torch.stack([self.video_pixels(processor, v) for v in videos])
-            vc = model.config.vision_config
+            vc = model_config(model).vision_config
             pooled = math.ceil((vc.image_size // vc.patch_size) / 2) ** 2
             video_repl = [processor.video_token * (len(v.frames) * pooled + 1) for v in videos]
 
@@ -436,7 +437,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
 
     def modality_map(self, model: torch.nn.Module, inputs: dict[str, Any], **kwargs: Any) -> ModalityMap:
         """Image spans from ``image_sizes`` + ``batch_num_images`` + config; video spans from ``pixel_values_videos``."""
-        config = model.config
+        config = model_config(model)
         ids = inputs["input_ids"].reshape(-1).cpu()
         positions = (ids == config.image_token_id).nonzero().reshape(-1).tolist()
         video_positions = (ids == config.video_token_id).nonzero().reshape(-1).tolist()

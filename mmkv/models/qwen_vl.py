@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..compat import model_config
 from ..modality import IMAGE, VIDEO, ModalityMap, VisualItem, grid_item
 from .base import (
     Chat,
@@ -35,15 +36,15 @@ from .base import (
     bounds_of,
     cap_frames,
     collect_media,
-    set_bounds,
     context_length_of,
     encode_text,
-    expand_placeholders,
     encoder_counts,
+    expand_placeholders,
     load_processor_without_video,
     recall_map,
     remember_map,
     render_chat,
+    set_bounds,
     to_model,
 )
 
@@ -189,7 +190,7 @@ class _QwenAdapter(ModelAdapter):
         width, height = video.frames[0].size
         rh, rw = self.video_size(cfg, len(video.frames), height, width)
         frames = [f.convert("RGB") if f.mode != "RGB" else f for f in video.frames]
-        arr = np.stack([np.asarray(f.resize((rw, rh), Image.BICUBIC), dtype=np.float32) for f in frames])
+        arr = np.stack([np.asarray(f.resize((rw, rh), Image.Resampling.BICUBIC), dtype=np.float32) for f in frames])
         arr = arr * cfg["rescale_factor"]
         arr = (arr - np.asarray(cfg["image_mean"], dtype=np.float32)) / np.asarray(cfg["image_std"], dtype=np.float32)
         arr = arr.transpose(0, 3, 1, 2)  # T, C, H, W
@@ -287,17 +288,17 @@ class _QwenAdapter(ModelAdapter):
         ids = inputs["input_ids"].reshape(-1).cpu()
         has_grids = all(
             inputs.get(key) is not None or not bool((ids == tid).any())
-            for key, tid in (("image_grid_thw", model.config.image_token_id), ("video_grid_thw", model.config.video_token_id))
+            for key, tid in (("image_grid_thw", model_config(model).image_token_id), ("video_grid_thw", model_config(model).video_token_id))
         )
         if not has_grids and (cached := recall_map(model, ids)) is not None:
             return cached
         types = inputs.get("mm_token_type_ids")
         if types is None:
             types = torch.zeros_like(ids)
-            types[ids == model.config.image_token_id] = 1
-            types[ids == model.config.video_token_id] = 2
+            types[ids == model_config(model).image_token_id] = 1
+            types[ids == model_config(model).video_token_id] = 2
         types = types.reshape(-1).cpu()
-        merge = int(model.config.vision_config.spatial_merge_size)
+        merge = int(model_config(model).vision_config.spatial_merge_size)
         pos3 = _mrope_positions(inputs.get("position_ids"), ids.numel())
         encoded = inputs.get("mm_encoder_outputs") or {}
         found: list[tuple[VisualItem, tuple[list[int], list[int], list[int]]]] = []

@@ -13,8 +13,9 @@ import functools
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
@@ -138,7 +139,7 @@ def _token_group(family: str) -> str:
     return "qwen" if family.startswith("qwen") else family
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json(group: str) -> str:
     """Train (once per family group) a byte-level BPE over the corpus; return its JSON."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -218,7 +219,12 @@ def _qwen(family: str, seed: int) -> tuple[Any, Any]:
     tok = tiny_tokenizer(family)
     image_id, video_id, start_id, end_id = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    common = {"image_token_id": image_id, "video_token_id": video_id, "vision_start_token_id": start_id, "vision_end_token_id": end_id}
+    common: dict[str, Any] = {
+        "image_token_id": image_id, "video_token_id": video_id, "vision_start_token_id": start_id, "vision_end_token_id": end_id
+    }
+    config: transformers.PretrainedConfig
+    cls: type[transformers.PreTrainedModel]
+    processor_cls: type[transformers.ProcessorMixin]
     if family == "qwen2_vl":
         config = transformers.Qwen2VLConfig(
             text_config=_text_config(tok, "qwen2_vl_text", rope_parameters=rope),
@@ -378,6 +384,10 @@ def _idefics(family: str, seed: int) -> tuple[Any, Any]:
     (image_id,) = _ids(tok, "<image>")
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
     ip_kwargs = {"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}}
+    config: transformers.PretrainedConfig
+    cls: type[transformers.PreTrainedModel]
+    processor_cls: type[transformers.ProcessorMixin]
+    image_processor: Any
     if family == "idefics3":
         from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
@@ -486,7 +496,7 @@ def make_video(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), float(fps), (w, h))
     if not writer.isOpened():
         raise RuntimeError(f"OpenCV cannot write {path} with the mp4v codec")
     side = max(4, min(w, h) // 4)

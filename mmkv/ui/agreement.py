@@ -15,7 +15,8 @@ from the ordinary ``mmkv.generate`` runs, untouched by it).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

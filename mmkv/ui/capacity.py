@@ -27,9 +27,8 @@ and ``MMKV_MAX_PROMPT_TOKENS`` are checked.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -196,8 +195,8 @@ def prompt_preview(
     prepared: Any,
     max_new_tokens: int = 0,
     *,
-    max_prompt_tokens: int | None | str = "env",
-    free_bytes: int | None | str = "device",
+    max_prompt_tokens: int | None | Literal["env"] = "env",
+    free_bytes: int | None | Literal["device"] = "device",
 ) -> PromptSize:
     """Size a prepared prompt for ``loaded`` (a :class:`~mmkv.ui.models.LoadedModel`, or anything with
     ``.model``) and judge whether prompt + ``max_new_tokens`` fits. ``max_prompt_tokens`` defaults to

@@ -38,7 +38,7 @@ def _env_limit(name: str, default: float | None) -> float | None:
     return value if value > 0 else None
 
 
-def _env_int_limit(name: str, default: int | None) -> int | None:
+def _env_int_limit(name: str, default: float | None) -> int | None:
     value = _env_limit(name, default)
     return None if value is None else int(value)
 
@@ -88,7 +88,7 @@ class HostingSettings:
     hub_timeout_s: float = 1.5
 
     @classmethod
-    def from_env(cls) -> "HostingSettings":
+    def from_env(cls) -> HostingSettings:
         hosted = is_hosted()
         pick = 0 if hosted else 1
         text = os.environ.get("MMKV_ALLOWED_MODELS")

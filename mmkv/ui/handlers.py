@@ -13,9 +13,10 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -63,7 +64,7 @@ class AppState:
     model: str = ""  # "" = the store's default model
     chat: list[dict[str, Any]] = field(default_factory=list)  # library chat (file paths)
     display: list[dict[str, Any]] = field(default_factory=list)  # gr.Chatbot messages
-    runs: "OrderedDict[str, Run]" = field(default_factory=OrderedDict)
+    runs: OrderedDict[str, Run] = field(default_factory=OrderedDict)
     last: str | None = None
     workdir: str | None = None
     present: bool = False  # presentation mode: figures with large type and thick lines
@@ -244,7 +245,7 @@ def chat_turn(
             yield ChatUpdate(state, [*shown, {"role": "assistant", "content": answer or "…"}], "Generating …")
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    result = stream.result
+    result = stream.run()  # the deltas are all read: this only returns the result
     trace = _cpu_trace(result.trace)
     turn = sum(m["role"] == "user" for m in chat)
     run = Run(label=f"chat · {method} @ {_fmt_budget(budget)} · turn {turn}", trace=trace,
@@ -396,7 +397,7 @@ def _assemble(
         "kept": viz.keep_map_figure([(label, t) for label, t, _ in main], present=present),
     }
     gallery: list[tuple[Image.Image, str]] = []
-    for label, trace, run in main:
+    for _label, trace, run in main:
         if trace.method == "full":
             continue
         panels = viz.overlay_panels(trace, run.images, run.videos, max_frames=2, min_side=192, present=present)
@@ -514,7 +515,7 @@ def _run(state: AppState, label: str | None) -> Run:
     if not state.runs:
         raise UserError("nothing to inspect yet: send a message in Chat, run Compare, or open a saved run")
     label = label or state.last
-    if label not in state.runs:
+    if label is None or label not in state.runs:
         raise UserError(f"no run named {label!r} in this session: pick one from the list")
     return state.runs[label]
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..methods import METHODS, make_method
 from ..prompt import user_turn

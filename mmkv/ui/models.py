@@ -162,7 +162,7 @@ def hub_reachable(timeout: float = 1.5, endpoint: str | None = None) -> bool:
         return known[1]
     url = urlparse(endpoint)
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") if url.scheme == "https" else None
-    proxy = proxy or os.environ.get("ALL_PROXY") or os.environ.get("all_proxy")
+    proxy = proxy or os.environ.get("ALL_PROXY") or os.environ.get("all_proxy")  # noqa: SIM112 -- curl's lowercase spelling
     if proxy and "://" in proxy:  # behind a proxy, the proxy is what must answer
         url = urlparse(proxy)
     host = url.hostname or "huggingface.co"
