@@ -209,12 +209,23 @@ def _same_plans(a, b) -> None:
 @pytest.mark.parametrize("length,capacity", [(41, 12), (90, 20), (90, 40), (200, 30), (20, 25)])
 def test_presets_equal_their_compositions_layer_by_layer(length: int, capacity: int) -> None:
     from mmkv.methods import (
-        H2O, AdaKV, H2OScorer, HeadAdaptive, PyramidKV, Pyramid, SinkScorer, SnapKV, SnapKVScorer, StreamingLLM, Uniform,
+        H2O,
+        AdaKV,
+        H2OScorer,
+        HeadAdaptive,
+        Pyramid,
+        PyramidKV,
+        SinkScorer,
+        SnapKV,
+        SnapKVScorer,
+        StreamingLLM,
+        Uniform,
     )
 
     pairs = [
         (PyramidKV(), Pyramid(SnapKVScorer(window_size=8, kernel=7, pooling="max"), beta=20)),
         (PyramidKV(window=4, beta=5), Pyramid(SnapKVScorer(4, 7, "max"), beta=5)),
+        (PyramidKV(), Pyramid(SnapKV(window=8, kernel=7, pooling="max"), beta=20)),  # a preset as the inner policy
         (SnapKV(), Uniform(SnapKVScorer())),
         (AdaKV(), HeadAdaptive(SnapKVScorer(32, 7, "max"), alpha=0.2)),
         (AdaKV(window=4, kernel=3), HeadAdaptive(SnapKVScorer(4, 3, "max"), alpha=0.2)),

@@ -16,7 +16,16 @@ from typing import Any
 
 from .base import LayerContext, LayerPlan, MergeRecord, Method, pool1d, reduce_to_kv_heads, topk_plus_recent
 from .compose import (
-    H2OScorer, HeadAdaptive, LayerEntropy, ModalityAdaptive, Policy, Pyramid, Scorer, SinkScorer, SnapKVScorer, TextPrior,
+    H2OScorer,
+    HeadAdaptive,
+    LayerEntropy,
+    ModalityAdaptive,
+    Policy,
+    Pyramid,
+    Scorer,
+    SinkScorer,
+    SnapKVScorer,
+    TextPrior,
     Uniform,
 )
 from .decode import ChunkRetrieval, DecodePolicy, H2OEviction

@@ -112,7 +112,7 @@ class Method:
         return True
 
 
-def check_positive(method: "Method", *names: str) -> None:
+def check_positive(method: Any, *names: str) -> None:
     """Raise a clear error when a hyper-parameter that must be a positive integer is not."""
     for name in names:
         value = getattr(method, name)
@@ -120,13 +120,13 @@ def check_positive(method: "Method", *names: str) -> None:
             raise ValueError(f"{method.name}: {name} must be a positive integer, got {value!r}")
 
 
-def check_fraction(method: "Method", name: str, low: float = 0.0, high: float = 1.0) -> None:
+def check_fraction(method: Any, name: str, low: float = 0.0, high: float = 1.0) -> None:
     value = getattr(method, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise ValueError(f"{method.name}: {name} must be a number in [{low}, {high}], got {value!r}")
 
 
-def check_choice(method: "Method", name: str, choices: tuple[str, ...]) -> None:
+def check_choice(method: Any, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(method, name)
     if value not in choices:
         raise ValueError(f"{method.name}: {name} must be one of {', '.join(choices)}, got {value!r}")

@@ -15,19 +15,36 @@ Policies: :class:`Uniform`, :class:`Pyramid` (PyramidKV), :class:`HeadAdaptive` 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from ..modality import TEXT
 from ..stats import LayerStats, StatsRequest
 from .base import (
-    LayerContext, LayerPlan, Method, check_choice, check_fraction, check_positive, largest_remainder, pool1d,
-    reduce_to_kv_heads, topk_plus_recent, water_fill,
+    LayerContext,
+    LayerPlan,
+    Method,
+    check_choice,
+    check_fraction,
+    check_positive,
+    largest_remainder,
+    pool1d,
+    reduce_to_kv_heads,
+    topk_plus_recent,
+    water_fill,
 )
 
 # ---- scorers ------------------------------------------------------------------------------------
+
+
+def _stat(value: torch.Tensor | None, name: str) -> torch.Tensor:
+    """A statistic the scorer requested (present unless the caller skipped its ``stats_request``)."""
+    if value is None:
+        raise ValueError(f"stats.{name} is missing: compute the statistics of the method's stats_request()")
+    return value
 
 
 @runtime_checkable
@@ -101,7 +118,7 @@ class H2OScorer:
 
     def full_scores(self, ctx: LayerContext) -> torch.Tensor:
         """Accumulated attention of every position ``[H_kv, L]`` (GQA reduced)."""
-        return reduce_to_kv_heads(ctx.stats.column_sums, ctx.num_kv_heads, self.gqa_reduce)
+        return reduce_to_kv_heads(_stat(ctx.stats.column_sums, "column_sums"), ctx.num_kv_heads, self.gqa_reduce)
 
     def scores(self, ctx: LayerContext, window: int) -> torch.Tensor:
         return self.full_scores(ctx)[:, : ctx.length - window]
@@ -135,7 +152,7 @@ class SnapKVScorer:
 
     def scores(self, ctx: LayerContext, window: int) -> torch.Tensor:
         """Pooled window scores before the window ``[H_kv, L - window]``; the slice comes before the pooling (SnapKV Alg. 1)."""
-        scores = reduce_to_kv_heads(ctx.stats.window_scores, ctx.num_kv_heads, self.gqa_reduce)
+        scores = reduce_to_kv_heads(_stat(ctx.stats.window_scores, "window_scores"), ctx.num_kv_heads, self.gqa_reduce)
         return pool1d(scores[:, : ctx.length - window], self.kernel, self.pooling)
 
     def info(self, capacity: int, window: int) -> dict[str, Any]:
@@ -211,8 +228,11 @@ def as_policy(part: Scorer | Method) -> Method:
 
 
 def window_of(policy: Method, ctx: LayerContext, capacity: int) -> int:
-    window = getattr(policy, "window", None)
-    return window(ctx, capacity) if callable(window) else 0
+    """A policy's window, a preset's through its ``scorer`` (``SnapKV().window`` is a hyper-parameter), else 0."""
+    if callable(getattr(type(policy), "window", None)):
+        return policy.window(ctx, capacity)  # type: ignore[attr-defined]
+    scorer = getattr(policy, "scorer", None)
+    return scorer.window(ctx, capacity) if scorer is not None else 0
 
 
 @dataclass

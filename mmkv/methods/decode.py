@@ -33,7 +33,7 @@ class DecodePolicy(Mapping):
 
     name: ClassVar[str] = "base"
 
-    def build_layer(self, keys: torch.Tensor, values: torch.Tensor, plan: "LayerPlan", reserve: int = 0) -> "CompressedLayer":
+    def build_layer(self, keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> CompressedLayer:
         """The cache layer for full ``keys``/``values`` ``[1, H_kv, L, d]`` and ``plan`` (``reserve`` generated tokens)."""
         raise NotImplementedError
 
@@ -65,7 +65,7 @@ class H2OEviction(DecodePolicy):
 
     name = "h2o"
 
-    def build_layer(self, keys: torch.Tensor, values: torch.Tensor, plan: "LayerPlan", reserve: int = 0) -> "CompressedLayer":
+    def build_layer(self, keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> CompressedLayer:
         """H2O storage never grows: one slot of room for the incoming token replaces ``reserve``."""
         from ..cache import H2ODecodeLayer, kept_contents
 
@@ -101,7 +101,7 @@ class ChunkRetrieval(DecodePolicy):
 
     name = "hybrid"
 
-    def build_layer(self, keys: torch.Tensor, values: torch.Tensor, plan: "LayerPlan", reserve: int = 0) -> "CompressedLayer":
+    def build_layer(self, keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> CompressedLayer:
         from ..hybrid_cache import build_hybrid_layer
 
         return build_hybrid_layer(keys, values, plan, reserve)
