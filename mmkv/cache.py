@@ -96,7 +96,7 @@ class CompressedLayer(DynamicLayer):
     def physical_bytes(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def growth(self) -> "GrowthModel | None":
+    def growth(self) -> GrowthModel | None:
         """How :meth:`physical_bytes` evolves with appended tokens, from the shapes now (None: unknown)."""
         return None
 
@@ -167,7 +167,7 @@ class GrowthModel:
         self.capacity, self.recent = capacity, recent
 
     @classmethod
-    def of_buffer(cls, buffer: "AppendBuffer", fixed: int = 0, values: bool = True, **kwargs: Any) -> "GrowthModel":
+    def of_buffer(cls, buffer: AppendBuffer, fixed: int = 0, values: bool = True, **kwargs: Any) -> GrowthModel:
         """A key buffer (and, with ``values``, its value twin of the same shape) growing along its ``dim``."""
         store = buffer.store.shape[buffer.dim]
         per_token = (buffer.store.numel() // store if store else _slice_numel(buffer)) * buffer.store.element_size()
@@ -188,7 +188,7 @@ class GrowthModel:
         return out
 
 
-def _slice_numel(buffer: "AppendBuffer") -> int:
+def _slice_numel(buffer: AppendBuffer) -> int:
     shape = list(buffer.store.shape)
     del shape[buffer.dim]
     n = 1
@@ -201,8 +201,7 @@ def layer_growth(layer: Any) -> GrowthModel | None:
     """The :class:`GrowthModel` of any cache layer: ours, or a transformers ``DynamicLayer`` (None: unknown)."""
     if isinstance(layer, CompressedLayer):
         return layer.growth()
-    if type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
-        keys = layer.keys
+    if type(layer) is DynamicLayer and (keys := getattr(layer, "keys", None)) is not None and keys.dim() == 4:
         return GrowthModel(0, 2 * keys.shape[1] * keys.shape[3] * keys.element_size(), keys.shape[2], keys.shape[2])
     return None
 
@@ -275,6 +274,8 @@ class FlatPrefix:
     True where a row is not head ``h``'s; a layer may hide more rows of a head in place (HybridKV's
     unused buffer slots)."""
 
+    _blocks: tuple[int, BlockPlan | None]  # block_plan's layout, built on first use
+
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, starts: list[int], lengths: list[int]) -> None:
         self.keys, self.values = keys, values
         self.starts, self.lengths = list(starts), list(lengths)
@@ -302,7 +303,7 @@ class FlatPrefix:
             )
         return self._padded
 
-    def block_plan(self, rows: int) -> "BlockPlan | None":
+    def block_plan(self, rows: int) -> BlockPlan | None:
         """The blocked layout of the first ``rows * (N // rows)`` rows (built once, from Python ints), or
         None when a block could hold rows of more than two heads (a non-empty head shorter than a block)."""
         if getattr(self, "_blocks", None) is None or self._blocks[0] != rows:
@@ -325,7 +326,7 @@ class BlockPlan:
         self.num_blocks, self.rows = num_blocks, rows
 
     @staticmethod
-    def build(starts: list[int], lengths: list[int], total: int, rows: int, device: torch.device) -> "BlockPlan | None":
+    def build(starts: list[int], lengths: list[int], total: int, rows: int, device: torch.device) -> BlockPlan | None:
         nonempty = [n for n in lengths if n]
         if not nonempty or min(nonempty) < rows or total < rows:
             return None
@@ -336,7 +337,7 @@ class BlockPlan:
         first = [head_of_row[b * rows] for b in range(nb)]
         last = [head_of_row[b * rows + rows - 1] for b in range(nb)]
         use_last = [[head_of_row[b * rows + j] != first[b] for j in range(rows)] for b in range(nb)]
-        as_long = dict(dtype=torch.long, device=device)
+        as_long: dict[str, Any] = dict(dtype=torch.long, device=device)
         return BlockPlan(torch.tensor(first, **as_long), torch.tensor(last, **as_long),
                          torch.tensor(use_last, dtype=torch.bool, device=device)[:, None, :],
                          torch.tensor(head_of_row, **as_long), nb, rows)
@@ -681,7 +682,7 @@ class H2ODecodeLayer(DenseLayer):
 
 def layer_tensors(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The uncompressed keys/values ``[1, H_kv, L, d]`` of a layer right after prefill."""
-    layer = cache.layers[layer_idx]
+    layer: Any = cache.layers[layer_idx]  # a transformers layer with keys/values (the union lists linear-attention ones)
     if isinstance(layer, CompressedLayer):
         raise RuntimeError(f"layer {layer_idx} is already compressed")
     return layer.keys, layer.values
@@ -758,7 +759,7 @@ def cache_bytes(cache: Cache) -> int:
 
 def kept_positions(cache: Cache, layer_idx: int) -> list[torch.Tensor]:
     """Logical positions held per KV head in a layer (all positions for an uncompressed layer)."""
-    layer = cache.layers[layer_idx]
+    layer: Any = cache.layers[layer_idx]  # ours, or a transformers layer with keys/values
     if isinstance(layer, CompressedLayer):
         return layer.kept_positions()
     n = layer.get_seq_length()

@@ -30,13 +30,21 @@ prefix, fixed tokens, buffers, summaries, tail, plus the store itself when ``off
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
 from .cache import (
-    AppendBuffer, CompressedLayer, DeviceLog, FlatPrefix, GrowthModel, batch_size_error, group_rows,
-    ragged_attention, tensor_bytes,
+    AppendBuffer,
+    CompressedLayer,
+    DeviceLog,
+    FlatPrefix,
+    GrowthModel,
+    batch_size_error,
+    group_rows,
+    ragged_attention,
+    tensor_bytes,
 )
 from .methods.base import LayerPlan
 
@@ -305,10 +313,8 @@ def _host_copy(tensor: torch.Tensor, device: torch.device | str, pin: bool = Fal
     """A separate copy of ``tensor`` on ``device`` (pinned when it is the CPU side of a CUDA cache, or ``pin``)."""
     out = tensor.detach().to(device, copy=True).contiguous()
     if out.device.type == "cpu" and (tensor.device.type == "cuda" or pin) and torch.cuda.is_available():
-        try:
+        with contextlib.suppress(RuntimeError):  # pragma: no cover - pinning can fail on constrained hosts
             out = out.pin_memory()
-        except RuntimeError:  # pragma: no cover - pinning can fail on constrained hosts
-            pass
     return out
 
 
