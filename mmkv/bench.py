@@ -364,7 +364,7 @@ def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budget
     if todo and ray_address is not None:
         from .sweep import run_bench_ray  # the only module that imports Ray
 
-        run_bench_ray(todo, store, model_name, record, address=ray_address or None, workers=workers, device=device,
+        run_bench_ray(todo, store, model_name, record, CellMeasurer, address=ray_address or None, workers=workers, device=device,
                       dtype=dtype, settings=settings, progress=bar)
     elif todo:
         measurer = CellMeasurer(model_name, device, dtype, settings)

@@ -40,7 +40,7 @@ import torch
 from .driver import forced_logits, generate
 from .models import adapter_for, load
 from .progress import Progress
-from .records import ResultStore, write_records
+from .records import ResultStore, failure_record, reference_ids, write_records
 
 #: Methods run by default on a CPU-only machine (one per family: scoring, per-head, text-prior merging,
 #: modality-aware); with a GPU every method runs.
@@ -189,19 +189,6 @@ class CellRunner:
         return {"kind": "cell", "key": cell.key, **asdict(cell), "samples": out,
                 "seconds": round(time.perf_counter() - start, 3),
                 "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
-
-
-def reference_ids(finished: dict[str, dict[str, Any]], cell: Cell) -> list[list[int]] | None:
-    """Full's token ids per sample of ``cell``'s shard, from the store (``None`` for Full or when absent)."""
-    if cell.method == "full":
-        return None
-    rec = finished.get(cell.reference.key)
-    return None if rec is None else [s["token_ids"] for s in rec["samples"]]
-
-
-def failure_record(cell: Cell, error: BaseException | str) -> dict[str, Any]:
-    return {"kind": "failure", "key": cell.key, **asdict(cell),
-            "error": error if isinstance(error, str) else f"{type(error).__name__}: {error}"}
 
 
 def run_serial(runner: CellRunner, plan: Plan, store: ResultStore, progress: Progress | None = None,
@@ -598,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.ray:
         from .sweep import run_ray
 
-        failures = run_ray(plan, store, a.model, address=None if a.ray == "local" else a.ray, workers=a.workers,
+        failures = run_ray(plan, store, a.model, CellRunner, address=None if a.ray == "local" else a.ray, workers=a.workers,
                            max_new_tokens=max_new_tokens, progress=progress)
     else:
         model, processor = load(a.model)

@@ -78,3 +78,17 @@ class ResultStore:
 
     def __len__(self) -> int:
         return len(self.records())
+
+
+# ---- eval cells (mmkv.eval.Cell) ---------------------------------------------------------------
+def reference_ids(finished: dict[str, dict[str, Any]], cell: Any) -> list[list[int]] | None:
+    """Full's token ids per sample of ``cell``'s shard, from the store (``None`` for Full or when absent)."""
+    if cell.method == "full":
+        return None
+    rec = finished.get(cell.reference.key)
+    return None if rec is None else [s["token_ids"] for s in rec["samples"]]
+
+
+def failure_record(cell: Any, error: BaseException | str) -> dict[str, Any]:
+    return {"kind": "failure", "key": cell.key, **asdict(cell),
+            "error": error if isinstance(error, str) else f"{type(error).__name__}: {error}"}

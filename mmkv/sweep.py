@@ -15,20 +15,21 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from .bench import CellMeasurer
-from .eval import Cell, CellRunner, Plan, failure_record, reference_ids
 from .progress import Progress
-from .records import ResultStore
+from .records import ResultStore, failure_record, reference_ids
+
+if TYPE_CHECKING:  # the callers (mmkv.eval, mmkv.bench) pass their classes in: no import cycle
+    from .eval import Cell, Plan
 
 
 class EvalWorker:
-    """A model-holding actor: loads ``model_name`` once, then runs cells (:class:`mmkv.eval.CellRunner`)."""
+    """A model-holding actor: loads ``model_name`` once, then runs cells with ``runner`` (:class:`mmkv.eval.CellRunner`)."""
 
-    def __init__(self, model_name: str, max_new_tokens: int, threads: int | None) -> None:
+    def __init__(self, runner: type, model_name: str, max_new_tokens: int, threads: int | None) -> None:
         import torch
 
         from .models import load
@@ -36,7 +37,7 @@ class EvalWorker:
         if threads:
             torch.set_num_threads(threads)
         model, processor = load(model_name)
-        self.runner = CellRunner(model, processor, max_new_tokens)
+        self.runner = runner(model, processor, max_new_tokens)
 
     def run(self, cell: Cell, samples: list[tuple[int, Any]], reference: list[list[int]] | None) -> dict[str, Any]:
         return self.runner.run(cell, samples, reference)
@@ -60,6 +61,7 @@ def run_ray(
     plan: Plan,
     store: ResultStore,
     model: str,
+    runner: type,
     *,
     address: str | None = None,
     workers: int | None = None,
@@ -70,6 +72,9 @@ def run_ray(
     max_retries: int = 3,
 ) -> int:
     """Run the plan's pending cells on Ray actors, appending each result to ``store``; returns the failures.
+
+    ``runner`` is :class:`mmkv.eval.CellRunner`, passed in by :mod:`mmkv.eval` (which calls this, so this
+    module never imports it).
 
     ``address``: a running cluster (``ray start --head`` prints it), ``None`` = a local instance
     (``num_cpus`` CPUs, default all). ``workers``: actors (default one per GPU, else one per CPU).
@@ -107,7 +112,7 @@ def run_ray(
     actor_cls = ray.remote(EvalWorker).options(
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=max_retries, max_task_retries=max_retries)
     # actor handles (ray types .remote() on a class-made actor loosely)
-    actors: list[Any] = [actor_cls.remote(model, max_new_tokens, None if gpus else 1) for _ in range(count)]
+    actors: list[Any] = [actor_cls.remote(runner, model, max_new_tokens, None if gpus else 1) for _ in range(count)]
     idle = list(actors)
     last_shard: dict[Any, tuple[str, int]] = {}
     shard_refs: dict[tuple[str, int], Any] = {}
@@ -169,6 +174,7 @@ def run_bench_ray(
     store: ResultStore,
     model: str,
     record: Callable[[tuple[int, str, float | int], dict[str, Any]], dict[str, Any]],
+    measurer: type,
     *,
     address: str | None = None,
     workers: int | None = None,
@@ -180,7 +186,7 @@ def run_bench_ray(
 ) -> int:
     """Measure ``cells`` (context, method, budget) on Ray actors, one GPU each (CPUs otherwise).
 
-    ``record(cell, measured)`` makes the store record the driver appends as each cell returns. Cells
+    ``measurer`` is :class:`mmkv.bench.CellMeasurer` (passed in by :func:`mmkv.bench.run`). ``record(cell, measured)`` makes the store record the driver appends as each cell returns. Cells
     are independent (ratios against Full are computed from the store afterwards); each actor warms up
     once per context, as the serial run does. On CPU, actors on one machine share its cores and memory
     bandwidth, so their timings disturb each other: use one actor per machine there (``workers``).
@@ -194,7 +200,7 @@ def run_bench_ray(
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         count = max(1, min(workers or gpus or 1, len(cells)))
-        actor_cls = ray.remote(CellMeasurer).options(
+        actor_cls: Any = ray.remote(measurer).options(
             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=max_retries, max_task_retries=max_retries)
         actors: list[Any] = [actor_cls.remote(model, device, dtype, settings or {}) for _ in range(count)]
         inflight: dict[Any, tuple[Any, Any]] = {}  # task ref -> (cell, actor)

@@ -74,7 +74,7 @@ def test_sweep_with_a_worker_killed_mid_cell_equals_serial(local_ray, serial, tm
     index, sample = plan.shards[("text_needle", 1)][0]
     plan.shards[("text_needle", 1)][0] = (index, DiesOnce(sample, str(marker)))
     store = ResultStore(tmp_path / "results.jsonl")
-    assert run_ray(plan, store, MODEL) == 0
+    assert run_ray(plan, store, MODEL, mmkv_eval.CellRunner) == 0
     assert marker.exists()  # a worker did die in the middle of a cell ...
     assert not any(r.get("kind") == "failure" for r in store.records())  # ... and its cell was run again
     _same_cells(store, serial)
@@ -88,10 +88,10 @@ def test_stopped_sweep_resumes_without_redoing_cells(local_ray, serial, tmp_path
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_ray(_plan(), store, MODEL, on_result=stop_after_two)
+        run_ray(_plan(), store, MODEL, mmkv_eval.CellRunner, on_result=stop_after_two)
     first = list(store.finished())
     assert len(first) == 2
-    assert run_ray(_plan(), store, MODEL) == 0
+    assert run_ray(_plan(), store, MODEL, mmkv_eval.CellRunner) == 0
     _same_cells(store, serial)  # each key once: the two finished cells were not run again
     assert list(store.finished())[:2] == first
 
