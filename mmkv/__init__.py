@@ -8,6 +8,7 @@
     mmkv.save_run(result, "needle.mmkvrun", processor)   # one file the app opens without the model: mmkv.load_run
 """
 
+from ._version import __version__  # the one version source (mmkv/_version.py)
 from .attention import ATTENTION_NAME, register
 from .bundled import BUNDLED_MODEL, EXAMPLES_DIR
 from .cache import BatchSizeError, cache_bytes
@@ -20,11 +21,8 @@ from .runfile import RunFile, load_run, save_run
 from .session import Session, compress, resolve_capacity
 from .trace import LayerTrace, Trace
 
-# The package's one version number: pyproject.toml reads it (dynamic = ["version"]), and so do
-# the wheel's metadata and run files (mmkv_version). Bump it here and in CHANGELOG.md.
-__version__ = "0.2.0"
-
 __all__ = [
+    "__version__",
     "ATTENTION_NAME", "register", "BUNDLED_MODEL", "EXAMPLES_DIR", "chat", "BatchSizeError", "cache_bytes", "Generation", "GenerationResult", "generate",
     "METHODS", "Method", "make_method", "IMAGE", "TEXT", "VIDEO", "ModalityMap", "PreparedInputs",
     "UnsupportedModelError", "adapter_for", "load", "RunFile", "load_run", "save_run", "Session", "compress", "resolve_capacity", "LayerTrace", "Trace",

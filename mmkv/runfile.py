@@ -47,6 +47,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
+from ._version import __version__
 from .trace import Trace
 from .video import VideoFrames
 
@@ -261,7 +262,6 @@ class RunFile:
         if min(image_side, frame_side) < 16:
             raise ValueError("thumbnail sides must be at least 16 px")
         self._check_media(self.images, self.videos)
-        from . import __version__
 
         created = self.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
         members: list[tuple[str, bytes, int]] = []
@@ -331,7 +331,6 @@ class RunFile:
         with zf:
             try:
                 manifest = _manifest(zf, where)
-                from . import __version__
 
                 made_by = manifest.get("mmkv_version", "?")
                 try:
@@ -413,7 +412,6 @@ def _manifest(zf: zipfile.ZipFile, where: str) -> dict[str, Any]:
     if not isinstance(version, int) or version < 1:
         raise _Corrupt(f"format_version {version!r} is not a positive whole number")
     if version > FORMAT_VERSION:
-        from . import __version__
 
         raise ValueError(
             f"{where}: made by a newer mmkv ({manifest.get('mmkv_version', '?')}, run format {version}); this mmkv "

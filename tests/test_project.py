@@ -17,18 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _version() -> str:
-    tree = ast.parse((ROOT / "mmkv" / "__init__.py").read_text())
+    tree = ast.parse((ROOT / "mmkv" / "_version.py").read_text())
     values = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
               and any(getattr(t, "id", None) == "__version__" for t in node.targets)]
-    assert len(values) == 1, "mmkv/__init__.py must assign __version__ exactly once"
+    assert len(values) == 1, "mmkv/_version.py must assign __version__ exactly once"
     return values[0]
 
 
 def test_the_version_is_written_once() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "version" not in project["project"], "pyproject.toml must not write the version: it reads mmkv.__version__"
+    assert "version" not in project["project"], "pyproject.toml must not write the version: it reads mmkv/_version.py"
     assert "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "mmkv.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "mmkv._version.__version__"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", _version())
 
 
