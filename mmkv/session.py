@@ -301,13 +301,14 @@ class Session:
             for i, plan in zip(order, plans):
                 self._apply(i, plan, self._pending[i])
             self._pending.clear()
-        self.clock.add(self.trace.timings, "compress_s", t0)
+        trace = self._live_trace
+        self.clock.add(trace.timings, "compress_s", t0)
         self.collecting = False
-        self.trace.layers = [self._layer_traces[i] for i in sorted(self._layer_traces)]
+        trace.layers = [self._layer_traces[i] for i in sorted(self._layer_traces)]
         self._forward_steps, self._forward_tokens = [], []
         if self.record_steps:
-            self.trace.step_lengths = [self.trace.span_length]
-            self.trace.step_bytes = [cache_bytes(self.cache)]
+            trace.step_lengths = [trace.span_length]
+            trace.step_bytes = [cache_bytes(self.cache)]
             growth = [layer_growth(layer) for layer in self.cache.layers]
             self._growth = None if any(g is None for g in growth) else growth
         return output
