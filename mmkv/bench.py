@@ -1,4 +1,4 @@
-"""``python -m mmkv.bench``: physical KV memory and decode speed of every method, against Full and the floor.
+"""``mmkv bench``: physical KV memory and decode speed of every method, against Full and the floor.
 
 A decode step cannot be faster than reading the weights plus the kept KV once from memory, so each
 run reports the **floor** ``(weight bytes + KV bytes) / measured memory bandwidth`` next to the
@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .budget import parse_budget
     from .methods import METHODS
 
-    p = argparse.ArgumentParser(prog="python -m mmkv.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mmkv bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny",
                    help=f"tiny (seconds on CPU), tiny-wide (CPU at 3k-8k tokens), {', '.join(s for s in SHAPES if s != 'tiny-wide')} "
                         "(published shapes, GPU), or a local checkpoint")

@@ -4,6 +4,8 @@
     mmkv run ... --save run.mmkvrun  # the run as one file the app opens without the model
     mmkv app                       # the Gradio app (needs the app extra: pip install "mmkv[app]")
     mmkv methods                   # every method with its defaults and paper
+    mmkv bench ...                 # speed and KV bytes per method (docs/benchmarks.md)
+    mmkv eval ...                  # accuracy / KL / KV ratio per method and budget (docs/eval.md)
 
 ``--model`` defaults to the bundled teaching model; give a hub id or a checkpoint directory for others.
 """
@@ -49,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="method hyper-parameter, e.g. --param window=16 (repeatable)")
 
     sub.add_parser("methods", help="list the methods and their defaults")
+
+    for name, what in (("bench", "decode speed and physical KV bytes per method (mmkv bench --help)"),
+                       ("eval", "accuracy / KL / KV ratio per method and budget, synthetic or MileBench (mmkv eval --help)")):
+        forward = sub.add_parser(name, help=what, add_help=False)
+        forward.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     app = sub.add_parser("app", help="start the Gradio app (needs: pip install \"mmkv[app]\")")
     app.add_argument("--model", default=None, help="model to serve (default: $MMKV_MODEL, else the bundled one)")
@@ -147,6 +154,13 @@ def _app(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("bench", "eval"):  # the experiments' own parsers (and their --help) take the rest
+        if argv[0] == "bench":
+            from .bench import main as experiment
+        else:
+            from .eval import main as experiment
+        return experiment(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "methods":
         from dataclasses import fields

@@ -1,4 +1,4 @@
-"""``python -m mmkv.eval``: accuracy and fidelity to the Full cache, per task x method x budget x query mode.
+"""``mmkv eval``: accuracy and fidelity to the Full cache, per task x method x budget x query mode.
 
 On the synthetic suite (`mmkv.tiny.tasks`, held-out seeds) every answer is checked against its scene.
 With ``--milebench DIR`` the samples come from MileBench-format data in a local folder instead
@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .tiny.tasks import TASKS
 
     p = argparse.ArgumentParser(
-        prog="python -m mmkv.eval",
+        prog="mmkv eval",
         description="Accuracy and fidelity to the Full cache, per task x method x budget x query mode.",
         epilog="Defaults depend on the machine: on CPU only the methods " + ",".join(CPU_METHODS)
                + f" (plus full) and {CPU_SAMPLES} samples per task; with a GPU all methods and {GPU_SAMPLES} samples. "

@@ -1,4 +1,4 @@
-"""Eval sweeps on a Ray cluster: ``python -m mmkv.eval ... --ray [ADDRESS]`` (the ``mmkv[cluster]`` extra).
+"""Eval sweeps on a Ray cluster: ``mmkv eval ... --ray [ADDRESS]`` (the ``mmkv[cluster]`` extra).
 
 Each worker is a Ray actor that loads the model once and serves many cells (one GPU per actor when the
 cluster has GPUs, one CPU otherwise); each cell is one actor task. The driver alone writes the results

@@ -8,7 +8,7 @@ for window methods, <= 30% for all-query methods), and the same share of the run
 (``prefill - stats - compress``, measured in the same forward: steadier on a shared machine). For the
 all-query methods (H2O, LOOK-M, MEDA) the statistics pass also computes the layer's attention output and
 the model skips its own, so their statistics time includes an attention pass: what they add is the
-prefill beyond Full's (``python -m mmkv.bench`` reports it as "extra prefill"). Usage:
+prefill beyond Full's (``mmkv bench`` reports it as "extra prefill"). Usage:
 ``.venv/bin/python scripts/measure_stats.py [--lengths 3000,8000] [--methods h2o,lookm]``.
 """
 

@@ -177,7 +177,7 @@ def mmkv_app(tmp_path: Path) -> None:
 
 
 def bench_default(tmp_path: Path) -> None:
-    out = _run([sys.executable, "-m", "mmkv.bench"], tmp_path)
+    out = _run(_mmkv("bench"), tmp_path)
     rows = json.loads((tmp_path / "bench-results" / "bench.json").read_text())
     from mmkv import METHODS
 
@@ -187,7 +187,7 @@ def bench_default(tmp_path: Path) -> None:
 
 def bench_tiny_wide(tmp_path: Path) -> None:
     # as written it runs every method at 3k and 8k tokens (minutes); here one method at 400 tokens
-    _run([sys.executable, "-m", "mmkv.bench", "--model", "tiny-wide", "--budgets", "0.2", "--contexts", "400",
+    _run([*_mmkv("bench"), "--model", "tiny-wide", "--budgets", "0.2", "--contexts", "400",
           "--methods", "snapkv", "--new-tokens", "2", "--warmup", "1"], tmp_path)
     rows = json.loads((tmp_path / "bench-results" / "bench.json").read_text())
     assert [r["method"] for r in rows] == ["full", "snapkv"] and abs(rows[1]["kv_ratio"] - 0.2) < 0.02
@@ -222,7 +222,7 @@ def train_chain(tmp_path: Path) -> None:
 
 def eval_synthetic(tmp_path: Path) -> None:
     """As written: the CPU defaults (Full + 4 methods, 5 samples per task) at two budgets."""
-    out = _run([sys.executable, "-m", "mmkv.eval", "--model", "bundled", "--budgets", "0.1,0.2", "--out", "eval-results"],
+    out = _run([*_mmkv("eval"), "--model", "bundled", "--budgets", "0.1,0.2", "--out", "eval-results"],
                tmp_path)
     records = [json.loads(line) for line in (tmp_path / "eval-results" / "results.jsonl").read_text().splitlines()]
     cells = [r for r in records if r.get("kind") == "cell"]
@@ -234,9 +234,9 @@ def eval_synthetic(tmp_path: Path) -> None:
 
 
 def eval_report(tmp_path: Path) -> None:
-    _run([sys.executable, "-m", "mmkv.eval", "--model", "bundled", "--tasks", "needle", "--samples", "2",
+    _run([*_mmkv("eval"), "--model", "bundled", "--tasks", "needle", "--samples", "2",
           "--methods", "snapkv", "--budgets", "0.2", "--out", "eval-results"], tmp_path)
-    _run([sys.executable, "-m", "mmkv.eval", "--report", "eval-results/results.jsonl", "--out", "report"], tmp_path)
+    _run([*_mmkv("eval"), "--report", "eval-results/results.jsonl", "--out", "report"], tmp_path)
     rows = json.loads((tmp_path / "report" / "eval.json").read_text())
     assert {r["method"] for r in rows} == {"full", "snapkv"} and (tmp_path / "report" / "eval.html").is_file()
 
@@ -248,7 +248,7 @@ def eval_milebench(tmp_path: Path) -> None:
 
     data = tmp_path / "data" / "MileBench"
     write_dataset(data, "TextNeedleInAHaystack", heldout_set("text_needle", 2, 3, seed=7), response=lambda s: s.scene.password)
-    _run([sys.executable, "-m", "mmkv.eval", "--model", "bundled", "--milebench", str(data), "--datasets",
+    _run([*_mmkv("eval"), "--model", "bundled", "--milebench", str(data), "--datasets",
           "TextNeedleInAHaystack", "--samples", "2", "--methods", "full,snapkv", "--budgets", "0.2",
           "--max-new-tokens", "12", "--out", "eval-results/milebench"], tmp_path)
     rows = json.loads((tmp_path / "eval-results" / "milebench" / "eval.json").read_text())
@@ -273,15 +273,15 @@ MIRRORS: dict[str, Callable[[Path], None]] = {
     'pip install ".[app]"': pip_install,
     "mmkv methods": mmkv_methods,
     "mmkv app": mmkv_app,
-    "python -m mmkv.bench": bench_default,
-    "python -m mmkv.bench --model tiny-wide --budgets 0.2": bench_tiny_wide,
-    "python -m mmkv.bench --model qwen2.5-vl-7b --contexts 8192,32768,65536 --budgets 0.1,0.2": bench_gpu_shape,
+    "mmkv bench": bench_default,
+    "mmkv bench --model tiny-wide --budgets 0.2": bench_tiny_wide,
+    "mmkv bench --model qwen2.5-vl-7b --contexts 8192,32768,65536 --budgets 0.1,0.2": bench_gpu_shape,
     "bash scripts/train_tiny.sh .cache/tiny-replay/model": train_chain,
-    "python -m mmkv.eval --model bundled --budgets 0.1,0.2 --out eval-results": eval_synthetic,
-    "python -m mmkv.eval --report eval-results/results.jsonl --out report": eval_report,
+    "mmkv eval --model bundled --budgets 0.1,0.2 --out eval-results": eval_synthetic,
+    "mmkv eval --report eval-results/results.jsonl --out report": eval_report,
 }
 for _command in readme_commands():
-    if _command.startswith("python -m mmkv.eval") and "--milebench" in _command:
+    if _command.startswith("mmkv eval") and "--milebench" in _command:
         MIRRORS[_command] = eval_milebench
     elif _command.startswith("lmms-eval"):
         MIRRORS[_command] = lmms_eval
