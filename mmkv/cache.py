@@ -25,14 +25,14 @@ Positions of the kept tokens are tracked per head (logical indices), for the tra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .methods.base import LayerPlan
-from .methods.decode import as_decode_policy
+if TYPE_CHECKING:  # the cache applies plans; it never imports the methods that make them
+    from .methods.base import LayerPlan
 
 
 class BatchSizeError(ValueError):
@@ -717,7 +717,7 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reser
     if unchanged and reserve == 0:
         return None
     if plan.decode is not None:  # a decode-time policy builds its own layer (mmkv.methods.decode)
-        return as_decode_policy(plan.decode).build_layer(keys, values, plan, reserve)
+        return plan.decode.build_layer(keys, values, plan, reserve)  # typed by LayerPlan (dicts are converted there)
     head_keys, head_values = kept_contents(keys, values, plan, kept)
     counts = [k.numel() for k in kept]
     if len(set(counts)) == 1:

@@ -31,7 +31,7 @@ prefix, fixed tokens, buffers, summaries, tail, plus the store itself when ``off
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,7 +46,9 @@ from .cache import (
     ragged_attention,
     tensor_bytes,
 )
-from .methods.base import LayerPlan
+
+if TYPE_CHECKING:  # the cache applies plans; it never imports the methods that make them
+    from .methods.base import LayerPlan
 
 STATIC, DYNAMIC = "static", "dynamic"
 

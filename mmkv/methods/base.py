@@ -17,14 +17,15 @@ from the user's budget (a ratio of the compressed span, or an absolute token cou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from ..modality import ModalityMap
 from ..stats import LayerStats, StatsRequest
-from .decode import DecodePolicy
+from .decode import DecodePolicy, as_decode_policy
 
 
 @dataclass
@@ -77,12 +78,16 @@ class LayerPlan:
     decode: DecodePolicy | dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.decode, dict):  # the older dict form: the cache only sees typed policies
+            self.decode = as_decode_policy(self.decode)
+
     @property
     def budgets(self) -> list[int]:
         return [int(k.numel()) for k in self.kept]
 
     @classmethod
-    def keep_all(cls, num_kv_heads: int, length: int, device: torch.device | str = "cpu") -> "LayerPlan":
+    def keep_all(cls, num_kv_heads: int, length: int, device: torch.device | str = "cpu") -> LayerPlan:
         full = torch.arange(length, device=device)
         return cls(kept=[full.clone() for _ in range(num_kv_heads)])
 
