@@ -628,3 +628,27 @@ def test_v2_probe_labels_mark_changed_cells_and_image_colours(v2_processor):
     objs = eps[0].scene.images + spot.scene.images
     for v, o in zip(batch["aux_presence"].tolist(), objs):
         assert [c for c, x in zip(COLOUR_NAMES, v) if x] == [c for c in COLOUR_NAMES if c in {s.colour for s in o}]
+
+
+def test_v2_spot_retrieval_target_is_the_changed_cells_of_both_pictures(v2_processor):
+    from mmkv.tiny.train import FastEncoder
+
+    enc = FastEncoder(v2_processor)
+    enc.spot_retrieval = True
+    tok = v2_processor.tokenizer
+    eps = [make_episode(random.Random(f"spot{i}"), kind="spot") for i in range(6)]
+    batch = enc.encode(eps)
+    assert batch["retrieval_row"].tolist() == list(range(6))
+    visual = (batch["mm_token_type_ids"] > 0)
+    diff = batch["aux_diff"]
+    offset = 0
+    for row, ep in enumerate(eps):
+        q = int(batch["retrieval_query"][row])
+        word = tok.convert_ids_to_tokens(int(batch["labels"][row, q + 1])).strip()
+        assert word == ep.turns[0][2].split()[1]  # the colour word of "The orange square moved."
+        positions = visual[row].nonzero().flatten()
+        changed = positions[diff[offset : offset + len(positions)] == 1]
+        assert torch.equal(batch["retrieval_mask"][row].nonzero().flatten(), changed) and len(changed) >= 2
+        offset += len(positions)
+    enc.spot_retrieval = False
+    assert "retrieval_row" not in enc.encode(eps)

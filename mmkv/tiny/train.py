@@ -77,6 +77,9 @@ class FastEncoder:
         self.ids = {s: self.tok.convert_tokens_to_ids(s) for s in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
         self.pad_id = self.tok.pad_token_id
         self._cache: dict[str, list[int]] = {}
+        # v2: spot_difference answers get a retrieval target (the changed cells of both pictures) when set
+        self.spot_retrieval = False
+        self._spot_cells: np.ndarray | None = None
 
     def text(self, s: str) -> list[int]:
         ids = self._cache.get(s)
@@ -183,6 +186,11 @@ class FastEncoder:
         elif task == "colour_at":  # "The square in image 2 is blue."
             item, decisive = int(words[4]) - 1, len(words) - 1
             pos = list(range(*spans[item]))
+        elif task == "spot_difference" and self.spot_retrieval and self._spot_cells is not None and self._spot_cells.any():
+            # "The orange square moved." / "An orange square appeared.": the colour word is read from the cells
+            # that differ between the two pictures (in both of them)
+            cells = np.nonzero(self._spot_cells)[0]
+            pos, decisive = [spans[i][0] + int(c) for i in range(2) for c in cells], 1
         elif task == "video_colour":  # "The ball is red in the last frame."
             groups = NUM_FRAMES // self.tps
             lo, hi = spans[0]
@@ -227,9 +235,11 @@ class FastEncoder:
                     if len(cells) == 2 and ep.turns and ep.turns[0][0] == "spot_difference" and per[0] == per[1]:
                         changed = ((cells[0][0] != cells[1][0]) | (cells[0][1] != cells[1][1])).astype(np.int64)
                         diff.extend([changed, changed])
+                        self._spot_cells = changed
                     else:
                         diff.extend(np.full(n, IGNORE) for n in per)
             ids, answer_labels, targets = self.episode_ids(ep, per, answer_last)
+            self._spot_cells = None
             if aux and not ep.is_video:
                 for (_, end), objs in zip(self._spans, ep.scene.images):
                     present = {o.colour for o in objs}
@@ -281,7 +291,7 @@ class FastEncoder:
         return out
 
     def adapter_frames(self, ep: Episode) -> Any:
-        from ..video import as_video_frames
+        from ..inputs.video import as_video_frames
 
         part = ep.context_parts()[0]
         return as_video_frames(part["video"], num_frames=None, fps=part.get("fps"))
@@ -332,6 +342,7 @@ class AuxHeads(torch.nn.Module):
         if diff_layer is not None:
             self.diff = torch.nn.Linear(hidden, 2)
             self.diff_layer = diff_layer
+        self.diff_class_weight = torch.tensor([1.0, 1.0])
         if presence_layer is not None:
             self.presence = torch.nn.Linear(hidden, len(COLOUR_NAMES))
             self.presence_layer = presence_layer
@@ -421,7 +432,7 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
             target = batch["aux_diff"].to(ids.device)
             keep = target >= 0
             logits = heads.diff(out.hidden_states[heads.diff_layer][visual][keep])
-            diff_loss = F.cross_entropy(logits, target[keep])
+            diff_loss = F.cross_entropy(logits, target[keep], weight=heads.diff_class_weight.to(logits.device))
             with torch.no_grad():  # accuracy on the changed cells (most cells are unchanged)
                 on = target[keep] == 1
                 stats["aux_acc_diff"] = float((logits.argmax(-1)[on] == 1).float().mean()) if bool(on.any()) else 1.0
@@ -603,6 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=("v1", "v2"), default="v1", help="v2: mmkv.tiny.grow's shape, vocabulary and processor")
     p.add_argument("--diff-weight", type=float, default=0.0, help="v2: weight of the changed-cell probe (spot_difference scenes)")
     p.add_argument("--diff-layer", type=int, default=3, help="hidden state (after this many text layers) the changed-cell probe reads")
+    p.add_argument("--diff-pos-weight", type=float, default=1.0,
+                   help="class weight of changed cells in the changed-cell probe's loss (about 3 cells in 49 change)")
+    p.add_argument("--spot-retrieval", action="store_true",
+                   help="v2: the retrieval-attention loss also pulls spot_difference's colour word to the changed cells of both pictures")
     p.add_argument("--presence-weight", type=float, default=0.0, help="v2: weight of the per-image colour-presence probe (at <|vision_end|>)")
     p.add_argument("--presence-layer", type=int, default=3)
     p.add_argument("--image-size", type=int, default=None, help="v2: px of the multi-image scenes (default 168)")
@@ -668,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      [int(h) for h in args.retrieval_heads.split(",")])
     heads.add_v2_probes(model.config.text_config.hidden_size, args.diff_layer if args.diff_weight > 0 else None,
                         args.presence_layer if args.presence_weight > 0 else None)
+    heads.diff_class_weight = torch.tensor([1.0, args.diff_pos_weight])
     heads = heads.to(device)
     if args.retrieval_weight > 0:
         if args.eager_all or not v2:
@@ -729,6 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write(json.dumps(record) + "\n")
 
     encoder = FastEncoder(processor)
+    encoder.spot_retrieval = args.spot_retrieval
     evaluator = TeacherForcedEval(encoder, args.eval_n, EVAL_SUITES_V2 if v2 else EVAL_SUITES, sizes=V2_SIZES if v2 else None)
     if args.export_only:
         if not args.out:
