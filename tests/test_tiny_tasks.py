@@ -570,7 +570,7 @@ def test_v2_stages_chain_from_stage_outputs(tmp_path):
     assert grow_main([str(tmp_path / "g0")]) == 0
     common = ["--arch", "v2", "--batch", "3", "--eval-n", "1", "--eval-every", "100", "--log-every", "1", "--threads", "1",
               "--k-start", "2", "--k-max", "3", "--spot-frac", "0.34", "--video-frac", "0.33", "--count-frac", "0.5",
-              "--retrieval-weight", "1", "--diff-weight", "1", "--presence-weight", "1",
+              "--retrieval-weight", "1", "--diff-weight", "1", "--presence-weight", "1", "--diff-pos-weight", "10", "--spot-retrieval",
               "--weights", "needle=1,text_needle=1,spot_difference=1,count=1,video_direction=1,video_colour=1"]
     before = (ASSET / "model.safetensors").stat().st_mtime
     assert main(["--work", str(tmp_path / "w1"), "--init", str(tmp_path / "g0"), "--stage-out", str(tmp_path / "s1"),
