@@ -9,17 +9,17 @@
 """
 
 from ._version import __version__  # the one version source (mmkv/_version.py)
-from .attention import ATTENTION_NAME, register
+from .statistics.attention import ATTENTION_NAME, register
 from .bundled import BUNDLED_MODEL, EXAMPLES_DIR
-from .cache import BatchSizeError, cache_bytes
-from .driver import Generation, GenerationResult, generate
+from .cache.layers import BatchSizeError, cache_bytes
+from .runtime.driver import Generation, GenerationResult, generate
 from .methods import METHODS, Method, make_method
-from .modality import IMAGE, TEXT, VIDEO, ModalityMap
+from .inputs.modality import IMAGE, TEXT, VIDEO, ModalityMap
 from .models import PreparedInputs, UnsupportedModelError, adapter_for, load
-from .prompt import chat
-from .runfile import RunFile, load_run, save_run
-from .session import Session, compress, resolve_capacity
-from .trace import LayerTrace, Trace
+from .inputs.prompt import chat
+from .trace.runfile import RunFile, load_run, save_run
+from .runtime.session import Session, compress, resolve_capacity
+from .trace.core import LayerTrace, Trace
 
 __all__ = [
     "__version__",

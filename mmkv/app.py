@@ -43,7 +43,7 @@ from viz import STRIP_COLORS  # noqa: E402
 
 from .bundled import EXAMPLES_DIR  # noqa: E402
 from .methods import METHODS  # noqa: E402
-from .runfile import RUNS_DIR  # noqa: E402
+from .trace.runfile import RUNS_DIR  # noqa: E402
 from .ui import Limits, UserError, default_model  # noqa: E402
 from .ui import handlers as H  # noqa: E402
 from .ui.about import about_html  # noqa: E402

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .budget import parse_budget
+from .inputs.budget import parse_budget
 from .methods import METHODS
 
 __all__ = ["build_parser", "main", "parse_budget"]
@@ -92,7 +92,7 @@ def _check_output_path(path: str | None, flag: str = "--trace", example: str = "
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .prompt import chat as build_chat
+    from .inputs.prompt import chat as build_chat
 
     videos = [args.video] if args.video else []
     chat = build_chat(args.prompt, images=args.image, videos=videos)  # refuses an empty prompt
@@ -131,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         trace.to_json(args.trace)
         print(f"trace written to {args.trace}")
     if args.save:
-        from .runfile import save_run
+        from .trace.runfile import save_run
 
         save_run(result, args.save, processor, question=args.prompt)
         print(f"run saved to {args.save} (open it in the app's Inspect, or with mmkv.load_run)")
@@ -157,9 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("bench", "eval"):  # the experiments' own parsers (and their --help) take the rest
         if argv[0] == "bench":
-            from .bench import main as experiment
+            from .experiments.bench import main as experiment
         else:
-            from .eval import main as experiment
+            from .experiments.eval import main as experiment
         return experiment(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "methods":

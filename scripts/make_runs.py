@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mmkv
 from mmkv import EXAMPLES_DIR
-from mmkv.runfile import RUNS_DIR, SUFFIX, RunFile, default_label
+from mmkv.trace.runfile import RUNS_DIR, SUFFIX, RunFile, default_label
 from mmkv.ui.agreement import agreement, forced_logits
 
 #: Method parameters used when an example gives none: H2O's decode-time eviction is an option

@@ -15,7 +15,7 @@ from transformers import DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditiona
 
 import mmkv
 from mmkv.compat import cache_kwargs
-from mmkv.modality import IMAGE, ModalityMap
+from mmkv.inputs.modality import IMAGE, ModalityMap
 
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 900, 901, 902, 903
 

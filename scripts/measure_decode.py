@@ -24,10 +24,10 @@ import time
 
 import torch
 
-import mmkv.hybrid_cache  # noqa: F401  (registers the "hybrid" decode policy)
-from mmkv.cache import build_layer
+import mmkv.cache.hybrid  # noqa: F401  (registers the "hybrid" decode policy)
+from mmkv.cache.layers import build_layer
 from mmkv.methods.base import LayerPlan
-from mmkv.opcount import OpCounter
+from mmkv.runtime.opcount import OpCounter
 
 
 class AttentionModule(torch.nn.Module):

@@ -19,7 +19,7 @@ from PIL import Image
 
 from mmkv.methods import METHODS
 from mmkv.testing.tiny import make_video, save_tiny
-from mmkv.trace import Trace
+from mmkv.trace.core import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "mmkv" / "assets" / "examples"

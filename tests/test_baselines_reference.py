@@ -28,8 +28,8 @@ import torch
 
 from mmkv.methods import H2O, AdaKV, Full, PyramidKV, SnapKV, StreamingLLM, make_method
 from mmkv.methods.base import LayerContext
-from mmkv.modality import ModalityMap
-from mmkv.stats import LayerStats, StatsRequest, compute_layer_stats
+from mmkv.inputs.modality import ModalityMap
+from mmkv.statistics.stats import LayerStats, StatsRequest, compute_layer_stats
 
 AVG_POOL_COUNTS_PADDING = True  # F.avg_pool1d default (count_include_pad=True), see module docstring
 

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from mmkv import bench
+from mmkv.experiments import bench
 from mmkv.testing.tiny import build_tiny
 
 

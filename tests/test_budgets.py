@@ -80,9 +80,9 @@ def test_madakv_closes_the_budget_when_heads_demand_little(rho: float) -> None:
     exactly C x H_kv x N_L (before the fix: 0.37 of the cache at rho = 0.5 on a trained model)."""
     from mmkv.methods.base import LayerContext
     from mmkv.methods.madakv import MadaKV
-    from mmkv.modality import IMAGE, ModalityMap
-    from mmkv.session import resolve_capacity
-    from mmkv.stats import LayerStats
+    from mmkv.inputs.modality import IMAGE, ModalityMap
+    from mmkv.runtime.session import resolve_capacity
+    from mmkv.statistics.stats import LayerStats
 
     length, h_q, h_kv, layers = 400, 4, 2, 6
     modality = ModalityMap.text_only(length)

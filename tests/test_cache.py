@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from mmkv.cache import (
+from mmkv.cache.layers import (
     BatchSizeError,
     DenseLayer,
     H2ODecodeLayer,

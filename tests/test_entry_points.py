@@ -1,7 +1,7 @@
 """The same input through every entry point gives the same prompt and the same answer, token for token.
 
 The CLI (``mmkv run``), the Python API (``mmkv.chat`` + ``mmkv.generate``), the eval harness
-(``mmkv.eval.evaluate``) and the app's own handlers (``mmkv.ui.handlers.chat_turn``, no Gradio) answer
+(``mmkv.experiments.eval.evaluate``) and the app's own handlers (``mmkv.ui.handlers.chat_turn``, no Gradio) answer
 the bundled needle example with a compressed cache; their prompts and generated ids must be identical.
 """
 
@@ -50,8 +50,8 @@ def _api(model, processor) -> list[int]:
 
 
 def _eval(model, processor) -> list[int]:
-    from mmkv.eval import evaluate
-    from mmkv.records import ResultStore
+    from mmkv.experiments.eval import evaluate
+    from mmkv.experiments.records import ResultStore
 
     store = ResultStore()
     evaluate(model, processor, [_Sample("needle", mmkv.chat(EXAMPLE["text"], images=FILES))], [METHOD], [BUDGET],

@@ -9,8 +9,8 @@ import json
 import pytest
 
 import mmkv
-from mmkv import eval as mmkv_eval
-from mmkv.records import ResultStore
+from mmkv.experiments import eval as mmkv_eval
+from mmkv.experiments.records import ResultStore
 
 MODEL = "assets/mmkv-tiny-qwen2vl"
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import mmkv.cache as cache_mod
-from mmkv.cache import FlatPrefix, H2ODecodeLayer, RaggedLayer, build_layer
-from mmkv.hybrid_cache import build_hybrid_layer
+import mmkv.cache.layers as cache_mod
+from mmkv.cache.layers import FlatPrefix, H2ODecodeLayer, RaggedLayer, build_layer
+from mmkv.cache.hybrid import build_hybrid_layer
 from mmkv.methods.base import LayerPlan
-from mmkv.opcount import OpCounter
+from mmkv.runtime.opcount import OpCounter
 
 
 def per_head_reference(query, head_keys, head_values, tail_keys, tail_values, scale):
@@ -321,7 +321,7 @@ def test_hybrid_partial_last_chunk_rows_are_hidden() -> None:
 
 
 def test_hybrid_reserve_is_written_in_place() -> None:
-    from mmkv.hybrid_cache import build_hybrid_layer as build
+    from mmkv.cache.hybrid import build_hybrid_layer as build
 
     layer, keys, values, kept = _hybrid()
     plan = LayerPlan(kept=kept, decode={

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 import mmkv.ui.handlers as H
 from mmkv.bundled import BUNDLED_MODEL, EXAMPLES_DIR
 from mmkv.models import adapter_for
-from mmkv.runfile import FRAME_SIDE, IMAGE_SIDE, RUNS_DIR, load_run, peek_run
+from mmkv.trace.runfile import FRAME_SIDE, IMAGE_SIDE, RUNS_DIR, load_run, peek_run
 from mmkv.ui import capacity
 from mmkv.ui.config import Limits
 from mmkv.ui.errors import UserError

@@ -23,8 +23,8 @@ from mmkv.methods import MEDA, LookM, make_method
 from mmkv.methods.base import LayerContext
 from mmkv.methods.meda import layer_budgets
 from mmkv.methods.merge import merge_head, merge_layer
-from mmkv.modality import IMAGE, ModalityMap, grid_item
-from mmkv.stats import StatsRequest, compute_layer_stats
+from mmkv.inputs.modality import IMAGE, ModalityMap, grid_item
+from mmkv.statistics.stats import StatsRequest, compute_layer_stats
 from mmkv.testing.tiny import FAMILIES, build_tiny, make_image
 from oracle import compressed_logits, masked_reference_logits
 

@@ -18,8 +18,8 @@ import oracle
 from mmkv.compat import cache_kwargs
 from mmkv.methods import HybridKV, MadaKV
 from mmkv.methods.base import LayerContext, LayerPlan
-from mmkv.modality import IMAGE, TEXT, VIDEO, ModalityMap
-from mmkv.stats import LayerStats
+from mmkv.inputs.modality import IMAGE, TEXT, VIDEO, ModalityMap
+from mmkv.statistics.stats import LayerStats
 from mmkv.testing.tiny import FAMILIES
 from oracle import masked_reference_logits
 
@@ -403,7 +403,7 @@ def test_hybridkv_text_only_prompt() -> None:
 
 def _layer(length=64, d=8, scoring="mean", top_chunks=2, offload=True, chunk=4, sinks=2, recent=6, plant=None, seed=0):
     """KV head 0 static (keeps every third position), KV head 1 dynamic; 2 query heads per KV head."""
-    from mmkv.hybrid_cache import build_hybrid_layer
+    from mmkv.cache.hybrid import build_hybrid_layer
 
     g = torch.Generator().manual_seed(seed)
     keys = torch.randn(1, 2, length, d, generator=g) * 0.1
@@ -556,7 +556,7 @@ def test_hybridkv_all_chunks_equals_full_cache(family: str, tiny_prepared) -> No
     want = masked_reference_logits(model, prepared.inputs, {}, tokens)  # nothing masked = plain full cache
     method = HybridKV(static_fraction=0.5, chunk_size=4, recent=8)
     got, session, _ = oracle.compressed_logits(model, prepared, method, tokens, budget=1.0)
-    from mmkv.hybrid_cache import HybridLayer
+    from mmkv.cache.hybrid import HybridLayer
 
     layers = [l for l in session.cache.layers if isinstance(l, HybridLayer)]
     assert layers and all(len(l.retrievals) == len(tokens) for l in layers)
@@ -596,7 +596,7 @@ def _per_step_reference(model, inputs, masks_per_step, tokens):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "idefics3"])
 def test_hybridkv_retrieval_equals_per_step_masked_full_cache(family: str, tiny_prepared) -> None:
     """Every decode step attends to exactly sinks ∪ retrieved chunks ∪ recent (dynamic) / the pruned set (static)."""
-    from mmkv.hybrid_cache import HybridLayer
+    from mmkv.cache.hybrid import HybridLayer
 
     model, _, prepared = tiny_prepared(family)
     tokens = [5, 9, 13, 7]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import mmkv
-from mmkv import eval as mmkv_eval
-from mmkv.milebench import (
+from mmkv.experiments import eval as mmkv_eval
+from mmkv.experiments.milebench import (
     _MARK,
     list_datasets,
     load_milebench,
@@ -360,7 +360,7 @@ def test_prompt_is_cut_to_the_model_with_measured_image_tokens(bench) -> None:
     model, processor = mmkv.load(MODEL)
     s = load_milebench(root, ["TextNeedleInAHaystack"], limit=1)[0]
     assert s.chat_for(model, processor) == s.chat  # fits the model's context: unchanged
-    from mmkv.milebench import image_tokens
+    from mmkv.experiments.milebench import image_tokens
 
     per_image = image_tokens(model, processor, s.images[0])
     assert per_image >= 16  # 4 x 4 merged patches, plus the model's own image markers

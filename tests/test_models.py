@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from mmkv.compat import CACHE_ARGUMENTS
-from mmkv.modality import IMAGE, TEXT, VIDEO
+from mmkv.inputs.modality import IMAGE, TEXT, VIDEO
 from mmkv.models import ADAPTERS, UnsupportedModelError, adapter_for, load
 from mmkv.models.base import VideoFrames, common_prefix_length, render_chat
 from mmkv.testing import FAMILIES, build_tiny, make_image, make_video, save_tiny
-from mmkv.video import as_video_frames, load_image, read_video
+from mmkv.inputs.video import as_video_frames, load_image, read_video
 
 QUESTION = "what is shown in the image?"
 VIDEO_QUESTION = "which object moves in the video?"

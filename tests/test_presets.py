@@ -144,8 +144,8 @@ def _ctx(length: int, capacity: int, *, layer: int = 0, num_layers: int = 1, h_q
          request=None, modality=None):
     """A LayerContext with the statistics of random queries/keys (no ties in the scores)."""
     from mmkv.methods import LayerContext
-    from mmkv.modality import ModalityMap
-    from mmkv.stats import StatsRequest, compute_layer_stats
+    from mmkv.inputs.modality import ModalityMap
+    from mmkv.statistics.stats import StatsRequest, compute_layer_stats
 
     g = torch.Generator().manual_seed(seed)
     d = 8
@@ -316,7 +316,7 @@ def test_compositions_run_end_to_end(tiny_run) -> None:
 def test_text_prior_over_h2o_is_lookm_selection_under_the_budget() -> None:
     """``Uniform(TextPrior(H2OScorer()))`` keeps LOOK-M's tokens when the text fits in N; else the budget holds."""
     from mmkv.methods import H2OScorer, LookM, TextPrior, Uniform
-    from mmkv.modality import IMAGE, ModalityMap
+    from mmkv.inputs.modality import IMAGE, ModalityMap
 
     length = 60
     codes = torch.zeros(length, dtype=torch.int8)
@@ -351,10 +351,10 @@ def test_decode_policies_are_typed_and_read_the_dict_form() -> None:
     assert isinstance(hybrid, ChunkRetrieval) and hybrid.scoring == "mean" and hybrid["offload"] is True
     with pytest.raises(ValueError, match="unknown decode policy"):
         as_decode_policy({"policy": "nope"})
-    import mmkv.cache
-    import mmkv.hybrid_cache  # noqa: F401  (importing it registers nothing)
+    import mmkv.cache.layers
+    import mmkv.cache.hybrid  # noqa: F401  (importing it registers nothing)
 
-    assert not hasattr(mmkv.cache, "DECODE_POLICIES")
+    assert not hasattr(mmkv.cache.layers, "DECODE_POLICIES")
 
 
 if __name__ == "__main__":

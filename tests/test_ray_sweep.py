@@ -14,9 +14,9 @@ import torch
 ray = __import__("ray") if os.environ.get("CI") == "true" else pytest.importorskip("ray")
 
 import mmkv  # noqa: E402
-from mmkv import eval as mmkv_eval  # noqa: E402
-from mmkv.records import ResultStore  # noqa: E402
-from mmkv.sweep import run_ray  # noqa: E402
+from mmkv.experiments import eval as mmkv_eval  # noqa: E402
+from mmkv.experiments.records import ResultStore  # noqa: E402
+from mmkv.experiments.sweep import run_ray  # noqa: E402
 
 MODEL = "assets/mmkv-tiny-qwen2vl"
 
@@ -97,9 +97,9 @@ def test_stopped_sweep_resumes_without_redoing_cells(local_ray, serial, tmp_path
 
 
 def test_bench_on_ray_measures_the_same_memory_and_ops_as_serial(local_ray, tmp_path, capsys) -> None:
-    """``mmkv.bench --ray``: cells measured on actors land in the same store; what does not depend on
+    """``mmkv.experiments.bench --ray``: cells measured on actors land in the same store; what does not depend on
     timing (bytes, KV ratio, aten ops per step) equals the serial run's, and --resume skips them."""
-    from mmkv import bench
+    from mmkv.experiments import bench
 
     args = ["--model", "tiny", "--contexts", "200", "--methods", "snapkv,adakv", "--budgets", "0.3",
             "--new-tokens", "2", "--warmup", "1", "--image-grid", "8"]

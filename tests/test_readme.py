@@ -197,7 +197,7 @@ def bench_gpu_shape(tmp_path: Path) -> None:
     """The published Qwen2.5-VL-7B shape is built (on the meta device: no memory) and has its 8.3B parameters."""
     import torch
 
-    from mmkv import bench
+    from mmkv.experiments import bench
 
     model = bench.build_shape("qwen2.5-vl-7b", "meta", torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())

@@ -1,4 +1,4 @@
-"""Decode replay (mmkv/replay.py) against what the cache physically held at every step.
+"""Decode replay (mmkv/trace/replay.py) against what the cache physically held at every step.
 
 The oracle captures, after every forward of a real :func:`mmkv.generate` run on a tiny model, the key
 rows each cache layer attends to per KV head and the bytes of its storage, and names every row by its
@@ -15,13 +15,13 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 import mmkv
-import mmkv.session
-from mmkv.cache import DenseLayer, RaggedLayer
+import mmkv.runtime.session
+from mmkv.cache.layers import DenseLayer, RaggedLayer
 from mmkv.compat import cache_from_kwargs
-from mmkv.driver import compressed_run
-from mmkv.hybrid_cache import HybridLayer
-from mmkv.opcount import OpCounter
-from mmkv.session import Session
+from mmkv.runtime.driver import compressed_run
+from mmkv.cache.hybrid import HybridLayer
+from mmkv.runtime.opcount import OpCounter
+from mmkv.runtime.session import Session
 
 HYBRID = {"static_fraction": 0.5, "chunk_size": 4, "sinks": 2, "recent": 4}
 
@@ -133,7 +133,7 @@ def test_held_positions_and_bytes_equal_the_physical_cache_at_every_step(method,
     model, processor, prepared = tiny_prepared()
     params = dict(params)
     if params.pop("measure", False):  # a layer without a growth model: the session measures every step
-        monkeypatch.setattr(mmkv.session, "layer_growth", lambda layer: None)
+        monkeypatch.setattr(mmkv.runtime.session, "layer_growth", lambda layer: None)
     result, _, states = _run(model, processor, prepared, monkeypatch, method, query_aware, **params)
     trace = result.trace
     evicting = method == "h2o"

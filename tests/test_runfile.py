@@ -1,4 +1,4 @@
-"""Run files (``mmkv/runfile.py``): a run saved once opens anywhere without the model.
+"""Run files (``mmkv/trace/runfile.py``): a run saved once opens anywhere without the model.
 
 Round trips (bundled-model runs and a trace shaped like a 7B model's), thumbnail sizes, the errors a
 bad file gives, the shipped example runs (``mmkv/assets/runs/``), ``mmkv run --save``, and that
@@ -22,9 +22,9 @@ from PIL import Image
 
 import mmkv
 from mmkv import EXAMPLES_DIR
-from mmkv.modality import IMAGE, ModalityMap, VisualItem
+from mmkv.inputs.modality import IMAGE, ModalityMap, VisualItem
 from mmkv.models.base import VideoFrames
-from mmkv.runfile import (
+from mmkv.trace.runfile import (
     BLOB,
     FORMAT_VERSION,
     MANIFEST,
@@ -39,7 +39,7 @@ from mmkv.runfile import (
     save_run,
     thumbnail,
 )
-from mmkv.trace import LayerTrace, Packed, Timings, Trace
+from mmkv.trace.core import LayerTrace, Packed, Timings, Trace
 
 REPO = Path(__file__).resolve().parents[1]
 NEEDLES = [str(EXAMPLES_DIR / f"needle_{k}.png") for k in (1, 2, 3)]

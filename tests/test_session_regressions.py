@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import mmkv
-from mmkv.cache import DenseLayer
-from mmkv.driver import compressed_run
+from mmkv.cache.layers import DenseLayer
+from mmkv.runtime.driver import compressed_run
 from mmkv.methods.meda import MEDA
 from mmkv.models.base import UnsupportedModelError, resolve_text_model
-from mmkv.session import Session, unsupported_attention
+from mmkv.runtime.session import Session, unsupported_attention
 from mmkv.testing.tiny import build_tiny
-from mmkv.trace import Packed, Trace
+from mmkv.trace.core import Packed, Trace
 from oracle import FixedPlan
 
 torch.set_num_threads(2)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-import mmkv.stats as stats_module
-from mmkv.stats import StatsRequest, compute_layer_stats, question_positions
+import mmkv.statistics.stats as stats_module
+from mmkv.statistics.stats import StatsRequest, compute_layer_stats, question_positions
 
 H_Q, H_KV, D = 4, 2, 8
 

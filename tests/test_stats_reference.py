@@ -1,8 +1,8 @@
-"""Oracle tests for :func:`mmkv.stats.compute_layer_stats`.
+"""Oracle tests for :func:`mmkv.statistics.stats.compute_layer_stats`.
 
 The reference builds the *full* causal attention matrix naively (float64, one query head and one
 query row at a time, the KV head of query head ``i`` being ``i // G`` as in transformers'
-``repeat_kv``) and derives every statistic from it by the definitions in ``mmkv/stats.py``'s
+``repeat_kv``) and derives every statistic from it by the definitions in ``mmkv/statistics/stats.py``'s
 docstrings and docs/methods.md (Common framework):
 
 - ``window_scores[h, j]`` = sum over the last ``W`` query rows of ``A[h, t, j]``
@@ -21,8 +21,8 @@ import math
 import pytest
 import torch
 
-import mmkv.stats as stats_mod
-from mmkv.stats import LayerStats, StatsRequest, compute_layer_stats
+import mmkv.statistics.stats as stats_mod
+from mmkv.statistics.stats import LayerStats, StatsRequest, compute_layer_stats
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
 ATOL = 1e-5

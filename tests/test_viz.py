@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 import viz
-from mmkv.modality import IMAGE, VIDEO, ModalityMap, grid_item
+from mmkv.inputs.modality import IMAGE, VIDEO, ModalityMap, grid_item
 from mmkv.models.base import VideoFrames
-from mmkv.trace import LayerTrace, Trace
+from mmkv.trace.core import LayerTrace, Trace
 from viz.overlay import cell_box
 
 # A toy prompt: 3 text | image 0 as a 4x4 grid | 2 text | video 0: 2 token groups of 2x3 | 5 text

@@ -1,4 +1,4 @@
-"""Decode replay pictures: the KV cache after one decode step, from a trace alone (``mmkv.replay``).
+"""Decode replay pictures: the KV cache after one decode step, from a trace alone (``mmkv.trace.replay``).
 
 - :func:`replay_panels`: every image and video frame with the cells the cache holds at this step in their
   own colours (not held: faded and hatched, as in :mod:`viz.overlay`), and boxes around the cells that
@@ -43,7 +43,7 @@ def replay_panels(
     max_frames: int | None = None,
     present: bool | Style = False,
 ) -> list[Panel]:
-    """The pictures of the cache at one step (``state``: a :class:`mmkv.replay.StepState`)."""
+    """The pictures of the cache at one step (``state``: a :class:`mmkv.trace.replay.StepState`)."""
     size = len(state.held)
     length = max(int(trace.prompt_length), int(trace.span_length), size)
     held = np.ones(length)

@@ -68,7 +68,7 @@ class MMKVAdapter:
     def __init__(self, pretrained: str = "bundled", method: str = "snapkv", budget: Any = 0.2, query_aware: Any = True,
                  max_new_tokens: Any = 128, trace_log: str | None = None, device: str | None = None,
                  model: Any = None, processor: Any = None, **method_params: Any) -> None:
-        from ..budget import parse_budget
+        from ..inputs.budget import parse_budget
         from ..methods import METHODS
         from ..models import load
 
@@ -92,7 +92,7 @@ class MMKVAdapter:
 
     def answer(self, context: str, gen_kwargs: dict[str, Any], visuals: Any, tag: dict[str, Any]) -> str:
         """One request: generate with the compressed cache, log the trace summary, cut at ``until``."""
-        from ..driver import generate
+        from ..runtime.driver import generate
 
         kwargs = dict(gen_kwargs or {})
         temperature = float(kwargs.get("temperature", 0) or 0)

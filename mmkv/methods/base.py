@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..modality import ModalityMap
-from ..stats import LayerStats, StatsRequest
+from ..inputs.modality import ModalityMap
+from ..statistics.stats import LayerStats, StatsRequest
 from .decode import DecodePolicy, as_decode_policy
 
 

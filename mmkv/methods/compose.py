@@ -21,8 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..modality import TEXT
-from ..stats import LayerStats, StatsRequest
+from ..inputs.modality import TEXT
+from ..statistics.stats import LayerStats, StatsRequest
 from .base import (
     LayerContext,
     LayerPlan,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 if TYPE_CHECKING:  # the cache imports the method contract: import it lazily at build time
-    from ..cache import CompressedLayer
+    from ..cache.layers import CompressedLayer
     from .base import LayerPlan
 
 
@@ -67,7 +67,7 @@ class H2OEviction(DecodePolicy):
 
     def build_layer(self, keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> CompressedLayer:
         """H2O storage never grows: one slot of room for the incoming token replaces ``reserve``."""
-        from ..cache import H2ODecodeLayer, kept_contents
+        from ..cache.layers import H2ODecodeLayer, kept_contents
 
         kept = [k.to(device=keys.device, dtype=torch.long) for k in plan.kept]
         if len({k.numel() for k in kept}) != 1:
@@ -102,7 +102,7 @@ class ChunkRetrieval(DecodePolicy):
     name = "hybrid"
 
     def build_layer(self, keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> CompressedLayer:
-        from ..hybrid_cache import build_hybrid_layer
+        from ..cache.hybrid import build_hybrid_layer
 
         return build_hybrid_layer(keys, values, plan, reserve)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..stats import StatsRequest
+from ..statistics.stats import StatsRequest
 from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction
 from .compose import H2OScorer, select
 from .decode import H2OEviction

@@ -21,7 +21,7 @@ largest fractions).
 
 Stage 3 — compression. Static heads: text-prior pruning — the last ``recent`` tokens, then text
 tokens before visual ones, each by question attention (all text fits in any budget that allows it).
-Dynamic heads: :class:`mmkv.hybrid_cache.HybridLayer`, built by the plan's typed decode policy
+Dynamic heads: :class:`mmkv.cache.hybrid.HybridLayer`, built by the plan's typed decode policy
 :class:`~mmkv.methods.decode.ChunkRetrieval` — full prompt KV in a host store, chunk summaries
 on the device, the ``top_chunks`` chunks best for the current query loaded at every decode step.
 Before the first step the buffer holds the chunks with the most question attention (so the trace's
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..modality import TEXT
-from ..stats import StatsRequest
+from ..inputs.modality import TEXT
+from ..statistics.stats import StatsRequest
 from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction, check_positive, reduce_to_kv_heads, water_fill
 from .compose import coverage_count
 from .decode import ChunkRetrieval
@@ -230,7 +230,7 @@ class HybridKV(Method):
 
     def initial_chunks(self, scores: torch.Tensor, length: int, layout: dict) -> list[int]:
         """The ``top_chunks`` chunks with the most question attention (ties: lower id), ascending."""
-        from ..hybrid_cache import chunk_grid  # lazy: import cycle
+        from ..cache.hybrid import chunk_grid  # lazy: import cycle
 
         k = layout["top_chunks"]
         if k == 0:

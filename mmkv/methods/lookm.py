@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 
-from ..modality import TEXT
-from ..stats import StatsRequest
+from ..inputs.modality import TEXT
+from ..statistics.stats import StatsRequest
 from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction, reduce_to_kv_heads
 from .merge import MERGE_MODES, check_merge, merge_layer
 

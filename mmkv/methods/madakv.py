@@ -53,7 +53,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..stats import StatsRequest
+from ..statistics.stats import StatsRequest
 from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction, check_positive
 from .compose import ModalityAdaptive, SnapKVScorer, coverage_count, split_round, top_of  # noqa: F401  (re-exported)
 

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..stats import StatsRequest
+from ..statistics.stats import StatsRequest
 from .base import LayerContext, LayerPlan, Method, check_choice
 from .compose import LayerEntropy, layer_budgets, layer_entropy, proportional_fill, softmax  # noqa: F401  (re-exported)
 from .lookm import LookM, check_text_prior_params

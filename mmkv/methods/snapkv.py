@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..stats import StatsRequest
+from ..statistics.stats import StatsRequest
 from .base import LayerContext, LayerPlan, Method, check_choice, check_positive
 from .compose import SnapKVScorer, select
 

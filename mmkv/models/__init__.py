@@ -1,7 +1,7 @@
 """Model-family adapters and loading.
 
 ``ADAPTERS`` maps ``config.model_type`` to the adapter that renders chats for that family, builds its
-image/video inputs and the :class:`~mmkv.modality.ModalityMap` of every prompt.
+image/video inputs and the :class:`~mmkv.inputs.modality.ModalityMap` of every prompt.
 """
 
 from __future__ import annotations

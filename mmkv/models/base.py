@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from PIL import Image
 
-from ..modality import ModalityMap
-from ..video import VideoFrames, as_video_frames, load_image
+from ..inputs.modality import ModalityMap
+from ..inputs.video import VideoFrames, as_video_frames, load_image
 
 if TYPE_CHECKING:
     from transformers import ProcessorMixin
@@ -467,7 +467,7 @@ def collect_media(
 ) -> tuple[list[Image.Image], list[VideoFrames]]:
     """Images (RGB) and sampled videos of a chat, each in chat order.
 
-    ``num_frames``/``video_fps`` as in :func:`mmkv.video.as_video_frames`; with neither, 8 frames.
+    ``num_frames``/``video_fps`` as in :func:`mmkv.inputs.video.as_video_frames`; with neither, 8 frames.
     """
 
     if num_frames is None and video_fps is None:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..compat import model_config
-from ..modality import IMAGE, VIDEO, ModalityMap, VisualItem, grid_item
+from ..inputs.modality import IMAGE, VIDEO, ModalityMap, VisualItem, grid_item
 from .base import (
     Chat,
     ModelAdapter,

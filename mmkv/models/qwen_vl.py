@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from ..compat import model_config
-from ..modality import IMAGE, VIDEO, ModalityMap, VisualItem, grid_item
+from ..inputs.modality import IMAGE, VIDEO, ModalityMap, VisualItem, grid_item
 from .base import (
     Chat,
     ModelAdapter,

@@ -2,7 +2,7 @@
 
 Any decoder-only model ``AutoModelForCausalLM`` loads gets this adapter when no vision-language family
 claims its ``model_type``, so ``mmkv.generate`` and ``mmkv.compress`` work on text LMs with no
-hand-made map: the :class:`~mmkv.modality.ModalityMap` is all text and the text baselines (and the
+hand-made map: the :class:`~mmkv.inputs.modality.ModalityMap` is all text and the text baselines (and the
 multimodal methods, which then see text only) run unchanged.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..modality import ModalityMap
+from ..inputs.modality import ModalityMap
 from .base import Chat, ModelAdapter, PreparedInputs, as_chat, context_length_of, encode_text, to_model
 
 

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..prompt import chat as build_chat
+from ..inputs.prompt import chat as build_chat
 
 __all__ = [
     "COLOURS", "SHAPES", "DIRECTIONS", "PASSWORDS", "TASKS", "IMAGE_TASKS", "VIDEO_TASKS", "IMAGE_SIZE",

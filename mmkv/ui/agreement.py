@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..driver import forced_logits as driver_forced_logits
+from ..runtime.driver import forced_logits as driver_forced_logits
 from ..models import PreparedInputs
 
 __all__ = ["forced_logits", "token_overlap", "first_divergence", "kl_per_step", "agreement"]

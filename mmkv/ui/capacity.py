@@ -14,7 +14,7 @@ Memory estimate (rough, on purpose an over- rather than an under-estimate), for 
   ``L x (4d + 2ke + 3f) x b`` (hidden states and residual, q/k/v/o projections, gate/up/act of the MLP;
   sdpa attention itself is memory-efficient);
 - mmkv's attention statistics: two fp32 score blocks of ``h x rows x L``, at most 256 MiB each
-  (:mod:`mmkv.stats`), so ``min(2 x h x L x L x 4, 512 MiB)``;
+  (:mod:`mmkv.statistics.stats`), so ``min(2 x h x L x L x 4, 512 MiB)``;
 - the vision tower: per visual token, ``merge^2`` patches (4 for Qwen-VL) of width ``d_v`` through
   ``4 d_v + 3 f_v`` values, ``visual_tokens x 4 x (4 d_v + 3 f_v) x b``.
 
@@ -37,7 +37,7 @@ from .errors import UserError
 
 __all__ = ["PromptSize", "check_capacity", "device_free_bytes", "kv_bytes_per_token", "prompt_preview"]
 
-STATS_CAP = 512 * 1024**2  # two 256 MiB fp32 score blocks (mmkv.stats)
+STATS_CAP = 512 * 1024**2  # two 256 MiB fp32 score blocks (mmkv.statistics.stats)
 MARGIN_BYTES = 256 * 1024**2
 MARGIN_SHARE = 0.10
 

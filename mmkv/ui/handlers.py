@@ -22,9 +22,9 @@ from PIL import Image
 
 import viz
 
-from ..driver import generate
+from ..runtime.driver import generate
 from ..models import adapter_for
-from ..trace import Trace
+from ..trace.core import Trace
 from .agreement import agreement, forced_logits
 from .capacity import check_capacity
 from .config import Limits
@@ -419,7 +419,7 @@ def _assemble(
 
 # ---- saved runs (run files) ------------------------------------------------------------------
 def _read_runs(files: Sequence[Any] | None) -> list[Run]:
-    from ..runfile import SUFFIX, load_run
+    from ..trace.runfile import SUFFIX, load_run
     from .inputs import file_path
 
     if not files:
@@ -458,7 +458,7 @@ def compare_runs(state: AppState, files: Sequence[Any] | None) -> CompareResult:
 
 def save_run(state: AppState, label: str | None) -> str:
     """Write the Inspect run ``label`` as a run file in the session folder; returns its path."""
-    from ..runfile import SUFFIX, RunFile
+    from ..trace.runfile import SUFFIX, RunFile
 
     run = _run(state, label)
     saved_as = run.label.removeprefix("saved · ")  # opening adds it again: never "saved · saved · ..."
@@ -578,7 +578,7 @@ def replay_steps(trace: Trace | None) -> int:
 
 
 def replay(state: AppState, label: str | None, step: Any = 0, layer: Any = None, head: Any = None) -> ReplayView:
-    """The cache after one decode step (``mmkv.replay``): painted over the pictures, bytes held, the token."""
+    """The cache after one decode step (``mmkv.trace.replay``): painted over the pictures, bytes held, the token."""
     run = _run(state, label)
     trace = run.trace
     steps = replay_steps(trace)
@@ -620,7 +620,7 @@ def replay(state: AppState, label: str | None, step: Any = 0, layer: Any = None,
 # ---- example runs and the prompt preview -------------------------------------------------------
 def example_run_choices() -> list[tuple[str, str]]:
     """(title, file name) of the shipped example runs, for a dropdown."""
-    from ..runfile import example_runs
+    from ..trace.runfile import example_runs
 
     return [(f"{Path(e['file']).stem[:2]} · {e.get('label') or Path(e['file']).stem}", Path(e["file"]).name)
             for e in example_runs()]
@@ -628,7 +628,7 @@ def example_run_choices() -> list[tuple[str, str]]:
 
 def example_run_files(names: Sequence[str] | str | None) -> list[str]:
     """Paths of the chosen shipped example runs (names as :func:`example_run_choices` gives them)."""
-    from ..runfile import RUNS_DIR, example_runs
+    from ..trace.runfile import RUNS_DIR, example_runs
 
     if not names:
         return []

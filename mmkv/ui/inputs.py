@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS, make_method
-from ..prompt import user_turn
+from ..inputs.prompt import user_turn
 from .config import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Limits
 from .errors import UserError
 
@@ -129,7 +129,7 @@ def check_files(files: Sequence[Any] | None, limits: Limits) -> list[tuple[str, 
 def user_content(text: str | None, files: Sequence[Any] | None, limits: Limits) -> list[dict[str, Any]]:
     """The content parts of one user message: media first (in upload order), then the question.
 
-    Built by :func:`mmkv.prompt.user_turn`, as in the CLI, the Python API and the eval harness; image
+    Built by :func:`mmkv.inputs.prompt.user_turn`, as in the CLI, the Python API and the eval harness; image
     labels, where a model needs them, come from its chat template.
     """
     text = (text or "").strip()

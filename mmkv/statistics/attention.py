@@ -1,10 +1,10 @@
 """The ``"mmkv"`` attention implementation, registered through transformers' AttentionInterface.
 
-It wraps sdpa. Outside an active :class:`~mmkv.session.Session` (or for modules that are not the
+It wraps sdpa. Outside an active :class:`~mmkv.runtime.session.Session` (or for modules that are not the
 session's decoder layers, e.g. the vision tower) it *is* sdpa. Inside one, for each decoder layer:
 
 - if the layer's cache is compressed, the layer computes attention over what it physically holds
-  (:meth:`mmkv.cache.CompressedLayer.attend`), with its own causal mask — layers can hold different
+  (:meth:`mmkv.cache.layers.CompressedLayer.attend`), with its own causal mask — layers can hold different
   numbers of tokens, so the single mask transformers builds from layer 0 cannot serve them all;
 - during the prefill of the compressed span, the output is computed by sdpa with the full KV, then
   the session computes the statistics its method declared and (for layer-local methods) compresses
@@ -25,7 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 if TYPE_CHECKING:
-    from .session import Session
+    from ..runtime.session import Session
 
 ATTENTION_NAME = "mmkv"
 ACTIVE_SESSION: ContextVar[Session | None] = ContextVar("mmkv_active_session", default=None)

@@ -47,9 +47,9 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from ._version import __version__
-from .trace import Trace
-from .video import VideoFrames
+from .._version import __version__
+from .core import Trace
+from ..inputs.video import VideoFrames
 
 __all__ = ["RunFile", "save_run", "load_run", "peek_run", "example_runs", "RUNS_DIR", "SUFFIX", "FORMAT_VERSION"]
 
@@ -58,7 +58,7 @@ FORMAT_VERSION = 1
 SUFFIX = ".mmkvrun"
 MANIFEST, TRACE, BLOB = "mmkv-run.json", "trace.json", "trace.bin"
 #: The example runs shipped with the package (``scripts/make_runs.py``; ``index.json`` describes them).
-RUNS_DIR = Path(__file__).resolve().parent / "assets" / "runs"
+RUNS_DIR = Path(__file__).resolve().parents[1] / "assets" / "runs"
 IMAGE_SIDE, FRAME_SIDE = 448, 224
 _MARK = "__mmkv_array__"
 _MIN_ARRAY = 16  # shorter lists stay plain JSON
@@ -431,7 +431,7 @@ def _image(zf: zipfile.ZipFile, entry: dict[str, Any]) -> Image.Image:
 
 def _model_name(name: str) -> str:
     """``"bundled"`` for the bundled model's directory (a machine-specific path), else the name as given."""
-    from .bundled import BUNDLED_MODEL
+    from ..bundled import BUNDLED_MODEL
 
     try:
         if name and Path(name).resolve() == BUNDLED_MODEL:

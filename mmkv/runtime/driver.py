@@ -17,12 +17,12 @@ from typing import Any, Literal, overload
 import torch
 from transformers import DynamicCache
 
-from .compat import cache_kwargs, model_config
-from .methods import Method
-from .models import PreparedInputs, adapter_for
-from .models.base import Chat
+from ..compat import cache_kwargs, model_config
+from ..methods import Method
+from ..models import PreparedInputs, adapter_for
+from ..models.base import Chat
 from .session import Session
-from .trace import Trace
+from ..trace.core import Trace
 
 # Prompt-side inputs that are per token and must be split with the query-agnostic context.
 _PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")

@@ -22,17 +22,17 @@ import ray
 from .progress import Progress
 from .records import ResultStore, failure_record, reference_ids
 
-if TYPE_CHECKING:  # the callers (mmkv.eval, mmkv.bench) pass their classes in: no import cycle
+if TYPE_CHECKING:  # the callers (mmkv.experiments.eval, mmkv.experiments.bench) pass their classes in: no import cycle
     from .eval import Cell, Plan
 
 
 class EvalWorker:
-    """A model-holding actor: loads ``model_name`` once, then runs cells with ``runner`` (:class:`mmkv.eval.CellRunner`)."""
+    """A model-holding actor: loads ``model_name`` once, then runs cells with ``runner`` (:class:`mmkv.experiments.eval.CellRunner`)."""
 
     def __init__(self, runner: type, model_name: str, max_new_tokens: int, threads: int | None) -> None:
         import torch
 
-        from .models import load
+        from ..models import load
 
         if threads:
             torch.set_num_threads(threads)
@@ -47,7 +47,7 @@ def _init(address: str | None, num_cpus: int | None) -> bool:
     """Connect to ``address`` or start a local instance; ``True`` when this call started Ray."""
     if ray.is_initialized():
         return False
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # a local instance: its workers import mmkv from this checkout
@@ -73,7 +73,7 @@ def run_ray(
 ) -> int:
     """Run the plan's pending cells on Ray actors, appending each result to ``store``; returns the failures.
 
-    ``runner`` is :class:`mmkv.eval.CellRunner`, passed in by :mod:`mmkv.eval` (which calls this, so this
+    ``runner`` is :class:`mmkv.experiments.eval.CellRunner`, passed in by :mod:`mmkv.experiments.eval` (which calls this, so this
     module never imports it).
 
     ``address``: a running cluster (``ray start --head`` prints it), ``None`` = a local instance
@@ -186,7 +186,7 @@ def run_bench_ray(
 ) -> int:
     """Measure ``cells`` (context, method, budget) on Ray actors, one GPU each (CPUs otherwise).
 
-    ``measurer`` is :class:`mmkv.bench.CellMeasurer` (passed in by :func:`mmkv.bench.run`). ``record(cell, measured)`` makes the store record the driver appends as each cell returns. Cells
+    ``measurer`` is :class:`mmkv.experiments.bench.CellMeasurer` (passed in by :func:`mmkv.experiments.bench.run`). ``record(cell, measured)`` makes the store record the driver appends as each cell returns. Cells
     are independent (ratios against Full are computed from the store afterwards); each actor warms up
     once per context, as the serial run does. On CPU, actors on one machine share its cores and memory
     bandwidth, so their timings disturb each other: use one actor per machine there (``workers``).

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import torch
 
-from .modality import ModalityMap
+from ..inputs.modality import ModalityMap
 
 if TYPE_CHECKING:
     from .replay import StepState
@@ -155,7 +155,7 @@ class Trace:
     generated_ids: list[int] = field(default_factory=list)
     bytes_end: int = 0  # physical KV bytes on the device when generation ended (generated tokens included)
     host_bytes_end: int = 0  # KV bytes offloaded to host memory (HybridKV's dynamic heads)
-    # ---- decode replay (mmkv/replay.py): step 0 = after compression, step t = after the t-th decode forward
+    # ---- decode replay (mmkv/trace/replay.py): step 0 = after compression, step t = after the t-th decode forward
     generated_tokens: list[str] = field(default_factory=list)  # per generated id: the text it added (driver)
     step_bytes: list[int] = field(default_factory=list)  # physical KV bytes on the device after each step
     step_lengths: list[int] = field(default_factory=list)  # logical tokens in the cache after each step
@@ -214,7 +214,7 @@ class Trace:
     def step_state(self, step: int, layer: int | None = None, head: int | None = None) -> StepState:
         """What the cache holds after ``step``, per position, over the chosen layer(s)/KV head(s) (None = all).
 
-        See :class:`mmkv.replay.StepState`; the replay index is built once per trace and cached.
+        See :class:`mmkv.trace.replay.StepState`; the replay index is built once per trace and cached.
         """
         from .replay import replay_of  # local import: replay imports this module
 

@@ -1,4 +1,4 @@
-"""Result files shared by ``mmkv.bench`` and ``mmkv.eval``: JSON/CSV tables and the append-only JSONL store."""
+"""Result files shared by ``mmkv.experiments.bench`` and ``mmkv.experiments.eval``: JSON/CSV tables and the append-only JSONL store."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class ResultStore:
         return len(self.records())
 
 
-# ---- eval cells (mmkv.eval.Cell) ---------------------------------------------------------------
+# ---- eval cells (mmkv.experiments.eval.Cell) ---------------------------------------------------------------
 def reference_ids(finished: dict[str, dict[str, Any]], cell: Any) -> list[list[int]] | None:
     """Full's token ids per sample of ``cell``'s shard, from the store (``None`` for Full or when absent)."""
     if cell.method == "full":

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from transformers import DynamicCache
 
-from .cache import cache_bytes
-from .compat import cache_kwargs, model_config
-from .modality import IMAGE, ModalityMap
-from .opcount import count_ops
+from ..cache.layers import cache_bytes
+from ..compat import cache_kwargs, model_config
+from ..inputs.modality import IMAGE, ModalityMap
+from ..runtime.opcount import count_ops
 from .progress import Progress
 from .records import ResultStore, write_records
-from .session import Session
+from ..runtime.session import Session
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -293,13 +293,13 @@ def run_one(model, inputs, modality, method: str, budget: float | int, new_token
 def build_model(model_name: str, device: torch.device, dtype: str) -> torch.nn.Module:
     """``tiny`` (the test family's tiny Qwen2.5-VL), a shape of :data:`SHAPES`, or a checkpoint."""
     if model_name == "tiny":
-        from .testing.tiny import build_tiny
+        from ..testing.tiny import build_tiny
 
         model, _ = build_tiny("qwen2_5_vl")
         return model.to(device)
     if model_name in SHAPES:
         return build_shape(model_name, str(device), getattr(torch, dtype))
-    from .models import load
+    from ..models import load
 
     model, _ = load(model_name, device=str(device), dtype=dtype)
     return model
@@ -311,7 +311,7 @@ def cell_key(model: str, context: int, method: str, budget: float | int) -> str:
 
 class CellMeasurer:
     """A model built once on a device, with the device's measured bandwidth: measures cells one after the
-    other (the serial run), or serves them as a Ray actor (:func:`mmkv.sweep.run_bench_ray`)."""
+    other (the serial run), or serves them as a Ray actor (:func:`mmkv.experiments.sweep.run_bench_ray`)."""
 
     def __init__(self, model_name: str, device: str | None, dtype: str, settings: dict[str, Any]) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -343,7 +343,7 @@ def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budget
 
     Each finished cell is appended to ``store`` at once; with ``resume`` the cells already in it are
     not run again (Full's included, whose record still serves as the reference). ``ray_address``
-    (``""`` for a local instance) runs the cells on Ray actors instead (:func:`mmkv.sweep.run_bench_ray`).
+    (``""`` for a local instance) runs the cells on Ray actors instead (:func:`mmkv.experiments.sweep.run_bench_ray`).
     """
     store = store if store is not None else ResultStore()
     done = store.finished() if resume else {}
@@ -441,8 +441,8 @@ def write(rows: Sequence[BenchRow], out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .budget import parse_budget
-    from .methods import METHODS
+    from ..inputs.budget import parse_budget
+    from ..methods import METHODS
 
     p = argparse.ArgumentParser(prog="mmkv bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny",

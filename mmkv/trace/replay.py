@@ -1,4 +1,4 @@
-"""Decode replay: what the KV cache held at every decode step, read from a saved :class:`~mmkv.trace.Trace`.
+"""Decode replay: what the KV cache held at every decode step, read from a saved :class:`~mmkv.trace.core.Trace`.
 
 No model and no Gradio: everything comes from the trace (``Trace.to_dict`` / ``from_dict`` keep it).
 

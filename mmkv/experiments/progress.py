@@ -1,4 +1,4 @@
-"""One overall progress line for long runs (``mmkv.eval``, ``mmkv.bench``): cells done/total, failures, ETA."""
+"""One overall progress line for long runs (``mmkv.experiments.eval``, ``mmkv.experiments.bench``): cells done/total, failures, ETA."""
 
 from __future__ import annotations
 

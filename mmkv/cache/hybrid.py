@@ -3,8 +3,8 @@
 One :class:`HybridLayer` replaces a decoder layer's cache when the HybridKV plan marks at least one
 of its KV heads *dynamic* (``plan.decode["policy"] == "hybrid"``). It holds, for batch size 1:
 
-- one flat device store (:class:`~mmkv.cache.FlatPrefix`, no padding): the **static heads'** pruned
-  prompt rows (``offsets`` per static head, like :class:`~mmkv.cache.RaggedLayer`), then per **dynamic
+- one flat device store (:class:`~mmkv.cache.layers.FlatPrefix`, no padding): the **static heads'** pruned
+  prompt rows (``offsets`` per static head, like :class:`~mmkv.cache.layers.RaggedLayer`), then per **dynamic
   head** its ``sinks`` first and ``recent`` last prompt tokens followed by a retrieval buffer of
   ``top_chunks * chunk_size`` rows;
 - per dynamic head and chunk of the middle span, a *summary* on the device (``scoring="mean"``: the
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .cache import (
+from .layers import (
     AppendBuffer,
     CompressedLayer,
     DeviceLog,
@@ -48,7 +48,7 @@ from .cache import (
 )
 
 if TYPE_CHECKING:  # the cache applies plans; it never imports the methods that make them
-    from .methods.base import LayerPlan
+    from ..methods.base import LayerPlan
 
 STATIC, DYNAMIC = "static", "dynamic"
 
@@ -89,9 +89,9 @@ def top_chunk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
 class HybridLayer(CompressedLayer):
     """A decoder layer's cache with static (pruned, ragged) and dynamic (chunk-retrieving) KV heads.
 
-    Device storage is one :class:`~mmkv.cache.FlatPrefix`: the static heads' kept rows, then per dynamic
+    Device storage is one :class:`~mmkv.cache.layers.FlatPrefix`: the static heads' kept rows, then per dynamic
     head its ``sinks``/``recent`` rows followed by ``top_chunks`` buffer slots of ``chunk_size`` rows; so
-    attention is the same fused :func:`~mmkv.cache.ragged_attention` as :class:`~mmkv.cache.RaggedLayer`
+    attention is the same fused :func:`~mmkv.cache.layers.ragged_attention` as :class:`~mmkv.cache.layers.RaggedLayer`
     (unused rows of a short last chunk are hidden in ``prefix.hide``). A decode step selects the chunks
     and diffs them against the loaded ones on the device (a chunk that stays keeps its slot), then copies
     only the changed chunks' contiguous rows from the store (``index_select`` into a pinned staging

@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 if TYPE_CHECKING:  # the cache applies plans; it never imports the methods that make them
-    from .methods.base import LayerPlan
+    from ..methods.base import LayerPlan
 
 
 class BatchSizeError(ValueError):

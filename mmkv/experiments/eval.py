@@ -2,20 +2,20 @@
 
 On the synthetic suite (`mmkv.tiny.tasks`, held-out seeds) every answer is checked against its scene.
 With ``--milebench DIR`` the samples come from MileBench-format data in a local folder instead
-(:mod:`mmkv.milebench`) and each answer gets the benchmark's own score (accuracy, or ROUGE-L for
+(:mod:`mmkv.experiments.milebench`) and each answer gets the benchmark's own score (accuracy, or ROUGE-L for
 open-ended datasets); the ``accuracy`` column is then the mean score. Fidelity to Full is measured on the
 same samples:
 
 - ``agreement``: the share of samples whose answer is token for token Full's answer;
 - ``kl``: the mean over samples of the mean next-token ``KL(P_full || P_method)`` along Full's answer,
-  teacher-forced through the method's compressed cache (:func:`mmkv.driver.forced_logits`).
+  teacher-forced through the method's compressed cache (:func:`mmkv.runtime.driver.forced_logits`).
 
 The work is cut into **cells** (one shard of one task's samples x method x budget x query mode, key
 ``task/shard/method@budget/qa|qg``). Each finished cell is appended at once to ``OUT/results.jsonl``
-(:class:`mmkv.records.ResultStore`) with every sample's score, answer text and generated token ids;
+(:class:`mmkv.experiments.records.ResultStore`) with every sample's score, answer text and generated token ids;
 ``--resume`` skips the cells already there, and a cell written twice counts once. Full's cell of a shard
 runs before that shard's other cells, which read Full's answers from the store. ``--ray [ADDRESS]`` runs
-the cells on a Ray cluster (:mod:`mmkv.sweep`). The tables (``eval.json``, ``eval.csv``) and the plotly
+the cells on a Ray cluster (:mod:`mmkv.experiments.sweep`). The tables (``eval.json``, ``eval.csv``) and the plotly
 figure (``eval.html``: accuracy vs budget per method, one panel per task) are built from the store by
 :func:`report`, which works on any store.
 """
@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from .driver import forced_logits, generate
-from .models import adapter_for, load
+from ..runtime.driver import forced_logits, generate
+from ..models import adapter_for, load
 from .progress import Progress
 from .records import ResultStore, failure_record, reference_ids, write_records
 
@@ -254,7 +254,7 @@ def evaluate(
 #: read from ``mmkv/data/published.json`` (fields and sources: ``docs/eval.md``, "Published figures").
 #: Each entry: model, dataset (or datasets + label), method, budget, query_aware (default true), score (the
 #: paper's number on the 0-1 scale) and source ({paper, url, table}).
-PUBLISHED_PATH = Path(__file__).resolve().parent / "data" / "published.json"
+PUBLISHED_PATH = Path(__file__).resolve().parents[1] / "data" / "published.json"
 
 
 def load_published(path: str | Path = PUBLISHED_PATH) -> list[dict[str, Any]]:
@@ -454,7 +454,7 @@ def format_rows(rows: Sequence[EvalRow]) -> str:
 
 
 def synthetic_samples(tasks: Sequence[str], n: int, images: int | None, seed: int) -> list[Any]:
-    from .tiny.tasks import heldout_set
+    from ..tiny.tasks import heldout_set
 
     out: list[Any] = []
     for task in tasks:
@@ -479,8 +479,8 @@ def open_store(path: Path, config: dict[str, Any], resume: bool) -> ResultStore:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
-    from .tiny.tasks import TASKS
+    from ..methods import METHODS
+    from ..tiny.tasks import TASKS
 
     p = argparse.ArgumentParser(
         prog="mmkv eval",
@@ -531,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .budget import parse_budget
-    from .methods import METHODS
+    from ..inputs.budget import parse_budget
+    from ..methods import METHODS
 
     p = build_parser()
     a = p.parse_args(argv)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .modality import IMAGE, TEXT, VIDEO
+from ..inputs.modality import IMAGE, TEXT, VIDEO
 
 # Upper bound on the elements of one fp32 score block (H_q x block x keys): 2**26 floats = 256 MiB.
 MAX_BLOCK_ELEMENTS = 1 << 26

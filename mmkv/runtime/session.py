@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .attention import ACTIVE_SESSION, ATTENTION_NAME, register
-from .cache import (
+from ..statistics.attention import ACTIVE_SESSION, ATTENTION_NAME, register
+from ..cache.layers import (
     BatchSizeError,
     CompressedLayer,
     H2ODecodeLayer,
@@ -39,13 +39,13 @@ from .cache import (
     layer_bytes,
     layer_growth,
 )
-from .compat import CACHE_ARGUMENTS, cache_from_kwargs, model_config
-from .methods import Method, make_method
-from .methods.base import LayerContext, LayerPlan, reduce_to_kv_heads
-from .modality import ModalityMap
-from .models.base import UnsupportedModelError, resolve_text_model
-from .stats import LayerStats, StatsRequest, compute_layer_stats
-from .trace import LayerTrace, Packed, Timings, Trace
+from ..compat import CACHE_ARGUMENTS, cache_from_kwargs, model_config
+from ..methods import Method, make_method
+from ..methods.base import LayerContext, LayerPlan, reduce_to_kv_heads
+from ..inputs.modality import ModalityMap
+from ..models.base import UnsupportedModelError, resolve_text_model
+from ..statistics.stats import LayerStats, StatsRequest, compute_layer_stats
+from ..trace.core import LayerTrace, Packed, Timings, Trace
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -317,7 +317,7 @@ class Session:
         """A forward on the compressed cache: a new decode step, or (query-agnostic) the question read into step 0.
 
         Only Python ints are kept; :meth:`finish` turns the token counts into bytes per step with each layer's
-        :class:`~mmkv.cache.GrowthModel` (a layer without one is measured here from tensor shapes: no sync).
+        :class:`~mmkv.cache.layers.GrowthModel` (a layer without one is measured here from tensor shapes: no sync).
         """
         trace = self.trace
         step = 0 if not self.query_aware and not self._forward_steps else len(self._forward_steps) + int(self.query_aware)
@@ -349,7 +349,7 @@ class Session:
         if self.modality_override is not None:
             modality = self.modality_override
         else:
-            from .models import adapter_for  # local import: adapters import heavy processor code
+            from ..models import adapter_for  # local import: adapters import heavy processor code
 
             modality = adapter_for(self.model).modality_map(self.model, self._captured)
         if len(modality) != length:

@@ -384,7 +384,7 @@ def image_tokens(model: Any, processor: Any, path: str) -> int:
     """Prompt tokens one image costs ``model`` (measured once per image size through its adapter)."""
     from PIL import Image
 
-    from .models import adapter_for
+    from ..models import adapter_for
 
     with Image.open(path) as im:
         size = im.size

@@ -1,0 +1,1 @@
+"""Experiments: the benchmark, the eval harness, MileBench, results stores and Ray sweeps."""

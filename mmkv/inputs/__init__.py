@@ -1,0 +1,1 @@
+"""Inputs: media loading (images, video frames), the prompt builder, budgets, and each token's modality."""

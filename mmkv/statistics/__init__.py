@@ -1,0 +1,1 @@
+"""Statistics: the attention function mmkv registers and the per-layer statistics methods request."""
