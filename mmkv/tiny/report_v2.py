@@ -1,6 +1,6 @@
 """Numbers for ``docs/tiny-v2.md``: ``python -m mmkv.tiny.report_v2 [--shape] [--stages]``.
 
-``--shape``: the visual share of the held-out prompts (visual pad tokens / all prompt tokens, through the
+``--curves``: every held-out evaluation in the stages' logs. ``--shape``: the visual share of the held-out prompts (visual pad tokens / all prompt tokens, through the
 trainer's encoder, which the tests hold equal to the processor's) per task and setting; ``--stages``: the
 stage table from ``training/tiny-v2/*/metrics.json`` (steps, wall time, held-out accuracy per task).
 """
@@ -45,6 +45,23 @@ def stage_rows(root: Path = STAGES) -> list[str]:
     return rows
 
 
+def curve_rows(root: Path = STAGES) -> list[str]:
+    """Every held-out evaluation in the finished stages' logs (cumulative steps since g0), one row each."""
+    rows, total = [], 0
+    done = sorted((p for p in root.glob("*/metrics.json")), key=lambda p: p.stat().st_mtime)
+    for p in done:
+        m = json.loads(p.read_text())
+        seen = set()
+        for line in (p.parent / "log.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if "eval" in r and r["step"] not in seen:
+                seen.add(r["step"])
+                cells = " | ".join(f"{r['eval'].get(k, float('nan')):.2f}" for k in COLUMNS)
+                rows.append(f"| {m['stage']} | {r['step']} | {total + r['step']} | {cells} |")
+        total += m["steps"]
+    return rows
+
+
 COLUMNS = ("needle@4", "needle@8", "text_needle@8", "spot_difference", "count@4", "count@8", "video_direction", "video_colour")
 
 
@@ -52,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmkv.tiny.report_v2", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", action="store_true")
     p.add_argument("--stages", action="store_true")
+    p.add_argument("--curves", action="store_true")
     p.add_argument("-n", type=int, default=64)
     args = p.parse_args(argv)
     if args.shape:
@@ -65,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("| stage | steps | wall min | " + " | ".join(COLUMNS) + " |")
         print("|---|---|---|" + "---|" * len(COLUMNS))
         print("\n".join(stage_rows()))
+    if args.curves:
+        print("| stage | step | total steps | " + " | ".join(COLUMNS) + " |")
+        print("|---|---|---|" + "---|" * len(COLUMNS))
+        print("\n".join(curve_rows()))
     return 0
 
 

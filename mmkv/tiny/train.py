@@ -820,7 +820,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             t_last = time.time()
     log({"event": "end", "step": step, "time": time.time()})
     if args.stage_out and step >= args.steps and not (Path(args.stage_out) / "metrics.json").is_file():  # resumed at the end
+        t0 = time.time()
         acc = evaluator(model, device)
+        log({"step": step, "eval": acc, "eval_s": round(time.time() - t0, 1)})
         write_stage(Path(args.stage_out), model, heads, processor, export,
                     {"step": step, "heldout_accuracy": acc, "n_per_task": args.eval_n}, log_path, args, work)
     return 0
