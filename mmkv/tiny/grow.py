@@ -34,16 +34,28 @@ prompts (Full cache), and greedy answers are the same.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from .model import build_config, build_model, build_processor
 from .tokenizer import build_tokenizer
 
-__all__ = ["V2_TEXT", "V2_VISION", "V2_MAX_PIXELS", "NEW_AFTER", "V1_ASSET", "build_v2_config", "build_v2_processor",
-           "build_v2_model", "layer_map", "load_v1", "grow"]
+__all__ = [
+    "V2_TEXT",
+    "V2_VISION",
+    "V2_MAX_PIXELS",
+    "NEW_AFTER",
+    "V1_ASSET",
+    "build_v2_config",
+    "build_v2_processor",
+    "build_v2_model",
+    "layer_map",
+    "load_v1",
+    "grow",
+]
 
 V2_TEXT = {
     "hidden_size": 256,
@@ -93,7 +105,9 @@ def load_v1(path: str | Path = V1_ASSET) -> Any:
 
 
 @torch.no_grad()
-def grow(v1: Any, tokenizer: Any | None = None, seed: int = 0, new_after: Sequence[int] = NEW_AFTER, reader_std: float = 0.02) -> Any:
+def grow(
+    v1: Any, tokenizer: Any | None = None, seed: int = 0, new_after: Sequence[int] = NEW_AFTER, reader_std: float = 0.02
+) -> Any:
     """v2 computing ``v1``'s function (see the module docstring); seeded."""
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(2)
     v2 = build_v2_model(tokenizer, seed=seed).eval()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["visual_share", "stage_rows", "main"]
 
@@ -62,7 +62,16 @@ def curve_rows(root: Path = STAGES) -> list[str]:
     return rows
 
 
-COLUMNS = ("needle@4", "needle@8", "text_needle@8", "spot_difference", "count@4", "count@8", "video_direction", "video_colour")
+COLUMNS = (
+    "needle@4",
+    "needle@8",
+    "text_needle@8",
+    "spot_difference",
+    "count@4",
+    "count@8",
+    "video_direction",
+    "video_colour",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,8 +83,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.shape:
         print("| task | setting | visual share (mean / min) | prompt tokens (mean) |\n|---|---|---|---|")
-        for task, k in (("needle", 8), ("needle", 4), ("needle", 2), ("text_needle", 8), ("count", 8), ("count", 4),
-                        ("spot_difference", None), ("video_direction", None), ("video_colour", None)):
+        for task, k in (
+            ("needle", 8),
+            ("needle", 4),
+            ("needle", 2),
+            ("text_needle", 8),
+            ("count", 8),
+            ("count", 4),
+            ("spot_difference", None),
+            ("video_direction", None),
+            ("video_colour", None),
+        ):
             mean, low, length = visual_share(task, k, args.n)
             setting = f"{k} images" if k else ("2 pictures" if task == "spot_difference" else "8 frames")
             print(f"| `{task}` | {setting} | {mean:.1%} / {low:.1%} | {length:.0f} |")

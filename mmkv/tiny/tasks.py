@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -48,12 +49,48 @@ from PIL import Image, ImageDraw
 from ..inputs.prompt import chat as build_chat
 
 __all__ = [
-    "COLOURS", "SHAPES", "DIRECTIONS", "PASSWORDS", "TASKS", "IMAGE_TASKS", "VIDEO_TASKS", "IMAGE_SIZE",
-    "CELL", "GRID", "NUM_FRAMES", "VIDEO_FPS", "Shape", "MultiImageScene", "VideoScene", "Episode", "Sample",
-    "make_image_scene", "make_video_scene", "video_direction", "make_episode", "make_sample", "heldout_set", "check_answer",
-    "expected_answer", "render_image", "render_frames", "cell_labels", "WORDS",
-    "V2_NEW_TASKS", "V2_IMAGE_TASKS", "V2_TASKS", "ALL_TASKS", "V2_SIZES", "WORDS_V2", "NUMBER_WORDS", "CHANGES",
-    "make_count_scene", "make_difference_scene", "difference", "count_answer", "count_question",
+    "COLOURS",
+    "SHAPES",
+    "DIRECTIONS",
+    "PASSWORDS",
+    "TASKS",
+    "IMAGE_TASKS",
+    "VIDEO_TASKS",
+    "IMAGE_SIZE",
+    "CELL",
+    "GRID",
+    "NUM_FRAMES",
+    "VIDEO_FPS",
+    "Shape",
+    "MultiImageScene",
+    "VideoScene",
+    "Episode",
+    "Sample",
+    "make_image_scene",
+    "make_video_scene",
+    "video_direction",
+    "make_episode",
+    "make_sample",
+    "heldout_set",
+    "check_answer",
+    "expected_answer",
+    "render_image",
+    "render_frames",
+    "cell_labels",
+    "WORDS",
+    "V2_NEW_TASKS",
+    "V2_IMAGE_TASKS",
+    "V2_TASKS",
+    "ALL_TASKS",
+    "V2_SIZES",
+    "WORDS_V2",
+    "NUMBER_WORDS",
+    "CHANGES",
+    "make_count_scene",
+    "make_difference_scene",
+    "difference",
+    "count_answer",
+    "count_question",
 ]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -97,9 +134,51 @@ WORDS = tuple(
         | set(DIRECTIONS)
         | set(PASSWORDS)
         | set(
-            "image images which what has is in the colour color shape way does ball move moves password frame "
-            "first last video a an of and there are you helpful assistant user system picture shows yes no "
-            "object objects where how many answer question".split()
+            [
+                "image",
+                "images",
+                "which",
+                "what",
+                "has",
+                "is",
+                "in",
+                "the",
+                "colour",
+                "color",
+                "shape",
+                "way",
+                "does",
+                "ball",
+                "move",
+                "moves",
+                "password",
+                "frame",
+                "first",
+                "last",
+                "video",
+                "a",
+                "an",
+                "of",
+                "and",
+                "there",
+                "are",
+                "you",
+                "helpful",
+                "assistant",
+                "user",
+                "system",
+                "picture",
+                "shows",
+                "yes",
+                "no",
+                "object",
+                "objects",
+                "where",
+                "how",
+                "many",
+                "answer",
+                "question",
+            ]
         )
     )
 )
@@ -107,7 +186,7 @@ WORDS = tuple(
 # v1 token keeps its id and a grown model starts from v1's embeddings.
 WORDS_V2 = tuple(
     sorted(
-        (set(NUMBER_WORDS) | set(CHANGES) | set("changed between pictures with have shape".split()))
+        (set(NUMBER_WORDS) | set(CHANGES) | set(["changed", "between", "pictures", "with", "have", "shape"]))
         - set(WORDS)
     )
 )
@@ -207,7 +286,11 @@ def cell_labels(label_maps: Sequence[np.ndarray], min_pixels: int = 40) -> tuple
 
 
 def _place(
-    rng: random.Random, n: int, shapes: Sequence[str], colours: Sequence[str], size: int = IMAGE_SIZE,
+    rng: random.Random,
+    n: int,
+    shapes: Sequence[str],
+    colours: Sequence[str],
+    size: int = IMAGE_SIZE,
     existing: Sequence[Shape] = (),
 ) -> tuple[Shape, ...]:
     out: list[Shape] = []
@@ -219,7 +302,9 @@ def _place(
     return tuple(out)
 
 
-def _random_image(rng: random.Random, max_objects: int = 2, size: int = IMAGE_SIZE, colours: Sequence[str] = COLOUR_NAMES) -> tuple[Shape, ...]:
+def _random_image(
+    rng: random.Random, max_objects: int = 2, size: int = IMAGE_SIZE, colours: Sequence[str] = COLOUR_NAMES
+) -> tuple[Shape, ...]:
     n = rng.randint(1, max_objects)
     return _place(rng, n, rng.sample(SHAPES, n), [rng.choice(colours) for _ in range(n)], size)
 
@@ -232,7 +317,9 @@ def _pair_counts(images: Sequence[Sequence[Shape]]) -> dict[tuple[str, str], lis
     return where
 
 
-def make_image_scene(rng: random.Random, k: int, password: bool | None = None, size: int = IMAGE_SIZE) -> MultiImageScene:
+def make_image_scene(
+    rng: random.Random, k: int, password: bool | None = None, size: int = IMAGE_SIZE
+) -> MultiImageScene:
     """``k`` images with at least one (colour, shape) pair that occurs exactly once."""
     if not 1 <= k <= 16:
         raise ValueError(f"k must be in 1..16, got {k}")
@@ -246,7 +333,9 @@ def make_image_scene(rng: random.Random, k: int, password: bool | None = None, s
     )
 
 
-def make_count_scene(rng: random.Random, k: int, password: bool | None = None, size: int = V2_SIZES["count"]) -> MultiImageScene:
+def make_count_scene(
+    rng: random.Random, k: int, password: bool | None = None, size: int = V2_SIZES["count"]
+) -> MultiImageScene:
     """``k`` images where the number of images holding a ``focus``-coloured shape is uniform in 0..k
     (the other colours fall as they may); at least one (colour, shape) pair is unique, as for ``needle``."""
     if not 1 <= k <= 16:
@@ -267,11 +356,17 @@ def make_count_scene(rng: random.Random, k: int, password: bool | None = None, s
             break
     has_pw = rng.random() < 0.5 if password is None else password
     return MultiImageScene(
-        images=images, password=rng.choice(PASSWORDS) if has_pw else None, note_after=rng.randrange(k), size=size, focus=focus
+        images=images,
+        password=rng.choice(PASSWORDS) if has_pw else None,
+        note_after=rng.randrange(k),
+        size=size,
+        focus=focus,
     )
 
 
-def make_difference_scene(rng: random.Random, size: int = V2_SIZES["spot_difference"], change: str | None = None) -> MultiImageScene:
+def make_difference_scene(
+    rng: random.Random, size: int = V2_SIZES["spot_difference"], change: str | None = None
+) -> MultiImageScene:
     """Two pictures of 1-3 shapes (distinct shapes within a picture), identical but for one ``change``
     (``CHANGES``: a shape turned another colour, moved by at least ``MIN_MOVE`` px, appeared or disappeared)."""
     change = change or rng.choice(CHANGES)
@@ -322,7 +417,13 @@ def make_video_scene(rng: random.Random) -> VideoScene:
     distractor = None
     if rng.random() < 0.5:  # a static square or triangle away from the ball's path
         for _ in range(50):
-            d = Shape(rng.choice(("square", "triangle")), rng.choice(COLOUR_NAMES), rng.uniform(16, 96), rng.uniform(16, 96), 11)
+            d = Shape(
+                rng.choice(("square", "triangle")),
+                rng.choice(COLOUR_NAMES),
+                rng.uniform(16, 96),
+                rng.uniform(16, 96),
+                11,
+            )
             if all((d.x - x) ** 2 + (d.y - y) ** 2 > (r + d.r + 6) ** 2 for x, y in positions):
                 distractor = d
                 break
@@ -406,7 +507,9 @@ def expected_answer(scene: Any, task: str, question: str) -> str | None:
         return None
     if task == "needle":
         colour, shape = m.groups()
-        holders = [k for k, objs in enumerate(scene.images) if any(o.colour == colour and o.shape == shape for o in objs)]
+        holders = [
+            k for k, objs in enumerate(scene.images) if any(o.colour == colour and o.shape == shape for o in objs)
+        ]
         count = sum(o.colour == colour and o.shape == shape for objs in scene.images for o in objs)
         if len(holders) != 1 or count != 1:
             return None
@@ -616,7 +719,12 @@ def make_sample(task: str, seed: Any, k: int | None = None, size: int | None = N
     elif task == "count":
         scene = make_count_scene(rng, k or rng.randint(1, MAX_IMAGES), size=size)
     else:
-        scene = make_image_scene(rng, k or rng.randint(1, MAX_IMAGES), password=True if task == "text_needle" else None, size=size or IMAGE_SIZE)
+        scene = make_image_scene(
+            rng,
+            k or rng.randint(1, MAX_IMAGES),
+            password=True if task == "text_needle" else None,
+            size=size or IMAGE_SIZE,
+        )
     q = count_question(scene.focus) if task == "count" else _questions(rng, scene, task)[0]
     answer = expected_answer(scene, task, q)
     assert answer is not None

@@ -28,8 +28,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +75,17 @@ class FastEncoder:
         self.mean = np.asarray(ip.image_mean, dtype=np.float32)
         self.std = np.asarray(ip.image_std, dtype=np.float32)
         self.rescale = float(ip.rescale_factor)
-        self.ids = {s: self.tok.convert_tokens_to_ids(s) for s in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
+        self.ids = {
+            s: self.tok.convert_tokens_to_ids(s)
+            for s in (
+                "<|im_start|>",
+                "<|im_end|>",
+                "<|vision_start|>",
+                "<|vision_end|>",
+                "<|image_pad|>",
+                "<|video_pad|>",
+            )
+        }
         self.pad_id = self.tok.pad_token_id
         self._cache: dict[str, list[int]] = {}
         # v2: spot_difference answers get a retrieval target (the changed cells of both pictures) when set
@@ -153,7 +164,11 @@ class FastEncoder:
                         if part["type"] == "image":  # the chat template's label (see mmkv.tiny.tokenizer.CHAT_TEMPLATE)
                             add(self.text(f"Image {item + 1}:"))
                         first = len(ids) + 1  # after <|vision_start|>
-                        add(self._vision("<|image_pad|>" if part["type"] == "image" else "<|video_pad|>", tokens_per_item[item]))
+                        add(
+                            self._vision(
+                                "<|image_pad|>" if part["type"] == "image" else "<|video_pad|>", tokens_per_item[item]
+                            )
+                        )
                         spans.append((first, first + tokens_per_item[item]))
                         item += 1
             add(self.text(q))
@@ -170,7 +185,9 @@ class FastEncoder:
         self._spans = spans
         return ids, labels, targets
 
-    def retrieval_targets(self, task: str, answer: str, spans: Sequence[tuple[int, int]]) -> tuple[int, list[int]] | None:
+    def retrieval_targets(
+        self, task: str, answer: str, spans: Sequence[tuple[int, int]]
+    ) -> tuple[int, list[int]] | None:
         """Where an answer's decisive token is read from: ``(offset in the answer of the token that predicts
         it, positions of the visual tokens that hold it)``.
 
@@ -186,7 +203,12 @@ class FastEncoder:
         elif task == "colour_at":  # "The square in image 2 is blue."
             item, decisive = int(words[4]) - 1, len(words) - 1
             pos = list(range(*spans[item]))
-        elif task == "spot_difference" and self.spot_retrieval and self._spot_cells is not None and self._spot_cells.any():
+        elif (
+            task == "spot_difference"
+            and self.spot_retrieval
+            and self._spot_cells is not None
+            and self._spot_cells.any()
+        ):
             # "The orange square moved." / "An orange square appeared.": the colour word is read from the cells
             # that differ between the two pictures (in both of them)
             cells = np.nonzero(self._spot_cells)[0]
@@ -205,8 +227,12 @@ class FastEncoder:
     def encode(self, episodes: Sequence[Episode], answer_last: bool = True, aux: bool = True) -> dict[str, Any]:
         images, image_labels, videos, video_labels = [], [], [], []
         bind, motion = [], []
-        diff: list[np.ndarray] = []  # per visual token: the cell differs in the other picture (spot_difference scenes), else -100
-        presence: list[tuple[int, int, list[float]]] = []  # (row, position of an image's <|vision_end|>, colours present)
+        diff: list[
+            np.ndarray
+        ] = []  # per visual token: the cell differs in the other picture (spot_difference scenes), else -100
+        presence: list[
+            tuple[int, int, list[float]]
+        ] = []  # (row, position of an image's <|vision_end|>, colours present)
         retrieval: list[tuple[int, int, list[int]]] = []
         rows = []
         for ep in episodes:
@@ -227,7 +253,9 @@ class FastEncoder:
                         bind.append(np.full(per[0] // gt, g))
             else:
                 images.extend(media)
-                per = [(m.size[0] // (self.patch * self.merge)) * (m.size[1] // (self.patch * self.merge)) for m in media]
+                per = [
+                    (m.size[0] // (self.patch * self.merge)) * (m.size[1] // (self.patch * self.merge)) for m in media
+                ]
                 if aux:
                     cells = [cell_labels([lab]) for lab in labs]
                     image_labels.extend(cells)
@@ -258,7 +286,12 @@ class FastEncoder:
         types = torch.zeros_like(input_ids)
         types[input_ids == self.ids["<|image_pad|>"]] = 1
         types[input_ids == self.ids["<|video_pad|>"]] = 2
-        out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attn, "mm_token_type_ids": types, "labels": labels}
+        out: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attn,
+            "mm_token_type_ids": types,
+            "labels": labels,
+        }
         if images:
             pv, grids = self.image_patches(images)
             out["pixel_values"] = pv
@@ -320,7 +353,9 @@ class AuxHeads(torch.nn.Module):
     share KV head 0 of the tiny model, so one KV head learns to retrieve and the other stays free.
     """
 
-    def __init__(self, hidden: int, bind_layer: int, retrieval_layer: int | None = 2, retrieval_heads: Sequence[int] = (0, 1)) -> None:
+    def __init__(
+        self, hidden: int, bind_layer: int, retrieval_layer: int | None = 2, retrieval_heads: Sequence[int] = (0, 1)
+    ) -> None:
         super().__init__()
         self.retrieval_layer = retrieval_layer
         self.retrieval_heads = list(retrieval_heads)
@@ -370,7 +405,10 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
     diff_loss = torch.zeros((), device=batch["input_ids"].device)
     presence_loss = torch.zeros((), device=batch["input_ids"].device)
     stats: dict[str, Any] = {}
-    for key, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+    for key, pix, grid in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
         if batch.get(pix) is None:
             continue
         fn = inner.get_image_features if key == "image" else inner.get_video_features
@@ -384,7 +422,9 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
             ls = F.cross_entropy(logits[:, nc:], batch[f"{key}_aux_shape"])
             aux_loss = aux_loss + lc + ls
             with torch.no_grad():
-                ok = (logits[:, :nc].argmax(-1) == batch[f"{key}_aux_colour"]) & (logits[:, nc:].argmax(-1) == batch[f"{key}_aux_shape"])
+                ok = (logits[:, :nc].argmax(-1) == batch[f"{key}_aux_colour"]) & (
+                    logits[:, nc:].argmax(-1) == batch[f"{key}_aux_shape"]
+                )
                 stats[f"aux_acc_{key}"] = float(ok.float().mean())
             if key == "video" and "video_aux_motion" in batch:
                 motion_loss, stats["aux_acc_motion"] = _probe(heads.motion(feats), batch["video_aux_motion"])
@@ -415,8 +455,14 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
     if want_retrieval:
         rows, queries = batch["retrieval_row"], batch["retrieval_query"]
         if heads.hooked:
-            probs = retrieval_attention(model.model.language_model.layers[heads.retrieval_layer].self_attn,
-                                        captured["hidden"], captured["rope"], rows, queries, heads.retrieval_heads)
+            probs = retrieval_attention(
+                model.model.language_model.layers[heads.retrieval_layer].self_attn,
+                captured["hidden"],
+                captured["rope"],
+                rows,
+                queries,
+                heads.retrieval_heads,
+            )
         else:
             attn = out.attentions[heads.retrieval_layer]  # [B, H, L, L]
             probs = attn[rows, :, queries, :][:, heads.retrieval_heads]  # [n, heads, L]
@@ -443,12 +489,25 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
         presence_loss = F.binary_cross_entropy_with_logits(logits, target)
         with torch.no_grad():
             stats["aux_acc_presence"] = float(((logits > 0).float() == target).all(-1).float().mean())
-    return out.logits, {"aux_loss": aux_loss, "bind_loss": bind_loss, "motion_loss": motion_loss,
-                        "retrieval_loss": retrieval_loss, "diff_loss": diff_loss, "presence_loss": presence_loss, **stats}
+    return out.logits, {
+        "aux_loss": aux_loss,
+        "bind_loss": bind_loss,
+        "motion_loss": motion_loss,
+        "retrieval_loss": retrieval_loss,
+        "diff_loss": diff_loss,
+        "presence_loss": presence_loss,
+        **stats,
+    }
 
 
-def retrieval_attention(attn: Any, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor,
-                        queries: torch.Tensor, head_ids: Sequence[int]) -> torch.Tensor:
+def retrieval_attention(
+    attn: Any,
+    hidden: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    rows: torch.Tensor,
+    queries: torch.Tensor,
+    head_ids: Sequence[int],
+) -> torch.Tensor:
     """The attention probabilities of query heads ``head_ids`` of ``attn`` (a text layer's self-attention) from
     token ``queries[i]`` of row ``rows[i]`` over that row's tokens, as eager attention computes them (causal; rows
     are right-padded, so a query sees only real tokens), recomputed from the layer's input ``hidden`` and M-RoPE
@@ -478,18 +537,28 @@ def retrieval_attention(attn: Any, hidden: torch.Tensor, rope: tuple[torch.Tenso
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE)
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE
+    )
 
 
 class TeacherForcedEval:
     """Per-task held-out accuracy: exact match of every answer token (= greedy decoding's answer)."""
 
-    def __init__(self, encoder: FastEncoder, n: int, suites: Sequence[tuple[str, int | None]], batch: int = 32,
-                 sizes: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        encoder: FastEncoder,
+        n: int,
+        suites: Sequence[tuple[str, int | None]],
+        batch: int = 32,
+        sizes: dict[str, int] | None = None,
+    ) -> None:
         self.encoder = encoder
         self.batch = batch
         sizes = sizes or {}
-        self.suites = [(task, k, [s.episode() for s in heldout_set(task, n, k, size=sizes.get(task))]) for task, k in suites]
+        self.suites = [
+            (task, k, [s.episode() for s in heldout_set(task, n, k, size=sizes.get(task))]) for task, k in suites
+        ]
 
     @torch.no_grad()
     def __call__(self, model: Any, device: torch.device) -> dict[str, float]:
@@ -568,8 +637,17 @@ def batch_episodes(step: int, args: argparse.Namespace, weights: dict[str, float
             else:
                 k = kmax if rng.random() < 0.5 else rng.randint(1, kmax)
                 kind = "count" if rng.random() < args.count_frac else "images"
-                out.append(make_episode(rng, k=k, kind=kind, size=args.image_size, max_turns=args.turns, weights=weights,
-                                        password_frac=args.password_frac))
+                out.append(
+                    make_episode(
+                        rng,
+                        k=k,
+                        kind=kind,
+                        size=args.image_size,
+                        max_turns=args.turns,
+                        weights=weights,
+                        password_frac=args.password_frac,
+                    )
+                )
         return out
     for _ in range(args.batch):
         if rng.random() < args.video_frac:
@@ -595,8 +673,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="mmkv/assets/mmkv-tiny-qwen2vl", help="where the trained model is exported")
     p.add_argument("--work", default=".cache/tiny-train", help="checkpoint + log directory (resumes from it)")
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (raise it to continue a run)")
-    p.add_argument("--stop-at", type=int, default=None,
-                   help="stop (checkpointed) at this step while the LR schedule still runs to --steps (replays an interrupted run)")
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop (checkpointed) at this step while the LR schedule still runs to --steps (replays an interrupted run)",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -604,28 +686,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-cell colour/shape probe")
     p.add_argument("--motion-weight", type=float, default=1.0, help="weight of the video motion probe")
     p.add_argument("--bind-weight", type=float, default=1.0, help="weight of the image-index binding probe")
-    p.add_argument("--bind-layer", type=int, default=2, help="hidden state (after this many text layers) the binding probe reads")
-    p.add_argument("--retrieval-weight", type=float, default=0.0,
-                   help="weight of the retrieval-attention loss (text layer --retrieval-layer, query heads 0-1); >0 trains with eager attention")
-    p.add_argument("--retrieval-layer", type=int, default=None, help="default 2 (v1) / 3 (v2: v1's layer 2 after the layer inserted before it)")
-    p.add_argument("--retrieval-heads", default="0,1", help="query heads of the retrieval loss (v1 and v2: 0,1 share KV head 0)")
-    p.add_argument("--eager-all", action="store_true",
-                   help="with the retrieval loss, run every layer eager (the v1 chain did); default: only the retrieval layer")
-    p.add_argument("--arch", choices=("v1", "v2"), default="v1", help="v2: mmkv.tiny.grow's shape, vocabulary and processor")
-    p.add_argument("--diff-weight", type=float, default=0.0, help="v2: weight of the changed-cell probe (spot_difference scenes)")
-    p.add_argument("--diff-layer", type=int, default=3, help="hidden state (after this many text layers) the changed-cell probe reads")
-    p.add_argument("--diff-pos-weight", type=float, default=1.0,
-                   help="class weight of changed cells in the changed-cell probe's loss (about 3 cells in 49 change)")
-    p.add_argument("--spot-retrieval", action="store_true",
-                   help="v2: the retrieval-attention loss also pulls spot_difference's colour word to the changed cells of both pictures")
-    p.add_argument("--presence-weight", type=float, default=0.0, help="v2: weight of the per-image colour-presence probe (at <|vision_end|>)")
+    p.add_argument(
+        "--bind-layer", type=int, default=2, help="hidden state (after this many text layers) the binding probe reads"
+    )
+    p.add_argument(
+        "--retrieval-weight",
+        type=float,
+        default=0.0,
+        help="weight of the retrieval-attention loss (text layer --retrieval-layer, query heads 0-1); >0 trains with eager attention",
+    )
+    p.add_argument(
+        "--retrieval-layer",
+        type=int,
+        default=None,
+        help="default 2 (v1) / 3 (v2: v1's layer 2 after the layer inserted before it)",
+    )
+    p.add_argument(
+        "--retrieval-heads", default="0,1", help="query heads of the retrieval loss (v1 and v2: 0,1 share KV head 0)"
+    )
+    p.add_argument(
+        "--eager-all",
+        action="store_true",
+        help="with the retrieval loss, run every layer eager (the v1 chain did); default: only the retrieval layer",
+    )
+    p.add_argument(
+        "--arch", choices=("v1", "v2"), default="v1", help="v2: mmkv.tiny.grow's shape, vocabulary and processor"
+    )
+    p.add_argument(
+        "--diff-weight", type=float, default=0.0, help="v2: weight of the changed-cell probe (spot_difference scenes)"
+    )
+    p.add_argument(
+        "--diff-layer",
+        type=int,
+        default=3,
+        help="hidden state (after this many text layers) the changed-cell probe reads",
+    )
+    p.add_argument(
+        "--diff-pos-weight",
+        type=float,
+        default=1.0,
+        help="class weight of changed cells in the changed-cell probe's loss (about 3 cells in 49 change)",
+    )
+    p.add_argument(
+        "--spot-retrieval",
+        action="store_true",
+        help="v2: the retrieval-attention loss also pulls spot_difference's colour word to the changed cells of both pictures",
+    )
+    p.add_argument(
+        "--presence-weight",
+        type=float,
+        default=0.0,
+        help="v2: weight of the per-image colour-presence probe (at <|vision_end|>)",
+    )
     p.add_argument("--presence-layer", type=int, default=3)
     p.add_argument("--image-size", type=int, default=None, help="v2: px of the multi-image scenes (default 168)")
     p.add_argument("--spot-frac", type=float, default=0.0, help="v2: share of two-picture (spot_difference) episodes")
-    p.add_argument("--count-frac", type=float, default=0.0, help="v2: share of the multi-image scenes drawn as count scenes")
-    p.add_argument("--stage-out", default=None,
-                   help="when the stage ends (--steps or --stop-at), write the model, aux heads, metrics and log here "
-                        "(what scripts/train_tiny_v2.sh commits under training/tiny-v2/<stage>)")
+    p.add_argument(
+        "--count-frac", type=float, default=0.0, help="v2: share of the multi-image scenes drawn as count scenes"
+    )
+    p.add_argument(
+        "--stage-out",
+        default=None,
+        help="when the stage ends (--steps or --stop-at), write the model, aux heads, metrics and log here "
+        "(what scripts/train_tiny_v2.sh commits under training/tiny-v2/<stage>)",
+    )
     p.add_argument("--turns", type=int, default=6, help="max QA turns per episode")
     p.add_argument("--video-frac", type=float, default=0.25)
     p.add_argument("--password-frac", type=float, default=0.5, help="share of image scenes with the text fact")
@@ -643,9 +767,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--export-only", action="store_true", help="export the checkpoint to --out and stop")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--init", default=None, help="warm start: weights (model + aux head) from another work dir's ckpt.pt, "
-                   "or a stage output / model dir with model.safetensors (+ aux.safetensors); "
-                   "the optimizer, step and schedules start afresh (used to chain curriculum stages)")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="warm start: weights (model + aux head) from another work dir's ckpt.pt, "
+        "or a stage output / model dir with model.safetensors (+ aux.safetensors); "
+        "the optimizer, step and schedules start afresh (used to chain curriculum stages)",
+    )
     return p
 
 
@@ -679,10 +807,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         tok = build_tokenizer()
         processor = build_processor(tok)
         model = build_model(tok, seed=args.seed).to(device)
-    heads = AuxHeads(model.config.text_config.hidden_size, args.bind_layer, args.retrieval_layer,
-                     [int(h) for h in args.retrieval_heads.split(",")])
-    heads.add_v2_probes(model.config.text_config.hidden_size, args.diff_layer if args.diff_weight > 0 else None,
-                        args.presence_layer if args.presence_weight > 0 else None)
+    heads = AuxHeads(
+        model.config.text_config.hidden_size,
+        args.bind_layer,
+        args.retrieval_layer,
+        [int(h) for h in args.retrieval_heads.split(",")],
+    )
+    heads.add_v2_probes(
+        model.config.text_config.hidden_size,
+        args.diff_layer if args.diff_weight > 0 else None,
+        args.presence_layer if args.presence_weight > 0 else None,
+    )
     heads.diff_class_weight = torch.tensor([1.0, args.diff_pos_weight])
     heads = heads.to(device)
     if args.retrieval_weight > 0:
@@ -692,10 +827,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             heads.hooked = True
         heads.retrieval_on = True
     decay, no_decay = [], []
-    for n, prm in list(model.named_parameters()) + [("aux." + n, q) for n, q in heads.named_parameters()]:
+    for _name, prm in list(model.named_parameters()) + [("aux." + n, q) for n, q in heads.named_parameters()]:
         (decay if prm.dim() >= 2 else no_decay).append(prm)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98)
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
     )
     step = 0
     ckpt = work / "ckpt.pt"
@@ -719,12 +856,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             src = src / "ckpt.pt" if src.is_dir() else src
             if not src.exists():
-                raise SystemExit(f"--init: no checkpoint at {src}; pass a work dir of an earlier stage, its ckpt.pt or a stage output dir")
+                raise SystemExit(
+                    f"--init: no checkpoint at {src}; pass a work dir of an earlier stage, its ckpt.pt or a stage output dir"
+                )
             state = torch.load(src, map_location=device, weights_only=False)
             model.load_state_dict(state["model"])
             # heads added after the source run start fresh
             missing = heads.load_state_dict(_heads_state(state["aux"]), strict=False).missing_keys
-            print(f"warm start from {src} (its step {int(state['step'])}; fresh heads: {missing or 'none'})", flush=True)
+            print(
+                f"warm start from {src} (its step {int(state['step'])}; fresh heads: {missing or 'none'})", flush=True
+            )
 
     def export(metrics: dict[str, Any] | None = None, out: str | os.PathLike = args.out) -> None:
         model.eval()
@@ -736,8 +877,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if metrics is not None:
             acc = metrics["heldout_accuracy"]
             # a task ships when it reaches the target at its hardest evaluated setting (8 images / 8 frames)
-            hardest = {t: min(v for key, v in acc.items() if key.split("@")[0] == t) for t in ship_tasks if any(key.split("@")[0] == t for key in acc)}
-            metrics = {**metrics, "ship_threshold": SHIP_AT, "shipped_tasks": [t for t, v in hardest.items() if v >= SHIP_AT]}
+            hardest = {
+                t: min(v for key, v in acc.items() if key.split("@")[0] == t)
+                for t in ship_tasks
+                if any(key.split("@")[0] == t for key in acc)
+            }
+            metrics = {
+                **metrics,
+                "ship_threshold": SHIP_AT,
+                "shipped_tasks": [t for t, v in hardest.items() if v >= SHIP_AT],
+            }
             (Path(out) / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
     def log(record: dict[str, Any]) -> None:
@@ -746,7 +895,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     encoder = FastEncoder(processor)
     encoder.spot_retrieval = args.spot_retrieval
-    evaluator = TeacherForcedEval(encoder, args.eval_n, EVAL_SUITES_V2 if v2 else EVAL_SUITES, sizes=V2_SIZES if v2 else None)
+    evaluator = TeacherForcedEval(
+        encoder, args.eval_n, EVAL_SUITES_V2 if v2 else EVAL_SUITES, sizes=V2_SIZES if v2 else None
+    )
     if args.export_only:
         if not args.out:
             raise SystemExit("--export-only: pass --out DIR")
@@ -757,7 +908,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def save_ckpt() -> None:
         tmp = work / "ckpt.pt.tmp"
-        torch.save({"model": model.state_dict(), "aux": heads.state_dict(), "opt": opt.state_dict(), "step": step, "args": vars(args)}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "aux": heads.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "args": vars(args),
+            },
+            tmp,
+        )
         os.replace(tmp, ckpt)
 
     log({"event": "start", "step": step, "args": vars(args), "time": time.time(), "device": str(device)})
@@ -774,9 +934,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = _to(encoder.encode(batch_episodes(step, args, weights)), device)
         logits, aux = forward(model, heads, batch)
         loss_ans = answer_loss(logits, batch["labels"])
-        loss = (loss_ans + args.aux_weight * aux["aux_loss"] + args.bind_weight * aux["bind_loss"] + args.motion_weight * aux["motion_loss"]
-                + args.retrieval_weight * aux["retrieval_loss"] + args.diff_weight * aux["diff_loss"]
-                + args.presence_weight * aux["presence_loss"])
+        loss = (
+            loss_ans
+            + args.aux_weight * aux["aux_loss"]
+            + args.bind_weight * aux["bind_loss"]
+            + args.motion_weight * aux["motion_loss"]
+            + args.retrieval_weight * aux["retrieval_loss"]
+            + args.diff_weight * aux["diff_loss"]
+            + args.presence_weight * aux["presence_loss"]
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
@@ -788,8 +954,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats_last = {k: v for k, v in aux.items() if k.startswith("aux_acc") or k == "retrieval_mass"}
         if step % args.log_every == 0:
             dt = (time.time() - t_last) / acc_n
-            rec = {"step": step, "loss": acc_loss / acc_n, "aux": acc_aux / acc_n, "lr": lr, "k_max": k_max_at(step, args),
-                   "s_per_step": round(dt, 3), **{k: round(v, 3) for k, v in stats_last.items()}}
+            rec = {
+                "step": step,
+                "loss": acc_loss / acc_n,
+                "aux": acc_aux / acc_n,
+                "lr": lr,
+                "k_max": k_max_at(step, args),
+                "s_per_step": round(dt, 3),
+                **{k: round(v, 3) for k, v in stats_last.items()},
+            }
             print(json.dumps(rec), flush=True)
             log(rec)
             acc_loss = acc_aux = 0.0
@@ -813,23 +986,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                     export(metrics)
                     print(f"exported to {args.out}; shipped tasks: {', '.join(shipped)}", flush=True)
                 else:
-                    print(f"no task reached {SHIP_AT:.0%}: not exported to {args.out} (latest snapshot in {work / 'latest'})", flush=True)
+                    print(
+                        f"no task reached {SHIP_AT:.0%}: not exported to {args.out} (latest snapshot in {work / 'latest'})",
+                        flush=True,
+                    )
             if args.stage_out and step == args.steps:  # a stage is finished at --steps, not at --stop-at
                 write_stage(Path(args.stage_out), model, heads, processor, export, metrics, log_path, args, work)
             model.train()
             t_last = time.time()
     log({"event": "end", "step": step, "time": time.time()})
-    if args.stage_out and step >= args.steps and not (Path(args.stage_out) / "metrics.json").is_file():  # resumed at the end
+    if (
+        args.stage_out and step >= args.steps and not (Path(args.stage_out) / "metrics.json").is_file()
+    ):  # resumed at the end
         t0 = time.time()
         acc = evaluator(model, device)
         log({"step": step, "eval": acc, "eval_s": round(time.time() - t0, 1)})
-        write_stage(Path(args.stage_out), model, heads, processor, export,
-                    {"step": step, "heldout_accuracy": acc, "n_per_task": args.eval_n}, log_path, args, work)
+        write_stage(
+            Path(args.stage_out),
+            model,
+            heads,
+            processor,
+            export,
+            {"step": step, "heldout_accuracy": acc, "n_per_task": args.eval_n},
+            log_path,
+            args,
+            work,
+        )
     return 0
 
 
-def write_stage(out: Path, model: Any, heads: AuxHeads, processor: Any, export: Any, metrics: dict[str, Any],
-                log_path: Path, args: argparse.Namespace, work: Path) -> None:
+def write_stage(
+    out: Path,
+    model: Any,
+    heads: AuxHeads,
+    processor: Any,
+    export: Any,
+    metrics: dict[str, Any],
+    log_path: Path,
+    args: argparse.Namespace,
+    work: Path,
+) -> None:
     """A finished stage's output: the loadable model (fp32 safetensors, config, tokenizer, processor), the aux
     heads (``aux.safetensors``), ``metrics.json`` (held-out accuracy, steps, wall time), ``log.jsonl`` and
     ``args.json``. No optimizer state: the next stage starts from these weights with a fresh optimizer."""
@@ -847,9 +1043,17 @@ def write_stage(out: Path, model: Any, heads: AuxHeads, processor: Any, export: 
     evals = sum(r.get("eval_s", 0) for r in records if "eval_s" in r)
     import platform
 
-    info = {**metrics, "stage": out.name, "steps": metrics["step"], "train_wall_s": round(wall), "eval_wall_s": round(evals),
-            "hardware": f"{platform.machine()} {os.cpu_count()} CPU cores, torch threads {args.threads}",
-            "cpu": _cpu_name(), "torch": torch.__version__, "args": vars(args)}
+    info = {
+        **metrics,
+        "stage": out.name,
+        "steps": metrics["step"],
+        "train_wall_s": round(wall),
+        "eval_wall_s": round(evals),
+        "hardware": f"{platform.machine()} {os.cpu_count()} CPU cores, torch threads {args.threads}",
+        "cpu": _cpu_name(),
+        "torch": torch.__version__,
+        "args": vars(args),
+    }
     (out / "metrics.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n", encoding="utf-8")
     print(f"stage output written to {out}", flush=True)
