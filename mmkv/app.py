@@ -37,6 +37,7 @@ except Exception:  # not installed / not on a Space
     def gpu(duration: int = 120) -> Callable[[Callable], Callable]:
         return lambda fn: fn
 
+
 import gradio as gr  # noqa: E402
 
 from viz import STRIP_COLORS  # noqa: E402
@@ -140,8 +141,10 @@ def problem(exc: BaseException) -> str:
         message = str(exc)
     else:
         log.exception("unexpected error")
-        message = (f"something went wrong ({type(exc).__name__}). The app is still running: try again, "
-                   "or with a smaller input / budget")
+        message = (
+            f"something went wrong ({type(exc).__name__}). The app is still running: try again, "
+            "or with a smaller input / budget"
+        )
     gr.Warning(message)
     return f"⚠️ {message}"
 
@@ -200,8 +203,9 @@ def on_preview(message: Any, state: H.AppState, num_frames: Any, max_new_tokens:
 def on_chat(message, state, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params):
     """Streams (chatbot, input box, status, summary, state, inspect run dropdown)."""
     try:
-        for update in H.chat_turn(STORE, state, message, method, ratio, tokens, query_aware, max_new_tokens,
-                                  num_frames, params, LIMITS):
+        for update in H.chat_turn(
+            STORE, state, message, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params, LIMITS
+        ):
             if update.done:
                 yield update.display, None, update.status, update.summary, update.state, _run_dropdown(update.state)
             else:
@@ -219,26 +223,64 @@ def on_clear(state: H.AppState) -> tuple[H.AppState, list, None, str, str]:
 
 # ---- Compare ---------------------------------------------------------------------------------
 @gpu(duration=180)
-def _compare(message, methods, ratio, tokens, sweep, query_aware, max_new_tokens, num_frames, with_kl, state, progress=None):
-    return H.compare(STORE, state, message, methods, ratio, tokens, sweep, query_aware, max_new_tokens, num_frames,
-                     with_kl, LIMITS, progress)
+def _compare(
+    message, methods, ratio, tokens, sweep, query_aware, max_new_tokens, num_frames, with_kl, state, progress=None
+):
+    return H.compare(
+        STORE,
+        state,
+        message,
+        methods,
+        ratio,
+        tokens,
+        sweep,
+        query_aware,
+        max_new_tokens,
+        num_frames,
+        with_kl,
+        LIMITS,
+        progress,
+    )
 
 
 def _compare_outputs(res: H.CompareResult) -> tuple:
     f = res.figures
     table = {"headers": H.COMPARE_HEADERS, "data": res.table()}
-    return (res.status, table, f["memory"], f["speed"], f["agreement"], f["kept"], res.gallery, res.report_path,
-            res.traces_path, res.state, _run_dropdown(res.state))
+    return (
+        res.status,
+        table,
+        f["memory"],
+        f["speed"],
+        f["agreement"],
+        f["kept"],
+        res.gallery,
+        res.report_path,
+        res.traces_path,
+        res.state,
+        _run_dropdown(res.state),
+    )
 
 
-def on_compare(message, methods, ratio, tokens, sweep, query_aware, max_new_tokens, num_frames, with_kl, state,
-               progress=gr.Progress()):
+def on_compare(
+    message,
+    methods,
+    ratio,
+    tokens,
+    sweep,
+    query_aware,
+    max_new_tokens,
+    num_frames,
+    with_kl,
+    state,
+    progress=gr.Progress(),
+):
     """(status, table, memory, speed, agreement, kept map, gallery, report file, traces file, state, run dropdown)."""
     try:
         # ZeroGPU runs _compare in a worker process: a progress callback cannot cross that boundary
         report = None if ZERO_GPU else (lambda f, d: progress(f, desc=d))
-        res = _compare(message, methods, ratio, tokens, sweep, query_aware, max_new_tokens, num_frames, with_kl, state,
-                       report)
+        res = _compare(
+            message, methods, ratio, tokens, sweep, query_aware, max_new_tokens, num_frames, with_kl, state, report
+        )
     except Exception as exc:  # noqa: BLE001
         return (problem(exc),) + (gr.skip(),) * 8 + (state, gr.skip())
     return _compare_outputs(res)
@@ -255,11 +297,22 @@ def on_compare_saved(files, examples, state):
 
 # ---- Inspect ---------------------------------------------------------------------------------
 def _inspect_outputs(view: H.InspectView) -> tuple:
-    merges = {"headers": ["layer", "KV head", "absorbed (evicted)", "into (kept)", "similarity"],
-              "data": [list(r.values()) for r in view.merges] or [["", "", "no merges for this selection", "", ""]]}
+    merges = {
+        "headers": ["layer", "KV head", "absorbed (evicted)", "into (kept)", "similarity"],
+        "data": [list(r.values()) for r in view.merges] or [["", "", "no merges for this selection", "", ""]],
+    }
     f = view.figures
-    return (view.summary, f["budget"], f["preference"], f["heads"], view.gallery, view.strip, merges,
-            view.trace_path, view.report_path)
+    return (
+        view.summary,
+        f["budget"],
+        f["preference"],
+        f["heads"],
+        view.gallery,
+        view.strip,
+        merges,
+        view.trace_path,
+        view.report_path,
+    )
 
 
 def on_inspect(state, label, layer, head, alpha):
@@ -290,12 +343,23 @@ def on_run_change(state, label, alpha):
     layers = gr.Dropdown(choices=H.layer_choices(trace), value=H.ALL_LAYERS)
     heads = gr.Dropdown(choices=H.head_choices(trace), value=H.ALL_HEADS)
     if trace is None:
-        return (layers, heads, "Nothing to inspect yet: send a message in **Chat**, run **Compare** or open a saved run.",
-                *(gr.skip(),) * 8, gr.skip(), *(gr.skip(),) * 4)
+        return (
+            layers,
+            heads,
+            "Nothing to inspect yet: send a message in **Chat**, run **Compare** or open a saved run.",
+            *(gr.skip(),) * 8,
+            gr.skip(),
+            *(gr.skip(),) * 4,
+        )
     steps = max(H.replay_steps(trace), 1)
     slider = gr.Slider(minimum=0, maximum=steps - 1, value=0, step=1, interactive=steps > 1)
-    return (layers, heads, *on_inspect(state, label, None, None, alpha), slider,
-            *on_replay(state, label, 0, None, None))
+    return (
+        layers,
+        heads,
+        *on_inspect(state, label, None, None, alpha),
+        slider,
+        *on_replay(state, label, 0, None, None),
+    )
 
 
 def on_open_runs(files, examples, state):
@@ -344,58 +408,107 @@ def on_tick(step, state, label, playing):
 def _settings(prefix: str, compare: bool) -> dict[str, Any]:
     c: dict[str, Any] = {}
     if compare:
-        c["methods"] = gr.CheckboxGroup(METHOD_NAMES, value=DEFAULT_COMPARE, label="Methods (Full always runs as the reference)",
-                                        elem_id=f"{prefix}-methods")
+        c["methods"] = gr.CheckboxGroup(
+            METHOD_NAMES,
+            value=DEFAULT_COMPARE,
+            label="Methods (Full always runs as the reference)",
+            elem_id=f"{prefix}-methods",
+        )
     else:
-        c["method"] = gr.Dropdown(METHOD_NAMES, value="snapkv" if "snapkv" in METHODS else METHOD_NAMES[0], label="Method",
-                                  elem_id=f"{prefix}-method")
-    c["ratio"] = gr.Slider(0.01, 1.0, value=0.3, step=0.01, label="Budget (share of tokens kept per layer and KV head)",
-                           elem_id=f"{prefix}-budget")
+        c["method"] = gr.Dropdown(
+            METHOD_NAMES,
+            value="snapkv" if "snapkv" in METHODS else METHOD_NAMES[0],
+            label="Method",
+            elem_id=f"{prefix}-method",
+        )
+    c["ratio"] = gr.Slider(
+        0.01,
+        1.0,
+        value=0.3,
+        step=0.01,
+        label="Budget (share of tokens kept per layer and KV head)",
+        elem_id=f"{prefix}-budget",
+    )
     # precision=None: a fractional token count reaches the check (and is refused) instead of being rounded
-    c["tokens"] = gr.Number(value=0, precision=None, minimum=0, label="…or an absolute budget in tokens per head (0 = use the share)",
-                            elem_id=f"{prefix}-tokens")
+    c["tokens"] = gr.Number(
+        value=0,
+        precision=None,
+        minimum=0,
+        label="…or an absolute budget in tokens per head (0 = use the share)",
+        elem_id=f"{prefix}-tokens",
+    )
     if compare:
-        c["sweep"] = gr.Textbox(label="Budget sweep (optional)", placeholder="e.g. 0.1, 0.3, 0.6 — plots budget vs quality",
-                                elem_id=f"{prefix}-sweep")
+        c["sweep"] = gr.Textbox(
+            label="Budget sweep (optional)",
+            placeholder="e.g. 0.1, 0.3, 0.6 — plots budget vs quality",
+            elem_id=f"{prefix}-sweep",
+        )
     with gr.Accordion("Generation settings", open=False):
-        c["query_aware"] = gr.Checkbox(value=True, label="Query-aware (compress after reading the question, as in the papers)")
-        c["max_new_tokens"] = gr.Slider(1, LIMITS.max_new_tokens, value=24 if compare else 48, step=1, label="Max new tokens")
+        c["query_aware"] = gr.Checkbox(
+            value=True, label="Query-aware (compress after reading the question, as in the papers)"
+        )
+        c["max_new_tokens"] = gr.Slider(
+            1, LIMITS.max_new_tokens, value=24 if compare else 48, step=1, label="Max new tokens"
+        )
         c["num_frames"] = gr.Slider(1, LIMITS.max_frames, value=8, step=1, label="Frames sampled per video")
         if compare:
-            c["with_kl"] = gr.Checkbox(value=True, label="Next-token KL vs Full (teacher-forced; one extra prefill per method)")
+            c["with_kl"] = gr.Checkbox(
+                value=True, label="Next-token KL vs Full (teacher-forced; one extra prefill per method)"
+            )
     return c
 
 
 def _saved_run_picker(prefix: str) -> tuple[Any, Any]:
     """A file box for .mmkvrun files and a list of the shipped example runs."""
     runs = H.example_run_choices()
-    files = gr.File(file_count="multiple", file_types=[".mmkvrun"], label="Saved runs (.mmkvrun)",
-                    elem_id=f"{prefix}-runfiles")
-    examples = gr.Dropdown(runs, value=[], multiselect=True, label="…or example runs made with the bundled model",
-                           elem_id=f"{prefix}-example-runs")
+    files = gr.File(
+        file_count="multiple", file_types=[".mmkvrun"], label="Saved runs (.mmkvrun)", elem_id=f"{prefix}-runfiles"
+    )
+    examples = gr.Dropdown(
+        runs,
+        value=[],
+        multiselect=True,
+        label="…or example runs made with the bundled model",
+        elem_id=f"{prefix}-example-runs",
+    )
     return files, examples
 
 
 def build_demo() -> gr.Blocks:
     examples = _examples()
     labels = [_example_label(e) for e in examples]
-    chat_rows = [[{"text": e["text"], "files": e["files"]}, e["method"], e["budget"], _params_json(e)] for e in examples]
-    compare_rows = [[{"text": e["text"], "files": e["files"]}, list(dict.fromkeys([e["method"], "snapkv", "h2o"])), e["budget"]]
-                    for e in examples]
+    chat_rows = [
+        [{"text": e["text"], "files": e["files"]}, e["method"], e["budget"], _params_json(e)] for e in examples
+    ]
+    compare_rows = [
+        [{"text": e["text"], "files": e["files"]}, list(dict.fromkeys([e["method"], "snapkv", "h2o"])), e["budget"]]
+        for e in examples
+    ]
     # delete_cache: exports are rewritten at every Inspect render; drop cached copies older than an hour
     with gr.Blocks(title="mmkv — multimodal KV-cache compression", delete_cache=(1800, 3600)) as demo:
         state = gr.State(_new_state, delete_callback=H.AppState.cleanup)  # removes the session's export folder
-        gr.Markdown("# mmkv — see what multimodal KV-cache compression keeps\n"
-                    "Upload images or a video, ask a question, and watch which image patches, video frames and "
-                    "words each method keeps in the model's memory.", elem_id="title")
+        gr.Markdown(
+            "# mmkv — see what multimodal KV-cache compression keeps\n"
+            "Upload images or a video, ask a question, and watch which image patches, video frames and "
+            "words each method keeps in the model's memory.",
+            elem_id="title",
+        )
         if MODEL_NOTICE:
             gr.Markdown(f"> ℹ️ {MODEL_NOTICE}", elem_id="model-notice")
         with gr.Row(equal_height=True):
-            model_box = gr.Dropdown(STORE.choices(), value=STORE.label(STORE.default), allow_custom_value=STORE.settings.allowed_models is None,
-                                    label="Model", scale=4, elem_id="model-name")
+            model_box = gr.Dropdown(
+                STORE.choices(),
+                value=STORE.label(STORE.default),
+                allow_custom_value=STORE.settings.allowed_models is None,
+                label="Model",
+                scale=4,
+                elem_id="model-name",
+            )
             load_btn = gr.Button("Load model", scale=1, elem_id="model-load")
             present = gr.Checkbox(False, label="Presentation mode (p)", scale=1, elem_id="present-toggle")
-        model_status = gr.Markdown(f"Model: `{STORE.label(STORE.default)}` (loads on first use)", elem_id="model-status")
+        model_status = gr.Markdown(
+            f"Model: `{STORE.label(STORE.default)}` (loads on first use)", elem_id="model-status"
+        )
 
         with gr.Tabs(overflow_behavior="wrap") as tabs:
             with gr.Tab("Chat", id="chat"):
@@ -403,51 +516,97 @@ def build_demo() -> gr.Blocks:
                     with gr.Column(scale=1, min_width=300):
                         cs = _settings("chat", compare=False)
                         with gr.Accordion("Method hyper-parameters (JSON)", open=False):
-                            params = gr.Code(params_text(cs["method"].value), language="json", label="hyper-parameters",
-                                             elem_id="chat-params")
+                            params = gr.Code(
+                                params_text(cs["method"].value),
+                                language="json",
+                                label="hyper-parameters",
+                                elem_id="chat-params",
+                            )
                     with gr.Column(scale=3):
                         chatbot = gr.Chatbot(height=420, label="Conversation", elem_id="chatbot")
                         # any file type reaches the checks, which say what is wrong (a refused type would only toast)
-                        chat_in = gr.MultimodalTextbox(file_count="multiple",
-                                                       placeholder="Ask about your images or video (attach with the clip)…",
-                                                       label="Message", elem_id="chat-input", sources=["upload"])
+                        chat_in = gr.MultimodalTextbox(
+                            file_count="multiple",
+                            placeholder="Ask about your images or video (attach with the clip)…",
+                            label="Message",
+                            elem_id="chat-input",
+                            sources=["upload"],
+                        )
                         chat_preview = gr.Markdown(elem_id="chat-preview")
                         with gr.Row():
                             clear_btn = gr.Button("Clear conversation", size="sm", elem_id="chat-clear")
                             to_inspect = gr.Button("Open Inspect", size="sm", elem_id="chat-to-inspect")
                         chat_status = gr.Markdown(elem_id="chat-status", elem_classes=["status-box"])
                         chat_summary = gr.Markdown(elem_id="chat-summary")
-                        gr.Examples(chat_rows, inputs=[chat_in, cs["method"], cs["ratio"], params], example_labels=labels,
-                                    label="Examples (click one — it sets the method and budget too — then press Enter)",
-                                    elem_id="chat-examples")
+                        gr.Examples(
+                            chat_rows,
+                            inputs=[chat_in, cs["method"], cs["ratio"], params],
+                            example_labels=labels,
+                            label="Examples (click one — it sets the method and budget too — then press Enter)",
+                            elem_id="chat-examples",
+                        )
 
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
                     with gr.Column(scale=1, min_width=300):
-                        cmp_in = gr.MultimodalTextbox(file_count="multiple", submit_btn=False,
-                                                      placeholder="Question + images/video to run through every method",
-                                                      label="Input", elem_id="compare-input", sources=["upload"])
+                        cmp_in = gr.MultimodalTextbox(
+                            file_count="multiple",
+                            submit_btn=False,
+                            placeholder="Question + images/video to run through every method",
+                            label="Input",
+                            elem_id="compare-input",
+                            sources=["upload"],
+                        )
                         cmp_preview = gr.Markdown(elem_id="compare-preview")
                         cc = _settings("compare", compare=True)
-                        gr.Examples(compare_rows, inputs=[cmp_in, cc["methods"], cc["ratio"]], example_labels=labels,
-                                    label="Examples", elem_id="compare-examples")
+                        gr.Examples(
+                            compare_rows,
+                            inputs=[cmp_in, cc["methods"], cc["ratio"]],
+                            example_labels=labels,
+                            label="Examples",
+                            elem_id="compare-examples",
+                        )
                         cmp_btn = gr.Button("Run compare", variant="primary", elem_id="compare-run")
                         with gr.Accordion("Compare saved runs (no model needed)", open=False):
                             cmp_files, cmp_examples = _saved_run_picker("compare")
                             cmp_saved_btn = gr.Button("Compare saved runs", elem_id="compare-saved-run")
                     with gr.Column(scale=3):
                         cmp_status = gr.Markdown(elem_id="compare-status", elem_classes=["status-box"])
-                        cmp_table = gr.Dataframe(headers=H.COMPARE_HEADERS, label="Answers and costs", wrap=True,
-                                                 interactive=False, elem_id="compare-table", max_chars=60,
-                                                 column_widths=["96px", "64px", "220px", "60px", "104px", "72px", "84px", "72px", "56px", "72px"])
+                        cmp_table = gr.Dataframe(
+                            headers=H.COMPARE_HEADERS,
+                            label="Answers and costs",
+                            wrap=True,
+                            interactive=False,
+                            elem_id="compare-table",
+                            max_chars=60,
+                            column_widths=[
+                                "96px",
+                                "64px",
+                                "220px",
+                                "60px",
+                                "104px",
+                                "72px",
+                                "84px",
+                                "72px",
+                                "56px",
+                                "72px",
+                            ],
+                        )
                         with gr.Row(elem_classes=["plot-row"]):
                             mem_plot = gr.Plot(label="Memory", show_label=False, elem_id="compare-memory")
                             speed_plot = gr.Plot(label="Time", show_label=False, elem_id="compare-speed")
                         with gr.Row(elem_classes=["plot-row"]):
-                            agree_plot = gr.Plot(label="Agreement with Full", show_label=False, elem_id="compare-agreement")
+                            agree_plot = gr.Plot(
+                                label="Agreement with Full", show_label=False, elem_id="compare-agreement"
+                            )
                             kept_plot = gr.Plot(label="Kept tokens", show_label=False, elem_id="compare-kept")
-                        cmp_gallery = gr.Gallery(label="What each method kept (all layers and heads; title above each picture)",
-                                                 columns=3, height="auto", object_fit="contain", elem_id="compare-gallery")
+                        cmp_gallery = gr.Gallery(
+                            label="What each method kept (all layers and heads; title above each picture)",
+                            columns=3,
+                            height="auto",
+                            object_fit="contain",
+                            elem_id="compare-gallery",
+                        )
                         with gr.Row():
                             cmp_report = gr.DownloadButton("Download charts (HTML)", elem_id="compare-report")
                             cmp_traces = gr.DownloadButton("Download traces (JSON)", elem_id="compare-traces")
@@ -455,42 +614,75 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("Inspect", id="inspect"):
                 with gr.Row():
                     run_dd = gr.Dropdown([], label="Run", scale=3, elem_id="inspect-run")
-                    layer_dd = gr.Dropdown([H.ALL_LAYERS], value=H.ALL_LAYERS, label="Layer", scale=1, elem_id="inspect-layer")
-                    head_dd = gr.Dropdown([H.ALL_HEADS], value=H.ALL_HEADS, label="KV head", scale=1, elem_id="inspect-head")
-                    alpha = gr.Slider(0.1, 0.9, value=0.5, step=0.05, label="Fade of evicted cells", scale=1, elem_id="inspect-alpha")
+                    layer_dd = gr.Dropdown(
+                        [H.ALL_LAYERS], value=H.ALL_LAYERS, label="Layer", scale=1, elem_id="inspect-layer"
+                    )
+                    head_dd = gr.Dropdown(
+                        [H.ALL_HEADS], value=H.ALL_HEADS, label="KV head", scale=1, elem_id="inspect-head"
+                    )
+                    alpha = gr.Slider(
+                        0.1, 0.9, value=0.5, step=0.05, label="Fade of evicted cells", scale=1, elem_id="inspect-alpha"
+                    )
                 with gr.Accordion("Open a saved run · save this one", open=False, elem_id="inspect-saved"):
                     with gr.Row():
                         ins_files, ins_examples = _saved_run_picker("inspect")
                     with gr.Row():
                         open_btn = gr.Button("Open in Inspect", elem_id="inspect-open-run")
                         save_btn = gr.DownloadButton("Download this run (.mmkvrun)", elem_id="inspect-save-run")
-                ins_summary = gr.Markdown("Nothing to inspect yet: send a message in **Chat**, run **Compare** or open a saved run.",
-                                          elem_id="inspect-summary")
-                ins_gallery = gr.Gallery(label="What the cache kept over each image and frame", columns=4, height="auto",
-                                         object_fit="contain", elem_id="inspect-gallery")
+                ins_summary = gr.Markdown(
+                    "Nothing to inspect yet: send a message in **Chat**, run **Compare** or open a saved run.",
+                    elem_id="inspect-summary",
+                )
+                ins_gallery = gr.Gallery(
+                    label="What the cache kept over each image and frame",
+                    columns=4,
+                    height="auto",
+                    object_fit="contain",
+                    elem_id="inspect-gallery",
+                )
                 with gr.Accordion("Decode replay: the cache at every generated token", open=True, elem_id="replay"):
                     with gr.Row(equal_height=True):
                         prev_btn = gr.Button("◀ Step", size="sm", scale=0, min_width=90, elem_id="replay-prev")
-                        step = gr.Slider(0, 1, value=0, step=1, label="Decode step (← → keys)", scale=4, elem_id="replay-step")
+                        step = gr.Slider(
+                            0, 1, value=0, step=1, label="Decode step (← → keys)", scale=4, elem_id="replay-step"
+                        )
                         next_btn = gr.Button("Step ▶", size="sm", scale=0, min_width=90, elem_id="replay-next")
                         play_btn = gr.Button("▶ Play", size="sm", scale=0, min_width=100, elem_id="replay-play")
                     playing = gr.State(False)
                     timer = gr.Timer(1.0, active=False)
                     replay_summary = gr.Markdown(elem_id="replay-summary")
-                    replay_answer = gr.HighlightedText(label="The answer so far (this step's token highlighted)",
-                                                       color_map={"this step": "#E69F00"}, combine_adjacent=False,
-                                                       show_legend=False, elem_id="replay-answer")
-                    replay_gallery = gr.Gallery(label="The cache at this step", columns=4, height="auto",
-                                                object_fit="contain", elem_id="replay-gallery")
+                    replay_answer = gr.HighlightedText(
+                        label="The answer so far (this step's token highlighted)",
+                        color_map={"this step": "#E69F00"},
+                        combine_adjacent=False,
+                        show_legend=False,
+                        elem_id="replay-answer",
+                    )
+                    replay_gallery = gr.Gallery(
+                        label="The cache at this step",
+                        columns=4,
+                        height="auto",
+                        object_fit="contain",
+                        elem_id="replay-gallery",
+                    )
                     replay_plot = gr.Plot(label="Bytes held per step", show_label=False, elem_id="replay-bytes")
                 with gr.Row(elem_classes=["plot-row"]):
                     budget_plot = gr.Plot(label="Budget per layer", show_label=False, elem_id="inspect-budget")
                     pref_plot = gr.Plot(label="Modality preference", show_label=False, elem_id="inspect-preference")
                 heads_plot = gr.Plot(label="Per-head budgets / head types", show_label=False, elem_id="inspect-heads")
-                strip = gr.HighlightedText(label="Prompt tokens (images and frames collapsed into chips)", color_map=STRIP_COLORS,
-                                           show_legend=True, combine_adjacent=False, elem_id="inspect-strip")
-                merges = gr.Dataframe(label="Merges: which kept token absorbed which (first 500)", interactive=False,
-                                      wrap=True, elem_id="inspect-merges")
+                strip = gr.HighlightedText(
+                    label="Prompt tokens (images and frames collapsed into chips)",
+                    color_map=STRIP_COLORS,
+                    show_legend=True,
+                    combine_adjacent=False,
+                    elem_id="inspect-strip",
+                )
+                merges = gr.Dataframe(
+                    label="Merges: which kept token absorbed which (first 500)",
+                    interactive=False,
+                    wrap=True,
+                    elem_id="inspect-merges",
+                )
                 with gr.Row():
                     trace_dl = gr.DownloadButton("Download trace (JSON)", elem_id="inspect-trace")
                     report_dl = gr.DownloadButton("Download figures (HTML)", elem_id="inspect-report")
@@ -500,36 +692,101 @@ def build_demo() -> gr.Blocks:
 
         # ---- events ----
         # model runs share one queue ("model"); loading a model has its own, so a slow load never holds up chats
-        model_kw: dict[str, Any] = dict(concurrency_id="model", concurrency_limit=int(os.environ.get("MMKV_CONCURRENCY", "1")))
+        model_kw: dict[str, Any] = dict(
+            concurrency_id="model", concurrency_limit=int(os.environ.get("MMKV_CONCURRENCY", "1"))
+        )
         light: dict[str, Any] = dict(concurrency_limit=4)
-        demo.load(on_page_load, inputs=[state], outputs=[state, model_status, present], concurrency_id="load",
-                  concurrency_limit=2)
-        demo.load(None, None, [present], js=PRESENT_FROM_URL_JS)  # ?present=1 ticks the switch (its change does the rest)
-        load_btn.click(on_load_model, [model_box, state], [state, model_status, chatbot, chat_status],
-                       concurrency_id="load", concurrency_limit=2)
+        demo.load(
+            on_page_load,
+            inputs=[state],
+            outputs=[state, model_status, present],
+            concurrency_id="load",
+            concurrency_limit=2,
+        )
+        demo.load(
+            None, None, [present], js=PRESENT_FROM_URL_JS
+        )  # ?present=1 ticks the switch (its change does the rest)
+        load_btn.click(
+            on_load_model,
+            [model_box, state],
+            [state, model_status, chatbot, chat_status],
+            concurrency_id="load",
+            concurrency_limit=2,
+        )
         view_out = [ins_summary, budget_plot, pref_plot, heads_plot, ins_gallery, strip, merges, trace_dl, report_dl]
-        present.change(on_present, [present, state, run_dd, layer_dd, head_dd, alpha], [state, *view_out], js=TOGGLE_PRESENT_JS,
-                       **light)
+        present.change(
+            on_present,
+            [present, state, run_dd, layer_dd, head_dd, alpha],
+            [state, *view_out],
+            js=TOGGLE_PRESENT_JS,
+            **light,
+        )
         cs["method"].input(on_method_change, [cs["method"]], [params], **light)  # not on an example's own params
-        chat_in.change(on_preview, [chat_in, state, cs["num_frames"], cs["max_new_tokens"]], [chat_preview], trigger_mode="always_last",
-                       concurrency_id="preview", concurrency_limit=2, show_progress="hidden")
-        cmp_in.change(on_preview, [cmp_in, state, cc["num_frames"], cc["max_new_tokens"]], [cmp_preview], trigger_mode="always_last",
-                      concurrency_id="preview", concurrency_limit=2, show_progress="hidden")
+        chat_in.change(
+            on_preview,
+            [chat_in, state, cs["num_frames"], cs["max_new_tokens"]],
+            [chat_preview],
+            trigger_mode="always_last",
+            concurrency_id="preview",
+            concurrency_limit=2,
+            show_progress="hidden",
+        )
+        cmp_in.change(
+            on_preview,
+            [cmp_in, state, cc["num_frames"], cc["max_new_tokens"]],
+            [cmp_preview],
+            trigger_mode="always_last",
+            concurrency_id="preview",
+            concurrency_limit=2,
+            show_progress="hidden",
+        )
         chat_in.submit(
             on_chat,
-            [chat_in, state, cs["method"], cs["ratio"], cs["tokens"], cs["query_aware"], cs["max_new_tokens"],
-             cs["num_frames"], params],
-            [chatbot, chat_in, chat_status, chat_summary, state, run_dd], **model_kw,
+            [
+                chat_in,
+                state,
+                cs["method"],
+                cs["ratio"],
+                cs["tokens"],
+                cs["query_aware"],
+                cs["max_new_tokens"],
+                cs["num_frames"],
+                params,
+            ],
+            [chatbot, chat_in, chat_status, chat_summary, state, run_dd],
+            **model_kw,
         )
         clear_btn.click(on_clear, [state], [state, chatbot, chat_in, chat_status, chat_summary], **light)
         to_inspect.click(lambda: gr.Tabs(selected="inspect"), None, [tabs], **light)
-        compare_out = [cmp_status, cmp_table, mem_plot, speed_plot, agree_plot, kept_plot, cmp_gallery, cmp_report, cmp_traces,
-                       state, run_dd]
+        compare_out = [
+            cmp_status,
+            cmp_table,
+            mem_plot,
+            speed_plot,
+            agree_plot,
+            kept_plot,
+            cmp_gallery,
+            cmp_report,
+            cmp_traces,
+            state,
+            run_dd,
+        ]
         cmp_btn.click(
             on_compare,
-            [cmp_in, cc["methods"], cc["ratio"], cc["tokens"], cc["sweep"], cc["query_aware"], cc["max_new_tokens"],
-             cc["num_frames"], cc["with_kl"], state],
-            compare_out, **model_kw,
+            [
+                cmp_in,
+                cc["methods"],
+                cc["ratio"],
+                cc["tokens"],
+                cc["sweep"],
+                cc["query_aware"],
+                cc["max_new_tokens"],
+                cc["num_frames"],
+                cc["with_kl"],
+                state,
+            ],
+            compare_out,
+            **model_kw,
         )
         cmp_saved_btn.click(on_compare_saved, [cmp_files, cmp_examples, state], compare_out, **light)
         replay_out = [replay_summary, replay_gallery, replay_plot, replay_answer]
@@ -537,7 +794,9 @@ def build_demo() -> gr.Blocks:
         for trigger in (layer_dd.input, head_dd.input, alpha.release):
             trigger(on_inspect, [state, run_dd, layer_dd, head_dd, alpha], view_out, **light)
         for trigger in (layer_dd.input, head_dd.input, step.change):
-            trigger(on_replay, [state, run_dd, step, layer_dd, head_dd], replay_out, trigger_mode="always_last", **light)
+            trigger(
+                on_replay, [state, run_dd, step, layer_dd, head_dd], replay_out, trigger_mode="always_last", **light
+            )
         prev_btn.click(lambda v, s, r: on_step(v, -1, s, r), [step, state, run_dd], [step], **light)
         next_btn.click(lambda v, s, r: on_step(v, 1, s, r), [step, state, run_dd], [step], **light)
         play_btn.click(on_play, [playing], [playing, timer, play_btn], **light)
@@ -583,7 +842,10 @@ def main() -> None:
     kwargs = launch_kwargs()
     demo.queue(**queue_kwargs())
     host = "localhost" if kwargs["server_name"] in ("127.0.0.1", "0.0.0.0") else kwargs["server_name"]
-    print(f"mmkv app: ready in {time.perf_counter() - _T_START:.1f} s — open http://{host}:{kwargs['server_port']}", flush=True)
+    print(
+        f"mmkv app: ready in {time.perf_counter() - _T_START:.1f} s — open http://{host}:{kwargs['server_port']}",
+        flush=True,
+    )
     demo.launch(**kwargs)
 
 

@@ -26,13 +26,18 @@ __all__ = ["build_parser", "main", "parse_budget"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmkv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mmkv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="answer a prompt with a compressed KV cache and print a summary")
-    run.add_argument("--model", default="bundled",
-                     help="hub id or local directory of a supported VLM, or any causal LM for text-only prompts "
-                          "(default: the bundled teaching model)")
+    run.add_argument(
+        "--model",
+        default="bundled",
+        help="hub id or local directory of a supported VLM, or any causal LM for text-only prompts "
+        "(default: the bundled teaching model)",
+    )
     run.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     run.add_argument("--video", default=None, help="video file (read with OpenCV)")
     run.add_argument("--prompt", required=True, help="the question / instruction")
@@ -44,20 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--query-agnostic", action="store_true", help="compress the context before the question is read")
     run.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     run.add_argument("--trace", default=None, help="write the Trace as JSON to this file (checked before the run)")
-    run.add_argument("--save", default=None, metavar="RUN_FILE",
-                     help="save the run (trace, prompt tokens, thumbnails of the images and frames) as one file, "
-                          "e.g. run.mmkvrun, that the app opens without the model (checked before the run)")
-    run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                     help="method hyper-parameter, e.g. --param window=16 (repeatable)")
+    run.add_argument(
+        "--save",
+        default=None,
+        metavar="RUN_FILE",
+        help="save the run (trace, prompt tokens, thumbnails of the images and frames) as one file, "
+        "e.g. run.mmkvrun, that the app opens without the model (checked before the run)",
+    )
+    run.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method hyper-parameter, e.g. --param window=16 (repeatable)",
+    )
 
     sub.add_parser("methods", help="list the methods and their defaults")
 
-    for name, what in (("bench", "decode speed and physical KV bytes per method (mmkv bench --help)"),
-                       ("eval", "accuracy / KL / KV ratio per method and budget, synthetic or MileBench (mmkv eval --help)")):
+    for name, what in (
+        ("bench", "decode speed and physical KV bytes per method (mmkv bench --help)"),
+        ("eval", "accuracy / KL / KV ratio per method and budget, synthetic or MileBench (mmkv eval --help)"),
+    ):
         forward = sub.add_parser(name, help=what, add_help=False)
         forward.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
-    app = sub.add_parser("app", help="start the Gradio app (needs: pip install \"mmkv[app]\")")
+    app = sub.add_parser("app", help='start the Gradio app (needs: pip install "mmkv[app]")')
     app.add_argument("--model", default=None, help="model to serve (default: $MMKV_MODEL, else the bundled one)")
     app.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1; $GRADIO_SERVER_NAME)")
     app.add_argument("--port", type=int, default=None, help="port (default: 7860; $GRADIO_SERVER_PORT)")
@@ -110,8 +126,15 @@ def _run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load(args.model, device=device)
     result = generate(
-        model, processor, chat, method=args.method, budget=args.budget, max_new_tokens=args.max_new_tokens,
-        query_aware=not args.query_agnostic, num_frames=None if args.fps else args.num_frames, video_fps=args.fps,
+        model,
+        processor,
+        chat,
+        method=args.method,
+        budget=args.budget,
+        max_new_tokens=args.max_new_tokens,
+        query_aware=not args.query_agnostic,
+        num_frames=None if args.fps else args.num_frames,
+        video_fps=args.fps,
         **params,
     )
     trace = result.trace
@@ -119,14 +142,20 @@ def _run(args: argparse.Namespace) -> int:
     print("---")
     counts = trace.modality.counts() if trace.modality is not None else {}
     summary = trace.summary()
-    print(f"prompt tokens: {trace.prompt_length} ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
-          f"generated {summary['new_tokens']}")
+    print(
+        f"prompt tokens: {trace.prompt_length} ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
+        f"generated {summary['new_tokens']}"
+    )
     budget = "none (Full keeps everything)" if trace.method == "full" else trace.budget
     print(f"method: {trace.method}  budget: {budget}  kept: {summary['kept_ratio']:.1%} of (token, layer, head)")
-    print(f"KV bytes: full {summary['kv_bytes_full']:,}  compressed {summary['kv_bytes_compressed']:,}  "
-          f"at end {summary['kv_bytes_end']:,}")
-    print(f"times: prefill {summary['prefill_ms']} ms (stats {summary['stats_ms']} ms, compression "
-          f"{summary['compress_ms']} ms), decode {summary['decode_ms_per_token']} ms/token")
+    print(
+        f"KV bytes: full {summary['kv_bytes_full']:,}  compressed {summary['kv_bytes_compressed']:,}  "
+        f"at end {summary['kv_bytes_end']:,}"
+    )
+    print(
+        f"times: prefill {summary['prefill_ms']} ms (stats {summary['stats_ms']} ms, compression "
+        f"{summary['compress_ms']} ms), decode {summary['decode_ms_per_token']} ms/token"
+    )
     if args.trace:
         trace.to_json(args.trace)
         print(f"trace written to {args.trace}")
@@ -139,14 +168,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _app(args: argparse.Namespace) -> int:
-    for value, name in ((args.model, "MMKV_MODEL"), (args.host, "GRADIO_SERVER_NAME"), (args.port, "GRADIO_SERVER_PORT")):
+    for value, name in (
+        (args.model, "MMKV_MODEL"),
+        (args.host, "GRADIO_SERVER_NAME"),
+        (args.port, "GRADIO_SERVER_PORT"),
+    ):
         if value is not None:
             os.environ[name] = str(value)
     try:
         import gradio  # noqa: F401
         import plotly  # noqa: F401
     except ImportError as exc:
-        raise ValueError(f"the app needs Gradio and plotly ({exc.name} is missing): pip install \"mmkv[app]\"") from None
+        raise ValueError(f'the app needs Gradio and plotly ({exc.name} is missing): pip install "mmkv[app]"') from None
     from .app import main as app_main
 
     app_main()

@@ -59,8 +59,10 @@ def task_scenes(needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED) ->
 
     from mmkv.tiny.tasks import make_image_scene, make_video_scene
 
-    return (make_image_scene(random.Random(needle_seed), NEEDLE_IMAGES, password=True),
-            make_video_scene(random.Random(video_seed)))
+    return (
+        make_image_scene(random.Random(needle_seed), NEEDLE_IMAGES, password=True),
+        make_video_scene(random.Random(video_seed)),
+    )
 
 
 def needle_questions(scene: Any) -> list[str]:
@@ -91,25 +93,53 @@ def examples(needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED) -> li
     password = f"The password is {needle.password}.\nWhat is the password?"
     last, first_frame = "What colour is the ball in the last frame?", "What colour is the ball in the first frame?"
     return [
-        {"text": first, "files": images, "answer": expected_answer(needle, "needle", first),
-         "method": "snapkv", "budget": 0.3,
-         "shows": "Query-aware eviction: SnapKV keeps the cells of the image the question asks about."},
-        {"text": password, "files": images, "answer": f"The password is {needle.password}.",
-         "method": "lookm", "budget": 0.05,
-         "shows": "Text prior: at 5% LOOK-M keeps the sentence while most image tokens go; SnapKV and H2O lose it."},
-        {"text": late, "files": images, "answer": expected_answer(needle, "needle", late),
-         "method": "madakv", "budget": 0.5,
-         "shows": "Per-head budgets: MadaKV gives each KV head its own share by modality preference (Inspect)."},
-        {"text": last, "files": ["ball.webm"], "answer": expected_answer(video, "video_colour", last),
-         "method": "hybridkv", "budget": 0.5,
-         "shows": "Retrieval at decode: HybridKV's dynamic heads fetch frame chunks per step (Inspect, replay)."},
-        {"text": first_frame, "files": ["ball.webm"], "answer": expected_answer(video, "video_colour", first_frame),
-         "method": "h2o", "budget": 0.5, "params": {"decode_evict": True},
-         "shows": "Decode-time eviction: H2O drops one cached token per head at every generated token (replay)."},
+        {
+            "text": first,
+            "files": images,
+            "answer": expected_answer(needle, "needle", first),
+            "method": "snapkv",
+            "budget": 0.3,
+            "shows": "Query-aware eviction: SnapKV keeps the cells of the image the question asks about.",
+        },
+        {
+            "text": password,
+            "files": images,
+            "answer": f"The password is {needle.password}.",
+            "method": "lookm",
+            "budget": 0.05,
+            "shows": "Text prior: at 5% LOOK-M keeps the sentence while most image tokens go; SnapKV and H2O lose it.",
+        },
+        {
+            "text": late,
+            "files": images,
+            "answer": expected_answer(needle, "needle", late),
+            "method": "madakv",
+            "budget": 0.5,
+            "shows": "Per-head budgets: MadaKV gives each KV head its own share by modality preference (Inspect).",
+        },
+        {
+            "text": last,
+            "files": ["ball.webm"],
+            "answer": expected_answer(video, "video_colour", last),
+            "method": "hybridkv",
+            "budget": 0.5,
+            "shows": "Retrieval at decode: HybridKV's dynamic heads fetch frame chunks per step (Inspect, replay).",
+        },
+        {
+            "text": first_frame,
+            "files": ["ball.webm"],
+            "answer": expected_answer(video, "video_colour", first_frame),
+            "method": "h2o",
+            "budget": 0.5,
+            "params": {"decode_evict": True},
+            "shows": "Decode-time eviction: H2O drops one cached token per head at every generated token (replay).",
+        },
     ]
 
 
-def make_examples(out_dir: str | Path | None = None, needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED) -> Path:
+def make_examples(
+    out_dir: str | Path | None = None, needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED
+) -> Path:
     out = Path(out_dir) if out_dir is not None else ROOT / "mmkv" / "assets" / "examples"
     out.mkdir(parents=True, exist_ok=True)
     from mmkv.tiny.tasks import render_frames, render_image

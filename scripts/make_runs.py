@@ -34,8 +34,9 @@ def example_chat(example: dict, folder: Path) -> list[dict]:
     return mmkv.chat(example["text"], images=images, videos=videos)
 
 
-def make_runs(examples_path: Path, out: Path, model_name: str = "bundled", max_new_tokens: int = 24,
-              num_frames: int = 8) -> list[dict]:
+def make_runs(
+    examples_path: Path, out: Path, model_name: str = "bundled", max_new_tokens: int = 24, num_frames: int = 8
+) -> list[dict]:
     examples = json.loads(examples_path.read_text(encoding="utf-8"))
     model, processor = mmkv.load(model_name, device="cpu")
     out.mkdir(parents=True, exist_ok=True)
@@ -63,9 +64,17 @@ def make_runs(examples_path: Path, out: Path, model_name: str = "bundled", max_n
         path = run.save(out / name)
         expected = example.get("answer")
         entry = {
-            "file": name, "label": label, "method": method, "budget": budget, "params": params,
-            "question": example["text"], "answer": result.text, "full_answer": full.text,
-            "expected": expected, "description": example.get("shows", ""), "bytes": path.stat().st_size,
+            "file": name,
+            "label": label,
+            "method": method,
+            "budget": budget,
+            "params": params,
+            "question": example["text"],
+            "answer": result.text,
+            "full_answer": full.text,
+            "expected": expected,
+            "description": example.get("shows", ""),
+            "bytes": path.stat().st_size,
         }
         index.append(entry)
         ok = "" if expected is None or expected == result.text else f"  (expected {expected!r})"

@@ -44,8 +44,9 @@ def main() -> None:
             chat_s.append(time.perf_counter() - t)
             assert updates[-1][2].startswith("Done"), updates[-1][2]
             t = time.perf_counter()
-            res = app.on_compare(msg, methods, 0.3, 0, "", True, args.max_new_tokens, 8, True, state,
-                                 progress=lambda *a, **k: None)
+            res = app.on_compare(
+                msg, methods, 0.3, 0, "", True, args.max_new_tokens, 8, True, state, progress=lambda *a, **k: None
+            )
             cmp_s.append(time.perf_counter() - t)
             assert res[0].startswith("Ran"), res[0]
         out[name] = {

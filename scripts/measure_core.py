@@ -26,12 +26,30 @@ def build_model(layers: int, hidden: int, heads: int, kv_heads: int) -> torch.nn
     quarter = head_dim // 2
     section = [quarter - 2 * (quarter // 3), quarter // 3, quarter // 3]
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=1024, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}),
-        vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=hidden,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1]),
-        image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD, vision_start_token_id=VISION_START,
+        text_config=dict(
+            vocab_size=1024,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=128,
+            intermediate_size=256,
+            num_heads=4,
+            out_hidden_size=hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=IMAGE_PAD,
+        video_token_id=VIDEO_PAD,
+        vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
     )
     return Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -48,7 +66,9 @@ def build_inputs(images: int, grid: int, text_tokens: int) -> tuple[dict, Modali
     types += [0] * text_tokens
     input_ids = torch.tensor([ids])
     inputs = dict(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=torch.tensor([types]),
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        mm_token_type_ids=torch.tensor([types]),
         pixel_values=torch.randn(images * grid * grid, 3 * 2 * 14 * 14, generator=g),
         image_grid_thw=torch.tensor([[1, grid, grid]] * images),
     )
@@ -88,12 +108,16 @@ def main() -> None:
     model = build_model(args.layers, args.hidden, args.heads, args.kv_heads)
     inputs, modality = build_inputs(args.images, args.grid, args.text)
     counts = modality.counts()
-    print(f"prompt: {len(modality)} tokens ({counts['image']} image, {counts['text']} text); "
-          f"text tower {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} kv heads, fp32, 2 threads")
+    print(
+        f"prompt: {len(modality)} tokens ({counts['image']} image, {counts['text']} text); "
+        f"text tower {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} kv heads, fp32, 2 threads"
+    )
     prefill_ms(model, inputs, modality, "full", 1.0, 1)  # warm-up
     full_ms, _, _, _ = prefill_ms(model, inputs, modality, "full", 1.0, args.repeats)
-    print(f"{'method':13s} {'budget':>6s} {'KV bytes':>12s} {'vs Full':>8s} {'kept/layer/head min-mean-max':>30s} "
-          f"{'prefill ms':>11s} {'stats ms':>9s} {'plan+apply ms':>14s}")
+    print(
+        f"{'method':13s} {'budget':>6s} {'KV bytes':>12s} {'vs Full':>8s} {'kept/layer/head min-mean-max':>30s} "
+        f"{'prefill ms':>11s} {'stats ms':>9s} {'plan+apply ms':>14s}"
+    )
     from mmkv.methods import METHODS
 
     for budget in [float(b) for b in args.budgets.split(",")]:
@@ -102,8 +126,10 @@ def main() -> None:
             t = session.trace
             kept = [sum(layer.budgets) / len(layer.budgets) for layer in t.layers]
             spread = f"{min(kept):.0f}-{sum(kept) / len(kept):.1f}-{max(kept):.0f}"
-            print(f"{name:13s} {budget:6.2f} {t.bytes_compressed:12,d} {t.bytes_compressed / t.bytes_full:8.3f} "
-                  f"{spread:>30s} {ms:11.1f} {st:9.1f} {cp:14.1f}")
+            print(
+                f"{name:13s} {budget:6.2f} {t.bytes_compressed:12,d} {t.bytes_compressed / t.bytes_full:8.3f} "
+                f"{spread:>30s} {ms:11.1f} {st:9.1f} {cp:14.1f}"
+            )
     print(f"Full prefill (no statistics): {full_ms:.1f} ms")
 
 

@@ -76,9 +76,17 @@ def plans(length: int, heads: int, budget: float, g: torch.Generator) -> dict[st
         "ragged": LayerPlan(kept=ragged),
         "hybrid": LayerPlan(
             kept=[ragged[h] if t == "static" else torch.arange(length) for h, t in enumerate(types)],
-            decode={"policy": "hybrid", "head_types": types, "sinks": sinks, "recent": recent, "chunk_size": chunk,
-                    "top_chunks": max(1, (per_head - sinks - recent) // chunk), "scoring": "mean", "offload": True,
-                    "initial_chunks": None},
+            decode={
+                "policy": "hybrid",
+                "head_types": types,
+                "sinks": sinks,
+                "recent": recent,
+                "chunk_size": chunk,
+                "top_chunks": max(1, (per_head - sinks - recent) // chunk),
+                "scoring": "mean",
+                "offload": True,
+                "initial_chunks": None,
+            },
         ),
     }
 

@@ -45,7 +45,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "mmkv" / "assets" / "examples"
 RUNS = ROOT / "mmkv" / "assets" / "runs"
-PATH_RE = re.compile(r"(?<![\w.:/])(/(?:tmp|work|home|root|var|usr|private|Users|opt|srv|mnt)/[^\s'\"`)]*|[A-Za-z]:\\\\[^\s]*)")
+PATH_RE = re.compile(
+    r"(?<![\w.:/])(/(?:tmp|work|home|root|var|usr|private|Users|opt|srv|mnt)/[^\s'\"`)]*|[A-Za-z]:\\\\[^\s]*)"
+)
 
 
 # ---- the app process -------------------------------------------------------------------------
@@ -62,13 +64,18 @@ class App:
         self.port = free_port()
         self.log_path = workdir / f"app-{name}.log"
         env = {k: v for k, v in os.environ.items() if k not in ("MMKV_MODEL", "MMKV_QUEUE_SIZE")}
-        env.update(GRADIO_SERVER_PORT=str(self.port), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False",
-                   PYTHONUNBUFFERED="1")
+        env.update(
+            GRADIO_SERVER_PORT=str(self.port),
+            GRADIO_SERVER_NAME="127.0.0.1",
+            GRADIO_ANALYTICS_ENABLED="False",
+            PYTHONUNBUFFERED="1",
+        )
         if queue_size is not None:
             env["MMKV_QUEUE_SIZE"] = str(queue_size)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 -- the app writes to it until stop() closes it
-        self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         self.url = f"http://127.0.0.1:{self.port}/"
         t0 = time.perf_counter()
         while True:
@@ -154,8 +161,15 @@ def make_files(d: Path) -> dict[str, Path]:
 
 # ---- one request -----------------------------------------------------------------------------
 #: where each endpoint's status message is in its outputs
-STATUS_INDEX = {"/on_chat": 2, "/on_compare": 0, "/on_compare_saved": 0, "/on_inspect": 0, "/on_replay": 0,
-                "/on_open_runs": 0, "/on_preview": None}
+STATUS_INDEX = {
+    "/on_chat": 2,
+    "/on_compare": 0,
+    "/on_compare_saved": 0,
+    "/on_inspect": 0,
+    "/on_replay": 0,
+    "/on_open_runs": 0,
+    "/on_preview": None,
+}
 
 
 def leaked_paths(text: str, extra: list[str]) -> list[str]:
@@ -196,9 +210,13 @@ def call(app: App, c: Any, name: str, tab: str, api: str, args: list[Any], extra
     rec["app_alive"] = app.alive()
     # Gradio refused the value in a component's preprocess (the handler never ran); the log shows where
     rec["gradio_validation"] = (not rec["served"]) and bool(
-        re.search(r"gradio/components/\w+\.py\", line \d+, in (preprocess|_preprocess|_process_single_file)|"
-                  r"raise_if_out_of_bounds|not in the list of choices|Could not preprocess input component|"
-                  r"Invalid file type|validation error for \w+Data", new_log + message))
+        re.search(
+            r"gradio/components/\w+\.py\", line \d+, in (preprocess|_preprocess|_process_single_file)|"
+            r"raise_if_out_of_bounds|not in the list of choices|Could not preprocess input component|"
+            r"Invalid file type|validation error for \w+Data",
+            new_log + message,
+        )
+    )
     if rec["traceback_logged"]:
         last = [ln for ln in new_log.splitlines() if ln.strip()]
         frames = [ln.strip() for ln in last if ln.strip().startswith("File ")]
@@ -260,12 +278,15 @@ def bad_inputs(app: App, files: dict[str, Path], extra_paths: list[str]) -> tupl
         return {"text": text, "files": [handle_file(str(p)) for p in paths]}
 
     good = m(q, [EXAMPLES / "needle_1.png"])
+
     # on_chat: message, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params
     def chat(message=None, method="snapkv", ratio=0.3, tokens=0, qa=True, new=8, frames=4, params=""):
         return [good if message is None else message, method, ratio, tokens, qa, new, frames, params]
 
     # on_compare: message, methods, ratio, tokens, sweep, query_aware, max_new_tokens, num_frames, with_kl
-    def cmp(message=None, methods=("full", "snapkv"), ratio=0.3, tokens=0, sweep="", qa=True, new=4, frames=4, kl=False):
+    def cmp(
+        message=None, methods=("full", "snapkv"), ratio=0.3, tokens=0, sweep="", qa=True, new=4, frames=4, kl=False
+    ):
         return [good if message is None else message, list(methods), ratio, tokens, sweep, qa, new, frames, kl]
 
     long_digits = " ".join(str(i) for i in range(4000))[:19_000]  # < 20,000 chars, far beyond 4,096 tokens
@@ -294,7 +315,12 @@ def bad_inputs(app: App, files: dict[str, Path], extra_paths: list[str]) -> tupl
         ("chat: max new tokens 10^6", "Chat", "/on_chat", lambda: chat(new=10**6)),
         ("chat: max new tokens 2.5", "Chat", "/on_chat", lambda: chat(new=2.5)),
         ("chat: frames 0 (with a video)", "Chat", "/on_chat", lambda: chat(m(q, [EXAMPLES / "ball.webm"]), frames=0)),
-        ("chat: frames 999 (with a video)", "Chat", "/on_chat", lambda: chat(m(q, [EXAMPLES / "ball.webm"]), frames=999)),
+        (
+            "chat: frames 999 (with a video)",
+            "Chat",
+            "/on_chat",
+            lambda: chat(m(q, [EXAMPLES / "ball.webm"]), frames=999),
+        ),
         ("chat: unsupported file type .txt", "Chat", "/on_chat", lambda: chat(m(q, [files["txt"]]))),
         ("chat: empty (0-byte) .png", "Chat", "/on_chat", lambda: chat(m(q, [files["empty_png"]]))),
         ("chat: corrupt PNG (random bytes)", "Chat", "/on_chat", lambda: chat(m(q, [files["corrupt_png"]]))),
@@ -303,8 +329,12 @@ def bad_inputs(app: App, files: dict[str, Path], extra_paths: list[str]) -> tupl
         ("chat: empty (0-byte) .mp4", "Chat", "/on_chat", lambda: chat(m(q, [files["empty_mp4"]]))),
         ("chat: 9000x9000 PNG (81 MP > 40 MP limit)", "Chat", "/on_chat", lambda: chat(m(q, [files["huge_png"]]))),
         ("chat: 26 MB PNG (> 25 MB upload limit)", "Chat", "/on_chat", lambda: chat(m(q, [files["big_file_png"]]))),
-        ("chat: 9 images (> 8)", "Chat", "/on_chat",
-         lambda: chat(m(q, [EXAMPLES / f"needle_{i % 8 + 1}.png" for i in range(9)]))),
+        (
+            "chat: 9 images (> 8)",
+            "Chat",
+            "/on_chat",
+            lambda: chat(m(q, [EXAMPLES / f"needle_{i % 8 + 1}.png" for i in range(9)])),
+        ),
         ("chat: 3 videos (> 2)", "Chat", "/on_chat", lambda: chat(m(q, [EXAMPLES / "ball.webm"] * 3))),
         ("chat: message a plain string, not {text, files}", "Chat", "/on_chat", lambda: chat("hello")),
         # ---- Compare ----
@@ -313,8 +343,12 @@ def bad_inputs(app: App, files: dict[str, Path], extra_paths: list[str]) -> tupl
         ("compare: unknown method in the list", "Compare", "/on_compare", lambda: cmp(methods=["full", "bogus"])),
         ("compare: sweep '0.1, abc'", "Compare", "/on_compare", lambda: cmp(sweep="0.1, abc")),
         ("compare: sweep '0, 2' (out of range)", "Compare", "/on_compare", lambda: cmp(sweep="0, 2")),
-        ("compare: 37 runs (> 24: 9 methods x 4 budgets + Full)", "Compare", "/on_compare",
-         lambda: cmp(methods=all_methods, sweep="0.1, 0.2, 0.4")),
+        (
+            "compare: 37 runs (> 24: 9 methods x 4 budgets + Full)",
+            "Compare",
+            "/on_compare",
+            lambda: cmp(methods=all_methods, sweep="0.1, 0.2, 0.4"),
+        ),
         ("compare: budget ratio 0", "Compare", "/on_compare", lambda: cmp(ratio=0)),
         ("compare: token budget 2.5", "Compare", "/on_compare", lambda: cmp(tokens=2.5)),
         ("compare: max new tokens 0", "Compare", "/on_compare", lambda: cmp(new=0)),
@@ -323,23 +357,51 @@ def bad_inputs(app: App, files: dict[str, Path], extra_paths: list[str]) -> tupl
         ("compare: unsupported file type .txt", "Compare", "/on_compare", lambda: cmp(m(q, [files["txt"]]))),
         ("compare: corrupt PNG", "Compare", "/on_compare", lambda: cmp(m(q, [files["corrupt_png"]]))),
         ("compare saved: nothing chosen", "Compare", "/on_compare_saved", lambda: [[], []]),
-        ("compare saved: a .txt file as a run", "Compare", "/on_compare_saved",
-         lambda: [[handle_file(str(files["run_txt"]))], []]),
-        ("compare saved: truncated .mmkvrun (first half)", "Compare", "/on_compare_saved",
-         lambda: [[handle_file(str(files["run_truncated"]))], []]),
-        ("compare saved: a PNG renamed .mmkvrun", "Compare", "/on_compare_saved",
-         lambda: [[handle_file(str(files["run_png"]))], []]),
+        (
+            "compare saved: a .txt file as a run",
+            "Compare",
+            "/on_compare_saved",
+            lambda: [[handle_file(str(files["run_txt"]))], []],
+        ),
+        (
+            "compare saved: truncated .mmkvrun (first half)",
+            "Compare",
+            "/on_compare_saved",
+            lambda: [[handle_file(str(files["run_truncated"]))], []],
+        ),
+        (
+            "compare saved: a PNG renamed .mmkvrun",
+            "Compare",
+            "/on_compare_saved",
+            lambda: [[handle_file(str(files["run_png"]))], []],
+        ),
         ("compare saved: unknown example run name", "Compare", "/on_compare_saved", lambda: [[], ["99-nope.mmkvrun"]]),
         # ---- Inspect (open runs) ----
         ("inspect open: nothing chosen", "Inspect", "/on_open_runs", lambda: [[], []]),
-        ("inspect open: a .txt file as a run", "Inspect", "/on_open_runs",
-         lambda: [[handle_file(str(files["run_txt"]))], []]),
-        ("inspect open: truncated .mmkvrun (first half)", "Inspect", "/on_open_runs",
-         lambda: [[handle_file(str(files["run_truncated"]))], []]),
-        ("inspect open: random-bytes .mmkvrun", "Inspect", "/on_open_runs",
-         lambda: [[handle_file(str(files["run_garbage"]))], []]),
-        ("inspect open: empty .mmkvrun", "Inspect", "/on_open_runs",
-         lambda: [[handle_file(str(files["run_empty"]))], []]),
+        (
+            "inspect open: a .txt file as a run",
+            "Inspect",
+            "/on_open_runs",
+            lambda: [[handle_file(str(files["run_txt"]))], []],
+        ),
+        (
+            "inspect open: truncated .mmkvrun (first half)",
+            "Inspect",
+            "/on_open_runs",
+            lambda: [[handle_file(str(files["run_truncated"]))], []],
+        ),
+        (
+            "inspect open: random-bytes .mmkvrun",
+            "Inspect",
+            "/on_open_runs",
+            lambda: [[handle_file(str(files["run_garbage"]))], []],
+        ),
+        (
+            "inspect open: empty .mmkvrun",
+            "Inspect",
+            "/on_open_runs",
+            lambda: [[handle_file(str(files["run_empty"]))], []],
+        ),
         ("inspect open: unknown example run name", "Inspect", "/on_open_runs", lambda: [[], ["99-nope.mmkvrun"]]),
     ]
     details: list[dict[str, Any]] = []
@@ -361,8 +423,17 @@ def bad_inputs(app: App, files: dict[str, Path], extra_paths: list[str]) -> tupl
 
     # Inspect on a fresh session (no runs), then on a session holding the shipped example run
     c2 = client(app.url)
-    details.append(call(app, c2, "inspect: nothing to inspect yet (no runs)", "Inspect", "/on_inspect",
-                        [None, "all layers", "all KV heads", 0.5], extra_paths))
+    details.append(
+        call(
+            app,
+            c2,
+            "inspect: nothing to inspect yet (no runs)",
+            "Inspect",
+            "/on_inspect",
+            [None, "all layers", "all KV heads", 0.5],
+            extra_paths,
+        )
+    )
     opened = c2.predict([], ["01-snapkv.mmkvrun"], api_name="/on_open_runs")
     label = opened[1] if isinstance(opened, (list, tuple)) else None
     if isinstance(label, dict):  # the run dropdown comes back as an update: {"choices": ..., "value": ...}
@@ -439,7 +510,8 @@ def concurrent(app: App, n: int, queue_size: int) -> dict[str, Any]:
         "wall_s": round(wall, 1),
         "served_per_s": round(len(ok) / wall, 2) if wall else None,
         "latency_s": {"min": round(lat[0], 1), "median": round(lat[len(lat) // 2], 1), "max": round(lat[-1], 1)}
-        if lat else None,
+        if lat
+        else None,
         "answers_equal_example": len(ok) - len(wrong),
         "wrong_answers": [r["answer"][:80] for r in wrong][:5],
         "errors": errors,
@@ -474,24 +546,27 @@ def main() -> None:
                 "Gradio's queue holds at most max_size waiting events (queue_kwargs: MMKV_QUEUE_SIZE, default 16); "
                 "a request arriving while it is full gets a 'queue_full' message and gradio_client raises "
                 "QueueError('Queue is full! Please try again.'). Served ones are those that found room, including "
-                "those admitted as earlier ones finished.")
+                "those admitted as earlier ones finished."
+            )
             app.stop()
-        result.update({
-            "bad_inputs": len(details),
-            "clear_messages": sum(d["clear"] for d in details),
-            "crashes": sum(d["crash"] for d in details),
-            "crashes_gradio_validation": sum(d["crash"] and d["gradio_validation"] for d in details),
-            "crashes_other": sum(d["crash"] and not d["gradio_validation"] for d in details),
-            "served_without_clear_message": sum(d["served"] and not d["clear"] for d in details),
-            "tracebacks_logged": sum(d["traceback_logged"] for d in details),
-            "paths_leaked": sum(bool(d["path_leak"]) for d in details),
-            "app_alive_after_bad_inputs": alive,
-            "tracebacks_in_app_log_total": tb_total,
-            "still_serving": serving,
-            "still_serving_answer": answer[:120],
-            "concurrent": conc,
-            "details": details,
-        })
+        result.update(
+            {
+                "bad_inputs": len(details),
+                "clear_messages": sum(d["clear"] for d in details),
+                "crashes": sum(d["crash"] for d in details),
+                "crashes_gradio_validation": sum(d["crash"] and d["gradio_validation"] for d in details),
+                "crashes_other": sum(d["crash"] and not d["gradio_validation"] for d in details),
+                "served_without_clear_message": sum(d["served"] and not d["clear"] for d in details),
+                "tracebacks_logged": sum(d["traceback_logged"] for d in details),
+                "paths_leaked": sum(bool(d["path_leak"]) for d in details),
+                "app_alive_after_bad_inputs": alive,
+                "tracebacks_in_app_log_total": tb_total,
+                "still_serving": serving,
+                "still_serving_answer": answer[:120],
+                "concurrent": conc,
+                "details": details,
+            }
+        )
     finally:
         if app is not None:
             app.stop()
@@ -504,12 +579,14 @@ def main() -> None:
     print(json.dumps(result, indent=1, ensure_ascii=False))
     c128 = result["concurrent"]["queue_128"]
     c16 = result["concurrent"].get("queue_default_16")
-    print(f"summary: {result['bad_inputs']} bad inputs, {result['clear_messages']} clear messages, "
-          f"{result['crashes']} crashes ({result['crashes_gradio_validation']} refused by Gradio's own validation), "
-          f"{result['paths_leaked']} path leaks, still serving: {result['still_serving']}; "
-          f"{c128['requests']} concurrent chats (queue 128): {c128['served']} served, {c128['failed']} failed, "
-          f"{c128['answers_equal_example']} correct answers in {c128['wall_s']} s"
-          + (f"; queue 16: {c16['served']} served, {c16['rejected_queue_full']} refused 'queue full'" if c16 else ""))
+    print(
+        f"summary: {result['bad_inputs']} bad inputs, {result['clear_messages']} clear messages, "
+        f"{result['crashes']} crashes ({result['crashes_gradio_validation']} refused by Gradio's own validation), "
+        f"{result['paths_leaked']} path leaks, still serving: {result['still_serving']}; "
+        f"{c128['requests']} concurrent chats (queue 128): {c128['served']} served, {c128['failed']} failed, "
+        f"{c128['answers_equal_example']} correct answers in {c128['wall_s']} s"
+        + (f"; queue 16: {c16['served']} served, {c16['rejected_queue_full']} refused 'queue full'" if c16 else "")
+    )
 
 
 if __name__ == "__main__":

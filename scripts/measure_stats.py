@@ -31,7 +31,10 @@ GRID = 32  # 16 x 16 = 256 tokens per image
 def prefill(model, inputs, modality, method: str, budget: float) -> mmkv.Trace:
     model.model.rope_deltas = None
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    with mmkv.compress(model, method, budget, modality=modality, record_attention=False) as session, torch.inference_mode():
+    with (
+        mmkv.compress(model, method, budget, modality=modality, record_attention=False) as session,
+        torch.inference_mode(),
+    ):
         model(**inputs, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     return session.trace
 
@@ -49,10 +52,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model(args.layers, args.hidden, args.heads, args.kv_heads)
-    print(f"text tower: {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} kv heads, "
-          f"fp32, {args.threads} threads, budget {args.budget}")
-    print(f"{'tokens':>6s} {'method':13s} {'prefill s':>9s} {'stats s':>8s} {'compress s':>10s} "
-          f"{'(stats+compress)/Full':>22s} {'/own model work':>16s}")
+    print(
+        f"text tower: {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} kv heads, "
+        f"fp32, {args.threads} threads, budget {args.budget}"
+    )
+    print(
+        f"{'tokens':>6s} {'method':13s} {'prefill s':>9s} {'stats s':>8s} {'compress s':>10s} "
+        f"{'(stats+compress)/Full':>22s} {'/own model work':>16s}"
+    )
     for target in (int(x) for x in args.lengths.split(",")):
         images = max(1, round((target - 64) / (GRID // 2) ** 2))
         inputs, modality = build_inputs(images, GRID, 64)
@@ -60,12 +67,17 @@ def main() -> None:
         prefill(model, *build_inputs(1, GRID, 64), "full", 1.0)  # warm-up
         t0 = time.perf_counter()
         full = prefill(model, inputs, modality, "full", 1.0).timings.prefill_s
-        print(f"{length:6d} {'full':13s} {full:9.2f} {'':>8s} {'':>10s} {'':>22s}  ({time.perf_counter() - t0:.1f} s wall)")
+        print(
+            f"{length:6d} {'full':13s} {full:9.2f} {'':>8s} {'':>10s} {'':>22s}  ({time.perf_counter() - t0:.1f} s wall)"
+        )
         for name in args.methods.split(","):
             t = prefill(model, inputs, modality, name, args.budget).timings
             extra = t.stats_s + t.compress_s
-            print(f"{length:6d} {name:13s} {t.prefill_s:9.2f} {t.stats_s:8.2f} {t.compress_s:10.2f} "
-                  f"{100 * extra / full:21.1f}% {100 * extra / (t.prefill_s - extra):15.1f}%", flush=True)
+            print(
+                f"{length:6d} {name:13s} {t.prefill_s:9.2f} {t.stats_s:8.2f} {t.compress_s:10.2f} "
+                f"{100 * extra / full:21.1f}% {100 * extra / (t.prefill_s - extra):15.1f}%",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

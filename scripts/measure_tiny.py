@@ -38,15 +38,21 @@ def main() -> None:
     report: dict[str, object] = {"model": args.model, "samples": args.samples, "threads": args.threads}
     accuracy: dict[str, float] = {}
     for task in TASKS:
-        for k in ((4, 8) if task in IMAGE_TASKS else (None,)):
+        for k in (4, 8) if task in IMAGE_TASKS else (None,):
             samples = heldout_set(task, args.samples, k, seed=777)
-            right = sum(s.check(mmkv.generate(model, processor, s.chat, "full", 1.0, max_new_tokens=16,
-                                              record_attention=False).text) for s in samples)
+            right = sum(
+                s.check(
+                    mmkv.generate(model, processor, s.chat, "full", 1.0, max_new_tokens=16, record_attention=False).text
+                )
+                for s in samples
+            )
             accuracy[task if k is None else f"{task}@{k}"] = right / len(samples)
     report["accuracy"] = accuracy
     timing: dict[str, float] = {}
-    for name, sample in (("needle_8_images", make_sample("needle", "timing", 8)),
-                         ("video_8_frames", make_sample("video_direction", "timing"))):
+    for name, sample in (
+        ("needle_8_images", make_sample("needle", "timing", 8)),
+        ("video_8_frames", make_sample("video_direction", "timing")),
+    ):
         mmkv.generate(model, processor, sample.chat, "full", 1.0, max_new_tokens=16, record_attention=False)
         times = []
         for _ in range(args.repeat):

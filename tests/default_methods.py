@@ -89,8 +89,9 @@ def _short(value: Any) -> str:
 
 def _default(name: str) -> MethodConfig:
     kind = KINDS.get(name, {"budget": "unknown"})
-    return MethodConfig(name, {}, kind["budget"], tuple(FAMILIES), kind.get("replayable", False),
-                        kind.get("decode_policy", False))
+    return MethodConfig(
+        name, {}, kind["budget"], tuple(FAMILIES), kind.get("replayable", False), kind.get("decode_policy", False)
+    )
 
 
 DEFAULT_METHODS: list[MethodConfig] = [_default(name) for name in sorted(METHODS)]

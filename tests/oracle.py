@@ -67,7 +67,9 @@ def _text_inputs_only(inputs: dict) -> dict:
 
 
 @torch.inference_mode()
-def masked_reference_logits(model, inputs: dict, kept: dict[int, list[torch.Tensor]], tokens: list[int]) -> list[torch.Tensor]:
+def masked_reference_logits(
+    model, inputs: dict, kept: dict[int, list[torch.Tensor]], tokens: list[int]
+) -> list[torch.Tensor]:
     """Next-token logits after prefill and after each teacher-forced token in ``tokens``.
 
     ``kept[layer][h]`` are the positions kept for KV head ``h``; every other prompt position of that
@@ -135,7 +137,9 @@ class FixedPlan(Method):
         return LayerPlan.keep_all(ctx.num_kv_heads, ctx.length)
 
 
-def random_ragged_plan(num_layers: int, num_kv_heads: int, length: int, seed: int, ragged: bool = True) -> dict[int, list[torch.Tensor]]:
+def random_ragged_plan(
+    num_layers: int, num_kv_heads: int, length: int, seed: int, ragged: bool = True
+) -> dict[int, list[torch.Tensor]]:
     """Random eviction per layer and head (different sizes per head when ``ragged``)."""
     g = torch.Generator().manual_seed(seed)
     plan = {}

@@ -53,7 +53,10 @@ def _example(i: int) -> dict:
 
 def _mixed() -> dict:
     """An image and a video in one message."""
-    return {"text": "Which way does the ball move?", "files": [str(EXAMPLES / "needle_1.png"), str(EXAMPLES / "ball.webm")]}
+    return {
+        "text": "Which way does the ball move?",
+        "files": [str(EXAMPLES / "needle_1.png"), str(EXAMPLES / "ball.webm")],
+    }
 
 
 def chat(app, state, message, method="snapkv", ratio=0.3, tokens=0, query_aware=True, max_new=4, frames=4, params=""):
@@ -61,10 +64,32 @@ def chat(app, state, message, method="snapkv", ratio=0.3, tokens=0, query_aware=
     return list(app.on_chat(message, state, method, ratio, tokens, query_aware, max_new, frames, params))
 
 
-def compare(app, state, message, methods=("snapkv", "streamingllm"), ratio=0.3, tokens=0, sweep="", query_aware=True,
-            max_new=4, frames=4, with_kl=True):
-    return app.on_compare(message, list(methods), ratio, tokens, sweep, query_aware, max_new, frames, with_kl, state,
-                          progress=lambda *a, **k: None)
+def compare(
+    app,
+    state,
+    message,
+    methods=("snapkv", "streamingllm"),
+    ratio=0.3,
+    tokens=0,
+    sweep="",
+    query_aware=True,
+    max_new=4,
+    frames=4,
+    with_kl=True,
+):
+    return app.on_compare(
+        message,
+        list(methods),
+        ratio,
+        tokens,
+        sweep,
+        query_aware,
+        max_new,
+        frames,
+        with_kl,
+        state,
+        progress=lambda *a, **k: None,
+    )
 
 
 # ---- happy paths (every tab) -------------------------------------------------------------------
@@ -74,7 +99,9 @@ def test_app_defaults_and_queue(app):
     kw = app.launch_kwargs()
     assert kw["server_name"] == "127.0.0.1" and kw["max_file_size"].endswith("mb") and "theme" in kw and "css" in kw
     model_events = {fn.fn.__name__: fn for fn in app.demo.fns.values() if fn.concurrency_id == "model"}
-    assert set(model_events) == {"on_chat", "on_compare"} and all(fn.concurrency_limit == 1 for fn in model_events.values())
+    assert set(model_events) == {"on_chat", "on_compare"} and all(
+        fn.concurrency_limit == 1 for fn in model_events.values()
+    )
     # loading a model has its own queue: a slow load never holds up chats on a loaded model
     loads = {fn.fn.__name__ for fn in app.demo.fns.values() if fn.concurrency_id == "load"}
     assert loads == {"on_page_load", "on_load_model"}
@@ -152,8 +179,24 @@ def test_compare_budget_sweep_and_query_agnostic(app, state):
 def test_inspect_renders_every_view_and_exports(app, state):
     compare(app, state, _mixed(), methods=("lookm",))
     label = next(k for k in state.runs if "lookm" in k)
-    (layers, heads, summary, budget, pref, head_fig, gallery, strip, merges, trace_path, report_path, step,
-     replay_summary, replay_gallery, replay_fig, replay_answer) = app.on_run_change(state, label, 0.5)
+    (
+        layers,
+        heads,
+        summary,
+        budget,
+        pref,
+        head_fig,
+        gallery,
+        strip,
+        merges,
+        trace_path,
+        report_path,
+        step,
+        replay_summary,
+        replay_gallery,
+        replay_fig,
+        replay_answer,
+    ) = app.on_run_change(state, label, 0.5)
     assert layers.choices[0][0] == "all layers" and len(layers.choices) == 1 + 2
     assert len(heads.choices) == 1 + 2 and "lookm" in summary
     assert all(isinstance(f, go.Figure) for f in (budget, pref, head_fig))
@@ -177,7 +220,12 @@ def test_about_describes_every_method(app):
 
 
 def test_method_change_fills_hyper_parameters(app):
-    assert json.loads(app.on_method_change("snapkv")) == {"window": 32, "kernel": 5, "pooling": "avg", "gqa_reduce": "mean"}
+    assert json.loads(app.on_method_change("snapkv")) == {
+        "window": 32,
+        "kernel": 5,
+        "pooling": "avg",
+        "gqa_reduce": "mean",
+    }
 
 
 def test_load_model_success_and_failure_keep_serving(app, state, tmp_path):
@@ -211,13 +259,16 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     return {"junk": junk, "text": text, "big": big, "long": long_video, "fake": fake_video}
 
 
-@pytest.mark.parametrize("case, needles", [
-    ("junk", ("cannot read broken.png as an image",)),
-    ("text", ("unsupported file type .txt",)),
-    ("big", ("the limit is 0.1 MB",)),
-    ("long", ("200 s long", "trim")),
-    ("fake", ("fake.mp4",)),
-])
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("junk", ("cannot read broken.png as an image",)),
+        ("text", ("unsupported file type .txt",)),
+        ("big", ("the limit is 0.1 MB",)),
+        ("long", ("200 s long", "trim")),
+        ("fake", ("fake.mp4",)),
+    ],
+)
 def test_bad_files_give_a_message_in_chat_and_compare(app, state, tmp_path, monkeypatch, case, needles):
     from mmkv.ui import Limits
 
@@ -230,37 +281,43 @@ def test_bad_files_give_a_message_in_chat_and_compare(app, state, tmp_path, monk
     _assert_message(compare(app, state, message), *needles)
 
 
-@pytest.mark.parametrize("kwargs, needles", [
-    ({"message": {"text": "   ", "files": []}}, ("prompt is empty",)),
-    ({"message": {"text": "zq " * 1500, "files": []}}, ("the model reads at most 4,096",)),
-    ({"ratio": 1.5}, ("budget ratio must be in (0, 1]",)),
-    ({"ratio": 0}, ("budget ratio must be in (0, 1]",)),
-    ({"ratio": float("nan")}, ("finite",)),
-    ({"tokens": -3}, ("whole number of tokens",)),
-    ({"tokens": 2.5}, ("whole number of tokens",)),
-    ({"method": "nope"}, ("unknown method",)),
-    ({"params": "{not json"}, ("not valid JSON",)),
-    ({"params": '{"window": 0}'}, ("bad hyper-parameters",)),
-    ({"params": '{"bogus": 1}'}, ("no hyper-parameter bogus",)),
-    ({"max_new": 10_000}, ("max new tokens",)),
-    ({"max_new": 2.5}, ("max new tokens must be a whole number",)),
-    ({"frames": 7.5}, ("frames per video must be a whole number",)),
-    ({"frames": 0}, ("frames per video",)),
-])
+@pytest.mark.parametrize(
+    "kwargs, needles",
+    [
+        ({"message": {"text": "   ", "files": []}}, ("prompt is empty",)),
+        ({"message": {"text": "zq " * 1500, "files": []}}, ("the model reads at most 4,096",)),
+        ({"ratio": 1.5}, ("budget ratio must be in (0, 1]",)),
+        ({"ratio": 0}, ("budget ratio must be in (0, 1]",)),
+        ({"ratio": float("nan")}, ("finite",)),
+        ({"tokens": -3}, ("whole number of tokens",)),
+        ({"tokens": 2.5}, ("whole number of tokens",)),
+        ({"method": "nope"}, ("unknown method",)),
+        ({"params": "{not json"}, ("not valid JSON",)),
+        ({"params": '{"window": 0}'}, ("bad hyper-parameters",)),
+        ({"params": '{"bogus": 1}'}, ("no hyper-parameter bogus",)),
+        ({"max_new": 10_000}, ("max new tokens",)),
+        ({"max_new": 2.5}, ("max new tokens must be a whole number",)),
+        ({"frames": 7.5}, ("frames per video must be a whole number",)),
+        ({"frames": 0}, ("frames per video",)),
+    ],
+)
 def test_bad_chat_requests_give_a_message_and_keep_the_session(app, state, kwargs, needles):
     message = kwargs.pop("message", _example(0))
     _assert_message(chat(app, state, message, **kwargs), *needles)
     assert state.chat == [] and state.display == [] and not state.runs
 
 
-@pytest.mark.parametrize("kwargs, needles", [
-    ({"methods": ("full",)}, ("at least one method besides Full",)),
-    ({"methods": ()}, ("at least one method besides Full",)),
-    ({"sweep": "0.1, abc"}, ("must be a number",)),
-    ({"sweep": "-2"}, ("swept budget",)),
-    ({"methods": tuple(m for m in METHODS if m != "full"), "sweep": "0.1 0.2 0.3 0.4"}, ("the limit is",)),
-    ({"ratio": 3}, ("budget ratio",)),
-])
+@pytest.mark.parametrize(
+    "kwargs, needles",
+    [
+        ({"methods": ("full",)}, ("at least one method besides Full",)),
+        ({"methods": ()}, ("at least one method besides Full",)),
+        ({"sweep": "0.1, abc"}, ("must be a number",)),
+        ({"sweep": "-2"}, ("swept budget",)),
+        ({"methods": tuple(m for m in METHODS if m != "full"), "sweep": "0.1 0.2 0.3 0.4"}, ("the limit is",)),
+        ({"ratio": 3}, ("budget ratio",)),
+    ],
+)
 def test_bad_compare_requests_give_a_message(app, state, kwargs, needles):
     _assert_message(compare(app, state, _example(0), **kwargs), *needles)
     assert not state.runs

@@ -26,9 +26,9 @@ import math
 import pytest
 import torch
 
+from mmkv.inputs.modality import ModalityMap
 from mmkv.methods import H2O, AdaKV, Full, PyramidKV, SnapKV, StreamingLLM, make_method
 from mmkv.methods.base import LayerContext
-from mmkv.inputs.modality import ModalityMap
 from mmkv.statistics.stats import LayerStats, StatsRequest, compute_layer_stats
 
 AVG_POOL_COUNTS_PADDING = True  # F.avg_pool1d default (count_include_pad=True), see module docstring
@@ -170,7 +170,9 @@ def dyadic(generator, *shape, high=4096):
 
 
 def context(length, capacity, h_q, h_kv, *, layer=0, num_layers=1, window=0, window_scores=None, column_sums=None):
-    stats = LayerStats(window=min(window, length) if window else 0, window_scores=window_scores, column_sums=column_sums)
+    stats = LayerStats(
+        window=min(window, length) if window else 0, window_scores=window_scores, column_sums=column_sums
+    )
     return LayerContext(
         layer=layer,
         num_layers=num_layers,
@@ -360,7 +362,11 @@ def test_snapkv_capacity_below_window_keeps_last_tokens():
 
 @pytest.mark.parametrize(
     "method",
-    [SnapKV(window=4, kernel=3, pooling="max"), AdaKV(window=4, kernel=3, pooling="max"), PyramidKV(window=4, kernel=3, pooling="max")],
+    [
+        SnapKV(window=4, kernel=3, pooling="max"),
+        AdaKV(window=4, kernel=3, pooling="max"),
+        PyramidKV(window=4, kernel=3, pooling="max"),
+    ],
     ids=["snapkv", "adakv", "pyramidkv"],
 )
 def test_pooling_ignores_the_window_scores(method):
@@ -472,7 +478,10 @@ def check_pyramid_capacities(length, capacity, num_layers):
         assert caps == [capacity] * num_layers, where
 
 
-@pytest.mark.parametrize("length,capacity,layer,num_layers", [(80, 24, 0, 4), (80, 24, 3, 4), (80, 24, 1, 4), (40, 24, 2, 4), (30, 40, 0, 4), (80, 6, 2, 4), (80, 24, 0, 1)])
+@pytest.mark.parametrize(
+    "length,capacity,layer,num_layers",
+    [(80, 24, 0, 4), (80, 24, 3, 4), (80, 24, 1, 4), (40, 24, 2, 4), (30, 40, 0, 4), (80, 6, 2, 4), (80, 24, 0, 1)],
+)
 def test_pyramidkv_plan_matches_reference(length, capacity, layer, num_layers):
     window, kernel, pooling, beta = 8, 7, "max", 20
     method = PyramidKV()
@@ -526,7 +535,10 @@ def concentrated_vs_dispersed(h_q, h_kv, length, seed=0):
     return s
 
 
-@pytest.mark.parametrize("length,capacity,h_q,h_kv", [(80, 40, 4, 2), (80, 20, 8, 2), (60, 30, 3, 3), (37, 16, 4, 2), (37, 20, 4, 1), (80, 24, 4, 4)])
+@pytest.mark.parametrize(
+    "length,capacity,h_q,h_kv",
+    [(80, 40, 4, 2), (80, 20, 8, 2), (60, 30, 3, 3), (37, 16, 4, 2), (37, 20, 4, 1), (80, 24, 4, 4)],
+)
 @pytest.mark.parametrize("kernel,pooling", [(7, "max"), (1, "avg"), (5, "avg")])
 def test_adakv_matches_reference(length, capacity, h_q, h_kv, kernel, pooling):
     window = 8
@@ -620,7 +632,9 @@ def test_end_to_end_against_naive_attention(method, capacity):
         window_scores = probs[:, length - w :].sum(1)
         if isinstance(method, AdaKV):
             caps = ref_adakv_caps(window_scores, h_kv, length, capacity, w, method.kernel, method.pooling, method.alpha)
-            expected = ref_snapkv(window_scores, h_kv, length, capacity, w, method.kernel, method.pooling, head_caps=caps)
+            expected = ref_snapkv(
+                window_scores, h_kv, length, capacity, w, method.kernel, method.pooling, head_caps=caps
+            )
         else:
             cap = capacity
             if isinstance(method, PyramidKV):
@@ -635,13 +649,23 @@ def test_end_to_end_against_naive_attention(method, capacity):
 @pytest.mark.parametrize(
     "name,cls",
     [
-        ("full", Full), ("FULL", Full),
-        ("streamingllm", StreamingLLM), ("StreamingLLM", StreamingLLM), ("streaming-llm", StreamingLLM),
+        ("full", Full),
+        ("FULL", Full),
+        ("streamingllm", StreamingLLM),
+        ("StreamingLLM", StreamingLLM),
+        ("streaming-llm", StreamingLLM),
         ("streaming_llm", StreamingLLM),
-        ("h2o", H2O), ("H2O", H2O),
-        ("snapkv", SnapKV), ("SnapKV", SnapKV), ("snap-kv", SnapKV),
-        ("pyramidkv", PyramidKV), ("PyramidKV", PyramidKV), ("pyramid_kv", PyramidKV),
-        ("adakv", AdaKV), ("AdaKV", AdaKV), ("Ada-KV", AdaKV),
+        ("h2o", H2O),
+        ("H2O", H2O),
+        ("snapkv", SnapKV),
+        ("SnapKV", SnapKV),
+        ("snap-kv", SnapKV),
+        ("pyramidkv", PyramidKV),
+        ("PyramidKV", PyramidKV),
+        ("pyramid_kv", PyramidKV),
+        ("adakv", AdaKV),
+        ("AdaKV", AdaKV),
+        ("Ada-KV", AdaKV),
     ],
 )
 def test_make_method_names_are_case_and_separator_insensitive(name, cls):

@@ -22,8 +22,29 @@ def test_synthetic_prompt_has_the_requested_length_and_visual_share() -> None:
 
 
 def test_bench_smoke_writes_all_outputs(tmp_path) -> None:
-    assert bench.main(["--model", "tiny", "--contexts", "200", "--methods", "full,snapkv,adakv,h2o", "--budgets",
-                       "0.2", "--new-tokens", "4", "--warmup", "1", "--image-grid", "8", "--out", str(tmp_path)]) == 0
+    assert (
+        bench.main(
+            [
+                "--model",
+                "tiny",
+                "--contexts",
+                "200",
+                "--methods",
+                "full,snapkv,adakv,h2o",
+                "--budgets",
+                "0.2",
+                "--new-tokens",
+                "4",
+                "--warmup",
+                "1",
+                "--image-grid",
+                "8",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert [r["method"] for r in rows] == ["full", "snapkv", "adakv", "h2o"]
     for r in rows:
@@ -35,8 +56,24 @@ def test_bench_smoke_writes_all_outputs(tmp_path) -> None:
 
 
 def test_full_kv_ratio_is_one_with_preallocated_room_and_cells_are_appended_then_resumed(tmp_path, capsys) -> None:
-    args = ["--model", "tiny", "--contexts", "200", "--methods", "snapkv", "--budgets", "0.3", "--new-tokens", "3",
-            "--warmup", "1", "--image-grid", "8", "--out", str(tmp_path)]
+    args = [
+        "--model",
+        "tiny",
+        "--contexts",
+        "200",
+        "--methods",
+        "snapkv",
+        "--budgets",
+        "0.3",
+        "--new-tokens",
+        "3",
+        "--warmup",
+        "1",
+        "--image-grid",
+        "8",
+        "--out",
+        str(tmp_path),
+    ]
     assert bench.main(args) == 0
     lines = (tmp_path / "bench.jsonl").read_text().splitlines()
     assert len(lines) == 2  # one record per cell, written as each finished

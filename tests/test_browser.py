@@ -31,8 +31,14 @@ ARTIFACTS = ROOT / "test-artifacts"
 EXAMPLES = json.loads((ROOT / "mmkv" / "assets" / "examples" / "examples.json").read_text())
 CHROMIUM = os.environ.get("MMKV_CHROMIUM", "/usr/bin/chromium")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--no-first-run", "--disable-dev-shm-usage"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
 
 def _missing(reason: str) -> None:
@@ -65,12 +71,18 @@ def app_url(tmp_path_factory):
         _missing(f"{CHROMIUM} not found (apt-get install -y --no-install-recommends chromium)")
     port = _free_port()
     log = tmp_path_factory.mktemp("log") / "app.log"
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("MMKV_MODEL", None)  # the bundled model: the examples' answers are checked
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -97,8 +109,10 @@ def app_url(tmp_path_factory):
 def _loaded_images(page, selector: str, at_least: int) -> int:
     """Wait until ``at_least`` images under ``selector`` have loaded (decoded, non-empty); return how many have."""
     script = "els => els.filter(e => e.complete && e.naturalWidth > 0).length"
-    page.wait_for_function(f"Array.from(document.querySelectorAll({selector!r})).filter(e => e.complete && e.naturalWidth > 0)"
-                           f".length >= {at_least}")
+    page.wait_for_function(
+        f"Array.from(document.querySelectorAll({selector!r})).filter(e => e.complete && e.naturalWidth > 0)"
+        f".length >= {at_least}"
+    )
     return page.eval_on_selector_all(selector, script)
 
 
@@ -213,9 +227,11 @@ def test_app_in_chromium(app_url):
             expect(replay).to_contain_text("Step 2 of")
             page.locator("#replay-play").click()
             expect(replay).to_contain_text(" of ", timeout=5_000)
-            page.wait_for_function("document.querySelector('#replay-summary').innerText.match(/Step (\\d+) of (\\d+)/) && "
-                                   "(m => m[1] === m[2])(document.querySelector('#replay-summary').innerText.match(/Step (\\d+) of (\\d+)/))",
-                                   timeout=60_000)  # plays to the last step and stops
+            page.wait_for_function(
+                "document.querySelector('#replay-summary').innerText.match(/Step (\\d+) of (\\d+)/) && "
+                "(m => m[1] === m[2])(document.querySelector('#replay-summary').innerText.match(/Step (\\d+) of (\\d+)/))",
+                timeout=60_000,
+            )  # plays to the last step and stops
             expect(page.locator("#replay-play")).to_contain_text("Play")
             page.locator("#replay").screenshot(path=str(ARTIFACTS / "app-replay.png"))
             # an uploaded run file (HybridKV: retrieval at decode)

@@ -37,10 +37,24 @@ def setups():
                     layer.self_attn.q_proj.weight.mul_(30.0)
         adapter = mmkv.adapter_for(model)
         images = [{"type": "image", "image": make_image(i, 160)} for i in range(4)]
-        image_chat = [{"role": "user", "content": images + [{"type": "text", "text": "which image has the red circle ?"}]}]
-        text_chat = [{"role": "user", "content": [{"type": "text", "text": " ".join(["the red square moves to the right"] * 16)}]}]
+        image_chat = [
+            {"role": "user", "content": images + [{"type": "text", "text": "which image has the red circle ?"}]}
+        ]
+        text_chat = [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": " ".join(["the red square moves to the right"] * 16)}],
+            }
+        ]
         for kind, chat in (("image", image_chat), ("text", text_chat)):
-            out.append((f"{'peaked' if peaked else 'random'}-{kind}", model, processor, adapter.prepare(model, processor, chat)))
+            out.append(
+                (
+                    f"{'peaked' if peaked else 'random'}-{kind}",
+                    model,
+                    processor,
+                    adapter.prepare(model, processor, chat),
+                )
+            )
     return out
 
 
@@ -48,13 +62,22 @@ def setups():
 def test_every_method_holds_the_budget(setups, case: MethodConfig) -> None:
     for label, model, processor, prepared in setups:
         for rho in BUDGETS:
-            trace = mmkv.generate(model, processor, None, method=case.method, budget=rho, max_new_tokens=1,
-                                  prepared=prepared, **case.kwargs()).trace
+            trace = mmkv.generate(
+                model,
+                processor,
+                None,
+                method=case.method,
+                budget=rho,
+                max_new_tokens=1,
+                prepared=prepared,
+                **case.kwargs(),
+            ).trace
             where = f"{case.id} {label} rho={rho} L={trace.span_length}"
             full = trace.span_length * trace.num_kv_heads * trace.num_layers
             ratio = trace.kept_tokens / full
             assert trace.kept_tokens * trace.bytes_per_token_head == sum(
-                l.bytes_after - l.info.get("overhead_bytes", 0) for l in trace.layers), where
+                l.bytes_after - l.info.get("overhead_bytes", 0) for l in trace.layers
+            ), where
             within = abs(ratio - rho) <= TOLERANCE * rho
             if case.budget == "full":
                 assert ratio == 1.0, where
@@ -78,9 +101,9 @@ def test_madakv_closes_the_budget_when_heads_demand_little(rho: float) -> None:
     """Peaked heads (the window's attention on 3 context keys) demand far less than their share: the
     compensation passes the surplus down, and the last layer keeps what is left, so the model holds
     exactly C x H_kv x N_L (before the fix: 0.37 of the cache at rho = 0.5 on a trained model)."""
+    from mmkv.inputs.modality import IMAGE, ModalityMap
     from mmkv.methods.base import LayerContext
     from mmkv.methods.madakv import MadaKV
-    from mmkv.inputs.modality import IMAGE, ModalityMap
     from mmkv.runtime.session import resolve_capacity
     from mmkv.statistics.stats import LayerStats
 
@@ -92,8 +115,18 @@ def test_madakv_closes_the_budget_when_heads_demand_little(rho: float) -> None:
     for layer in range(layers):
         scores = torch.full((h_q, length), 1e-6)
         scores[:, [3 + layer, 40 + layer, 200 + layer]] = 10.0  # nearly all mass on 3 keys
-        contexts.append(LayerContext(layer=layer, num_layers=layers, num_kv_heads=h_kv, num_q_heads=h_q, length=length,
-                                     capacity=capacity, modality=modality, stats=LayerStats(window=32, window_scores=scores)))
+        contexts.append(
+            LayerContext(
+                layer=layer,
+                num_layers=layers,
+                num_kv_heads=h_kv,
+                num_q_heads=h_q,
+                length=length,
+                capacity=capacity,
+                modality=modality,
+                stats=LayerStats(window=32, window_scores=scores),
+            )
+        )
     plans = MadaKV().plan(contexts)  # reading B (A follows the demand, not the budget)
     kept = sum(sum(p.budgets) for p in plans)
     assert kept == capacity * h_kv * layers

@@ -19,7 +19,9 @@ from mmkv import EXAMPLES_DIR
 from mmkv.models import adapter_for
 
 METHOD, BUDGET, NEW_TOKENS = "snapkv", 0.3, 16
-EXAMPLE = json.loads((EXAMPLES_DIR / "examples.json").read_text())[0]  # eight images: "Which image has the orange circle?"
+EXAMPLE = json.loads((EXAMPLES_DIR / "examples.json").read_text())[
+    0
+]  # eight images: "Which image has the orange circle?"
 FILES = [str(EXAMPLES_DIR / f) for f in EXAMPLE["files"]]
 
 
@@ -36,8 +38,19 @@ def _cli(tmp_path: Path) -> list[int]:
     from mmkv.cli import main
 
     trace = tmp_path / "trace.json"
-    args = ["run", "--method", METHOD, "--budget", str(BUDGET), "--max-new-tokens", str(NEW_TOKENS),
-            "--prompt", EXAMPLE["text"], "--trace", str(trace)]
+    args = [
+        "run",
+        "--method",
+        METHOD,
+        "--budget",
+        str(BUDGET),
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--prompt",
+        EXAMPLE["text"],
+        "--trace",
+        str(trace),
+    ]
     for f in FILES:
         args += ["--image", f]
     assert main(args) == 0
@@ -54,8 +67,15 @@ def _eval(model, processor) -> list[int]:
     from mmkv.experiments.records import ResultStore
 
     store = ResultStore()
-    evaluate(model, processor, [_Sample("needle", mmkv.chat(EXAMPLE["text"], images=FILES))], [METHOD], [BUDGET],
-             max_new_tokens=NEW_TOKENS, store=store)
+    evaluate(
+        model,
+        processor,
+        [_Sample("needle", mmkv.chat(EXAMPLE["text"], images=FILES))],
+        [METHOD],
+        [BUDGET],
+        max_new_tokens=NEW_TOKENS,
+        store=store,
+    )
     (cell,) = [r for r in store.finished().values() if r["method"] == METHOD]
     return cell["samples"][0]["token_ids"]
 
@@ -65,8 +85,18 @@ def _app() -> list[int]:
     from mmkv.ui.models import ModelStore
 
     state = AppState()
-    updates = list(chat_turn(ModelStore(str(mmkv.BUNDLED_MODEL)), state, {"text": EXAMPLE["text"], "files": FILES},
-                             METHOD, BUDGET, 0, True, NEW_TOKENS))
+    updates = list(
+        chat_turn(
+            ModelStore(str(mmkv.BUNDLED_MODEL)),
+            state,
+            {"text": EXAMPLE["text"], "files": FILES},
+            METHOD,
+            BUDGET,
+            0,
+            True,
+            NEW_TOKENS,
+        )
+    )
     assert updates[-1].done
     return state.runs[state.last].trace.generated_ids
 
@@ -92,8 +122,14 @@ def test_full_answers_the_example_and_labels_come_from_the_template(bundled):
     assert result.text == "The orange circle is in image 1."
     from transformers.processing_utils import ProcessorMixin
 
-    bare = ProcessorMixin.apply_chat_template(processor, chat, chat_template=processor.chat_template, tokenize=False,
-                                              add_generation_prompt=True, add_vision_id=False)
+    bare = ProcessorMixin.apply_chat_template(
+        processor,
+        chat,
+        chat_template=processor.chat_template,
+        tokenize=False,
+        add_generation_prompt=True,
+        add_vision_id=False,
+    )
     assert "Image 1:" not in bare and bare.count("<|vision_start|>") == len(FILES)
     prepared = adapter_for(model).prepare(model, processor, chat)
     assert prepared.modality.counts()["image"] == len(FILES) * 16

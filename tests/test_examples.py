@@ -29,8 +29,11 @@ def _message(item: dict) -> dict:
 
 
 def _answer(store: ModelStore, item: dict, method: str, budget: float, params: dict | None = None) -> str:
-    updates = list(H.chat_turn(store, H.AppState(), _message(item), method, budget, 0, True, 24, 8,
-                               json.dumps(params or {}), Limits()))
+    updates = list(
+        H.chat_turn(
+            store, H.AppState(), _message(item), method, budget, 0, True, 24, 8, json.dumps(params or {}), Limits()
+        )
+    )
     assert updates[-1].done
     return updates[-1].state.display[-1]["content"]
 
@@ -49,8 +52,20 @@ def test_text_prior_example_separates_lookm_from_query_aware_eviction(store):
     """The LOOK-M example's claim, run through Compare: at its budget LOOK-M keeps the text fact and
     answers; SnapKV and H2O, which rank tokens by attention alone, lose it."""
     item = next(e for e in EXAMPLES if e["method"] == "lookm")
-    res = H.compare(store, H.AppState(), _message(item), ["lookm", "snapkv", "h2o"], item["budget"], 0, "", True,
-                    16, 8, False, Limits())
+    res = H.compare(
+        store,
+        H.AppState(),
+        _message(item),
+        ["lookm", "snapkv", "h2o"],
+        item["budget"],
+        0,
+        "",
+        True,
+        16,
+        8,
+        False,
+        Limits(),
+    )
     answers = {r["method"]: r["answer"] for r in res.rows}
     assert answers["full"] == answers["lookm"] == item["answer"]
     assert answers["snapkv"] != item["answer"] and answers["h2o"] != item["answer"]

@@ -11,8 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmkv.cache.layers as cache_mod
-from mmkv.cache.layers import FlatPrefix, H2ODecodeLayer, RaggedLayer, build_layer
 from mmkv.cache.hybrid import build_hybrid_layer
+from mmkv.cache.layers import FlatPrefix, H2ODecodeLayer, RaggedLayer, build_layer
 from mmkv.methods.base import LayerPlan
 from mmkv.runtime.opcount import OpCounter
 
@@ -73,7 +73,7 @@ def test_ragged_attention_matches_per_head_reference(budgets, h_q, q_len, dtype,
 
 
 def test_the_shape_rule_picks_the_padded_path_for_many_rows() -> None:
-    layer, *_ , tk, tv, q = _ragged_case([5, 9], 4, 1)
+    layer, *_, tk, tv, q = _ragged_case([5, 9], 4, 1)
     with OpCounter() as few:
         layer.attend(None, q, tk, tv, scaling=0.25)
     big = torch.randn(1, 4, cache_mod.MASKED_PREFIX_MAX_WORK, q.shape[-1])
@@ -143,7 +143,9 @@ def _h2o_reference(keys, values, positions, scores, steps, capacity, recent, sca
         causal = torch.ones(q_len, n, dtype=torch.bool).tril(n - q_len)
         out = []
         for h in range(h_kv):
-            s = (q[0, h * group : (h + 1) * group].double() @ keys[0, h].double().T * scale).masked_fill(~causal, float("-inf"))
+            s = (q[0, h * group : (h + 1) * group].double() @ keys[0, h].double().T * scale).masked_fill(
+                ~causal, float("-inf")
+            )
             p = torch.softmax(s, -1)
             scores[h] += p.sum(1).mean(0).float()
             out.append(p @ values[0, h].double())
@@ -171,8 +173,14 @@ def test_h2o_fused_decode_equals_the_per_head_loop(recent: int) -> None:
     layer = H2ODecodeLayer(keys, values, positions, length, capacity=n, recent=recent, scores=scores)
     steps, logical = [], length
     for q_len in (1, 1, 3, 1, 2, 1):
-        steps.append((torch.randn(1, h_kv * group, q_len, d, generator=g), torch.randn(1, h_kv, q_len, d, generator=g),
-                      torch.randn(1, h_kv, q_len, d, generator=g), torch.arange(logical, logical + q_len)[None]))
+        steps.append(
+            (
+                torch.randn(1, h_kv * group, q_len, d, generator=g),
+                torch.randn(1, h_kv, q_len, d, generator=g),
+                torch.randn(1, h_kv, q_len, d, generator=g),
+                torch.arange(logical, logical + q_len)[None],
+            )
+        )
         logical += q_len
     want_out, want_log, want_pos = _h2o_reference(keys, values, positions, scores, steps, n, recent, d**-0.5)
     for (q, nk, nv, _), want in zip(steps, want_out):
@@ -187,15 +195,27 @@ def test_h2o_fused_decode_equals_the_per_head_loop(recent: int) -> None:
 def test_h2o_decode_step_has_no_sync_and_no_growth() -> None:
     g = torch.Generator().manual_seed(2)
     h_kv, d, n = 4, 8, 6
-    layer = build_layer(*(torch.randn(1, h_kv, 12, d, generator=g) for _ in range(2)), LayerPlan(
-        kept=[torch.arange(n)] * h_kv,
-        decode={"policy": "h2o", "capacity": n, "recent": 2, "scores": [torch.rand(n, generator=g) for _ in range(h_kv)]},
-    ))
+    layer = build_layer(
+        *(torch.randn(1, h_kv, 12, d, generator=g) for _ in range(2)),
+        LayerPlan(
+            kept=[torch.arange(n)] * h_kv,
+            decode={
+                "policy": "h2o",
+                "capacity": n,
+                "recent": 2,
+                "scores": [torch.rand(n, generator=g) for _ in range(h_kv)],
+            },
+        ),
+    )
     before = layer.physical_bytes()
     for _ in range(3):
         with OpCounter() as counter:
-            layer.attend(None, torch.randn(1, 2 * h_kv, 1, d, generator=g),
-                         *layer.update(torch.randn(1, h_kv, 1, d), torch.randn(1, h_kv, 1, d)), scaling=d**-0.5)
+            layer.attend(
+                None,
+                torch.randn(1, 2 * h_kv, 1, d, generator=g),
+                *layer.update(torch.randn(1, h_kv, 1, d), torch.randn(1, h_kv, 1, d)),
+                scaling=d**-0.5,
+            )
         assert counter.syncs == 0 and counter.ops["cat"] == 0
     assert layer.physical_bytes() == before and len(layer.evictions) == 3
 
@@ -209,10 +229,20 @@ def _hybrid(length=80, d=8, chunk=4, top=3, sinks=2, recent=6, seed=0, scoring="
     h_kv = 2 * pairs
     keys, values = torch.randn(1, h_kv, length, d, generator=g), torch.randn(1, h_kv, length, d, generator=g)
     kept = [torch.arange(0, length, 3 + 4 * (h // 2)) if h % 2 == 0 else torch.arange(length) for h in range(h_kv)]
-    plan = LayerPlan(kept=kept, decode={
-        "policy": "hybrid", "head_types": ["static", "dynamic"] * pairs, "sinks": sinks, "recent": recent,
-        "chunk_size": chunk, "top_chunks": top, "scoring": scoring, "offload": True, "initial_chunks": None,
-    })
+    plan = LayerPlan(
+        kept=kept,
+        decode={
+            "policy": "hybrid",
+            "head_types": ["static", "dynamic"] * pairs,
+            "sinks": sinks,
+            "recent": recent,
+            "chunk_size": chunk,
+            "top_chunks": top,
+            "scoring": scoring,
+            "offload": True,
+            "initial_chunks": None,
+        },
+    )
     return build_hybrid_layer(keys, values, plan), keys, values, kept
 
 
@@ -245,7 +275,7 @@ def test_hybrid_copies_only_changed_chunks_and_logs_each_step(monkeypatch) -> No
         head_k, head_v = [], []
         for h in range(4):
             if h in layer.dynamic_heads:
-                pos = torch.tensor(layer.kept_positions()[h][: -tail_len].tolist())
+                pos = torch.tensor(layer.kept_positions()[h][:-tail_len].tolist())
             else:
                 pos = kept[h]
             head_k.append(keys[0, h, pos])
@@ -314,8 +344,14 @@ def test_hybrid_partial_last_chunk_rows_are_hidden() -> None:
     dyn = {1: sorted(fixed + [2, 3, 4, 5, 54, 55, 56]), 3: sorted(fixed + [22, 23, 24, 25, 54, 55, 56])}
     assert [layer.kept_positions()[h].tolist()[:-2] for h in (1, 3)] == [dyn[1], dyn[3]]
     heads = [torch.tensor(dyn[h]) if h in dyn else kept[h] for h in range(4)]
-    want = per_head_reference(q, [keys[0, h, p] for h, p in enumerate(heads)], [values[0, h, p] for h, p in enumerate(heads)],
-                              tail_k, tail_v, d**-0.5)
+    want = per_head_reference(
+        q,
+        [keys[0, h, p] for h, p in enumerate(heads)],
+        [values[0, h, p] for h, p in enumerate(heads)],
+        tail_k,
+        tail_v,
+        d**-0.5,
+    )
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     assert layer.overhead_bytes() == layer.summary_bytes() + 2 * 1 * (2 * d * 4)  # one unused row per dynamic head
 
@@ -324,10 +360,20 @@ def test_hybrid_reserve_is_written_in_place() -> None:
     from mmkv.cache.hybrid import build_hybrid_layer as build
 
     layer, keys, values, kept = _hybrid()
-    plan = LayerPlan(kept=kept, decode={
-        "policy": "hybrid", "head_types": ["static", "dynamic", "static", "dynamic"], "sinks": 2, "recent": 6,
-        "chunk_size": 4, "top_chunks": 3, "scoring": "mean", "offload": True, "initial_chunks": None,
-    })
+    plan = LayerPlan(
+        kept=kept,
+        decode={
+            "policy": "hybrid",
+            "head_types": ["static", "dynamic", "static", "dynamic"],
+            "sinks": 2,
+            "recent": 6,
+            "chunk_size": 4,
+            "top_chunks": 3,
+            "scoring": "mean",
+            "offload": True,
+            "initial_chunks": None,
+        },
+    )
     fast = build(keys, values, plan, reserve=4)
     assert fast.physical_bytes() == layer.physical_bytes() + 2 * 4 * 4 * 8 * 4
     for _ in range(3):
@@ -343,15 +389,29 @@ def test_hybrid_reserve_is_written_in_place() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned host store, staged asynchronous copies")
 def test_hybrid_on_cuda_matches_the_cpu_layer() -> None:
     cpu, keys, values, kept = _hybrid(seed=5)
-    plan = LayerPlan(kept=[k.cuda() for k in kept], decode={
-        "policy": "hybrid", "head_types": ["static", "dynamic"] * 2, "sinks": 2, "recent": 6, "chunk_size": 4,
-        "top_chunks": 3, "scoring": "mean", "offload": True, "initial_chunks": None,
-    })
+    plan = LayerPlan(
+        kept=[k.cuda() for k in kept],
+        decode={
+            "policy": "hybrid",
+            "head_types": ["static", "dynamic"] * 2,
+            "sinks": 2,
+            "recent": 6,
+            "chunk_size": 4,
+            "top_chunks": 3,
+            "scoring": "mean",
+            "offload": True,
+            "initial_chunks": None,
+        },
+    )
     gpu = build_hybrid_layer(keys.cuda(), values.cuda(), plan)
     assert gpu.host_keys.device.type == "cpu" and gpu.host_keys.is_pinned()
     g = torch.Generator().manual_seed(8)
     for _ in range(4):
-        nk, nv, q = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 8, 1, 8, generator=g)
+        nk, nv, q = (
+            torch.randn(1, 4, 1, 8, generator=g),
+            torch.randn(1, 4, 1, 8, generator=g),
+            torch.randn(1, 8, 1, 8, generator=g),
+        )
         a = cpu.attend(None, q, *cpu.update(nk, nv), scaling=0.3)
         b = gpu.attend(None, q.cuda(), *gpu.update(nk.cuda(), nv.cuda()), scaling=0.3)
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)
@@ -360,12 +420,15 @@ def test_hybrid_on_cuda_matches_the_cpu_layer() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("q_len", [1, 3])
-@pytest.mark.parametrize("budgets,h_q,block", [
-    ([300, 200, 150, 90], 8, 64),  # blocks span two heads; leftover rows
-    ([300, 0, 150, 90], 8, 64),  # an empty head
-    ([130, 70, 64, 600, 80, 99, 65, 300], 16, 64),  # a head exactly one block long
-    ([12, 40, 9], 6, 8),  # small blocks, many straddling
-])
+@pytest.mark.parametrize(
+    "budgets,h_q,block",
+    [
+        ([300, 200, 150, 90], 8, 64),  # blocks span two heads; leftover rows
+        ([300, 0, 150, 90], 8, 64),  # an empty head
+        ([130, 70, 64, 600, 80, 99, 65, 300], 16, 64),  # a head exactly one block long
+        ([12, 40, 9], 6, 8),  # small blocks, many straddling
+    ],
+)
 def test_blocked_decode_path_matches_per_head_reference(budgets, h_q, block, q_len, dtype, monkeypatch) -> None:
     """Long prefixes are scored block by block (each block against at most two heads' queries)."""
     monkeypatch.setattr(cache_mod, "BLOCKED_MIN_ROWS", 0)

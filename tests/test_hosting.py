@@ -29,8 +29,16 @@ from mmkv.ui.models import ModelStore
 ROOT = Path(__file__).resolve().parent.parent
 UNKNOWN = "mmkv-tests/no-such-model-b7c1"
 
-ENV = ("SPACE_ID", "MMKV_HOSTED", "MMKV_ALLOWED_MODELS", "MMKV_MAX_MODEL_GB", "MMKV_MAX_IMAGE_TOKENS",
-       "MMKV_MAX_VIDEO_TOKENS", "MMKV_MAX_PROMPT_TOKENS", "MMKV_HUB_TIMEOUT")
+ENV = (
+    "SPACE_ID",
+    "MMKV_HOSTED",
+    "MMKV_ALLOWED_MODELS",
+    "MMKV_MAX_MODEL_GB",
+    "MMKV_MAX_IMAGE_TOKENS",
+    "MMKV_MAX_VIDEO_TOKENS",
+    "MMKV_MAX_PROMPT_TOKENS",
+    "MMKV_HUB_TIMEOUT",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -143,11 +151,24 @@ def test_same_message_whether_or_not_a_folder_exists(tmp_path, tiny_dir):
 
 def test_every_load_message_is_short_and_pathless(monkeypatch, tmp_path, tiny_dir):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    stores = [ModelStore(str(tiny_dir), settings=HostingSettings()),
-              ModelStore(str(tiny_dir), settings=hosted_settings(monkeypatch, MMKV_ALLOWED_MODELS=f"{UNKNOWN},x y")),
-              ModelStore(str(tiny_dir), settings=HostingSettings(max_model_gb=1e-9))]
-    names = [UNKNOWN, "not a valid id !!", "x y", "a" * 300, "gpt2", str(tmp_path), str(tiny_dir), "/", "C:\\models\\x",
-             "Qwen/Qwen2.5-VL-7B-Instruct", "bad`name\nwith newline"]
+    stores = [
+        ModelStore(str(tiny_dir), settings=HostingSettings()),
+        ModelStore(str(tiny_dir), settings=hosted_settings(monkeypatch, MMKV_ALLOWED_MODELS=f"{UNKNOWN},x y")),
+        ModelStore(str(tiny_dir), settings=HostingSettings(max_model_gb=1e-9)),
+    ]
+    names = [
+        UNKNOWN,
+        "not a valid id !!",
+        "x y",
+        "a" * 300,
+        "gpt2",
+        str(tmp_path),
+        str(tiny_dir),
+        "/",
+        "C:\\models\\x",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        "bad`name\nwith newline",
+    ]
     seen = 0
     for store in stores:
         for name in names:
@@ -305,12 +326,17 @@ def test_qwen25_photo_tokens_before_and_after_the_bound():
     prepared = adapter.prepare(model, processor, _image_chat(photo))
     after = prepared.modality.counts()["image"]
     assert after == 1008
-    assert adapter.prepare(model, processor, _image_chat(Image.new("RGB", (4032, 3024)))).modality.counts()["image"] <= 1024
+    assert (
+        adapter.prepare(model, processor, _image_chat(Image.new("RGB", (4032, 3024)))).modality.counts()["image"]
+        <= 1024
+    )
     with torch.no_grad():
         model(**prepared.inputs)  # the model agrees with the bounded inputs
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_onevision", "idefics3", "smolvlm"])
+@pytest.mark.parametrize(
+    "family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_onevision", "idefics3", "smolvlm"]
+)
 def test_bounds_shrink_images_and_videos_of_every_family(family, tmp_path):
     model, processor = build_tiny(family)
     adapter = adapter_for(model)
@@ -348,8 +374,13 @@ def test_bundled_examples_unchanged_by_the_hosted_bounds(monkeypatch):
     examples = json.loads((EXAMPLES_DIR / "examples.json").read_text(encoding="utf-8"))
     assert examples
     for ex in examples:
-        parts = [{"type": "video" if f.endswith((".webm", ".mp4")) else "image",
-                  ("video" if f.endswith((".webm", ".mp4")) else "image"): str(EXAMPLES_DIR / f)} for f in ex["files"]]
+        parts = [
+            {
+                "type": "video" if f.endswith((".webm", ".mp4")) else "image",
+                ("video" if f.endswith((".webm", ".mp4")) else "image"): str(EXAMPLES_DIR / f),
+            }
+            for f in ex["files"]
+        ]
         chat = [{"role": "user", "content": [*parts, {"type": "text", "text": ex["text"]}]}]
         for frames in (4, 8, 32):
             a = adapter.prepare(model, plain, chat, num_frames=frames)
@@ -381,7 +412,9 @@ def small():
 
 def _prepare(loaded, n_images=1, text="what is here?"):
     pics = [Image.new("RGB", (112, 112), (i * 30, 0, 0)) for i in range(n_images)]
-    chat = [{"role": "user", "content": [*({"type": "image", "image": p} for p in pics), {"type": "text", "text": text}]}]
+    chat = [
+        {"role": "user", "content": [*({"type": "image", "image": p} for p in pics), {"type": "text", "text": text}]}
+    ]
     return adapter_for(loaded.model).prepare(loaded.model, loaded.processor, chat)
 
 

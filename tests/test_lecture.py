@@ -64,8 +64,13 @@ def _chat(store, state, message, method="snapkv", ratio=0.3, **kw) -> H.ChatUpda
 
 
 def _snapshot(state: H.AppState):
-    return (list(state.runs), [id(r) for r in state.runs.values()], json.dumps(state.chat, default=str),
-            json.dumps(state.display, default=str), state.last)
+    return (
+        list(state.runs),
+        [id(r) for r in state.runs.values()],
+        json.dumps(state.chat, default=str),
+        json.dumps(state.display, default=str),
+        state.last,
+    )
 
 
 def _jsonable(d):
@@ -133,7 +138,10 @@ def test_compare_saved_runs_rows_follow_the_recorded_numbers(full_run_file):
     assert len(table) == 3
     for row, cells, s, f in zip(res.rows, table, summaries, order):
         assert (row["kv_bytes_full"], row["kv_bytes_compressed"], row["kv_bytes_end"]) == (
-            s["kv_bytes_full"], s["kv_bytes_compressed"], s["kv_bytes_end"])
+            s["kv_bytes_full"],
+            s["kv_bytes_compressed"],
+            s["kv_bytes_end"],
+        )
         assert cells[0] == s["method"] and cells[2] == peek_run(f)["answer"]
         assert cells[3] == round(100 * s["kept_ratio"], 1)
         assert cells[4] == f"{round(s['kv_bytes_compressed'] / 1024, 1):g} / {round(s['kv_bytes_full'] / 1024, 1):g}"
@@ -154,7 +162,11 @@ def test_compare_saved_runs_rows_follow_the_recorded_numbers(full_run_file):
         trace = traces[caption.split(" @ ")[0]]
         m = trace.modality
         image = re.search(r"· image (\d+)", caption)
-        want = (1, int(image.group(1)) - 1, 0) if image else (2, 0, int(re.search(r"token group (\d+)", caption).group(1)) - 1)
+        want = (
+            (1, int(image.group(1)) - 1, 0)
+            if image
+            else (2, 0, int(re.search(r"token group (\d+)", caption).group(1)) - 1)
+        )
         index = next(i for i, it in enumerate(m.items) if (int(it.modality), int(it.source), int(it.frame)) == want)
         cells = [p for p in range(trace.prompt_length) if int(m.item[p]) == index and int(m.row[p]) >= 0]
         kept = [set(k) for lt in trace.layers for k in lt.kept]
@@ -211,11 +223,19 @@ def test_saved_run_reopens_identically(store, tmp_path):
         back = other.runs[other.last]
         assert back.label == "saved · " + label.removeprefix("saved · ")  # never "saved · saved · ..."
         assert _jsonable(back.trace.to_dict()) == _jsonable(run.trace.to_dict())
-        assert (back.answer, back.tokens, back.model, back.agreement) == (run.answer, run.tokens, run.model, run.agreement)
+        assert (back.answer, back.tokens, back.model, back.agreement) == (
+            run.answer,
+            run.tokens,
+            run.model,
+            run.agreement,
+        )
         pictures = [(a, b, IMAGE_SIDE) for a, b in zip(run.images, back.images)] + [
-            (a, b, FRAME_SIDE) for v, w in zip(run.videos, back.videos) for a, b in zip(v.frames, w.frames)]
+            (a, b, FRAME_SIDE) for v, w in zip(run.videos, back.videos) for a, b in zip(v.frames, w.frames)
+        ]
         assert len(pictures) == len(run.images) + sum(len(v.frames) for v in run.videos) > 0
-        assert len(back.images) == len(run.images) and [len(v.frames) for v in back.videos] == [len(v.frames) for v in run.videos]
+        assert len(back.images) == len(run.images) and [len(v.frames) for v in back.videos] == [
+            len(v.frames) for v in run.videos
+        ]
         for a, b, side in pictures:
             w, h = a.size
             scale = min(1.0, side / max(w, h))
@@ -314,10 +334,17 @@ def test_replay_of_hybridkv_matches_the_recorded_retrievals():
                 before = set(rows[earlier[-1]][j]) if earlier else set(lt.info["initial_chunks"][j])
                 retrieved += sum(spans[c][1] - spans[c][0] for c in now[-1])
                 fetched += sum(spans[c][1] - spans[c][0] for c in now[-1] - before)
-        m = re.search(r"\*\*(\d+)\*\* tokens' worth of chunks retrieved for this step's query by (\d+) dynamic "
-                      r"head\(s\) \(HybridKV\), (\d+) newly copied", view.summary)
+        m = re.search(
+            r"\*\*(\d+)\*\* tokens' worth of chunks retrieved for this step's query by (\d+) dynamic "
+            r"head\(s\) \(HybridKV\), (\d+) newly copied",
+            view.summary,
+        )
         assert m is not None, view.summary
-        assert [int(g) for g in m.groups()] == [retrieved, sum(len(lt.info["dynamic_heads"]) for lt in dynamic), fetched], t
+        assert [int(g) for g in m.groups()] == [
+            retrieved,
+            sum(len(lt.info["dynamic_heads"]) for lt in dynamic),
+            fetched,
+        ], t
         seen += retrieved > 0
     assert seen > 0  # retrieval happens at some step
 
@@ -339,10 +366,13 @@ def test_replay_panel_boxes_the_cell_evicted_at_this_step_and_leaves_held_cells_
     trace, m = run.trace, run.trace.modality
     rows_, cols_, items_ = (np.asarray(x) for x in (m.row, m.col, m.item))
     # a video cell that H2O evicted during decoding (layer, KV head, step, position), not at the last step
-    layer, head, t, pos = next((lt.layer, h, s, row[h]) for lt in trace.layers
-                               for row, s in zip(lt.decode_evictions or [], lt.decode_eviction_steps or [])
-                               for h in range(trace.num_kv_heads)
-                               if row[h] >= 0 and rows_[row[h]] >= 0 and s < len(trace.step_lengths) - 1)
+    layer, head, t, pos = next(
+        (lt.layer, h, s, row[h])
+        for lt in trace.layers
+        for row, s in zip(lt.decode_evictions or [], lt.decode_eviction_steps or [])
+        for h in range(trace.num_kv_heads)
+        if row[h] >= 0 and rows_[row[h]] >= 0 and s < len(trace.step_lengths) - 1
+    )
     item = m.items[int(items_[pos])]
     lt = next(x for x in trace.layers if x.layer == layer)
     gone = {r[head] for r, s in zip(lt.decode_evictions, lt.decode_eviction_steps) if s <= t + 1}
@@ -350,11 +380,15 @@ def test_replay_panel_boxes_the_cell_evicted_at_this_step_and_leaves_held_cells_
 
     def box(p: int, size: int) -> tuple[int, int, int, int]:
         r, c = int(rows_[p]), int(cols_[p])
-        return (round(c * size / item.cols), round(r * size / item.rows),
-                round((c + 1) * size / item.cols), round((r + 1) * size / item.rows))
+        return (
+            round(c * size / item.cols),
+            round(r * size / item.rows),
+            round((c + 1) * size / item.cols),
+            round((r + 1) * size / item.rows),
+        )
 
     def inside(pixels: np.ndarray, b: tuple[int, int, int, int], margin: int = 4) -> np.ndarray:
-        return pixels[b[1] + margin:b[3] - margin, b[0] + margin:b[2] - margin]
+        return pixels[b[1] + margin : b[3] - margin, b[0] + margin : b[2] - margin]
 
     looks = {}
     for step in (t - 1, t, t + 1):
@@ -393,8 +427,17 @@ def test_colliding_chat_labels_keep_both_runs(store):
 
 def test_compare_sweep_keeps_every_method_and_budget(store):
     state = H.AppState()
-    res = H.compare(store, state, {"text": "Which image has the orange circle?", "files": NEEDLES}, ["snapkv", "h2o"],
-                    0.3, sweep="0.1, 0.5", max_new_tokens=3, num_frames=4, with_kl=False)
+    res = H.compare(
+        store,
+        state,
+        {"text": "Which image has the orange circle?", "files": NEEDLES},
+        ["snapkv", "h2o"],
+        0.3,
+        sweep="0.1, 0.5",
+        max_new_tokens=3,
+        num_frames=4,
+        with_kl=False,
+    )
     expected = ["compare · full"] + [f"compare · {m} @ {b}" for m in ("snapkv", "h2o") for b in ("0.3", "0.1", "0.5")]
     assert list(state.runs) == expected
     for label, run in state.runs.items():
@@ -402,7 +445,8 @@ def test_compare_sweep_keeps_every_method_and_budget(store):
         assert run.trace.method == method and (not budget or run.trace.budget == float(budget))
     assert [(r["method"], r["budget"]) for r in res.rows] == [("full", 1.0), ("snapkv", 0.3), ("h2o", 0.3)]
     assert sorted((p["method"], p["budget"]) for p in res.sweep) == sorted(
-        (m, b) for m in ("snapkv", "h2o") for b in (0.1, 0.3, 0.5))
+        (m, b) for m in ("snapkv", "h2o") for b in (0.1, 0.3, 0.5)
+    )
     assert H.run_choices(state) == expected[::-1]
 
 
@@ -435,10 +479,13 @@ def test_preview_never_loads_a_model_and_counts_the_prompt():
     assert H.preview(store, state, {"text": "", "files": []}) == ""
     line = H.preview(store, state, message, num_frames=4, max_new_tokens=16)
     content = [*({"type": "image", "image": p} for p in NEEDLES), {"type": "text", "text": message["text"]}]
-    prepared = adapter_for(loaded.model).prepare(loaded.model, loaded.processor, [{"role": "user", "content": content}],
-                                                 num_frames=4)
+    prepared = adapter_for(loaded.model).prepare(
+        loaded.model, loaded.processor, [{"role": "user", "content": content}], num_frames=4
+    )
     counts = prepared.modality.counts()
-    assert line.startswith(f"Prompt: {prepared.length:,} tokens (text {counts['text']:,} · 2 images {counts['image']:,})")
+    assert line.startswith(
+        f"Prompt: {prepared.length:,} tokens (text {counts['text']:,} · 2 images {counts['image']:,})"
+    )
     assert "fits" in line and "too big" not in line
     # after a turn the preview counts the conversation too
     _chat(store, state, message)
@@ -465,10 +512,14 @@ def test_prompt_the_device_cannot_hold_is_refused(store, monkeypatch):
     with pytest.raises(UserError) as err:
         _chat(store, state, message)
     msg = str(err.value)
-    assert "needs about" in msg and "to spare" in msg and "Shrink it to at most 0 tokens" in msg and "fewer images" in msg
+    assert (
+        "needs about" in msg and "to spare" in msg and "Shrink it to at most 0 tokens" in msg and "fewer images" in msg
+    )
     assert _snapshot(state) == before
     with pytest.raises(UserError, match="Shrink it"):
-        H.compare(store, state, message, ["snapkv"], 0.3, max_new_tokens=2, num_frames=4, with_kl=False, limits=Limits())
+        H.compare(
+            store, state, message, ["snapkv"], 0.3, max_new_tokens=2, num_frames=4, with_kl=False, limits=Limits()
+        )
     assert _snapshot(state) == before
     assert "too big" in H.preview(store, state, message)
     monkeypatch.undo()

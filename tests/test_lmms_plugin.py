@@ -26,10 +26,27 @@ class Instance:
 def _task(n: int = 2) -> tuple[dict, list, list]:
     """A tiny local task: the image needle's images and question as lmms-eval docs."""
     samples = heldout_set("needle", n, 3, seed=777)
-    docs = [{"images": [p["image"] for p in s.chat[0]["content"] if p["type"] == "image"],
-             "question": s.chat[0]["content"][-1]["text"], "answer": s.answer} for s in samples]
-    requests = [Instance((f"<image><image><image>{d['question']}", {"max_new_tokens": 16, "until": ["\n\n"]},
-                          lambda doc: doc["images"], i, "tiny_needle", "test")) for i, d in enumerate(docs)]
+    docs = [
+        {
+            "images": [p["image"] for p in s.chat[0]["content"] if p["type"] == "image"],
+            "question": s.chat[0]["content"][-1]["text"],
+            "answer": s.answer,
+        }
+        for s in samples
+    ]
+    requests = [
+        Instance(
+            (
+                f"<image><image><image>{d['question']}",
+                {"max_new_tokens": 16, "until": ["\n\n"]},
+                lambda doc: doc["images"],
+                i,
+                "tiny_needle",
+                "test",
+            )
+        )
+        for i, d in enumerate(docs)
+    ]
     return {"tiny_needle": {"test": docs}}, docs, requests
 
 
@@ -45,8 +62,13 @@ def test_adapter_answers_like_the_python_api_and_logs_the_kv_ratio(loaded, tmp_p
     adapter = plugin.MMKVAdapter(method="snapkv", budget="0.2", trace_log=str(log), model=model, processor=processor)
     answers = adapter.generate_until(requests, task_dict)
     for doc, answer in zip(docs, answers):
-        chat = [{"role": "user", "content": [{"type": "image", "image": im} for im in doc["images"]]
-                 + [{"type": "text", "text": doc["question"]}]}]
+        chat = [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": im} for im in doc["images"]]
+                + [{"type": "text", "text": doc["question"]}],
+            }
+        ]
         assert answer == mmkv.generate(model, processor, chat, "snapkv", 0.2, max_new_tokens=16).text
     assert [t["doc_id"] for t in adapter.traces] == [0, 1] and all(0.15 < t["kv_ratio"] < 0.3 for t in adapter.traces)
     assert [json.loads(x)["kv_ratio"] for x in log.read_text().splitlines()] == [t["kv_ratio"] for t in adapter.traces]
@@ -76,6 +98,10 @@ def test_registered_lmms_eval_model(loaded) -> None:
     model = cls.create_from_arg_string(f"pretrained={MODEL},method=snapkv,budget=0.2")
     task_dict, docs, requests = _task(1)
     model.task_dict = task_dict
-    real = [LmmsInstance("generate_until", r.args, 0, {"task": "tiny_needle", "doc_id": 0, "repeats": 1}) for r in requests]
-    assert model.generate_until(real) == plugin.MMKVAdapter(model=loaded[0], processor=loaded[1]).generate_until(requests, task_dict)
+    real = [
+        LmmsInstance("generate_until", r.args, 0, {"task": "tiny_needle", "doc_id": 0, "repeats": 1}) for r in requests
+    ]
+    assert model.generate_until(real) == plugin.MMKVAdapter(model=loaded[0], processor=loaded[1]).generate_until(
+        requests, task_dict
+    )
     assert 0.15 < model.traces[0]["kv_ratio"] < 0.3

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 import mmkv
+from mmkv.inputs.modality import IMAGE, ModalityMap, grid_item
 from mmkv.methods import MEDA, LookM, make_method
 from mmkv.methods.base import LayerContext
 from mmkv.methods.meda import layer_budgets
 from mmkv.methods.merge import merge_head, merge_layer
-from mmkv.inputs.modality import IMAGE, ModalityMap, grid_item
 from mmkv.statistics.stats import StatsRequest, compute_layer_stats
 from mmkv.testing.tiny import FAMILIES, build_tiny, make_image
 from oracle import compressed_logits, masked_reference_logits
@@ -245,11 +245,21 @@ def _planted_qkv(seed: int, aligned: tuple[range, range], strength: float = 4.0)
     return q, k, v
 
 
-def _context(q, k, v, capacity: int, request: StatsRequest, codes=CODES, layer: int = 0, layers: int = 1) -> LayerContext:
+def _context(
+    q, k, v, capacity: int, request: StatsRequest, codes=CODES, layer: int = 0, layers: int = 1
+) -> LayerContext:
     stats = compute_layer_stats(q, k, torch.tensor(codes, dtype=torch.int8), request, D**-0.5)
     return LayerContext(
-        layer=layer, num_layers=layers, num_kv_heads=H_KV, num_q_heads=H_Q, length=len(codes), capacity=capacity,
-        modality=_modality(codes), stats=stats, keys=k[0], values=v[0],
+        layer=layer,
+        num_layers=layers,
+        num_kv_heads=H_KV,
+        num_q_heads=H_Q,
+        length=len(codes),
+        capacity=capacity,
+        modality=_modality(codes),
+        stats=stats,
+        keys=k[0],
+        values=v[0],
     )
 
 
@@ -296,12 +306,16 @@ def test_lookm_text_only_prompt_keeps_all_or_falls_back_to_h2o() -> None:
     q, k, v = _planted_qkv(2, (B, A))
     plan = LookM().plan_layer(_context(q, k, v, 8, StatsRequest(column_sums=True), codes=codes))
     assert all(p.numel() == 24 for p in plan.kept) and "skipped" in plan.info
-    plan = LookM(text_only="h2o", merge="none").plan_layer(_context(q, k, v, 8, StatsRequest(column_sums=True), codes=codes))
+    plan = LookM(text_only="h2o", merge="none").plan_layer(
+        _context(q, k, v, 8, StatsRequest(column_sums=True), codes=codes)
+    )
     ctx = _context(q, k, v, 8, StatsRequest(column_sums=True), codes=codes)
     col = ctx.stats.column_sums
     for h in range(H_KV):  # M = 4 recent (20-23), N = 4 = the 4 sinks (the code forces tokens 0-3 in)
         assert plan.kept[h].tolist() == [0, 1, 2, 3, 20, 21, 22, 23]
-    plan = LookM(text_only="h2o", merge="none").plan_layer(_context(q, k, v, 12, StatsRequest(column_sums=True), codes=codes))
+    plan = LookM(text_only="h2o", merge="none").plan_layer(
+        _context(q, k, v, 12, StatsRequest(column_sums=True), codes=codes)
+    )
     for h in range(H_KV):  # M = 6 (18-23), N = 6: sinks 0-3 + the 2 best of 4..17
         s = [sum(float(col[2 * h + g, j]) for g in range(2)) / 2 for j in range(18)]
         best = sorted(range(4, 18), key=lambda j: (-s[j], j))[:2]
@@ -360,7 +374,10 @@ def _meda_layers(seed: int = 3):
 def test_meda_gives_the_high_entropy_layer_more_and_matches_reference(merge: str) -> None:
     method = MEDA(merge=merge)
     capacity = 12
-    contexts = [_context(q, k, v, capacity, method.stats_request(), layer=i, layers=3) for i, (q, k, v) in enumerate(_meda_layers())]
+    contexts = [
+        _context(q, k, v, capacity, method.stats_request(), layer=i, layers=3)
+        for i, (q, k, v) in enumerate(_meda_layers())
+    ]
     plans = method.plan(contexts)
     entropies = [naive_cross_entropy(q, k, CODES, D**-0.5) for q, k, _ in _meda_layers()]
     for plan, e in zip(plans, entropies):
@@ -387,7 +404,9 @@ def test_meda_options_and_text_only_prompt() -> None:
     full = MEDA(entropy="full")
     assert full.stats_request() == StatsRequest(column_sums=True, full_entropy=True)
     assert MEDA(cross_mask="full").stats_request().cross_modal == "full"
-    contexts = [_context(q, k, v, 12, full.stats_request(), layer=i, layers=3) for i, (q, k, v) in enumerate(_meda_layers())]
+    contexts = [
+        _context(q, k, v, 12, full.stats_request(), layer=i, layers=3) for i, (q, k, v) in enumerate(_meda_layers())
+    ]
     plans = full.plan(contexts)
     for ctx, plan in zip(contexts, plans):
         assert plan.info["entropy"] == pytest.approx(float(ctx.stats.full_entropy.mean()))
@@ -399,7 +418,10 @@ def test_meda_options_and_text_only_prompt() -> None:
     # text only: zero cross-modal entropy everywhere -> uniform budgets; the text prior keeps everything
     codes = [0] * 24
     method = MEDA()
-    contexts = [_context(q, k, v, 12, method.stats_request(), codes=codes, layer=i, layers=3) for i, (q, k, v) in enumerate(_meda_layers())]
+    contexts = [
+        _context(q, k, v, 12, method.stats_request(), codes=codes, layer=i, layers=3)
+        for i, (q, k, v) in enumerate(_meda_layers())
+    ]
     plans = method.plan(contexts)
     assert [p.info["layer_budget"] for p in plans] == [12, 12, 12]
     assert all(k.numel() == 24 for p in plans for k in p.kept)

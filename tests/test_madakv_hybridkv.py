@@ -16,9 +16,9 @@ import torch
 import mmkv
 import oracle
 from mmkv.compat import cache_kwargs
+from mmkv.inputs.modality import IMAGE, TEXT, VIDEO, ModalityMap
 from mmkv.methods import HybridKV, MadaKV
 from mmkv.methods.base import LayerContext, LayerPlan
-from mmkv.inputs.modality import IMAGE, TEXT, VIDEO, ModalityMap
 from mmkv.statistics.stats import LayerStats
 from mmkv.testing.tiny import FAMILIES
 from oracle import masked_reference_logits
@@ -33,7 +33,10 @@ def ref_reduce(scores_q: torch.Tensor, h_kv: int) -> list[list[float]]:
     """GQA mean: query head i belongs to KV head i // G."""
     h_q, length = scores_q.shape
     group = h_q // h_kv
-    return [[sum(float(scores_q[h * group + g, j]) for g in range(group)) / group for j in range(length)] for h in range(h_kv)]
+    return [
+        [sum(float(scores_q[h * group + g, j]) for g in range(group)) / group for j in range(length)]
+        for h in range(h_kv)
+    ]
 
 
 def ref_cover(values: list[float], theta: float) -> int:
@@ -108,8 +111,17 @@ def ref_madakv(ctxs, window=32, theta=0.9, hcc="B", phi_init=1.0, min_ratio=0.2,
             comp = sum(len(k) - phi for k in kept)
         else:
             comp = 0.0
-        out.append({"kept": kept, "visual_budget": vb, "text_budget": tb, "preference": pref, "phi": phi,
-                    "demand_visual": k_v, "demand_text": k_t})
+        out.append(
+            {
+                "kept": kept,
+                "visual_budget": vb,
+                "text_budget": tb,
+                "preference": pref,
+                "phi": phi,
+                "demand_visual": k_v,
+                "demand_text": k_t,
+            }
+        )
         if i < N - 1 and hcc != "off":
             phi = phi - comp / (H * (N - 1 - i))
     return out
@@ -200,8 +212,16 @@ def ref_hybridkv(ctxs, theta=0.9, tau=None, static_fraction=0.7, r=None, chunk=1
                     pos += list(range(starts[i], min(starts[i] + chunk, L - rr)))
                 kept.append(sorted(pos))
                 hb.append(lay["tokens"])
-        out.append({"kept": kept, "head_budgets": hb, "types": ["static" if (l, h) in static else "dynamic" for h in range(H)],
-                    "sparsity": sparsity[l], "initial": initial, "layout": lay})
+        out.append(
+            {
+                "kept": kept,
+                "head_budgets": hb,
+                "types": ["static" if (l, h) in static else "dynamic" for h in range(H)],
+                "sparsity": sparsity[l],
+                "initial": initial,
+                "layout": lay,
+            }
+        )
     return out
 
 
@@ -281,7 +301,12 @@ def test_madakv_planted_modality_preference() -> None:
 def test_madakv_total_within_budget(hcc: str) -> None:
     for seed in range(6):
         for capacity in (5, 9, 17, 30):
-            for params in ({}, {"phi_init": 3.0}, {"phi_init": 0.3, "max_ratio": 5.0}, {"theta": 0.99, "min_ratio": 0.0}):
+            for params in (
+                {},
+                {"phi_init": 3.0},
+                {"phi_init": 0.3, "max_ratio": 5.0},
+                {"theta": 0.99, "min_ratio": 0.0},
+            ):
                 ctxs = mada_contexts(seed, capacity, n_layers=5)
                 plans = MadaKV(window=4, hcc=hcc, **params).plan(ctxs)
                 total = sum(k.numel() for p in plans for k in p.kept)
@@ -346,14 +371,22 @@ def hybrid_contexts(seed, capacity, n_layers=3, codes=CODES, h_q=4, h_kv=2, spar
 
 @pytest.mark.parametrize(
     "params",
-    [{}, {"chunk_size": 4, "sinks": 2, "recent": 4}, {"chunk_size": 3, "tau": 0.5, "r": 0.3, "recent": 5},
-     {"static_fraction": 0.0, "chunk_size": 5}, {"static_fraction": 1.0}, {"chunk_size": 4, "recent": 2, "r": 0.8}],
+    [
+        {},
+        {"chunk_size": 4, "sinks": 2, "recent": 4},
+        {"chunk_size": 3, "tau": 0.5, "r": 0.3, "recent": 5},
+        {"static_fraction": 0.0, "chunk_size": 5},
+        {"static_fraction": 1.0},
+        {"chunk_size": 4, "recent": 2, "r": 0.8},
+    ],
 )
 @pytest.mark.parametrize("capacity", [8, 20, 48])
 def test_hybridkv_equals_naive_reference(params: dict, capacity: int) -> None:
     ctxs = hybrid_contexts(seed=capacity, capacity=capacity)
     plans = HybridKV(**params).plan(ctxs)
-    ref = ref_hybridkv(ctxs, **{k: v for k, v in params.items() if k != "chunk_size"}, chunk=params.get("chunk_size", 16))
+    ref = ref_hybridkv(
+        ctxs, **{k: v for k, v in params.items() if k != "chunk_size"}, chunk=params.get("chunk_size", 16)
+    )
     for i, (plan, want) in enumerate(zip(plans, ref)):
         assert [k.tolist() for k in plan.kept] == want["kept"], f"layer {i}"
         assert plan.info["head_types"] == want["types"], f"layer {i}"
@@ -415,9 +448,17 @@ def _layer(length=64, d=8, scoring="mean", top_chunks=2, offload=True, chunk=4, 
     static_kept = torch.arange(0, length, 3)
     plan = LayerPlan(
         kept=[static_kept, torch.arange(length)],
-        decode={"policy": "hybrid", "head_types": ["static", "dynamic"], "sinks": sinks, "recent": recent,
-                "chunk_size": chunk, "top_chunks": top_chunks, "scoring": scoring, "offload": offload,
-                "initial_chunks": [list(range(top_chunks))]},
+        decode={
+            "policy": "hybrid",
+            "head_types": ["static", "dynamic"],
+            "sinks": sinks,
+            "recent": recent,
+            "chunk_size": chunk,
+            "top_chunks": top_chunks,
+            "scoring": scoring,
+            "offload": offload,
+            "initial_chunks": [list(range(top_chunks))],
+        },
     )
     return build_hybrid_layer(keys, values, plan), keys, values, plan
 
@@ -456,7 +497,12 @@ def test_hybrid_layer_retrieves_the_planted_chunk_and_attends_over_the_union(sco
         all_v = torch.cat([values[0], tail_v[0]], dim=1)
         L = 64
         tail_pos = list(range(L, L + step + 1))
-        dyn = list(range(2)) + [p for c in chunks for p in range(2 + 4 * c, 2 + 4 * c + 4)] + list(range(L - 6, L)) + tail_pos
+        dyn = (
+            list(range(2))
+            + [p for c in chunks for p in range(2 + 4 * c, 2 + 4 * c + 4)]
+            + list(range(L - 6, L))
+            + tail_pos
+        )
         static = list(range(0, L, 3)) + tail_pos
         want = _naive_attention(query, all_k, all_v, [torch.tensor(static), torch.tensor(sorted(dyn))], d**-0.5)
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
@@ -478,7 +524,9 @@ def test_hybrid_layer_partial_chunk_is_masked() -> None:
     dyn = [0, 1] + [54, 55, 56] + list(range(57, 63)) + [63]
     all_k = torch.cat([keys[0], tail_k[0]], dim=1)
     all_v = torch.cat([values[0], tail_v[0]], dim=1)
-    want = _naive_attention(query, all_k, all_v, [torch.tensor(list(range(0, 63, 3)) + [63]), torch.tensor(dyn)], d**-0.5)
+    want = _naive_attention(
+        query, all_k, all_v, [torch.tensor(list(range(0, 63, 3)) + [63]), torch.tensor(dyn)], d**-0.5
+    )
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     assert layer.kept_positions()[1].tolist() == dyn
 
@@ -525,10 +573,15 @@ def _check_trace(trace, n_generated: int) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_end_to_end_every_family(family: str, tiny_prepared) -> None:
     model, processor, prepared = tiny_prepared(family)
-    for method, params in (("madakv", {}), ("madakv", {"window": 4, "hcc": "A"}), ("hybridkv", {}),
-                           ("hybridkv", {"chunk_size": 4, "sinks": 2, "scoring": "bounds"})):
-        result = mmkv.generate(model, processor, None, method=method, budget=0.2, max_new_tokens=3, prepared=prepared,
-                               **params)
+    for method, params in (
+        ("madakv", {}),
+        ("madakv", {"window": 4, "hcc": "A"}),
+        ("hybridkv", {}),
+        ("hybridkv", {"chunk_size": 4, "sinks": 2, "scoring": "bounds"}),
+    ):
+        result = mmkv.generate(
+            model, processor, None, method=method, budget=0.2, max_new_tokens=3, prepared=prepared, **params
+        )
         assert len(result.token_ids) >= 1
         _check_trace(result.trace, len(result.token_ids) - 1)
         if method == "hybridkv" and params:
@@ -562,7 +615,11 @@ def test_hybridkv_all_chunks_equals_full_cache(family: str, tiny_prepared) -> No
     assert layers and all(len(l.retrievals) == len(tokens) for l in layers)
     for l in layers:
         n = l.chunk_starts.numel()
-        assert n > 1 and l.top_chunks == n and all(step == [list(range(n))] * len(l.dynamic_heads) for step in l.retrievals)
+        assert (
+            n > 1
+            and l.top_chunks == n
+            and all(step == [list(range(n))] * len(l.dynamic_heads) for step in l.retrievals)
+        )
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 

@@ -56,8 +56,15 @@ def write_dataset(root: Path, name: str, samples, *, instruction: str = "", choi
         inst = {"context": context, "images_path": paths}
         if choices is not None:
             inst["choice_list"] = choices(s)
-        data.append({"sample_id": i, "task_instruction_id": 0, "task_instance": inst,
-                     "response": response(s) if response else s.answer, "image_quantity_level": "Few"})
+        data.append(
+            {
+                "sample_id": i,
+                "task_instruction_id": 0,
+                "task_instance": inst,
+                "response": response(s) if response else s.answer,
+                "image_quantity_level": "Few",
+            }
+        )
     qtype = "multi-choice" if choices is not None else "open-ended"
     doc = {"meta_data": {"task": name, "task_instruction": [instruction], "question_type": qtype}, "data": data}
     (folder / f"{name}.json").write_text(json.dumps(doc))
@@ -70,9 +77,14 @@ def bench(tmp_path_factory) -> tuple[Path, list, list]:
     needles = heldout_set("text_needle", 4, 3, seed=4242)
     which = heldout_set("needle", 4, 3, seed=4243)
     write_dataset(root, "TextNeedleInAHaystack", needles, response=lambda s: s.scene.password)
-    write_dataset(root, "WhichImage", which, instruction="Answer with the option's letter.",
-                  choices=lambda s: [f"image {k}" for k in range(1, s.scene.k + 1)],
-                  response=lambda s: f"image {s.answer.rstrip('.').split()[-1]}")
+    write_dataset(
+        root,
+        "WhichImage",
+        which,
+        instruction="Answer with the option's letter.",
+        choices=lambda s: [f"image {k}" for k in range(1, s.scene.k + 1)],
+        response=lambda s: f"image {s.answer.rstrip('.').split()[-1]}",
+    )
     return root, needles, which
 
 
@@ -103,17 +115,43 @@ def test_multi_choice_prompt_layout(bench) -> None:
 def test_eval_harness_on_milebench_folder_matches_direct_scoring(bench, tmp_path) -> None:
     root, _, _ = bench
     out = tmp_path / "out"
-    assert mmkv_eval.main(["--model", MODEL, "--milebench", str(root), "--methods", "full,snapkv", "--budgets", "0.3",
-                           "--samples", "3", "--max-new-tokens", "16", "--out", str(out)]) == 0
+    assert (
+        mmkv_eval.main(
+            [
+                "--model",
+                MODEL,
+                "--milebench",
+                str(root),
+                "--methods",
+                "full,snapkv",
+                "--budgets",
+                "0.3",
+                "--samples",
+                "3",
+                "--max-new-tokens",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out / "eval.json").read_text())
     assert {(r["task"], r["method"]) for r in rows} == {
-        (t, m) for t in ("TextNeedleInAHaystack", "WhichImage") for m in ("full", "snapkv")}
+        (t, m) for t in ("TextNeedleInAHaystack", "WhichImage") for m in ("full", "snapkv")
+    }
     model, processor = mmkv.load(MODEL)
     scored = {}
     for s in load_milebench(root, limit=3):
         scored.setdefault(s.task, []).append(
-            score_answer(s.task, s.question_type, s.answer,
-                         mmkv.generate(model, processor, s.chat, "full", 1.0, max_new_tokens=16).text, s.choices))
+            score_answer(
+                s.task,
+                s.question_type,
+                s.answer,
+                mmkv.generate(model, processor, s.chat, "full", 1.0, max_new_tokens=16).text,
+                s.choices,
+            )
+        )
     for task, scores in scored.items():
         full = next(r for r in rows if r["task"] == task and r["method"] == "full")
         assert full["samples"] == 3 and full["accuracy"] == pytest.approx(sum(scores) / 3)
@@ -130,16 +168,25 @@ def _lcs_brute(a: list[str], b: list[str]) -> int:
     return 0
 
 
-@pytest.mark.parametrize("pred,ref", [
-    ("the cat sat on the mat", "the cat is on the mat"),
-    ("a b c d e", "e d c b a"),
-    ("x y z", "a b c"),
-    ("one two one two", "two one two"),
-])
+@pytest.mark.parametrize(
+    "pred,ref",
+    [
+        ("the cat sat on the mat", "the cat is on the mat"),
+        ("a b c d e", "e d c b a"),
+        ("x y z", "a b c"),
+        ("one two one two", "two one two"),
+    ],
+)
 def test_rouge_l_against_brute_force_lcs(pred: str, ref: str) -> None:
     lcs = _lcs_brute(pred.split(), ref.split())
-    expected = 0.0 if lcs == 0 else 2 * (lcs / len(pred.split())) * (lcs / len(ref.split())) / (
-        lcs / len(pred.split()) + lcs / len(ref.split()))
+    expected = (
+        0.0
+        if lcs == 0
+        else 2
+        * (lcs / len(pred.split()))
+        * (lcs / len(ref.split()))
+        / (lcs / len(pred.split()) + lcs / len(ref.split()))
+    )
     assert rouge_l(pred, ref) == pytest.approx(expected)
 
 
@@ -302,7 +349,9 @@ def test_left_truncation_by_tokens_keeps_instruction_and_question() -> None:
     assert cut(4) == ("is it?", [])
 
 
-def _raw_dataset(root: Path, name: str, items: list, qtype: str = "multi-choice", suffix: str = "", image_dir: str = "images") -> Path:
+def _raw_dataset(
+    root: Path, name: str, items: list, qtype: str = "multi-choice", suffix: str = "", image_dir: str = "images"
+) -> Path:
     from PIL import Image
 
     folder = root / name
@@ -323,13 +372,32 @@ def _item(i: int, context: str, images: list, response: str = "red", **extra) ->
 def test_every_item_is_checked_before_generation(tmp_path) -> None:
     ok = dict(choice_list=["red", "blue"])
     cases = {
-        "no choice_list": ([_item(0, "{image#1} which?", ["a.png"])], "multi-choice", "needs a non-empty 'choice_list'"),
-        "reference not a choice": ([_item(0, "{image#1} which?", ["a.png"], "pink", **ok)], "multi-choice", "not one of its choices"),
+        "no choice_list": (
+            [_item(0, "{image#1} which?", ["a.png"])],
+            "multi-choice",
+            "needs a non-empty 'choice_list'",
+        ),
+        "reference not a choice": (
+            [_item(0, "{image#1} which?", ["a.png"], "pink", **ok)],
+            "multi-choice",
+            "not one of its choices",
+        ),
         "unknown type": ([_item(0, "{image#1} which?", ["a.png"])], "yes-no", "question_type 'yes-no' is not one of"),
-        "image without placeholder": ([_item(0, "{image#1} which?", ["a.png", "b.png"], **ok)], "multi-choice",
-                                      "2 images but 1 placeholders"),
-        "placeholder beyond images": ([_item(0, "{image#3} which?", ["a.png"], **ok)], "multi-choice", "names \\{image#3\\}"),
-        "empty open-ended reference": ([_item(0, "{image#1} which?", ["a.png"], "...")], "open-ended", "empty once normalised"),
+        "image without placeholder": (
+            [_item(0, "{image#1} which?", ["a.png", "b.png"], **ok)],
+            "multi-choice",
+            "2 images but 1 placeholders",
+        ),
+        "placeholder beyond images": (
+            [_item(0, "{image#3} which?", ["a.png"], **ok)],
+            "multi-choice",
+            "names \\{image#3\\}",
+        ),
+        "empty open-ended reference": (
+            [_item(0, "{image#1} which?", ["a.png"], "...")],
+            "open-ended",
+            "empty once normalised",
+        ),
     }
     for i, (_label, (items, qtype, message)) in enumerate(cases.items()):
         root = tmp_path / f"c{i}"
@@ -340,7 +408,11 @@ def test_every_item_is_checked_before_generation(tmp_path) -> None:
 
 
 def test_adversarial_and_combined_files_are_read(tmp_path) -> None:
-    items = [_item(0, "{image#1}{image#2} which?", ["a.png", "b.png"], choice_list=["red", "blue"], combined_2_images=["c.png"])]
+    items = [
+        _item(
+            0, "{image#1}{image#2} which?", ["a.png", "b.png"], choice_list=["red", "blue"], combined_2_images=["c.png"]
+        )
+    ]
     _raw_dataset(tmp_path, "ActionSequence", items)
     _raw_dataset(tmp_path, "ActionSequence", items, suffix="-adv")
     _raw_dataset(tmp_path, "ActionSequence", items, suffix="_combined_2", image_dir="combined_2_images")

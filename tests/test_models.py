@@ -12,10 +12,10 @@ import torch
 
 from mmkv.compat import CACHE_ARGUMENTS
 from mmkv.inputs.modality import IMAGE, TEXT, VIDEO
+from mmkv.inputs.video import as_video_frames, load_image, read_video
 from mmkv.models import ADAPTERS, UnsupportedModelError, adapter_for, load
 from mmkv.models.base import VideoFrames, common_prefix_length, render_chat
 from mmkv.testing import FAMILIES, build_tiny, make_image, make_video, save_tiny
-from mmkv.inputs.video import as_video_frames, load_image, read_video
 
 QUESTION = "what is shown in the image?"
 VIDEO_QUESTION = "which object moves in the video?"
@@ -71,7 +71,7 @@ def expected_counts(family: str, model, processor, inputs) -> tuple[list[int], l
     """(tokens per image, tokens per video) the model expects, from grids/sizes in ``inputs``."""
     cfg = model.config
     if family in QWEN:
-        m2 = cfg.vision_config.spatial_merge_size ** 2
+        m2 = cfg.vision_config.spatial_merge_size**2
         img = [int(g.prod()) // m2 for g in inputs.get("image_grid_thw", torch.zeros(0, 3))]
         vid = [int(g.prod()) // m2 for g in inputs.get("video_grid_thw", torch.zeros(0, 3))]
         return img, vid
@@ -231,7 +231,9 @@ def test_map_from_generate_forward(family, chat, video_path):
     """generate() may call forward with ``mm_encoder_outputs`` instead of pixels/grids (transformers 5.23)."""
     model, processor = tiny(family)
     adapter = adapter_for(model)
-    prepared = adapter.prepare(model, processor, two_image_chat() if chat == "images" else video_chat(video_path), num_frames=4)
+    prepared = adapter.prepare(
+        model, processor, two_image_chat() if chat == "images" else video_chat(video_path), num_frames=4
+    )
     captured = _prefill_kwargs(model, prepared.inputs)
     mm = adapter.modality_map(model, captured)
     assert torch.equal(mm.modality, prepared.modality.modality) and torch.equal(mm.row, prepared.modality.row)
@@ -255,7 +257,12 @@ def test_matches_processor(family, n_images):
     """For image-only prompts the hand-built inputs equal the transformers processor's."""
     model, processor = tiny(family)
     images = [make_image(5, (96, 64)), make_image(6, (64, 112))][:n_images]
-    chat = [{"role": "user", "content": [*({"type": "image", "image": im} for im in images), {"type": "text", "text": QUESTION}]}]
+    chat = [
+        {
+            "role": "user",
+            "content": [*({"type": "image", "image": im} for im in images), {"type": "text", "text": QUESTION}],
+        }
+    ]
     prepared = adapter_for(model).prepare(model, processor, chat)
     text = render_chat(processor, chat)
     bos = processor.tokenizer.bos_token
@@ -319,7 +326,12 @@ def test_load_legacy_checkpoint_layout(family, tmp_path):
 
 def test_onevision_single_image_anyres():
     model, processor = tiny("llava_onevision")
-    chat = [{"role": "user", "content": [{"type": "image", "image": make_image(7, (96, 64))}, {"type": "text", "text": QUESTION}]}]
+    chat = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": make_image(7, (96, 64))}, {"type": "text", "text": QUESTION}],
+        }
+    ]
     prepared = adapter_for(model).prepare(model, processor, chat)
     check_map("llava_onevision", model, processor, prepared, n_images=1, n_videos=0, question=QUESTION)
     tiles = [(it.tile, it.length - it.rows * it.cols) for it in prepared.modality.items]

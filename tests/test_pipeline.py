@@ -20,8 +20,14 @@ def _plain_generate(model, prepared, n: int):
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "rope_deltas"):
         inner.rope_deltas = None
-    out = model.generate(**prepared.inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        **prepared.inputs,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     return out.sequences[0, prepared.length :].tolist(), [l[0].float() for l in out.logits]
 
 
@@ -34,6 +40,7 @@ def test_every_registered_method_has_a_kind() -> None:
 @pytest.mark.parametrize("case", params(VARIANTS))
 def test_variants_are_valid_non_default_settings(case: MethodConfig) -> None:
     method, default = make_method(case.method, **case.kwargs()), make_method(case.method)
+
     def as_list(v):  # pairs may be stored as lists
         return list(v) if isinstance(v, (tuple, list)) else v
 
@@ -45,8 +52,9 @@ def test_variants_are_valid_non_default_settings(case: MethodConfig) -> None:
 def test_every_method_on_every_family(family: str, case: MethodConfig, tiny_prepared) -> None:
     method = case.method
     model, processor, prepared = tiny_prepared(family)
-    result = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=4, prepared=prepared,
-                           **case.kwargs())
+    result = mmkv.generate(
+        model, processor, None, method=method, budget=0.3, max_new_tokens=4, prepared=prepared, **case.kwargs()
+    )
     trace = result.trace
     L = prepared.length
     assert trace.prompt_length == L and trace.span_length == L and len(trace.layers) == trace.num_layers
@@ -73,7 +81,10 @@ def test_every_method_on_every_family(family: str, case: MethodConfig, tiny_prep
     elif case.budget == "heads":
         assert all(abs(sum(b) - cap * trace.num_kv_heads) <= trace.num_kv_heads for b in budgets)
     generated_forwards = len(result.token_ids) - 1
-    assert trace.bytes_end == trace.bytes_compressed + generated_forwards * trace.num_layers * trace.num_kv_heads * per_token
+    assert (
+        trace.bytes_end
+        == trace.bytes_compressed + generated_forwards * trace.num_layers * trace.num_kv_heads * per_token
+    )
     assert len(trace.timings.decode_s) == generated_forwards
     again = mmkv.Trace.from_json(trace.to_json())
     assert again.to_dict() == trace.to_dict()
@@ -84,8 +95,9 @@ def test_full_and_budget_one_match_plain_generate(family: str, tiny_prepared) ->
     model, processor, prepared = tiny_prepared(family)
     tokens, logits = _plain_generate(model, prepared, 6)
     for method, budget in (("full", 0.5), ("snapkv", 1.0), ("adakv", 1.0)):
-        result = mmkv.generate(model, processor, None, method=method, budget=budget, max_new_tokens=6,
-                               prepared=prepared)
+        result = mmkv.generate(
+            model, processor, None, method=method, budget=budget, max_new_tokens=6, prepared=prepared
+        )
         assert result.token_ids == tokens[: len(result.token_ids)], (method, budget)
     # Logits of the same steps, through the context manager around plain generate.
     with mmkv.compress(model, "full", modality=prepared.modality):
@@ -141,8 +153,9 @@ def test_qwen_decode_positions_use_rope_deltas_and_logical_length(tiny_prepared)
     rotary = mmkv.models.base.resolve_text_model(model).rotary_emb
     handle = rotary.register_forward_hook(lambda m, args, out: captured.append(args[1].clone()))
     try:
-        result = mmkv.generate(model, processor, None, method="streamingllm", budget=0.25, max_new_tokens=4,
-                               prepared=prepared)
+        result = mmkv.generate(
+            model, processor, None, method="streamingllm", budget=0.25, max_new_tokens=4, prepared=prepared
+        )
     finally:
         handle.remove()
     deltas = int(model.model.rope_deltas.flatten()[0])
@@ -155,8 +168,9 @@ def test_qwen_decode_positions_use_rope_deltas_and_logical_length(tiny_prepared)
 def test_query_agnostic_compresses_only_the_context(tiny_prepared) -> None:
     model, processor, prepared = tiny_prepared("qwen2_5_vl")
     assert 0 < prepared.context_length < prepared.length
-    result = mmkv.generate(model, processor, None, method="snapkv", budget=0.3, max_new_tokens=3,
-                           query_aware=False, prepared=prepared)
+    result = mmkv.generate(
+        model, processor, None, method="snapkv", budget=0.3, max_new_tokens=3, query_aware=False, prepared=prepared
+    )
     trace = result.trace
     assert not trace.query_aware and trace.span_length == prepared.context_length
     assert trace.prompt_length == prepared.length
@@ -171,16 +185,18 @@ def test_query_agnostic_compresses_only_the_context(tiny_prepared) -> None:
 def test_streaming_yields_the_same_text(tiny_prepared) -> None:
     model, processor, prepared = tiny_prepared("qwen2_vl")
     full = mmkv.generate(model, processor, None, method="h2o", budget=0.3, max_new_tokens=5, prepared=prepared)
-    stream = mmkv.generate(model, processor, None, method="h2o", budget=0.3, max_new_tokens=5, prepared=prepared,
-                           stream=True)
+    stream = mmkv.generate(
+        model, processor, None, method="h2o", budget=0.3, max_new_tokens=5, prepared=prepared, stream=True
+    )
     pieces = list(stream)
     assert "".join(pieces) == full.text and stream.result.token_ids == full.token_ids
 
 
 def test_h2o_decode_eviction_keeps_the_cache_at_capacity(tiny_prepared) -> None:
     model, processor, prepared = tiny_prepared("llava")
-    result = mmkv.generate(model, processor, None, method="h2o", budget=0.3, max_new_tokens=6, prepared=prepared,
-                           decode_evict=True)
+    result = mmkv.generate(
+        model, processor, None, method="h2o", budget=0.3, max_new_tokens=6, prepared=prepared, decode_evict=True
+    )
     trace = result.trace
     assert trace.bytes_end == trace.bytes_compressed  # one token in, one token out per step
     steps = len(result.token_ids) - 1
@@ -198,15 +214,19 @@ def test_errors_name_the_fix(tiny_prepared) -> None:
         mmkv.generate(model, processor, None, method="snapkv", budget=0, prepared=prepared)
     with pytest.raises(ValueError, match="context is"):
         mmkv.generate(model, processor, None, method="snapkv", max_new_tokens=10**6, prepared=prepared)
-    batch = {k: (torch.cat([v, v]) if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
-             for k, v in prepared.inputs.items()}
+    batch = {
+        k: (torch.cat([v, v]) if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+        for k, v in prepared.inputs.items()
+    }
     batch["pixel_values"] = torch.cat([prepared.inputs["pixel_values"]] * 2)
     batch["image_grid_thw"] = torch.cat([prepared.inputs["image_grid_thw"]] * 2)
     with pytest.raises(mmkv.BatchSizeError, match="batch size 1"), mmkv.compress(model, "snapkv", 0.3):
         model.generate(**batch, max_new_tokens=2)
     from transformers import T5Config, T5ForConditionalGeneration
 
-    encoder_decoder = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
+    encoder_decoder = T5ForConditionalGeneration(
+        T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    )
     with pytest.raises(mmkv.UnsupportedModelError, match="Qwen2-VL"):
         mmkv.adapter_for(encoder_decoder)
 
@@ -227,10 +247,20 @@ def test_preallocated_decode_gives_the_same_tokens(case: MethodConfig, tiny_prep
     """The in-place (preallocated) decode path is checked against the plain concatenating path."""
     model, processor, prepared = tiny_prepared("qwen2_5_vl")
     method, kwargs = case.method, case.kwargs()
-    plain = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=6, prepared=prepared,
-                          **kwargs)
-    fast = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=6, prepared=prepared,
-                         preallocate=True, **kwargs)
+    plain = mmkv.generate(
+        model, processor, None, method=method, budget=0.3, max_new_tokens=6, prepared=prepared, **kwargs
+    )
+    fast = mmkv.generate(
+        model,
+        processor,
+        None,
+        method=method,
+        budget=0.3,
+        max_new_tokens=6,
+        prepared=prepared,
+        preallocate=True,
+        **kwargs,
+    )
     assert fast.token_ids == plain.token_ids
     if not case.decode_policy:  # layers with their own decode policy keep their own storage
         # Room for the generated tokens was reserved up front, so the cache did not grow while decoding.

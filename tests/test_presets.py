@@ -106,8 +106,15 @@ def collect(families: tuple[str, ...] | None = None) -> dict[str, dict]:
                 for budget in BUDGETS:
                     for query_aware in (True, False):
                         result = mmkv.generate(
-                            model, processor, None, method=method, budget=budget, max_new_tokens=MAX_NEW_TOKENS,
-                            prepared=prepared, query_aware=query_aware, **params,
+                            model,
+                            processor,
+                            None,
+                            method=method,
+                            budget=budget,
+                            max_new_tokens=MAX_NEW_TOKENS,
+                            prepared=prepared,
+                            query_aware=query_aware,
+                            **params,
                         )
                         mode = "qa" if query_aware else "ctx"
                         out[f"{family}|{prompt}|{label}|{budget}|{mode}"] = _record(result)
@@ -136,15 +143,24 @@ def test_presets_keep_the_golden_sets(family: str) -> None:
         assert got[key] == golden[key], key
 
 
-
 # ---- compositions: one line each, checked against an oracle -----------------------------------
 
 
-def _ctx(length: int, capacity: int, *, layer: int = 0, num_layers: int = 1, h_q: int = 4, h_kv: int = 2, seed: int = 0,
-         request=None, modality=None):
+def _ctx(
+    length: int,
+    capacity: int,
+    *,
+    layer: int = 0,
+    num_layers: int = 1,
+    h_q: int = 4,
+    h_kv: int = 2,
+    seed: int = 0,
+    request=None,
+    modality=None,
+):
     """A LayerContext with the statistics of random queries/keys (no ties in the scores)."""
-    from mmkv.methods import LayerContext
     from mmkv.inputs.modality import ModalityMap
+    from mmkv.methods import LayerContext
     from mmkv.statistics.stats import StatsRequest, compute_layer_stats
 
     g = torch.Generator().manual_seed(seed)
@@ -271,7 +287,9 @@ def tiny_run():
     prepared = mmkv.adapter_for(model).prepare(model, processor, _chat(3, 128))
 
     def run(method, budget=0.3, **kw):
-        return mmkv.generate(model, processor, None, method=method, budget=budget, max_new_tokens=3, prepared=prepared, **kw)
+        return mmkv.generate(
+            model, processor, None, method=method, budget=budget, max_new_tokens=3, prepared=prepared, **kw
+        )
 
     return run
 
@@ -299,8 +317,12 @@ def test_compositions_run_end_to_end(tiny_run) -> None:
     import mmkv
     from mmkv.methods import METHODS, H2OScorer, HeadAdaptive, LayerEntropy, ModalityAdaptive, Pyramid, SinkScorer
 
-    for method in (HeadAdaptive(H2OScorer()), Pyramid(SinkScorer(2), beta=4), LayerEntropy(H2OScorer()),
-                   ModalityAdaptive(H2OScorer(), hcc="B")):
+    for method in (
+        HeadAdaptive(H2OScorer()),
+        Pyramid(SinkScorer(2), beta=4),
+        LayerEntropy(H2OScorer()),
+        ModalityAdaptive(H2OScorer(), hcc="B"),
+    ):
         result = tiny_run(method)
         trace = result.trace
         assert method.name not in METHODS  # compositions are not registered under a name
@@ -315,8 +337,8 @@ def test_compositions_run_end_to_end(tiny_run) -> None:
 
 def test_text_prior_over_h2o_is_lookm_selection_under_the_budget() -> None:
     """``Uniform(TextPrior(H2OScorer()))`` keeps LOOK-M's tokens when the text fits in N; else the budget holds."""
-    from mmkv.methods import H2OScorer, LookM, TextPrior, Uniform
     from mmkv.inputs.modality import IMAGE, ModalityMap
+    from mmkv.methods import H2OScorer, LookM, TextPrior, Uniform
 
     length = 60
     codes = torch.zeros(length, dtype=torch.int8)
@@ -346,13 +368,21 @@ def test_decode_policies_are_typed_and_read_the_dict_form() -> None:
     spec = {"policy": "h2o", "capacity": 10, "recent": 5, "scores": plan.decode.scores}
     typed = as_decode_policy(spec)
     assert isinstance(typed, H2OEviction) and typed.capacity == 10 and typed.scores is plan.decode.scores
-    hybrid = as_decode_policy({"policy": "hybrid", "head_types": ["static", "dynamic"], "sinks": 2, "recent": 4,
-                               "chunk_size": 4, "top_chunks": 1})
+    hybrid = as_decode_policy(
+        {
+            "policy": "hybrid",
+            "head_types": ["static", "dynamic"],
+            "sinks": 2,
+            "recent": 4,
+            "chunk_size": 4,
+            "top_chunks": 1,
+        }
+    )
     assert isinstance(hybrid, ChunkRetrieval) and hybrid.scoring == "mean" and hybrid["offload"] is True
     with pytest.raises(ValueError, match="unknown decode policy"):
         as_decode_policy({"policy": "nope"})
-    import mmkv.cache.layers
     import mmkv.cache.hybrid  # noqa: F401  (importing it registers nothing)
+    import mmkv.cache.layers
 
     assert not hasattr(mmkv.cache.layers, "DECODE_POLICIES")
 

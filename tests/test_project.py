@@ -18,8 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _version() -> str:
     tree = ast.parse((ROOT / "mmkv" / "_version.py").read_text())
-    values = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
-              and any(getattr(t, "id", None) == "__version__" for t in node.targets)]
+    values = [
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets)
+    ]
     assert len(values) == 1, "mmkv/_version.py must assign __version__ exactly once"
     return values[0]
 

@@ -37,8 +37,12 @@ def serial(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(os.path.dirname(mmkv.__file__))}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(os.path.dirname(mmkv.__file__))}},
+    )
     yield
     ray.shutdown()
 
@@ -49,7 +53,12 @@ def _same_cells(store: ResultStore, serial: dict) -> None:
     for rec in cells:
         ref = serial[rec["key"]]
         for a, b in zip(rec["samples"], ref["samples"], strict=True):
-            assert (a["token_ids"], a["answer"], a["score"], a["kv_ratio"]) == (b["token_ids"], b["answer"], b["score"], b["kv_ratio"])
+            assert (a["token_ids"], a["answer"], a["score"], a["kv_ratio"]) == (
+                b["token_ids"],
+                b["answer"],
+                b["score"],
+                b["kv_ratio"],
+            )
             assert a["kl"] == pytest.approx(b["kl"], rel=1e-6, abs=1e-9)
     assert mmkv_eval.aggregate(store.finished().values()) == pytest.approx(mmkv_eval.aggregate(serial.values()))
 
@@ -101,8 +110,22 @@ def test_bench_on_ray_measures_the_same_memory_and_ops_as_serial(local_ray, tmp_
     timing (bytes, KV ratio, aten ops per step) equals the serial run's, and --resume skips them."""
     from mmkv.experiments import bench
 
-    args = ["--model", "tiny", "--contexts", "200", "--methods", "snapkv,adakv", "--budgets", "0.3",
-            "--new-tokens", "2", "--warmup", "1", "--image-grid", "8"]
+    args = [
+        "--model",
+        "tiny",
+        "--contexts",
+        "200",
+        "--methods",
+        "snapkv,adakv",
+        "--budgets",
+        "0.3",
+        "--new-tokens",
+        "2",
+        "--warmup",
+        "1",
+        "--image-grid",
+        "8",
+    ]
     assert bench.main(args + ["--out", str(tmp_path / "serial")]) == 0
     assert bench.main(args + ["--out", str(tmp_path / "ray"), "--ray"]) == 0
     serial = ResultStore(tmp_path / "serial" / "bench.jsonl").finished()

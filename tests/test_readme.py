@@ -116,12 +116,20 @@ def ci_runs_test_sh(tmp_path: Path) -> None:
 def pip_install(tmp_path: Path) -> None:
     """The wheel carries the model, the examples and the app: installed in a bare folder, used from another."""
     wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
-         tmp_path)
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        tmp_path,
+    )
     (wheel,) = wheels.glob("mmkv-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("mmkv/assets/mmkv-tiny-qwen2vl/model.safetensors", "mmkv/assets/mmkv-tiny-qwen2vl/chat_template.jinja",
-                 "mmkv/assets/examples/examples.json", "mmkv/assets/examples/needle_1.png", "mmkv/app.py", "viz/overlay.py"):
+    for name in (
+        "mmkv/assets/mmkv-tiny-qwen2vl/model.safetensors",
+        "mmkv/assets/mmkv-tiny-qwen2vl/chat_template.jinja",
+        "mmkv/assets/examples/examples.json",
+        "mmkv/assets/examples/needle_1.png",
+        "mmkv/app.py",
+        "viz/overlay.py",
+    ):
         assert name in names, f"{name} is not in the wheel"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "mmkv = mmkv.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
@@ -130,17 +138,31 @@ def pip_install(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     examples = site / "mmkv" / "assets" / "examples"
-    code = ("import sys, mmkv; assert mmkv.__file__.startswith(sys.argv[1]), mmkv.__file__; "
-            "from mmkv.cli import main; sys.exit(main(['run', '--method', 'full', '--max-new-tokens', '16', "
-            "'--prompt', 'Which image has the orange circle?'] + sum([['--image', f'{sys.argv[2]}/needle_{i}.png'] "
-            "for i in (1, 2, 3)], [])))")
+    code = (
+        "import sys, mmkv; assert mmkv.__file__.startswith(sys.argv[1]), mmkv.__file__; "
+        "from mmkv.cli import main; sys.exit(main(['run', '--method', 'full', '--max-new-tokens', '16', "
+        "'--prompt', 'Which image has the orange circle?'] + sum([['--image', f'{sys.argv[2]}/needle_{i}.png'] "
+        "for i in (1, 2, 3)], [])))"
+    )
     # -I: isolated (no checkout, no user site); the bare folder is put first on the path by hand
-    out = _run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}", str(site), str(examples)],
-               elsewhere)
+    out = _run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}", str(site), str(examples)],
+        elsewhere,
+    )
     assert out.stdout.splitlines()[0] == NEEDLE_ANSWER
     port = _free_port()
-    _serves([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(site)!r}); from mmkv.cli import main; "
-             f"sys.exit(main(['app', '--port', '{port}']))"], elsewhere, port, tmp_path, MMKV_MODEL="")
+    _serves(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.path.insert(0, {str(site)!r}); from mmkv.cli import main; "
+            f"sys.exit(main(['app', '--port', '{port}']))",
+        ],
+        elsewhere,
+        port,
+        tmp_path,
+        MMKV_MODEL="",
+    )
 
 
 def mmkv_run_full(tmp_path: Path) -> None:
@@ -173,7 +195,9 @@ def mmkv_methods(tmp_path: Path) -> None:
 def mmkv_app(tmp_path: Path) -> None:
     port = _free_port()
     out = _serves(_mmkv(f"app --port {port}"), tmp_path, port, tmp_path, MMKV_MODEL="")
-    assert "model `bundled`" in out  # the bundled model, found from a folder outside the checkout (shown by name, not path)
+    assert (
+        "model `bundled`" in out
+    )  # the bundled model, found from a folder outside the checkout (shown by name, not path)
 
 
 def bench_default(tmp_path: Path) -> None:
@@ -187,8 +211,24 @@ def bench_default(tmp_path: Path) -> None:
 
 def bench_tiny_wide(tmp_path: Path) -> None:
     # as written it runs every method at 3k and 8k tokens (minutes); here one method at 400 tokens
-    _run([*_mmkv("bench"), "--model", "tiny-wide", "--budgets", "0.2", "--contexts", "400",
-          "--methods", "snapkv", "--new-tokens", "2", "--warmup", "1"], tmp_path)
+    _run(
+        [
+            *_mmkv("bench"),
+            "--model",
+            "tiny-wide",
+            "--budgets",
+            "0.2",
+            "--contexts",
+            "400",
+            "--methods",
+            "snapkv",
+            "--new-tokens",
+            "2",
+            "--warmup",
+            "1",
+        ],
+        tmp_path,
+    )
     rows = json.loads((tmp_path / "bench-results" / "bench.json").read_text())
     assert [r["method"] for r in rows] == ["full", "snapkv"] and abs(rows[1]["kv_ratio"] - 0.2) < 0.02
 
@@ -222,8 +262,7 @@ def train_chain(tmp_path: Path) -> None:
 
 def eval_synthetic(tmp_path: Path) -> None:
     """As written: the CPU defaults (Full + 4 methods, 5 samples per task) at two budgets."""
-    out = _run([*_mmkv("eval"), "--model", "bundled", "--budgets", "0.1,0.2", "--out", "eval-results"],
-               tmp_path)
+    out = _run([*_mmkv("eval"), "--model", "bundled", "--budgets", "0.1,0.2", "--out", "eval-results"], tmp_path)
     records = [json.loads(line) for line in (tmp_path / "eval-results" / "results.jsonl").read_text().splitlines()]
     cells = [r for r in records if r.get("kind") == "cell"]
     assert {r["method"] for r in cells} == {"full", "snapkv", "adakv", "lookm", "madakv"}
@@ -234,8 +273,24 @@ def eval_synthetic(tmp_path: Path) -> None:
 
 
 def eval_report(tmp_path: Path) -> None:
-    _run([*_mmkv("eval"), "--model", "bundled", "--tasks", "needle", "--samples", "2",
-          "--methods", "snapkv", "--budgets", "0.2", "--out", "eval-results"], tmp_path)
+    _run(
+        [
+            *_mmkv("eval"),
+            "--model",
+            "bundled",
+            "--tasks",
+            "needle",
+            "--samples",
+            "2",
+            "--methods",
+            "snapkv",
+            "--budgets",
+            "0.2",
+            "--out",
+            "eval-results",
+        ],
+        tmp_path,
+    )
     _run([*_mmkv("eval"), "--report", "eval-results/results.jsonl", "--out", "report"], tmp_path)
     rows = json.loads((tmp_path / "report" / "eval.json").read_text())
     assert {r["method"] for r in rows} == {"full", "snapkv"} and (tmp_path / "report" / "eval.html").is_file()
@@ -247,10 +302,31 @@ def eval_milebench(tmp_path: Path) -> None:
     from test_milebench import write_dataset
 
     data = tmp_path / "data" / "MileBench"
-    write_dataset(data, "TextNeedleInAHaystack", heldout_set("text_needle", 2, 3, seed=7), response=lambda s: s.scene.password)
-    _run([*_mmkv("eval"), "--model", "bundled", "--milebench", str(data), "--datasets",
-          "TextNeedleInAHaystack", "--samples", "2", "--methods", "full,snapkv", "--budgets", "0.2",
-          "--max-new-tokens", "12", "--out", "eval-results/milebench"], tmp_path)
+    write_dataset(
+        data, "TextNeedleInAHaystack", heldout_set("text_needle", 2, 3, seed=7), response=lambda s: s.scene.password
+    )
+    _run(
+        [
+            *_mmkv("eval"),
+            "--model",
+            "bundled",
+            "--milebench",
+            str(data),
+            "--datasets",
+            "TextNeedleInAHaystack",
+            "--samples",
+            "2",
+            "--methods",
+            "full,snapkv",
+            "--budgets",
+            "0.2",
+            "--max-new-tokens",
+            "12",
+            "--out",
+            "eval-results/milebench",
+        ],
+        tmp_path,
+    )
     rows = json.loads((tmp_path / "eval-results" / "milebench" / "eval.json").read_text())
     full = next(r for r in rows if r["method"] == "full")
     assert full["samples"] == 2 and full["accuracy"] == 1.0

@@ -16,10 +16,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 import mmkv
 import mmkv.runtime.session
+from mmkv.cache.hybrid import HybridLayer
 from mmkv.cache.layers import DenseLayer, RaggedLayer
 from mmkv.compat import cache_from_kwargs
 from mmkv.runtime.driver import compressed_run
-from mmkv.cache.hybrid import HybridLayer
 from mmkv.runtime.opcount import OpCounter
 from mmkv.runtime.session import Session
 
@@ -41,7 +41,9 @@ def _attended_rows(layer) -> tuple[list[torch.Tensor], int]:
             rows.append(torch.cat([prefix.keys[a : a + n][visible], layer.keys[0, h]]))
         size = _storage(prefix.keys, prefix.values, layer.keys, layer.values)
         if isinstance(layer, HybridLayer):
-            size += _storage(*layer.summaries) + (0 if layer.offloaded else _storage(layer.host_keys, layer.host_values))
+            size += _storage(*layer.summaries) + (
+                0 if layer.offloaded else _storage(layer.host_keys, layer.host_values)
+            )
         return rows, size
     assert isinstance(layer, (DenseLayer, DynamicLayer)), type(layer)
     return list(layer.keys[0]), _storage(layer.keys, layer.values)
@@ -98,8 +100,17 @@ class Capture:
 def _run(model, processor, prepared, monkeypatch, method, query_aware=True, max_new_tokens=6, **params):
     capture = Capture(model, monkeypatch)
     try:
-        result = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=max_new_tokens,
-                               prepared=prepared, query_aware=query_aware, **params)
+        result = mmkv.generate(
+            model,
+            processor,
+            None,
+            method=method,
+            budget=0.3,
+            max_new_tokens=max_new_tokens,
+            prepared=prepared,
+            query_aware=query_aware,
+            **params,
+        )
     finally:
         capture.close()
     # query-agnostic runs have one more forward before step 0 (the context, compressed, before the question)
@@ -128,8 +139,9 @@ CASES = [  # (method, params, query_aware); "measure": bytes read from shapes at
 
 
 @pytest.mark.parametrize("method,params,query_aware", CASES, ids=[f"{m}-{i}" for i, (m, *_) in enumerate(CASES)])
-def test_held_positions_and_bytes_equal_the_physical_cache_at_every_step(method, params, query_aware, monkeypatch,
-                                                                         tiny_prepared):
+def test_held_positions_and_bytes_equal_the_physical_cache_at_every_step(
+    method, params, query_aware, monkeypatch, tiny_prepared
+):
     model, processor, prepared = tiny_prepared()
     params = dict(params)
     if params.pop("measure", False):  # a layer without a growth model: the session measures every step
@@ -191,8 +203,9 @@ def _chunk_grid(length: int, sinks: int, recent: int, c: int) -> list[list[int]]
 @pytest.mark.parametrize("query_aware", [True, False])
 def test_hybridkv_retrieved_chunks_equal_an_independent_retrieval(query_aware, monkeypatch, tiny_prepared) -> None:
     model, processor, prepared = tiny_prepared()
-    result, capture, states = _run(model, processor, prepared, monkeypatch, "hybridkv", query_aware, max_new_tokens=8,
-                                   **HYBRID)
+    result, capture, states = _run(
+        model, processor, prepared, monkeypatch, "hybridkv", query_aware, max_new_tokens=8, **HYBRID
+    )
     trace = result.trace
     g = trace.num_q_heads // trace.num_kv_heads
     checked = changed = 0
@@ -237,8 +250,9 @@ def test_hybridkv_retrieved_chunks_equal_an_independent_retrieval(query_aware, m
 @pytest.mark.parametrize("method,params", [("h2o", {"decode_evict": True}), ("hybridkv", HYBRID)])
 def test_json_round_trip_keeps_the_replay(method, params, tiny_prepared) -> None:
     model, processor, prepared = tiny_prepared()
-    result = mmkv.generate(model, processor, None, method=method, budget=0.3, max_new_tokens=5, prepared=prepared,
-                           **params)
+    result = mmkv.generate(
+        model, processor, None, method=method, budget=0.3, max_new_tokens=5, prepared=prepared, **params
+    )
     trace = result.trace
     back = mmkv.Trace.from_json(trace.to_json())
     assert back.to_dict() == trace.to_dict()
@@ -273,7 +287,9 @@ def test_generated_tokens_are_the_answer_pieces(tiny_prepared) -> None:
 
 def test_step_state_errors_and_old_traces(tiny_prepared) -> None:
     model, processor, prepared = tiny_prepared()
-    trace = mmkv.generate(model, processor, None, method="snapkv", budget=0.3, max_new_tokens=3, prepared=prepared).trace
+    trace = mmkv.generate(
+        model, processor, None, method="snapkv", budget=0.3, max_new_tokens=3, prepared=prepared
+    ).trace
     with pytest.raises(ValueError, match="out of range"):
         trace.step_state(trace.decode_steps)
     assert trace.step_state(-1).step == trace.decode_steps - 1

@@ -24,6 +24,7 @@ import mmkv
 from mmkv import EXAMPLES_DIR
 from mmkv.inputs.modality import IMAGE, ModalityMap, VisualItem
 from mmkv.models.base import VideoFrames
+from mmkv.trace.core import LayerTrace, Packed, Timings, Trace
 from mmkv.trace.runfile import (
     BLOB,
     FORMAT_VERSION,
@@ -39,7 +40,6 @@ from mmkv.trace.runfile import (
     save_run,
     thumbnail,
 )
-from mmkv.trace.core import LayerTrace, Packed, Timings, Trace
 
 REPO = Path(__file__).resolve().parents[1]
 NEEDLES = [str(EXAMPLES_DIR / f"needle_{k}.png") for k in (1, 2, 3)]
@@ -124,22 +124,49 @@ def _seven_b_trace(n: int = 8192, layers: int = 28, kv_heads: int = 4, q_heads: 
     for k in range(8):
         rows, cols = 25, 40
         items.append(VisualItem(IMAGE, k, 0, "full", rows, cols, start, rows * cols))
-        cells.append((list(range(start, start + rows * cols)), [p // cols for p in range(rows * cols)],
-                      [p % cols for p in range(rows * cols)]))
+        cells.append(
+            (
+                list(range(start, start + rows * cols)),
+                [p // cols for p in range(rows * cols)],
+                [p % cols for p in range(rows * cols)],
+            )
+        )
         start += rows * cols
     capacity = int(ratio * n)
     layer_traces = [
-        LayerTrace(layer=i, kept=Packed([torch.from_numpy(np.sort(rng.choice(n, capacity, replace=False))) for _ in range(kv_heads)]),
-                   bytes_before=n * kv_heads * 512, bytes_after=capacity * kv_heads * 512, info={"capacity": capacity},
-                   modality_mass=Packed(torch.rand(q_heads, 3)), entropy=Packed(torch.rand(q_heads)),
-                   decode_evictions=[[int(x) for x in rng.integers(0, n, kv_heads)] for _ in range(32)])
+        LayerTrace(
+            layer=i,
+            kept=Packed([torch.from_numpy(np.sort(rng.choice(n, capacity, replace=False))) for _ in range(kv_heads)]),
+            bytes_before=n * kv_heads * 512,
+            bytes_after=capacity * kv_heads * 512,
+            info={"capacity": capacity},
+            modality_mass=Packed(torch.rand(q_heads, 3)),
+            entropy=Packed(torch.rand(q_heads)),
+            decode_evictions=[[int(x) for x in rng.integers(0, n, kv_heads)] for _ in range(32)],
+        )
         for i in range(layers)
     ]
-    return Trace(method="snapkv", params={"window": 32}, budget=ratio, capacity=capacity, query_aware=True, prompt_length=n,
-                 span_length=n, num_layers=layers, num_kv_heads=kv_heads, num_q_heads=q_heads, head_dim=128,
-                 bytes_per_token_head=512, modality=ModalityMap.from_items(n, items, cells), layers=layer_traces,
-                 timings=Timings(0.5, 0.1, 0.05, [0.02 + 1e-4 * k for k in range(32)]), model="Qwen/Qwen2-VL-7B-Instruct",
-                 family="qwen2_vl", answer="The red circle is in image 3.", generated_ids=list(range(151000, 151033)))
+    return Trace(
+        method="snapkv",
+        params={"window": 32},
+        budget=ratio,
+        capacity=capacity,
+        query_aware=True,
+        prompt_length=n,
+        span_length=n,
+        num_layers=layers,
+        num_kv_heads=kv_heads,
+        num_q_heads=q_heads,
+        head_dim=128,
+        bytes_per_token_head=512,
+        modality=ModalityMap.from_items(n, items, cells),
+        layers=layer_traces,
+        timings=Timings(0.5, 0.1, 0.05, [0.02 + 1e-4 * k for k in range(32)]),
+        model="Qwen/Qwen2-VL-7B-Instruct",
+        family="qwen2_vl",
+        answer="The red circle is in image 3.",
+        generated_ids=list(range(151000, 151033)),
+    )
 
 
 def test_seven_b_shaped_trace_round_trips_small(tmp_path):
@@ -161,12 +188,24 @@ def test_seven_b_shaped_trace_round_trips_small(tmp_path):
 def test_packed_numbers_round_trip_exactly():
     """Fields the Trace gains later travel as they are: any JSON value comes back equal."""
     value = {
-        "ints": list(range(-5, 40)), "positions": [100_000 + 7 * k for k in range(40)], "dense": list(range(0, 3000, 2)),
-        "big": [2**40 + k for k in range(20)], "huge": [2**70] * 20, "floats": [0.1 * k for k in range(20)],
-        "f32": [float(np.float32(k / 3)) for k in range(20)], "special": [float("inf"), -0.0, 1e308] * 6,
-        "bools": [True, False] * 10, "mixed": [1, 2.5] * 10, "rows": [[k, k + 1, k + 2] for k in range(10)],
-        "shares": [[0.25, 0.5, 0.25]] * 12, "ragged": [[1, 2], [3]] * 10, "per_step": [[[1, 2], [3, 4]]] * 20,
-        "strings": ["a"] * 20, "nested": {"x": [None, {"y": list(range(30))}]}, "empty": [], "short": [1, 2],
+        "ints": list(range(-5, 40)),
+        "positions": [100_000 + 7 * k for k in range(40)],
+        "dense": list(range(0, 3000, 2)),
+        "big": [2**40 + k for k in range(20)],
+        "huge": [2**70] * 20,
+        "floats": [0.1 * k for k in range(20)],
+        "f32": [float(np.float32(k / 3)) for k in range(20)],
+        "special": [float("inf"), -0.0, 1e308] * 6,
+        "bools": [True, False] * 10,
+        "mixed": [1, 2.5] * 10,
+        "rows": [[k, k + 1, k + 2] for k in range(10)],
+        "shares": [[0.25, 0.5, 0.25]] * 12,
+        "ragged": [[1, 2], [3]] * 10,
+        "per_step": [[[1, 2], [3, 4]]] * 20,
+        "strings": ["a"] * 20,
+        "nested": {"x": [None, {"y": list(range(30))}]},
+        "empty": [],
+        "short": [1, 2],
     }
     blob = _Blob()
     packed = json.loads(json.dumps(_pack(value, blob)))
@@ -212,10 +251,15 @@ def test_bad_files_give_clear_errors(good_file, result, tmp_path):
     def manifest_with(**changes):
         def change(name, data):
             return json.dumps({**json.loads(data), **changes}).encode() if name == MANIFEST else data
+
         return change
 
-    newer = _rezip(good_file, tmp_path / "newer.mmkvrun", manifest_with(format_version=FORMAT_VERSION + 1, mmkv_version="9.0"))
-    with pytest.raises(ValueError, match=rf"made by a newer mmkv \(9\.0, run format {FORMAT_VERSION + 1}\).*upgrade mmkv"):
+    newer = _rezip(
+        good_file, tmp_path / "newer.mmkvrun", manifest_with(format_version=FORMAT_VERSION + 1, mmkv_version="9.0")
+    )
+    with pytest.raises(
+        ValueError, match=rf"made by a newer mmkv \(9\.0, run format {FORMAT_VERSION + 1}\).*upgrade mmkv"
+    ):
         load_run(newer)
     with pytest.raises(ValueError, match="made by a newer mmkv"):
         peek_run(newer)
@@ -238,8 +282,13 @@ def test_bad_files_give_clear_errors(good_file, result, tmp_path):
     bad.write_bytes(bytes(flipped))
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_run(bad)
-    newer_trace = _rezip(good_file, tmp_path / "field.mmkvrun", lambda name, d: json.dumps(
-        {**json.loads(d), "a_field_from_the_future": 1}).encode() if name == "trace.json" else d)
+    newer_trace = _rezip(
+        good_file,
+        tmp_path / "field.mmkvrun",
+        lambda name, d: (
+            json.dumps({**json.loads(d), "a_field_from_the_future": 1}).encode() if name == "trace.json" else d
+        ),
+    )
     with pytest.raises(ValueError, match="cannot be read by this mmkv .*Upgrade mmkv"):
         load_run(newer_trace)
     no_images = _rezip(good_file, tmp_path / "noimg.mmkvrun", manifest_with(images=[]))
@@ -309,8 +358,19 @@ def test_cli_save_writes_a_run_that_loads(tmp_path, capsys):
     from mmkv.cli import main
 
     target = tmp_path / "cli.mmkvrun"
-    args = ["run", "--prompt", QUESTION, "--max-new-tokens", "6", "--method", "snapkv", "--budget", "0.3",
-            "--save", str(target)]
+    args = [
+        "run",
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        "6",
+        "--method",
+        "snapkv",
+        "--budget",
+        "0.3",
+        "--save",
+        str(target),
+    ]
     for f in NEEDLES:
         args += ["--image", f]
     assert main(args) == 0
@@ -325,7 +385,9 @@ def test_cli_save_is_checked_before_the_run(tmp_path, capsys):
 
     assert main(["run", "--prompt", "x", "--model", "no/such-model", "--save", str(tmp_path)]) == 2
     assert "--save" in capsys.readouterr().err
-    assert main(["run", "--prompt", "x", "--model", "no/such-model", "--save", str(tmp_path / "nope" / "r.mmkvrun")]) == 2
+    assert (
+        main(["run", "--prompt", "x", "--model", "no/such-model", "--save", str(tmp_path / "nope" / "r.mmkvrun")]) == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -9,9 +9,9 @@ import torch
 
 import mmkv
 from mmkv.cache.layers import DenseLayer
-from mmkv.runtime.driver import compressed_run
 from mmkv.methods.meda import MEDA
 from mmkv.models.base import UnsupportedModelError, resolve_text_model
+from mmkv.runtime.driver import compressed_run
 from mmkv.runtime.session import Session, unsupported_attention
 from mmkv.testing.tiny import build_tiny
 from mmkv.trace.core import Packed, Trace
@@ -32,14 +32,17 @@ def test_question_forward_after_compressing_layer_0_only(tiny_prepared) -> None:
     assert context < prepared.length
     kept = torch.arange(context // 2, context)
     method = FixedPlan(kept={0: [kept.clone() for _ in range(model.config.get_text_config().num_key_value_heads)]})
-    result = mmkv.generate(model, processor, None, method=method, budget=1.0, max_new_tokens=3,
-                           query_aware=False, prepared=prepared)
+    result = mmkv.generate(
+        model, processor, None, method=method, budget=1.0, max_new_tokens=3, query_aware=False, prepared=prepared
+    )
     budgets = [layer.budgets for layer in result.trace.layers]
     assert budgets[0] == [kept.numel()] * len(budgets[0]) and budgets[1] == [context] * len(budgets[1])
     # Same logits as when layer 1 is a preallocated DenseLayer (reserve > 0: every layer is wrapped).
     logits = []
     for reserve in (0, 4):
-        session = Session(model, method, 1.0, modality=prepared.modality.prefix(context), query_aware=False, reserve=reserve)
+        session = Session(
+            model, method, 1.0, modality=prepared.modality.prefix(context), query_aware=False, reserve=reserve
+        )
         with compressed_run(model, prepared, session, context) as step:
             logits.append(torch.stack([step(), step(int(step().argmax()))]))
         assert isinstance(session.cache.layers[1], DenseLayer) == (reserve > 0)
@@ -49,8 +52,9 @@ def test_question_forward_after_compressing_layer_0_only(tiny_prepared) -> None:
 def test_question_forward_with_nothing_compressed_matches_full(tiny_prepared) -> None:
     """A keep-all plan in every layer (no layer compressed): the plain path, token-identical to Full."""
     model, processor, prepared = tiny_prepared()
-    result = mmkv.generate(model, processor, None, method=FixedPlan(), budget=1.0, max_new_tokens=4,
-                           query_aware=False, prepared=prepared)
+    result = mmkv.generate(
+        model, processor, None, method=FixedPlan(), budget=1.0, max_new_tokens=4, query_aware=False, prepared=prepared
+    )
     assert result.token_ids == _full_answer(model, processor, prepared, 4)
 
 
@@ -63,8 +67,9 @@ def test_meda_query_agnostic_when_a_layer_gets_its_full_length(tiny_prepared) ->
         layers[1].self_attn.q_proj.weight.zero_()
         layers[1].self_attn.q_proj.bias.zero_()
     method = MEDA(clamp=None, head_average="entropy")
-    result = mmkv.generate(model, processor, None, method=method, budget=0.8, max_new_tokens=3,
-                           query_aware=False, prepared=prepared)
+    result = mmkv.generate(
+        model, processor, None, method=method, budget=0.8, max_new_tokens=3, query_aware=False, prepared=prepared
+    )
     layers = result.trace.layers
     span = result.trace.span_length
     assert layers[1].info["layer_budget"] == span and layers[1].budgets == [span] * len(layers[1].budgets)
@@ -84,8 +89,13 @@ def _rebuilt(family: str, **text_overrides):
 
 def test_sliding_window_model_is_refused_at_session_creation() -> None:
     layers = build_tiny("qwen2_vl")[0].config.get_text_config().num_hidden_layers
-    model = _rebuilt("qwen2_vl", use_sliding_window=True, sliding_window=16, max_window_layers=1,
-                     layer_types=["full_attention"] + ["sliding_attention"] * (layers - 1))
+    model = _rebuilt(
+        "qwen2_vl",
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=1,
+        layer_types=["full_attention"] + ["sliding_attention"] * (layers - 1),
+    )
     with pytest.raises(UnsupportedModelError, match="sliding-window attention.*window 16"):
         Session(model, "snapkv", 0.3)
     with pytest.raises(UnsupportedModelError, match="sliding-window"), mmkv.compress(model, "h2o", 0.3):

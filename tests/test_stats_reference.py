@@ -127,9 +127,7 @@ def test_stats_match_naive_attention(monkeypatch, seed, h_q, h_kv, length, d, wi
         monkeypatch.setattr(stats_mod, "MAX_BLOCK_ELEMENTS", block_queries * h_q * length)
     q, k, codes = make_inputs(seed, h_q, h_kv, length, d)
     scaling = 0.7 / math.sqrt(d)  # not the default 1/sqrt(d): the scaling argument must be used
-    request = StatsRequest(
-        window=window, column_sums=True, modality_mass=True, entropy=True, full_entropy=True
-    )
+    request = StatsRequest(window=window, column_sums=True, modality_mass=True, entropy=True, full_entropy=True)
     out = compute_layer_stats(q, k, codes, request, scaling)
     eff = min(window, length)
     ref = reference_stats(q[0], k[0], codes, eff, scaling)
@@ -142,9 +140,15 @@ def test_stats_match_naive_attention(monkeypatch, seed, h_q, h_kv, length, d, wi
     assert_close(out.full_entropy, ref["full_entropy"], "full_entropy")
 
     # sanity of the definitions themselves: each row is a distribution
-    torch.testing.assert_close(out.window_scores.sum(-1).double(), torch.full((h_q,), float(eff), dtype=torch.float64), atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out.column_sums.sum(-1).double(), torch.full((h_q,), float(length), dtype=torch.float64), atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out.modality_mass.sum(-1).double(), torch.ones(h_q, dtype=torch.float64), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(
+        out.window_scores.sum(-1).double(), torch.full((h_q,), float(eff), dtype=torch.float64), atol=ATOL, rtol=RTOL
+    )
+    torch.testing.assert_close(
+        out.column_sums.sum(-1).double(), torch.full((h_q,), float(length), dtype=torch.float64), atol=ATOL, rtol=RTOL
+    )
+    torch.testing.assert_close(
+        out.modality_mass.sum(-1).double(), torch.ones(h_q, dtype=torch.float64), atol=ATOL, rtol=RTOL
+    )
 
 
 def test_block_path_really_uses_several_blocks(monkeypatch):
@@ -233,9 +237,21 @@ def test_modality_mass_with_missing_modality_and_planted_image_attention():
     "request_,present,absent",
     [
         (StatsRequest(window=8), ["window_scores"], ["column_sums", "modality_mass", "entropy", "full_entropy"]),
-        (StatsRequest(column_sums=True), ["column_sums"], ["window_scores", "modality_mass", "entropy", "full_entropy"]),
-        (StatsRequest(full_entropy=True), ["full_entropy"], ["window_scores", "column_sums", "modality_mass", "entropy"]),
-        (StatsRequest(window=8, entropy=True), ["window_scores", "entropy"], ["column_sums", "modality_mass", "full_entropy"]),
+        (
+            StatsRequest(column_sums=True),
+            ["column_sums"],
+            ["window_scores", "modality_mass", "entropy", "full_entropy"],
+        ),
+        (
+            StatsRequest(full_entropy=True),
+            ["full_entropy"],
+            ["window_scores", "column_sums", "modality_mass", "entropy"],
+        ),
+        (
+            StatsRequest(window=8, entropy=True),
+            ["window_scores", "entropy"],
+            ["column_sums", "modality_mass", "full_entropy"],
+        ),
     ],
 )
 def test_only_requested_statistics_are_computed(request_, present, absent):
@@ -296,8 +312,11 @@ def test_empty_means_nothing_to_compute(request_):
     request that makes :func:`compute_layer_stats` produce a statistic."""
     q, k, codes = make_inputs(10, 4, 2, 12, 8)
     out = compute_layer_stats(q, k, codes, request_, 8**-0.5)
-    produced = [name for name in ("window_scores", "column_sums", "modality_mass", "entropy", "full_entropy")
-                if getattr(out, name) is not None]
+    produced = [
+        name
+        for name in ("window_scores", "column_sums", "modality_mass", "entropy", "full_entropy")
+        if getattr(out, name) is not None
+    ]
     assert request_.empty == (not produced), f"empty={request_.empty} but computed {produced}"
 
 
@@ -312,7 +331,8 @@ def test_all_query_pass_gives_the_causal_attention_output(monkeypatch, h_q, h_kv
     stats = compute_layer_stats(q, k, codes, StatsRequest(column_sums=True), 8**-0.5, value=v)
     group = h_q // h_kv
     want = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True, scale=8**-0.5)
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True, scale=8**-0.5
+    )
     torch.testing.assert_close(stats.attention_output, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
     # window-only statistics do not run over every query: no output, the caller runs its own attention
     assert compute_layer_stats(q, k, codes, StatsRequest(window=8), 8**-0.5, value=v).attention_output is None

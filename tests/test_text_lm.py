@@ -22,8 +22,15 @@ def text_lm(tmp_path_factory):
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     folder = tmp_path_factory.mktemp("llama")
     LlamaForCausalLM(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -50,7 +57,7 @@ def test_full_is_token_identical_to_plain_generate(text_lm):
     result = mmkv.generate(model, tokenizer, mmkv.chat(PROMPT), method="full", budget=1.0, max_new_tokens=8)
     ids = result.prepared.input_ids
     plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
-    assert result.token_ids == plain[0, ids.shape[1]:].tolist()[: len(result.token_ids)]
+    assert result.token_ids == plain[0, ids.shape[1] :].tolist()[: len(result.token_ids)]
 
 
 # every method whose plan is kept positions only (tests/default_methods.py), Full aside

@@ -126,12 +126,22 @@ def test_tokenizer_round_trips_and_knows_every_word(processor):
                 ids = tok(text, add_special_tokens=False)["input_ids"]
                 assert tok.unk_token_id not in ids, text
                 assert tok.decode(ids) == text
-    for name in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|endoftext|>"):
+    for name in (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<|endoftext|>",
+    ):
         assert tok.convert_tokens_to_ids(name) != tok.unk_token_id
     assert tok.eos_token == "<|im_end|>"
 
 
-@pytest.mark.parametrize("task,k", [("needle", 8), ("colour_at", 3), ("text_needle", 5), ("video_direction", None), ("video_colour", None)])
+@pytest.mark.parametrize(
+    "task,k", [("needle", 8), ("colour_at", 3), ("text_needle", 5), ("video_direction", None), ("video_colour", None)]
+)
 def test_fast_encoder_equals_the_processor_path(processor, tiny_model, task, k):
     from mmkv.models import adapter_for
     from mmkv.tiny.train import FastEncoder
@@ -140,7 +150,15 @@ def test_fast_encoder_equals_the_processor_path(processor, tiny_model, task, k):
     s = make_sample(task, 11, k)
     fast = enc.encode([s.episode()], answer_last=False)
     ref = adapter_for(tiny_model).prepare(tiny_model, processor, s.chat).inputs
-    for key in ("input_ids", "mm_token_type_ids", "attention_mask", "image_grid_thw", "pixel_values", "video_grid_thw", "pixel_values_videos"):
+    for key in (
+        "input_ids",
+        "mm_token_type_ids",
+        "attention_mask",
+        "image_grid_thw",
+        "pixel_values",
+        "video_grid_thw",
+        "pixel_values_videos",
+    ):
         assert (key in ref) == (key in fast), key
         if key in ref:
             assert torch.equal(ref[key].cpu(), fast[key]), key
@@ -149,7 +167,9 @@ def test_fast_encoder_equals_the_processor_path(processor, tiny_model, task, k):
     n = ref["input_ids"].shape[1]
     assert torch.equal(full["input_ids"][0, :n], ref["input_ids"][0])
     learned = full["labels"][0][full["labels"][0] != -100].tolist()
-    assert learned == processor.tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id]
+    assert learned == processor.tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [
+        processor.tokenizer.eos_token_id
+    ]
 
 
 def test_fast_encoder_multi_turn_equals_the_processor_path(processor, tiny_model):
@@ -179,7 +199,10 @@ def test_probe_labels_bind_every_visual_token_and_mark_the_moving_ball(processor
     eps = [make_episode(rng, k=3), make_episode(rng, video=True), make_episode(rng, k=1)]
     batch = enc.encode(eps)
     visual = int((batch["mm_token_type_ids"] > 0).sum())
-    assert batch["aux_bind"].tolist() == [0] * 16 + [1] * 16 + [2] * 16 + [g for g in range(4) for _ in range(16)] + [0] * 16
+    assert (
+        batch["aux_bind"].tolist()
+        == [0] * 16 + [1] * 16 + [2] * 16 + [g for g in range(4) for _ in range(16)] + [0] * 16
+    )
     assert len(batch["aux_bind"]) == visual
     video = eps[1].scene
     _, labels = render_frames(video)
@@ -194,7 +217,9 @@ def test_probe_labels_bind_every_visual_token_and_mark_the_moving_ball(processor
     assert set(motion.unique().tolist()) == {0, 1 + DIRECTIONS.index(truth)}
     for g in range(4):  # the cell holding the ball's centre in either frame of the temporal pair is marked
         marked = motion[g] > 0
-        assert any(marked[int(cy // CELL) * GRID + int(cx // CELL)] for cx, cy in map(ball_centre, labels[2 * g: 2 * g + 2])), g
+        assert any(
+            marked[int(cy // CELL) * GRID + int(cx // CELL)] for cx, cy in map(ball_centre, labels[2 * g : 2 * g + 2])
+        ), g
         assert int(marked.sum()) <= 6
 
 
@@ -207,7 +232,9 @@ def test_retrieval_targets_point_from_the_decisive_answer_token_to_its_visual_so
     tok = processor.tokenizer
     pad = {"image": tok.convert_tokens_to_ids("<|image_pad|>"), "video": tok.convert_tokens_to_ids("<|video_pad|>")}
     rng = random.Random(8)
-    eps = [make_episode(rng, k=5, max_turns=6, weights={"needle": 1, "colour_at": 1, "text_needle": 1}) for _ in range(6)]
+    eps = [
+        make_episode(rng, k=5, max_turns=6, weights={"needle": 1, "colour_at": 1, "text_needle": 1}) for _ in range(6)
+    ]
     eps += [make_episode(rng, video=True, max_turns=4) for _ in range(4)]
     batch = enc.encode(eps)
     ids, labels = batch["input_ids"], batch["labels"]
@@ -229,7 +256,7 @@ def test_retrieval_targets_point_from_the_decisive_answer_token_to_its_visual_so
             if ep.is_video:
                 runs = (ids[row] == pad["video"]).nonzero().flatten()
                 g = 0 if "first" in question else 3
-                assert torch.equal(pos, runs[g * 16:(g + 1) * 16])
+                assert torch.equal(pos, runs[g * 16 : (g + 1) * 16])
                 continue
             runs = (ids[row] == pad["image"]).nonzero().flatten()
             image_starts = [int(r) for i, r in enumerate(runs) if i == 0 or runs[i - 1] != r - 1]
@@ -245,7 +272,20 @@ def test_retrieval_targets_point_from_the_decisive_answer_token_to_its_visual_so
 def test_training_runs_and_chains_stages(tmp_path):
     from mmkv.tiny.train import main
 
-    common = ["--batch", "4", "--eval-n", "2", "--eval-every", "100", "--log-every", "1", "--threads", "1", "--k-start", "2"]
+    common = [
+        "--batch",
+        "4",
+        "--eval-n",
+        "2",
+        "--eval-every",
+        "100",
+        "--log-every",
+        "1",
+        "--threads",
+        "1",
+        "--k-start",
+        "2",
+    ]
     assert main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a-out"), "--steps", "2", *common]) == 0
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
@@ -253,13 +293,32 @@ def test_training_runs_and_chains_stages(tmp_path):
     state = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
     assert state["step"] == 2 and {k.split(".")[0] for k in state["aux"]} == {"cells", "motion", "bind"}
     # a later stage warm-starts from the weights with its own schedule; resuming continues the step count
-    assert main(["--work", str(tmp_path / "b"), "--out", str(tmp_path / "b-out"), "--init", str(tmp_path / "a"), "--steps", "1",
-                 "--retrieval-weight", "1", *common]) == 0
+    assert (
+        main(
+            [
+                "--work",
+                str(tmp_path / "b"),
+                "--out",
+                str(tmp_path / "b-out"),
+                "--init",
+                str(tmp_path / "a"),
+                "--steps",
+                "1",
+                "--retrieval-weight",
+                "1",
+                *common,
+            ]
+        )
+        == 0
+    )
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
     assert b["step"] == 1
     rec = next(json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines() if '"loss"' in line)
     assert 0.0 < rec["retrieval_mass"] < 1.0  # the eager-attention retrieval loss ran
-    assert json.loads((tmp_path / "b" / "latest" / "config.json").read_text()).get("_attn_implementation") in (None, "sdpa")
+    assert json.loads((tmp_path / "b" / "latest" / "config.json").read_text()).get("_attn_implementation") in (
+        None,
+        "sdpa",
+    )
     assert main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a-out"), "--steps", "3", *common]) == 0
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["step"] == 3
     with pytest.raises(SystemExit, match="no checkpoint"):
@@ -439,7 +498,10 @@ def test_v2_checker_refuses_ambiguous_scenes():
     recoloured = tuple(replace(o, colour=next(c for c in COLOUR_NAMES if c != o.colour)) for o in second)
     s.scene.images[1] = recoloured + ()
     if len(first) > 1 or len(second) > 1:
-        assert expected_answer(s.scene, "spot_difference", s.question) in (None, *[f"The {o.colour} {o.shape} turned {r.colour}." for o, r in zip(second, recoloured)])
+        assert expected_answer(s.scene, "spot_difference", s.question) in (
+            None,
+            *[f"The {o.colour} {o.shape} turned {r.colour}." for o, r in zip(second, recoloured)],
+        )
     # identical pictures: nothing changed
     s.scene.images[1] = first
     assert expected_answer(s.scene, "spot_difference", s.question) is None
@@ -470,8 +532,13 @@ def test_v2_episodes_and_vocabulary():
             assert ep.turns
             for task, q, a in ep.turns:
                 assert check_answer(ep.scene, task, q, a)
-    ep = make_episode(random.Random(1), k=8, kind="count", weights={"count": 1, "needle": 0, "text_needle": 0}, max_turns=1)
-    assert ep.turns[0][1] == f"How many images have {'an' if ep.scene.focus[0] in 'aeiou' else 'a'} {ep.scene.focus} shape?"
+    ep = make_episode(
+        random.Random(1), k=8, kind="count", weights={"count": 1, "needle": 0, "text_needle": 0}, max_turns=1
+    )
+    assert (
+        ep.turns[0][1]
+        == f"How many images have {'an' if ep.scene.focus[0] in 'aeiou' else 'a'} {ep.scene.focus} shape?"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -495,7 +562,9 @@ def test_v2_prompts_are_mostly_visual_tokens(v2_processor):
         assert share >= 0.75, (task, share)
 
 
-@pytest.mark.parametrize("task,k", [("spot_difference", None), ("count", 8), ("needle", 5), ("text_needle", 3), ("video_colour", None)])
+@pytest.mark.parametrize(
+    "task,k", [("spot_difference", None), ("count", 8), ("needle", 5), ("text_needle", 3), ("video_colour", None)]
+)
 def test_v2_fast_encoder_equals_the_processor_path(v2_processor, task, k):
     from mmkv.models import adapter_for
     from mmkv.tiny.grow import build_v2_model
@@ -507,7 +576,14 @@ def test_v2_fast_encoder_equals_the_processor_path(v2_processor, task, k):
     s = make_sample(task, 21, k, size=V2_SIZES.get(task))
     fast = enc.encode([s.episode()], answer_last=False)
     ref = adapter_for(model).prepare(model, v2_processor, s.chat).inputs
-    for key in ("input_ids", "mm_token_type_ids", "image_grid_thw", "pixel_values", "video_grid_thw", "pixel_values_videos"):
+    for key in (
+        "input_ids",
+        "mm_token_type_ids",
+        "image_grid_thw",
+        "pixel_values",
+        "video_grid_thw",
+        "pixel_values_videos",
+    ):
         assert (key in ref) == (key in fast), key
         if key in ref:
             assert torch.equal(ref[key].cpu(), fast[key]), key
@@ -517,7 +593,9 @@ def test_v2_fast_encoder_equals_the_processor_path(v2_processor, task, k):
     one = enc.encode([other.episode()], answer_last=False, aux=False)
     if "pixel_values" in fast:
         n = fast["pixel_values"].shape[0]
-        assert torch.equal(both["pixel_values"][:n], fast["pixel_values"]) and torch.equal(both["pixel_values"][n:], one["pixel_values"])
+        assert torch.equal(both["pixel_values"][:n], fast["pixel_values"]) and torch.equal(
+            both["pixel_values"][n:], one["pixel_values"]
+        )
 
 
 @pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in mmkv/assets/")
@@ -538,7 +616,12 @@ def test_grown_v2_computes_v1s_function(tmp_path, monkeypatch):
     _, proc1 = mmkv.models.load(ASSET, device="cpu")
     t = v2.config.text_config
     assert type(v2).__name__ == "Qwen2VLForConditionalGeneration"
-    assert (t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.hidden_size // t.num_attention_heads) == (6, 8, 4, 32)
+    assert (
+        t.num_hidden_layers,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.hidden_size // t.num_attention_heads,
+    ) == (6, 8, 4, 32)
     assert t.rope_parameters["mrope_section"] == v1.config.text_config.rope_parameters["mrope_section"]
     assert (tmp_path / "v2" / "model.safetensors").stat().st_size <= 25 * 2**20
     from mmkv.models import adapter_for
@@ -556,7 +639,10 @@ def test_grown_v2_computes_v1s_function(tmp_path, monkeypatch):
             assert float(l2[..., v_old:].max(-1).values.sub(l1.max(-1).values).max()) < -1.0  # new tokens never win
             o1 = mmkv.generate(v1, proc1, s.chat, method="full", max_new_tokens=16, record_attention=False)
             o2 = mmkv.generate(v2, proc2, s.chat, method="full", max_new_tokens=16, record_attention=False)
-            assert o2.text == o1.text, (o1.text, o2.text)  # the same answers, right or wrong (v1 gets 85% of video_direction)
+            assert o2.text == o1.text, (
+                o1.text,
+                o2.text,
+            )  # the same answers, right or wrong (v1 gets 85% of video_direction)
 
 
 @pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in mmkv/assets/")
@@ -568,24 +654,102 @@ def test_v2_stages_chain_from_stage_outputs(tmp_path):
     from mmkv.tiny.train import main
 
     assert grow_main([str(tmp_path / "g0")]) == 0
-    common = ["--arch", "v2", "--batch", "3", "--eval-n", "1", "--eval-every", "100", "--log-every", "1", "--threads", "1",
-              "--k-start", "2", "--k-max", "3", "--spot-frac", "0.34", "--video-frac", "0.33", "--count-frac", "0.5",
-              "--retrieval-weight", "1", "--diff-weight", "1", "--presence-weight", "1", "--diff-pos-weight", "10", "--spot-retrieval",
-              "--weights", "needle=1,text_needle=1,spot_difference=1,count=1,video_direction=1,video_colour=1"]
+    common = [
+        "--arch",
+        "v2",
+        "--batch",
+        "3",
+        "--eval-n",
+        "1",
+        "--eval-every",
+        "100",
+        "--log-every",
+        "1",
+        "--threads",
+        "1",
+        "--k-start",
+        "2",
+        "--k-max",
+        "3",
+        "--spot-frac",
+        "0.34",
+        "--video-frac",
+        "0.33",
+        "--count-frac",
+        "0.5",
+        "--retrieval-weight",
+        "1",
+        "--diff-weight",
+        "1",
+        "--presence-weight",
+        "1",
+        "--diff-pos-weight",
+        "10",
+        "--spot-retrieval",
+        "--weights",
+        "needle=1,text_needle=1,spot_difference=1,count=1,video_direction=1,video_colour=1",
+    ]
     before = (ASSET / "model.safetensors").stat().st_mtime
-    assert main(["--work", str(tmp_path / "w1"), "--init", str(tmp_path / "g0"), "--stage-out", str(tmp_path / "s1"),
-                 "--steps", "2", *common]) == 0
+    assert (
+        main(
+            [
+                "--work",
+                str(tmp_path / "w1"),
+                "--init",
+                str(tmp_path / "g0"),
+                "--stage-out",
+                str(tmp_path / "s1"),
+                "--steps",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "s1"
-    assert {"model.safetensors", "aux.safetensors", "metrics.json", "log.jsonl", "args.json", "config.json"} <= {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "aux.safetensors", "metrics.json", "log.jsonl", "args.json", "config.json"} <= {
+        p.name for p in out.iterdir()
+    }
     assert not any(p.suffix == ".pt" for p in out.iterdir())
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and set(metrics["heldout_accuracy"]) >= {"needle@8", "spot_difference", "count@8"}
     assert (ASSET / "model.safetensors").stat().st_mtime == before
     # the next stage starts from the stage output; stopped at step 1, it resumes from its checkpoint
-    assert main(["--work", str(tmp_path / "w2"), "--init", str(out), "--stage-out", str(tmp_path / "s2"), "--steps", "2",
-                 "--stop-at", "1", *common]) == 0
+    assert (
+        main(
+            [
+                "--work",
+                str(tmp_path / "w2"),
+                "--init",
+                str(out),
+                "--stage-out",
+                str(tmp_path / "s2"),
+                "--steps",
+                "2",
+                "--stop-at",
+                "1",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert not (tmp_path / "s2").exists()
-    assert main(["--work", str(tmp_path / "w2"), "--init", str(out), "--stage-out", str(tmp_path / "s2"), "--steps", "2", *common]) == 0
+    assert (
+        main(
+            [
+                "--work",
+                str(tmp_path / "w2"),
+                "--init",
+                str(out),
+                "--stage-out",
+                str(tmp_path / "s2"),
+                "--steps",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
     log = [json.loads(line) for line in (tmp_path / "w2" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("event") == "start"] == [0, 1]
     assert json.loads((tmp_path / "s2" / "metrics.json").read_text())["steps"] == 2
@@ -594,7 +758,13 @@ def test_v2_stages_chain_from_stage_outputs(tmp_path):
     assert any("aux_acc_presence" in r for r in log)
     from safetensors.torch import load_file
 
-    assert {k.split(".")[0] for k in load_file(str(tmp_path / "s2" / "aux.safetensors"))} == {"cells", "motion", "bind", "diff", "presence"}
+    assert {k.split(".")[0] for k in load_file(str(tmp_path / "s2" / "aux.safetensors"))} == {
+        "cells",
+        "motion",
+        "bind",
+        "diff",
+        "presence",
+    }
 
 
 def test_v2_probe_labels_mark_changed_cells_and_image_colours(v2_processor):
@@ -639,7 +809,7 @@ def test_v2_spot_retrieval_target_is_the_changed_cells_of_both_pictures(v2_proce
     eps = [make_episode(random.Random(f"spot{i}"), kind="spot") for i in range(6)]
     batch = enc.encode(eps)
     assert batch["retrieval_row"].tolist() == list(range(6))
-    visual = (batch["mm_token_type_ids"] > 0)
+    visual = batch["mm_token_type_ids"] > 0
     diff = batch["aux_diff"]
     offset = 0
     for row, ep in enumerate(eps):

@@ -38,20 +38,34 @@ def vid_pos(group: int, r: int, c: int) -> int:
 def _trace(kept: dict[tuple[int, int], list[int]], merges=None, info=None, span: int = LENGTH, mass=True) -> Trace:
     layers = []
     for layer in range(2):
-        layers.append(LayerTrace(
-            layer=layer,
-            kept=[sorted(kept.get((layer, h), [])) for h in range(2)],
-            bytes_before=LENGTH * 2 * 64, bytes_after=sum(len(kept.get((layer, h), [])) for h in range(2)) * 64,
-            merges=(merges or {}).get(layer),
-            info=(info or {}).get(layer, {}),
-            modality_mass=[[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.9, 0.05, 0.05], [0.1, 0.1, 0.8]] if mass else None,
-            entropy=[1.0 + layer, 1.5, 2.0, 2.5] if mass else None,
-        ))
-    return Trace(method="planted", params={}, budget=0.3, capacity=10, query_aware=span == LENGTH, prompt_length=LENGTH,
-                 span_length=span, num_layers=2, num_kv_heads=2, num_q_heads=4, head_dim=16, bytes_per_token_head=64,
-                 modality=_modality() if span == LENGTH else _modality().prefix(span), layers=layers)
-
-
+        layers.append(
+            LayerTrace(
+                layer=layer,
+                kept=[sorted(kept.get((layer, h), [])) for h in range(2)],
+                bytes_before=LENGTH * 2 * 64,
+                bytes_after=sum(len(kept.get((layer, h), [])) for h in range(2)) * 64,
+                merges=(merges or {}).get(layer),
+                info=(info or {}).get(layer, {}),
+                modality_mass=[[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.9, 0.05, 0.05], [0.1, 0.1, 0.8]] if mass else None,
+                entropy=[1.0 + layer, 1.5, 2.0, 2.5] if mass else None,
+            )
+        )
+    return Trace(
+        method="planted",
+        params={},
+        budget=0.3,
+        capacity=10,
+        query_aware=span == LENGTH,
+        prompt_length=LENGTH,
+        span_length=span,
+        num_layers=2,
+        num_kv_heads=2,
+        num_q_heads=4,
+        head_dim=16,
+        bytes_per_token_head=64,
+        modality=_modality() if span == LENGTH else _modality().prefix(span),
+        layers=layers,
+    )
 
 
 def _noise(w: int, h: int, seed: int) -> Image.Image:
@@ -105,10 +119,18 @@ def test_planted_kept_set_keeps_exactly_those_cells_in_their_own_colours_on_the_
     trace = _trace({(0, 0): kept})
     images, videos = _media()
     panels = viz.overlay_panels(trace, images, videos, layer=0, head=0, **PAINT)
-    assert [(p.modality, p.source, p.frame) for p in panels] == [(IMAGE, 0, 0), (VIDEO, 0, 0), (VIDEO, 0, 1), (VIDEO, 0, 2), (VIDEO, 0, 3)]
+    assert [(p.modality, p.source, p.frame) for p in panels] == [
+        (IMAGE, 0, 0),
+        (VIDEO, 0, 0),
+        (VIDEO, 0, 1),
+        (VIDEO, 0, 2),
+        (VIDEO, 0, 3),
+    ]
     assert panels[0].image.size == (64, 48) and panels[1].image.size == (60, 40)  # one (layer, head): no side map
     states = _states(panels[0].image, images[0], IMG_ROWS, IMG_COLS)
-    assert states == {(r, c): "kept" if (r, c) in image_cells else "evicted" for r in range(IMG_ROWS) for c in range(IMG_COLS)}
+    assert states == {
+        (r, c): "kept" if (r, c) in image_cells else "evicted" for r in range(IMG_ROWS) for c in range(IMG_COLS)
+    }
     for panel in panels[1:]:
         group = 0 if panel.frame < 2 else 1
         states = _states(panel.image, videos[0].frames[panel.frame], VID_ROWS, VID_COLS)
@@ -171,8 +193,10 @@ def test_all_layers_aggregate_shows_the_share_of_pairs_without_tinting_and_a_sid
     side = np.asarray(panel.image)
     ox = w + 6
     centre = lambda r, c: cell_box(IMG_ROWS, IMG_COLS, r, c, (ox, 0, ox + w // 2, h // 2))  # noqa: E731
-    lum = {key: _luma(side[(centre(*key)[1] + centre(*key)[3]) // 2, (centre(*key)[0] + centre(*key)[2]) // 2])
-           for key in ((2, 1), (0, 3), (1, 1))}
+    lum = {
+        key: _luma(side[(centre(*key)[1] + centre(*key)[3]) // 2, (centre(*key)[0] + centre(*key)[2]) // 2])
+        for key in ((2, 1), (0, 3), (1, 1))
+    }
     assert lum[(2, 1)] < lum[(0, 3)] < lum[(1, 1)]
     assert viz.overlay_panels(trace, images, videos, **PAINT, state_map=False)[0].image.size == (w, h)
 
@@ -182,11 +206,20 @@ def test_merged_cells_are_dotted_and_listed():
     merges = {0: [None, {"source": [src], "target": [dst], "similarity": [0.91]}]}
     trace = _trace({(0, 1): [dst, 37]}, merges=merges)
     images, videos = _media()
-    states = _states(viz.overlay_panels(trace, images, videos, layer=0, head=1, **PAINT)[0].image, images[0], IMG_ROWS, IMG_COLS)
+    states = _states(
+        viz.overlay_panels(trace, images, videos, layer=0, head=1, **PAINT)[0].image, images[0], IMG_ROWS, IMG_COLS
+    )
     assert states[(3, 0)] == "merged" and states[(0, 0)] == "kept" and states[(2, 2)] == "evicted"
     rows = viz.merge_rows(trace, ["t"] * LENGTH)
-    assert rows == [{"layer": 0, "kv_head": 1, "absorbed (evicted)": f"#{src} image 1 cell (r3, c0)",
-                     "into (kept)": f"#{dst} image 1 cell (r0, c0)", "similarity": 0.91}]
+    assert rows == [
+        {
+            "layer": 0,
+            "kv_head": 1,
+            "absorbed (evicted)": f"#{src} image 1 cell (r3, c0)",
+            "into (kept)": f"#{dst} image 1 cell (r0, c0)",
+            "similarity": 0.91,
+        }
+    ]
     # merge lines are drawn only for one layer and head, and only change pixels (never the kept set)
     drawn = viz.overlay_panels(trace, images, videos, layer=0, head=1, alpha=1.0, grid_lines=False, min_side=1)[0]
     assert np.asarray(drawn.image).shape == (48, 64, 3)
@@ -243,19 +276,33 @@ def test_strip_labels():
     assert viz.strip_label(0.0, 0.5) == "merged into a kept token"
     assert viz.strip_label(0.75, 0.0) == "kept by most layers/heads"
     assert viz.strip_label(0.25, 0.0) == "kept by few layers/heads"
-    assert set(viz.STRIP_COLORS) == {"kept", "evicted", "merged into a kept token", "kept by most layers/heads",
-                                     "kept by few layers/heads", "question (not compressed)"}
+    assert set(viz.STRIP_COLORS) == {
+        "kept",
+        "evicted",
+        "merged into a kept token",
+        "kept by most layers/heads",
+        "kept by few layers/heads",
+        "question (not compressed)",
+    }
     hexes = {k: v.lower() for k, v in viz.STRIP_COLORS.items()}
-    assert (hexes["kept"], hexes["evicted"], hexes["merged into a kept token"]) == tuple(_hex(c) for c in (viz.KEPT, viz.EVICTED, viz.MERGED))
+    assert (hexes["kept"], hexes["evicted"], hexes["merged into a kept token"]) == tuple(
+        _hex(c) for c in (viz.KEPT, viz.EVICTED, viz.MERGED)
+    )
 
 
 # ---- palettes: colour-blind safe, and state never looks like a modality ---------------------------
 # Machado et al. (2009) dichromat simulation matrices (linear RGB, severity 1) and CIE L*a*b* (D65).
 _CVD = {
     "normal": np.eye(3),
-    "protanopia": np.array([[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]]),
-    "deuteranopia": np.array([[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]]),
-    "tritanopia": np.array([[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]]),
+    "protanopia": np.array(
+        [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]]
+    ),
+    "deuteranopia": np.array(
+        [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]]
+    ),
+    "tritanopia": np.array(
+        [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]]
+    ),
 }
 
 
@@ -265,7 +312,7 @@ def _hex(rgb) -> str:
 
 def _rgb(colour) -> np.ndarray:
     if isinstance(colour, str):
-        colour = [int(colour.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4)]
+        colour = [int(colour.lstrip("#")[i : i + 2], 16) for i in (0, 2, 4)]
     return np.asarray(colour, float) / 255
 
 
@@ -287,13 +334,13 @@ def test_state_and_modality_palettes_share_no_colour_and_stay_apart_for_colour_b
     modality = list(viz.MODALITY_COLORS.values())
     assert not {_hex(c) for c in state} & {m.lower() for m in modality}
     for i, a in enumerate(state):
-        for b in state[i + 1:]:
+        for b in state[i + 1 :]:
             assert abs(_lab(a)[0] - _lab(b)[0]) >= 15, (a, b)  # lightness alone (greyscale, washed-out projector)
             assert _worst_difference(a, b) >= 30, (a, b)  # every dichromacy
         for m in modality:
             assert _worst_difference(a, m) >= 20, (a, m)
     for i, a in enumerate(modality):
-        for b in modality[i + 1:]:
+        for b in modality[i + 1 :]:
             assert _worst_difference(a, b) >= 20, (a, b)
     # the old palettes failed: kept green vs video green, merged blue vs text blue
     assert _worst_difference((46, 160, 67), "#54A24B") < 20 and _worst_difference((49, 110, 200), "#4C78A8") < 20
@@ -332,11 +379,15 @@ def test_budget_figure_explains_kept_above_the_plan():
     assert planned.customdata[1][1] == ""  # layer 1 keeps nothing: under its plan
     subtitle = fig.layout.title.subtitle.text.replace("<br>", " ")
     assert "1 of 2 layers" in subtitle and "text prior" in subtitle
-    assert fig.layout.title.text.startswith("MEDA:") and all(len(line) <= 60 for line in fig.layout.title.text.split("<br>"))
+    assert fig.layout.title.text.startswith("MEDA:") and all(
+        len(line) <= 60 for line in fig.layout.title.text.split("<br>")
+    )
     # MadaKV: heads keep what they need, the last layer what is left
     info = {0: {"phi": 1.0}, 1: {"phi": 1.0}}
     fig = viz.budget_figure(_trace(kept, info=info))
-    assert "φ" in next(t.name for t in fig.data if t.name.startswith("planned")) and "last layer" in fig.layout.title.subtitle.text.replace("<br>", " ")
+    assert "φ" in next(
+        t.name for t in fig.data if t.name.startswith("planned")
+    ) and "last layer" in fig.layout.title.subtitle.text.replace("<br>", " ")
 
 
 def test_modality_heatmap_from_measured_mass_and_from_madakv_preference():
@@ -376,10 +427,28 @@ def test_constant_head_budgets_get_a_scale_from_zero_and_say_so():
 
 def test_compare_figures():
     rows = [
-        {"label": "full", "kv_bytes_full": 2048, "kv_bytes_compressed": 2048, "kv_bytes_end": 3072, "prefill_ms": 5.0,
-         "compress_ms": 0.0, "decode_ms_per_token": 1.0, "overlap": 1.0, "kl": 0.0},
-        {"label": "snapkv @ 0.2", "kv_bytes_full": 2048, "kv_bytes_compressed": 512, "kv_bytes_end": 1024,
-         "prefill_ms": 6.0, "compress_ms": 0.5, "decode_ms_per_token": 0.8, "overlap": 0.5, "kl": 0.12},
+        {
+            "label": "full",
+            "kv_bytes_full": 2048,
+            "kv_bytes_compressed": 2048,
+            "kv_bytes_end": 3072,
+            "prefill_ms": 5.0,
+            "compress_ms": 0.0,
+            "decode_ms_per_token": 1.0,
+            "overlap": 1.0,
+            "kl": 0.0,
+        },
+        {
+            "label": "snapkv @ 0.2",
+            "kv_bytes_full": 2048,
+            "kv_bytes_compressed": 512,
+            "kv_bytes_end": 1024,
+            "prefill_ms": 6.0,
+            "compress_ms": 0.5,
+            "decode_ms_per_token": 0.8,
+            "overlap": 0.5,
+            "kl": 0.12,
+        },
     ]
     mem = viz.memory_figure(rows)
     assert [t.name for t in mem.data] == ["prompt, uncompressed", "after compression", "end of the answer"]
@@ -390,40 +459,90 @@ def test_compare_figures():
     assert len(speed.data) == 3 and list(speed.data[2].y) == [1.0, 0.8]
     agr = viz.agreement_figure(rows)
     assert list(agr.data[0].y) == [1.0, 0.5] and list(agr.data[1].y) == [0.0, 0.12]
-    sweep = viz.sweep_figure([{"method": "snapkv", "budget": b, "overlap": o, "kl": k}
-                              for b, o, k in ((0.5, 0.9, 0.01), (0.1, 0.3, 0.5))])
+    sweep = viz.sweep_figure(
+        [{"method": "snapkv", "budget": b, "overlap": o, "kl": k} for b, o, k in ((0.5, 0.9, 0.01), (0.1, 0.3, 0.5))]
+    )
     assert list(sweep.data[0].x) == [0.1, 0.5] and list(sweep.data[1].y) == [0.5, 0.01]
     assert "no sweep" in viz.sweep_figure([]).layout.annotations[0].text
     keep = viz.keep_map_figure([("a", _trace({(0, 0): [0]})), ("b", _trace({}))])
     band, heat, *legend = keep.data
     assert np.asarray(band.z).shape == (1, LENGTH) and np.asarray(heat.z).shape == (2, LENGTH)
-    assert np.asarray(heat.z)[0, 0] == pytest.approx(0.25) and [list(s) for s in heat.colorscale] == [list(s) for s in viz.KEEP_SCALE]
+    assert np.asarray(heat.z)[0, 0] == pytest.approx(0.25) and [list(s) for s in heat.colorscale] == [
+        list(s) for s in viz.KEEP_SCALE
+    ]
     # the token-type row has a legend in words, in the modality greys
-    assert [(t.name, t.marker.color) for t in legend] == [(f"{m} token", viz.MODALITY_COLORS[m]) for m in ("text", "image", "video")]
+    assert [(t.name, t.marker.color) for t in legend] == [
+        (f"{m} token", viz.MODALITY_COLORS[m]) for m in ("text", "image", "video")
+    ]
 
 
 def test_long_method_labels_wrap_and_get_display_names():
-    rows = [{"label": "streaming_llm @ 0.25 (query-agnostic)", "method": "streaming_llm", "kv_bytes_full": 1,
-             "prefill_ms": 1.0, "overlap": 0.5}]
+    rows = [
+        {
+            "label": "streaming_llm @ 0.25 (query-agnostic)",
+            "method": "streaming_llm",
+            "kv_bytes_full": 1,
+            "prefill_ms": 1.0,
+            "overlap": 0.5,
+        }
+    ]
     for fig in (viz.memory_figure(rows), viz.speed_figure(rows), viz.agreement_figure(rows)):
         tick = fig.data[0].x[0]
-        assert tick.startswith("StreamingLLM") and "<br>" in tick and fig.data[0].customdata[0] == tick.replace("<br>", " ")
-        assert fig.layout.legend.orientation == "h" and fig.layout.xaxis.automargin and fig.layout.modebar.orientation == "v"
+        assert (
+            tick.startswith("StreamingLLM")
+            and "<br>" in tick
+            and fig.data[0].customdata[0] == tick.replace("<br>", " ")
+        )
+        assert (
+            fig.layout.legend.orientation == "h"
+            and fig.layout.xaxis.automargin
+            and fig.layout.modebar.orientation == "v"
+        )
 
 
 def _figures(present: bool = False) -> list:
-    info = {l: {"entropy": 0.3 + l, "layer_budget": 2, "phi": 3.0, "over_budget": "x", "preference": [0.2, 0.9],
-                "head_types": ["static", "dynamic"], "head_budgets": [5, 7], "sparsity": [0.9, 0.2]} for l in range(2)}
+    info = {
+        l: {
+            "entropy": 0.3 + l,
+            "layer_budget": 2,
+            "phi": 3.0,
+            "over_budget": "x",
+            "preference": [0.2, 0.9],
+            "head_types": ["static", "dynamic"],
+            "head_budgets": [5, 7],
+            "sparsity": [0.9, 0.2],
+        }
+        for l in range(2)
+    }
     trace = _trace({(0, 0): [0, 1, img_pos(0, 0)], (1, 1): [0]}, info=info)
-    rows = [{"label": "full", "kv_bytes_full": 2048, "kv_bytes_compressed": 2048, "kv_bytes_end": 3072, "prefill_ms": 5.0,
-             "compress_ms": 0.0, "decode_ms_per_token": 1.0, "overlap": 1.0, "kl": 0.0, "method": "full"}]
+    rows = [
+        {
+            "label": "full",
+            "kv_bytes_full": 2048,
+            "kv_bytes_compressed": 2048,
+            "kv_bytes_end": 3072,
+            "prefill_ms": 5.0,
+            "compress_ms": 0.0,
+            "decode_ms_per_token": 1.0,
+            "overlap": 1.0,
+            "kl": 0.0,
+            "method": "full",
+        }
+    ]
     sweep = [{"method": "madakv", "budget": 0.2, "overlap": 0.5, "kl": 0.1}]
-    return [viz.budget_figure(trace, present=present), viz.budget_figure(_trace({(0, 0): [0]}), present=present),
-            viz.modality_heatmap(trace, present=present), viz.modality_heatmap(_trace({}), present=present),
-            viz.head_budget_figure(trace, present=present), viz.memory_figure(rows, present=present),
-            viz.speed_figure(rows, present=present), viz.agreement_figure(rows, present=present),
-            viz.sweep_figure(sweep, present=present), viz.keep_map_figure([("full", trace)], present=present),
-            viz.empty_figure("nothing", "Title", present=present)]
+    return [
+        viz.budget_figure(trace, present=present),
+        viz.budget_figure(_trace({(0, 0): [0]}), present=present),
+        viz.modality_heatmap(trace, present=present),
+        viz.modality_heatmap(_trace({}), present=present),
+        viz.head_budget_figure(trace, present=present),
+        viz.memory_figure(rows, present=present),
+        viz.speed_figure(rows, present=present),
+        viz.agreement_figure(rows, present=present),
+        viz.sweep_figure(sweep, present=present),
+        viz.keep_map_figure([("full", trace)], present=present),
+        viz.empty_figure("nothing", "Title", present=present),
+    ]
 
 
 def _words(fig) -> list[str]:
@@ -453,7 +572,9 @@ def test_presentation_mode_uses_large_type_and_thick_lines():
         assert big.layout.height > normal.layout.height
     sweep = _figures(True)[8]
     assert sweep.data[0].line.width >= 4 and sweep.data[0].marker.size >= 14
-    assert viz.Style.of(True) is viz.PRESENT and viz.Style.of(viz.PRESENT) is viz.PRESENT and viz.Style.of() is viz.NORMAL
+    assert (
+        viz.Style.of(True) is viz.PRESENT and viz.Style.of(viz.PRESENT) is viz.PRESENT and viz.Style.of() is viz.NORMAL
+    )
 
 
 def test_report_html_is_self_contained_and_traces_round_trip():
@@ -485,8 +606,22 @@ def test_tiled_items_are_painted_into_their_tile_regions():
         cells.append(cl)
     m = ModalityMap.from_items(6, items, cells)
     lt = LayerTrace(layer=0, kept=[[3]], bytes_before=0, bytes_after=0)
-    trace = Trace(method="t", params={}, budget=0.5, capacity=1, query_aware=True, prompt_length=6, span_length=6,
-                  num_layers=1, num_kv_heads=1, num_q_heads=1, head_dim=4, bytes_per_token_head=16, modality=m, layers=[lt])
+    trace = Trace(
+        method="t",
+        params={},
+        budget=0.5,
+        capacity=1,
+        query_aware=True,
+        prompt_length=6,
+        span_length=6,
+        num_layers=1,
+        num_kv_heads=1,
+        num_q_heads=1,
+        head_dim=4,
+        bytes_per_token_head=16,
+        modality=m,
+        layers=[lt],
+    )
     image = _noise(40, 10, 7)
     panels = viz.overlay_panels(trace, [image], [], **PAINT)
     assert [p.caption.split(" — ")[0] for p in panels] == ["image 1 · tiles", "image 1 · global view"]

@@ -75,5 +75,16 @@ class Style:
 
 
 NORMAL = Style()
-PRESENT = replace(NORMAL, present=True, font=20, title=26, line=4.0, marker=15, height=1.35, outline=4, hatch=12,
-                  min_side=384, label=20)
+PRESENT = replace(
+    NORMAL,
+    present=True,
+    font=20,
+    title=26,
+    line=4.0,
+    marker=15,
+    height=1.35,
+    outline=4,
+    hatch=12,
+    min_side=384,
+    label=20,
+)

@@ -38,14 +38,31 @@ from .colors import (
 from .overlay import token_fractions
 
 __all__ = [
-    "empty_figure", "budget_figure", "preference_matrix", "modality_heatmap", "head_budget_figure",
-    "memory_figure", "speed_figure", "agreement_figure", "sweep_figure", "keep_map_figure", "method_name",
+    "empty_figure",
+    "budget_figure",
+    "preference_matrix",
+    "modality_heatmap",
+    "head_budget_figure",
+    "memory_figure",
+    "speed_figure",
+    "agreement_figure",
+    "sweep_figure",
+    "keep_map_figure",
+    "method_name",
 ]
 
 _MODALITIES = ("text", "image", "video")
 _NAMES = {
-    "full": "Full", "streaming_llm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
-    "adakv": "AdaKV", "lookm": "LOOK-M", "meda": "MEDA", "madakv": "MadaKV", "hybridkv": "HybridKV",
+    "full": "Full",
+    "streaming_llm": "StreamingLLM",
+    "h2o": "H2O",
+    "snapkv": "SnapKV",
+    "pyramidkv": "PyramidKV",
+    "adakv": "AdaKV",
+    "lookm": "LOOK-M",
+    "meda": "MEDA",
+    "madakv": "MadaKV",
+    "hybridkv": "HybridKV",
 }
 
 
@@ -74,11 +91,27 @@ def _finish(fig: go.Figure, title: str, st: Style, height: int = 340, subtitle: 
         template="plotly_white",
         height=height,
         font=dict(size=st.font),
-        title=dict(text=title, x=0.01, xanchor="left", y=1.0, yref="container", yanchor="top", pad=dict(t=8),
-                   font=dict(size=st.title), subtitle=dict(text=subtitle, font=dict(size=st.font))),
+        title=dict(
+            text=title,
+            x=0.01,
+            xanchor="left",
+            y=1.0,
+            yref="container",
+            yanchor="top",
+            pad=dict(t=8),
+            font=dict(size=st.title),
+            subtitle=dict(text=subtitle, font=dict(size=st.font)),
+        ),
         margin=dict(l=10, r=50, t=head + 10, b=10, autoexpand=True),
-        legend=dict(orientation="h", yref="container", y=1.0 - head / height, yanchor="top", xanchor="left", x=0.01,
-                    font=dict(size=st.font)),
+        legend=dict(
+            orientation="h",
+            yref="container",
+            y=1.0 - head / height,
+            yanchor="top",
+            xanchor="left",
+            x=0.01,
+            font=dict(size=st.font),
+        ),
         modebar=dict(orientation="v"),
         hoverlabel=dict(font=dict(size=st.font)),
     )
@@ -90,8 +123,9 @@ def _finish(fig: go.Figure, title: str, st: Style, height: int = 340, subtitle: 
 def empty_figure(message: str, title: str = "", present: bool | Style = False) -> go.Figure:
     st = Style.of(present)
     fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                       font=dict(size=st.font + 1))
+    fig.add_annotation(
+        text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=st.font + 1)
+    )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return _finish(fig, title, st)
@@ -161,11 +195,18 @@ def budget_figure(trace: Any, present: bool | Style = False) -> go.Figure:
     for m, mod in enumerate(_MODALITIES):
         if per_mod[:, m].sum() == 0 and m > 0:
             continue
-        fig.add_bar(x=layers, y=per_mod[:, m], name=f"{mod} tokens kept",
-                    marker=dict(color=MODALITY_COLORS[mod], line=dict(color="#222222", width=0.5),
-                                pattern=dict(shape=MODALITY_PATTERNS[mod], fgcolor="white", solidity=0.3)),
-                    customdata=spread,
-                    hovertemplate="layer %{x}: %{y:.1f} " + mod + " tokens per KV head (%{customdata})<extra></extra>")
+        fig.add_bar(
+            x=layers,
+            y=per_mod[:, m],
+            name=f"{mod} tokens kept",
+            marker=dict(
+                color=MODALITY_COLORS[mod],
+                line=dict(color="#222222", width=0.5),
+                pattern=dict(shape=MODALITY_PATTERNS[mod], fgcolor="white", solidity=0.3),
+            ),
+            customdata=spread,
+            hovertemplate="layer %{x}: %{y:.1f} " + mod + " tokens per KV head (%{customdata})<extra></extra>",
+        )
     subtitle = ""
     planned = _info_values(trace, ("layer_budget", "phi", "layer_capacity", "head_capacities", "head_budgets"))
     if planned is not None:
@@ -176,11 +217,20 @@ def budget_figure(trace: Any, present: bool | Style = False) -> go.Figure:
         over = total > plan + 0.5
         notes = [reason if o else "" for o in over]
         label = "planned budget per KV head" + (", φ" if key == "phi" else "")
-        fig.add_scatter(x=layers, y=plan, mode="markers", name=label,
-                        customdata=np.stack([total, np.asarray(notes, dtype=object)], axis=1),
-                        hovertemplate="layer %{x}: planned %{y:.1f}, kept %{customdata[0]:.1f}<br>%{customdata[1]}<extra></extra>",
-                        marker=dict(symbol="line-ew-open", size=2 * st.marker + 4, color="#000000",
-                                    line=dict(width=st.line + 1, color="#000000")))
+        fig.add_scatter(
+            x=layers,
+            y=plan,
+            mode="markers",
+            name=label,
+            customdata=np.stack([total, np.asarray(notes, dtype=object)], axis=1),
+            hovertemplate="layer %{x}: planned %{y:.1f}, kept %{customdata[0]:.1f}<br>%{customdata[1]}<extra></extra>",
+            marker=dict(
+                symbol="line-ew-open",
+                size=2 * st.marker + 4,
+                color="#000000",
+                line=dict(width=st.line + 1, color="#000000"),
+            ),
+        )
         if over.any():
             subtitle = f"Kept is above the plan in {int(over.sum())} of {len(layers)} layers: {reason}."
     entropy = _info_values(trace, ("entropy", "layer_entropy"))
@@ -195,9 +245,16 @@ def budget_figure(trace: Any, present: bool | Style = False) -> go.Figure:
     else:
         ys, label = None, ""
     if ys is not None:
-        fig.add_scatter(x=layers, y=ys, mode="lines+markers", name=label, secondary_y=True,
-                        line=dict(color=SERIES[3], width=st.line), marker=dict(size=st.marker, color=SERIES[3]),
-                        hovertemplate="layer %{x}: %{y:.2f} nats<extra></extra>")
+        fig.add_scatter(
+            x=layers,
+            y=ys,
+            mode="lines+markers",
+            name=label,
+            secondary_y=True,
+            line=dict(color=SERIES[3], width=st.line),
+            marker=dict(size=st.marker, color=SERIES[3]),
+            hovertemplate="layer %{x}: %{y:.2f} nats<extra></extra>",
+        )
         fig.update_yaxes(title_text="entropy (nats)", secondary_y=True, showgrid=False, rangemode="tozero")
     fig.update_layout(barmode="stack")
     fig.update_xaxes(title_text="layer", dtick=1 if len(layers) <= 40 else None)
@@ -210,7 +267,10 @@ def _pref_value(v: Any) -> Any:
     """MadaKV-style preference per head: a number (visual weight) or a pair ``[w_v, w_t]``."""
     if isinstance(v, dict):
         weights: dict[str, float] = v
-        wv, wt = float(weights.get("visual", weights.get("w_v", 0.0))), float(weights.get("text", weights.get("w_t", 0.0)))
+        wv, wt = (
+            float(weights.get("visual", weights.get("w_v", 0.0))),
+            float(weights.get("text", weights.get("w_t", 0.0))),
+        )
         return wv / (wv + wt) if wv + wt > 0 else 0.5
     if isinstance(v, (list, tuple)) and len(v) == 2 and not isinstance(v[0], (list, tuple)):
         wv, wt = float(v[0]), float(v[1])
@@ -227,8 +287,10 @@ def preference_matrix(trace: Any) -> tuple[np.ndarray, str, str] | None:
     pref = _info_values(trace, ("preference",))
     if pref is not None:
         try:
-            z = np.asarray([[_pref_value(v) for v in (row if isinstance(row, (list, tuple)) else [row])] for row in pref[1]],
-                           dtype=np.float64)
+            z = np.asarray(
+                [[_pref_value(v) for v in (row if isinstance(row, (list, tuple)) else [row])] for row in pref[1]],
+                dtype=np.float64,
+            )
             return z, "KV head", f"{method_name(trace.method)} modality preference p (visual share)"
         except (TypeError, ValueError):
             pass
@@ -246,12 +308,26 @@ def modality_heatmap(trace: Any, present: bool | Style = False) -> go.Figure:
         return empty_figure("attention statistics were not recorded for this run", "Modality preference", st)
     z, head_axis, source = got
     layers = [lt.layer for lt in trace.layers]
-    fig = go.Figure(go.Heatmap(
-        z=z, x=list(range(z.shape[1])), y=layers, zmin=0.0, zmax=1.0, colorscale=PREFERENCE_SCALE, xgap=1, ygap=1,
-        colorbar=dict(title=dict(text="looks at", side="top"), tickvals=[0, 0.5, 1],
-                      ticktext=["text", "both", "images, video"]),
-        hovertemplate="layer %{y}, " + head_axis + " %{x}: %{z:.2f} of its attention on images and video<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(z.shape[1])),
+            y=layers,
+            zmin=0.0,
+            zmax=1.0,
+            colorscale=PREFERENCE_SCALE,
+            xgap=1,
+            ygap=1,
+            colorbar=dict(
+                title=dict(text="looks at", side="top"),
+                tickvals=[0, 0.5, 1],
+                ticktext=["text", "both", "images, video"],
+            ),
+            hovertemplate="layer %{y}, "
+            + head_axis
+            + " %{x}: %{z:.2f} of its attention on images and video<extra></extra>",
+        )
+    )
     fig.update_xaxes(title_text=head_axis, dtick=1 if z.shape[1] <= 40 else None)
     fig.update_yaxes(title_text="layer", dtick=1 if len(layers) <= 40 else None, autorange="reversed")
     return _finish(fig, f"Layer × head: {source}", st, height=360)
@@ -295,9 +371,19 @@ def head_budget_figure(trace: Any, present: bool | Style = False) -> go.Figure:
         except (TypeError, ValueError):
             pass
     top = float(np.nanmax(z)) if z.size else 0.0
-    heat = go.Heatmap(z=z, x=list(range(z.shape[1])), y=layers, colorscale=BUDGET_SCALE, zmin=0, zmax=max(top, 1.0),
-                      xgap=1, ygap=1, colorbar=dict(title=dict(text=what, side="top")),
-                      customdata=np.stack(custom, axis=-1), hovertemplate=hover + "<extra></extra>")
+    heat = go.Heatmap(
+        z=z,
+        x=list(range(z.shape[1])),
+        y=layers,
+        colorscale=BUDGET_SCALE,
+        zmin=0,
+        zmax=max(top, 1.0),
+        xgap=1,
+        ygap=1,
+        colorbar=dict(title=dict(text=what, side="top")),
+        customdata=np.stack(custom, axis=-1),
+        hovertemplate=hover + "<extra></extra>",
+    )
     if text is not None and np.asarray(text).shape == z.shape:
         heat.update(text=text, texttemplate="%{text}", textfont=dict(size=st.font + 1))
     fig = go.Figure(heat)
@@ -306,7 +392,9 @@ def head_budget_figure(trace: Any, present: bool | Style = False) -> go.Figure:
     subtitle = ""
     if z.size and float(np.nanmin(z)) == top:
         subtitle = f"All heads of all layers: {top:.0f} {what} each."
-    title = "head types (S = static, D = dynamic) and budgets" if types is not None else "tokens kept per layer and KV head"
+    title = (
+        "head types (S = static, D = dynamic) and budgets" if types is not None else "tokens kept per layer and KV head"
+    )
     return _finish(fig, f"{name}: {title}", st, height=360, subtitle=subtitle)
 
 
@@ -318,19 +406,32 @@ def _labels(rows: Sequence[dict[str, Any]], st: Style) -> tuple[list[str], list[
         label = str(r["label"])
         method = r.get("method")
         if method is not None and label.startswith(str(method)):
-            label = method_name(method) + label[len(str(method)):]
+            label = method_name(method) + label[len(str(method)) :]
         full.append(label)
     width = 10 if st.present else 14
     # the budget goes on its own line: four to eight bars share a half-width chart
     return [_wrap(label, width).replace(" @ ", "<br>@ ") for label in full], full
 
 
-def _bars(fig: go.Figure, rows: Sequence[dict[str, Any]], series: Sequence[tuple[str, str, str, float]], unit: str,
-          st: Style, **kw: Any) -> None:
+def _bars(
+    fig: go.Figure,
+    rows: Sequence[dict[str, Any]],
+    series: Sequence[tuple[str, str, str, float]],
+    unit: str,
+    st: Style,
+    **kw: Any,
+) -> None:
     ticks, full = _labels(rows, st)
     for key, name, colour, scale in series:
-        fig.add_bar(x=ticks, y=[(r.get(key) or 0) * scale for r in rows], name=name, marker_color=colour, customdata=full,
-                    hovertemplate="%{customdata}: %{y:.2f} " + unit + "<extra>" + name + "</extra>", **kw)
+        fig.add_bar(
+            x=ticks,
+            y=[(r.get(key) or 0) * scale for r in rows],
+            name=name,
+            marker_color=colour,
+            customdata=full,
+            hovertemplate="%{customdata}: %{y:.2f} " + unit + "<extra>" + name + "</extra>",
+            **kw,
+        )
     fig.update_xaxes(tickangle=0)
 
 
@@ -340,9 +441,17 @@ def memory_figure(rows: Sequence[dict[str, Any]], present: bool | Style = False)
     if not rows:
         return empty_figure("no runs", "KV-cache memory", st)
     fig = go.Figure()
-    _bars(fig, rows, (("kv_bytes_full", "prompt, uncompressed", hex_color(NOT_COMPRESSED), 1 / 1024),
-                      ("kv_bytes_compressed", "after compression", hex_color(KEPT), 1 / 1024),
-                      ("kv_bytes_end", "end of the answer", SERIES[1], 1 / 1024)), "KiB", st)
+    _bars(
+        fig,
+        rows,
+        (
+            ("kv_bytes_full", "prompt, uncompressed", hex_color(NOT_COMPRESSED), 1 / 1024),
+            ("kv_bytes_compressed", "after compression", hex_color(KEPT), 1 / 1024),
+            ("kv_bytes_end", "end of the answer", SERIES[1], 1 / 1024),
+        ),
+        "KiB",
+        st,
+    )
     fig.update_layout(barmode="group")
     fig.update_yaxes(title_text="KV cache (KiB)")
     return _finish(fig, "Physical KV-cache memory", st)
@@ -354,8 +463,17 @@ def speed_figure(rows: Sequence[dict[str, Any]], present: bool | Style = False) 
     if not rows:
         return empty_figure("no runs", "Time", st)
     fig = go.Figure()
-    _bars(fig, rows, (("prefill_ms", "prefill", SERIES[0], 1.0), ("compress_ms", "compression", SERIES[3], 1.0),
-                      ("decode_ms_per_token", "decode, per token", SERIES[2], 1.0)), "ms", st)
+    _bars(
+        fig,
+        rows,
+        (
+            ("prefill_ms", "prefill", SERIES[0], 1.0),
+            ("compress_ms", "compression", SERIES[3], 1.0),
+            ("decode_ms_per_token", "decode, per token", SERIES[2], 1.0),
+        ),
+        "ms",
+        st,
+    )
     fig.update_layout(barmode="group")
     fig.update_yaxes(title_text="milliseconds")
     return _finish(fig, "Time: prefill, compression, decode per token", st)
@@ -369,13 +487,26 @@ def agreement_figure(rows: Sequence[dict[str, Any]], present: bool | Style = Fal
         return empty_figure("no agreement computed", "Agreement with Full", st)
     ticks, full = _labels(rows, st)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_bar(x=ticks, y=[r["overlap"] for r in rows], name="answer tokens equal to Full's", marker_color=hex_color(KEPT),
-                customdata=full, hovertemplate="%{customdata}: %{y:.2f} of the tokens<extra></extra>")
+    fig.add_bar(
+        x=ticks,
+        y=[r["overlap"] for r in rows],
+        name="answer tokens equal to Full's",
+        marker_color=hex_color(KEPT),
+        customdata=full,
+        hovertemplate="%{customdata}: %{y:.2f} of the tokens<extra></extra>",
+    )
     kl = [r.get("kl") for r in rows]
     if any(v is not None for v in kl):
-        fig.add_scatter(x=ticks, y=kl, mode="markers", name="divergence from Full (KL, nats)", customdata=full,
-                        marker=dict(size=st.marker + 4, color=SERIES[0], symbol="diamond", line=dict(width=1, color="#000")),
-                        hovertemplate="%{customdata}: KL %{y:.3f} nats<extra></extra>", secondary_y=True)
+        fig.add_scatter(
+            x=ticks,
+            y=kl,
+            mode="markers",
+            name="divergence from Full (KL, nats)",
+            customdata=full,
+            marker=dict(size=st.marker + 4, color=SERIES[0], symbol="diamond", line=dict(width=1, color="#000")),
+            hovertemplate="%{customdata}: KL %{y:.3f} nats<extra></extra>",
+            secondary_y=True,
+        )
         fig.update_yaxes(title_text="KL (nats)", secondary_y=True, rangemode="tozero", showgrid=False)
     fig.update_yaxes(title_text="overlap", range=[0, 1.05], secondary_y=False)
     fig.update_xaxes(tickangle=0)
@@ -394,14 +525,28 @@ def sweep_figure(points: Sequence[dict[str, Any]], present: bool | Style = False
         ps = sorted((p for p in points if p["method"] == m), key=lambda p: p["budget"])
         colour, symbol, label = SERIES[i % len(SERIES)], symbols[i % len(symbols)], method_name(m)
         marker = dict(color=colour, symbol=symbol, size=st.marker)
-        fig.add_scatter(x=[p["budget"] for p in ps], y=[p.get("overlap") for p in ps], mode="lines+markers",
-                        name=f"{label}: overlap", line=dict(color=colour, width=st.line), marker=marker, legendgroup=label,
-                        hovertemplate=label + " at budget %{x}: overlap %{y:.2f}<extra></extra>")
+        fig.add_scatter(
+            x=[p["budget"] for p in ps],
+            y=[p.get("overlap") for p in ps],
+            mode="lines+markers",
+            name=f"{label}: overlap",
+            line=dict(color=colour, width=st.line),
+            marker=marker,
+            legendgroup=label,
+            hovertemplate=label + " at budget %{x}: overlap %{y:.2f}<extra></extra>",
+        )
         if any(p.get("kl") is not None for p in ps):
-            fig.add_scatter(x=[p["budget"] for p in ps], y=[p.get("kl") for p in ps], mode="lines+markers",
-                            name=f"{label}: KL", line=dict(color=colour, dash="dot", width=st.line), marker=marker,
-                            legendgroup=label, secondary_y=True,
-                            hovertemplate=label + " at budget %{x}: KL %{y:.3f} nats<extra></extra>")
+            fig.add_scatter(
+                x=[p["budget"] for p in ps],
+                y=[p.get("kl") for p in ps],
+                mode="lines+markers",
+                name=f"{label}: KL",
+                line=dict(color=colour, dash="dot", width=st.line),
+                marker=marker,
+                legendgroup=label,
+                secondary_y=True,
+                hovertemplate=label + " at budget %{x}: KL %{y:.3f} nats<extra></extra>",
+            )
     fig.update_xaxes(title_text="budget (share of tokens kept)")
     fig.update_yaxes(title_text="token overlap with Full (solid)", range=[0, 1.05], secondary_y=False)
     fig.update_yaxes(title_text="KL, nats (dotted)", rangemode="tozero", secondary_y=True, showgrid=False)
@@ -421,25 +566,67 @@ def keep_map_figure(runs: Iterable[tuple[str, Any]], present: bool | Style = Fal
         z[i, : len(kept)] = kept
     codes = _modality_codes(runs[0][1], length)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.12, 0.88], vertical_spacing=0.03)
-    band = [[0.0, MODALITY_COLORS["text"]], [0.333, MODALITY_COLORS["text"]], [0.334, MODALITY_COLORS["image"]],
-            [0.666, MODALITY_COLORS["image"]], [0.667, MODALITY_COLORS["video"]], [1.0, MODALITY_COLORS["video"]]]
+    band = [
+        [0.0, MODALITY_COLORS["text"]],
+        [0.333, MODALITY_COLORS["text"]],
+        [0.334, MODALITY_COLORS["image"]],
+        [0.666, MODALITY_COLORS["image"]],
+        [0.667, MODALITY_COLORS["video"]],
+        [1.0, MODALITY_COLORS["video"]],
+    ]
     names = np.asarray(_MODALITIES)[codes][None, :]
-    fig.add_trace(go.Heatmap(z=codes[None, :], zmin=0, zmax=2, colorscale=band, showscale=False, customdata=names,
-                             y=["token type"], hovertemplate="position %{x}: %{customdata} token<extra></extra>"), row=1, col=1)
+    fig.add_trace(
+        go.Heatmap(
+            z=codes[None, :],
+            zmin=0,
+            zmax=2,
+            colorscale=band,
+            showscale=False,
+            customdata=names,
+            y=["token type"],
+            hovertemplate="position %{x}: %{customdata} token<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
     labels = [label for label, _ in runs]
     width = 10 if st.present else 16
-    fig.add_trace(go.Heatmap(z=z, y=[_wrap(method_name(label), width) for label in labels], zmin=0, zmax=1,
-                             colorscale=KEEP_SCALE, customdata=np.asarray([[label] * length for label in labels], dtype=object),
-                             colorbar=dict(title=dict(text="kept by", side="top"), y=0.44, len=0.85,
-                                           tickvals=[0, 0.5, 1], ticktext=["no layer/head", "half", "all"]),
-                             hovertemplate="%{customdata}, position %{x}: kept by %{z:.0%} of layers × heads<extra></extra>"),
-                  row=2, col=1)
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            y=[_wrap(method_name(label), width) for label in labels],
+            zmin=0,
+            zmax=1,
+            colorscale=KEEP_SCALE,
+            customdata=np.asarray([[label] * length for label in labels], dtype=object),
+            colorbar=dict(
+                title=dict(text="kept by", side="top"),
+                y=0.44,
+                len=0.85,
+                tickvals=[0, 0.5, 1],
+                ticktext=["no layer/head", "half", "all"],
+            ),
+            hovertemplate="%{customdata}, position %{x}: kept by %{z:.0%} of layers × heads<extra></extra>",
+        ),
+        row=2,
+        col=1,
+    )
     present_codes = set(codes.tolist())
     for m, mod in enumerate(_MODALITIES):  # legend for the token-type row (heatmaps have no legend entries)
         if m in present_codes:
-            fig.add_scatter(x=[None], y=[None], mode="markers", name=f"{mod} token", legendgroup="type",
-                            marker=dict(symbol="square", size=st.marker + 5, color=MODALITY_COLORS[mod],
-                                        line=dict(color="#222222", width=1)), hoverinfo="skip", row=1, col=1)
+            fig.add_scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                name=f"{mod} token",
+                legendgroup="type",
+                marker=dict(
+                    symbol="square", size=st.marker + 5, color=MODALITY_COLORS[mod], line=dict(color="#222222", width=1)
+                ),
+                hoverinfo="skip",
+                row=1,
+                col=1,
+            )
     fig.update_layout(showlegend=True, legend=dict(title=dict(text="top row:")))
     fig.update_xaxes(title_text="prompt position", row=2, col=1)
     fig.update_yaxes(autorange="reversed", row=2, col=1)

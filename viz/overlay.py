@@ -28,7 +28,14 @@ from PIL import Image, ImageColor, ImageDraw, ImageFont
 from .colors import EVICTED, KEEP_SCALE, KEPT, MERGED, Style
 
 __all__ = [
-    "TokenFractions", "Panel", "with_title", "token_fractions", "cell_grid", "cell_box", "paint_cells", "overlay_panels",
+    "TokenFractions",
+    "Panel",
+    "with_title",
+    "token_fractions",
+    "cell_grid",
+    "cell_box",
+    "paint_cells",
+    "overlay_panels",
     "video_frame_groups",
 ]
 
@@ -121,7 +128,9 @@ def _faded(region: np.ndarray, strength: float) -> np.ndarray:
     return (1.0 - amount) * region + amount * ghost[..., None]
 
 
-def _patterns(x0: int, y0: int, x1: int, y1: int, spacing: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _patterns(
+    x0: int, y0: int, x1: int, y1: int, spacing: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Masks in image coordinates (so patterns run on across cells): diagonal hatch, dot rims, dot centres."""
     ys, xs = np.mgrid[y0:y1, x0:x1]
     hatch = ((xs + ys) % spacing) < width
@@ -191,30 +200,41 @@ def paint_cells(
     return pixels
 
 
-def _contour(pixels: np.ndarray, kept: np.ndarray, full: np.ndarray, box: tuple[int, int, int, int], width: int) -> None:
+def _contour(
+    pixels: np.ndarray, kept: np.ndarray, full: np.ndarray, box: tuple[int, int, int, int], width: int
+) -> None:
     """Kept-colour bands inside fully kept cells, along the edges they share with cells that are not."""
     rows, cols = kept.shape
     colour = np.asarray(KEPT, float)
     for r, c in zip(*np.nonzero(full)):
         x0, y0, x1, y1 = cell_box(rows, cols, r, c, box)
         t = max(1, min(width, (x1 - x0) // 3, (y1 - y0) // 3))
-        for dr, dc, band in ((-1, 0, (slice(y0, y0 + t), slice(x0, x1))), (1, 0, (slice(y1 - t, y1), slice(x0, x1))),
-                             (0, -1, (slice(y0, y1), slice(x0, x0 + t))), (0, 1, (slice(y0, y1), slice(x1 - t, x1)))):
+        for dr, dc, band in (
+            (-1, 0, (slice(y0, y0 + t), slice(x0, x1))),
+            (1, 0, (slice(y1 - t, y1), slice(x0, x1))),
+            (0, -1, (slice(y0, y1), slice(x0, x0 + t))),
+            (0, 1, (slice(y0, y1), slice(x1 - t, x1))),
+        ):
             rr, cc = r + dr, c + dc
             if 0 <= rr < rows and 0 <= cc < cols and not math.isnan(kept[rr, cc]) and not full[rr, cc]:
                 pixels[band] = colour
 
 
-def _outline_cells(pixels: np.ndarray, grid: np.ndarray, box: tuple[int, int, int, int], colour: tuple[int, int, int],
-                   width: int) -> None:
+def _outline_cells(
+    pixels: np.ndarray, grid: np.ndarray, box: tuple[int, int, int, int], colour: tuple[int, int, int], width: int
+) -> None:
     """A box in ``colour`` just inside every cell whose value is > 0."""
     rows, cols = grid.shape
     rgb = np.asarray(colour, float)
     for r, c in zip(*np.nonzero(np.nan_to_num(grid, nan=0.0) > 0)):
         x0, y0, x1, y1 = cell_box(rows, cols, r, c, box)
         t = max(1, min(width, (x1 - x0) // 3, (y1 - y0) // 3))
-        for band in ((slice(y0, y0 + t), slice(x0, x1)), (slice(y1 - t, y1), slice(x0, x1)),
-                     (slice(y0, y1), slice(x0, x0 + t)), (slice(y0, y1), slice(x1 - t, x1))):
+        for band in (
+            (slice(y0, y0 + t), slice(x0, x1)),
+            (slice(y1 - t, y1), slice(x0, x1)),
+            (slice(y0, y1), slice(x0, x0 + t)),
+            (slice(y0, y1), slice(x1 - t, x1)),
+        ):
             pixels[band] = rgb
 
 
@@ -352,7 +372,17 @@ def _boxes(modality: Any, indices: list[int], kind: str, w: int, h: int) -> list
     n_cols = max(c for _, c in spots.values()) + 1
     out = []
     for i, (r, c) in spots.items():
-        out.append((i, (round(c * w / n_cols), round(r * h / n_rows), round((c + 1) * w / n_cols), round((r + 1) * h / n_rows))))
+        out.append(
+            (
+                i,
+                (
+                    round(c * w / n_cols),
+                    round(r * h / n_rows),
+                    round((c + 1) * w / n_cols),
+                    round((r + 1) * h / n_rows),
+                ),
+            )
+        )
     return out
 
 
@@ -414,8 +444,10 @@ def overlay_panels(
             stamps = list(getattr(video, "timestamps", [])) or [float(i) for i in range(len(frames))]
             span = video_frame_groups(len(frames), n_groups.get(source, 1))
             chosen = span[frame] if frame < len(span) else range(0)
-            bases = [(frames[f], f, f"video {source + 1} · frame {f + 1} · {stamps[f]:.2f}s (token group {frame + 1})")
-                     for f in chosen]
+            bases = [
+                (frames[f], f, f"video {source + 1} · frame {f + 1} · {stamps[f]:.2f}s (token group {frame + 1})")
+                for f in chosen
+            ]
         if kind != "full":
             suffix = " · tiles" if kind == "tiles" else f" · {kind} view"
         else:
@@ -471,7 +503,9 @@ def _centres(modality: Any, index: int, box: tuple[int, int, int, int]) -> dict[
     return out
 
 
-def _draw_merges(img: Image.Image, pairs: list[tuple[int, int]], centres: dict[int, tuple[float, float]], width: int = 2) -> None:
+def _draw_merges(
+    img: Image.Image, pairs: list[tuple[int, int]], centres: dict[int, tuple[float, float]], width: int = 2
+) -> None:
     """White line from each merged cell to the kept cell that absorbed it; a yellow dot on the kept end."""
     draw = ImageDraw.Draw(img)
     r = 1.5 * width

@@ -56,8 +56,18 @@ def replay_panels(
         return out
 
     outlines = [(padded(state.evicted_now), EVICTED), (padded(state.retrieved), RETRIEVED)]
-    panels = overlay_panels(trace, images, videos, alpha=alpha, max_frames=max_frames, present=present,
-                            fractions=fractions, outlines=outlines, state_map=state.pairs > 1, draw_merges=False)
+    panels = overlay_panels(
+        trace,
+        images,
+        videos,
+        alpha=alpha,
+        max_frames=max_frames,
+        present=present,
+        fractions=fractions,
+        outlines=outlines,
+        state_map=state.pairs > 1,
+        draw_merges=False,
+    )
     for p in panels:
         p.caption = p.caption.replace("% kept", "% held")
     return panels
@@ -73,13 +83,35 @@ def replay_bytes_figure(trace: Any, step: int, present: bool | Style = False) ->
     per_token = int(trace.bytes_per_token_head) * int(trace.num_kv_heads) * int(trace.num_layers)
     full = [per_token * int(n) / 1024 for n in trace.step_lengths]
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=steps, y=full, mode="lines", name="Full cache at this length",
-                             line=dict(color=hex_color(NOT_COMPRESSED), width=st.line, dash="dash")))
-    fig.add_trace(go.Scatter(x=steps, y=[b / 1024 for b in sizes], mode="lines+markers", name="held by this method",
-                             line=dict(color=hex_color(KEPT), width=st.line), marker=dict(size=st.marker // 2 + 2)))
+    fig.add_trace(
+        go.Scatter(
+            x=steps,
+            y=full,
+            mode="lines",
+            name="Full cache at this length",
+            line=dict(color=hex_color(NOT_COMPRESSED), width=st.line, dash="dash"),
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=steps,
+            y=[b / 1024 for b in sizes],
+            mode="lines+markers",
+            name="held by this method",
+            line=dict(color=hex_color(KEPT), width=st.line),
+            marker=dict(size=st.marker // 2 + 2),
+        )
+    )
     at = min(max(int(step), 0), len(sizes) - 1)
-    fig.add_trace(go.Scatter(x=[at], y=[sizes[at] / 1024], mode="markers", name="this step",
-                             marker=dict(size=st.marker + 6, color=hex_color(EVICTED), symbol="diamond")))
+    fig.add_trace(
+        go.Scatter(
+            x=[at],
+            y=[sizes[at] / 1024],
+            mode="markers",
+            name="this step",
+            marker=dict(size=st.marker + 6, color=hex_color(EVICTED), symbol="diamond"),
+        )
+    )
     fig.update_xaxes(title_text="decode step (one generated token each)")
     fig.update_yaxes(title_text="KV cache (KiB)", rangemode="tozero")
     return _finish(fig, "Bytes the cache holds while the answer is generated", st)

@@ -49,13 +49,16 @@ def figures_html(
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             data = base64.b64encode(buf.getvalue()).decode("ascii")
-            parts.append(f"<figure><img src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+            parts.append(
+                f"<figure><img src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def overlay_key() -> str:
     """HTML key of the overlays and token colours, in plain words."""
+
     def swatch(colour: str, words: str, css: str = "") -> str:
         return f"<span><i style='background:{colour};{css}'></i>{html.escape(words)}</span>"
 
@@ -63,8 +66,11 @@ def overlay_key() -> str:
     dots = f"radial-gradient({hex_color(MERGED)} 35%,#222 40%,#ccc 55%) 0 0/6px 6px"
     return (
         "<p class='key'>"
-        + swatch("transparent", "kept in the cache: the image's own colours, dark-blue outline",
-                 f"border:3px solid {hex_color(KEPT)}")
+        + swatch(
+            "transparent",
+            "kept in the cache: the image's own colours, dark-blue outline",
+            f"border:3px solid {hex_color(KEPT)}",
+        )
         + swatch(stripes, f"{STATE_WORDS['evicted']}: faded grey, vermillion hatching", "background-color:#ccc")
         + swatch(dots, f"{STATE_WORDS['merged']}: faded grey, yellow dots; a white line points to the kept token")
         + "<br>All layers / all heads: the more layer × head pairs kept a cell, the more of its colour shows; the map "

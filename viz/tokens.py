@@ -107,12 +107,15 @@ def merge_rows(
                 continue
             sims = m.get("similarity") or [None] * len(m.get("source", []))
             for s, t, sim in zip(m.get("source", []), m.get("target", []), sims):
-                rows.append({
-                    "layer": lt.layer, "kv_head": h,
-                    "absorbed (evicted)": describe_position(trace, int(s), tokens),
-                    "into (kept)": describe_position(trace, int(t), tokens),
-                    "similarity": None if sim is None else round(float(sim), 4),
-                })
+                rows.append(
+                    {
+                        "layer": lt.layer,
+                        "kv_head": h,
+                        "absorbed (evicted)": describe_position(trace, int(s), tokens),
+                        "into (kept)": describe_position(trace, int(t), tokens),
+                        "similarity": None if sim is None else round(float(sim), 4),
+                    }
+                )
                 if len(rows) >= limit:
                     return rows
     return rows

@@ -56,7 +56,9 @@ STATIC, DYNAMIC = "static", "dynamic"
 def chunk_grid(length: int, sinks: int, recent: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Starts and lengths of the chunks tiling ``[sinks, length - recent)`` (the last may be short)."""
     stop = length - recent
-    starts = torch.arange(sinks, stop, chunk_size, dtype=torch.long) if stop > sinks else torch.zeros(0, dtype=torch.long)
+    starts = (
+        torch.arange(sinks, stop, chunk_size, dtype=torch.long) if stop > sinks else torch.zeros(0, dtype=torch.long)
+    )
     lengths = torch.clamp(stop - starts, max=chunk_size)
     return starts, lengths
 
@@ -104,10 +106,21 @@ class HybridLayer(CompressedLayer):
     def __init__(
         self,
         head_types: list[str],
-        prefix_keys: torch.Tensor, prefix_values: torch.Tensor, prefix_positions: torch.Tensor, offsets: list[int],
-        full_dynamic_keys: torch.Tensor, full_dynamic_values: torch.Tensor,
-        sinks: int, recent: int, chunk_size: int, top_chunks: int, scoring: str, offload: bool,
-        initial_chunks: torch.Tensor | None, logical_length: int, reserve: int = 0,
+        prefix_keys: torch.Tensor,
+        prefix_values: torch.Tensor,
+        prefix_positions: torch.Tensor,
+        offsets: list[int],
+        full_dynamic_keys: torch.Tensor,
+        full_dynamic_values: torch.Tensor,
+        sinks: int,
+        recent: int,
+        chunk_size: int,
+        top_chunks: int,
+        scoring: str,
+        offload: bool,
+        initial_chunks: torch.Tensor | None,
+        logical_length: int,
+        reserve: int = 0,
     ) -> None:
         super().__init__(logical_length)
         device = prefix_keys.device
@@ -133,18 +146,25 @@ class HybridLayer(CompressedLayer):
         n_static, span = prefix_keys.shape[0], f + k * c
         dyn_keys = full_dynamic_keys.new_zeros(n_dyn, span, d)
         dyn_values = full_dynamic_values.new_zeros(n_dyn, span, d)
-        dyn_keys[:, :f], dyn_values[:, :f] = full_dynamic_keys[:, self.fixed_positions], full_dynamic_values[:, self.fixed_positions]
+        dyn_keys[:, :f], dyn_values[:, :f] = (
+            full_dynamic_keys[:, self.fixed_positions],
+            full_dynamic_values[:, self.fixed_positions],
+        )
         head_start, head_len = [0] * num_heads, [0] * num_heads
         for j, h in enumerate(self.static_heads):
             head_start[h], head_len[h] = offsets[j], offsets[j + 1] - offsets[j]
         for j, h in enumerate(self.dynamic_heads):
             head_start[h], head_len[h] = n_static + j * span, span
         self.prefix = FlatPrefix(
-            torch.cat([prefix_keys, dyn_keys.view(-1, d)]), torch.cat([prefix_values, dyn_values.view(-1, d)]),
-            head_start, head_len,
+            torch.cat([prefix_keys, dyn_keys.view(-1, d)]),
+            torch.cat([prefix_values, dyn_values.view(-1, d)]),
+            head_start,
+            head_len,
         )
         self._dyn_index = torch.tensor(self.dynamic_heads, dtype=torch.long, device=device)
-        slot_rows = n_static + f + torch.arange(n_dyn, device=device)[:, None] * span + torch.arange(k * c, device=device)
+        slot_rows = (
+            n_static + f + torch.arange(n_dyn, device=device)[:, None] * span + torch.arange(k * c, device=device)
+        )
         self._buffer_rows = slot_rows  # [n_dyn, k*c]: flat rows of the buffer slots
         self.slot_chunks = torch.full((n_dyn, k), -1, dtype=torch.long, device=device)  # chunk held by each slot
         self._log = DeviceLog((n_dyn, k), device)
@@ -160,8 +180,10 @@ class HybridLayer(CompressedLayer):
             self.host_values = _host_copy(_pad_rows(full_dynamic_values, rows), host)
             self._store_rows = rows
             if self.host_keys.device != device:
-                self._staging = (_host_copy(dyn_keys.new_empty(n_dyn * k * c, d), "cpu", pin=True),
-                                 _host_copy(dyn_values.new_empty(n_dyn * k * c, d), "cpu", pin=True))
+                self._staging = (
+                    _host_copy(dyn_keys.new_empty(n_dyn * k * c, d), "cpu", pin=True),
+                    _host_copy(dyn_values.new_empty(n_dyn * k * c, d), "cpu", pin=True),
+                )
             if initial_chunks is None:
                 initial_chunks = torch.arange(k).expand(n_dyn, k)
             self._load(initial_chunks.to(device=device, dtype=torch.long))
@@ -199,12 +221,16 @@ class HybridLayer(CompressedLayer):
         dst = dst.view(-1)
         if self._staging is None:
             self.prefix.keys.index_copy_(0, dst, self.host_keys.view(-1, self.host_keys.shape[-1]).index_select(0, src))
-            self.prefix.values.index_copy_(0, dst, self.host_values.view(-1, self.host_values.shape[-1]).index_select(0, src))
+            self.prefix.values.index_copy_(
+                0, dst, self.host_values.view(-1, self.host_values.shape[-1]).index_select(0, src)
+            )
         else:  # host indices for the pinned store; the blocking transfer also orders reuse of the staging buffers
             src = src.cpu()
             n = src.numel()
-            for store, stage, flat in ((self.host_keys, self._staging[0], self.prefix.keys),
-                                       (self.host_values, self._staging[1], self.prefix.values)):
+            for store, stage, flat in (
+                (self.host_keys, self._staging[0], self.prefix.keys),
+                (self.host_values, self._staging[1], self.prefix.values),
+            ):
                 torch.index_select(store.view(-1, store.shape[-1]), 0, src, out=stage[:n])
                 flat.index_copy_(0, dst, stage[:n].to(flat.device, non_blocking=True))
         valid = offsets < self.chunk_lengths[slots][..., None]  # [n_dyn, k, c]
@@ -217,7 +243,9 @@ class HybridLayer(CompressedLayer):
         n_new = key_states.shape[-2]
         self.keys = self._tail_keys.append(key_states)
         self.values = self._tail_values.append(value_states)
-        self._tail_positions.append(torch.arange(self.logical_length, self.logical_length + n_new, device=self.fixed_positions.device))
+        self._tail_positions.append(
+            torch.arange(self.logical_length, self.logical_length + n_new, device=self.fixed_positions.device)
+        )
         self.logical_length += n_new
         return self.keys, self.values
 
@@ -352,19 +380,32 @@ def build_hybrid_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan
     if initial_t is not None and initial_t.numel() == 0:
         initial_t = None
     layer = HybridLayer(
-        types, prefix_keys, prefix_values, prefix_positions, offsets,
-        keys[0, dynamic], values[0, dynamic],
-        int(spec["sinks"]), int(spec["recent"]), int(spec["chunk_size"]), int(spec["top_chunks"]),
-        spec.get("scoring", "mean"), bool(spec.get("offload", True)), initial_t, length, reserve,
+        types,
+        prefix_keys,
+        prefix_values,
+        prefix_positions,
+        offsets,
+        keys[0, dynamic],
+        values[0, dynamic],
+        int(spec["sinks"]),
+        int(spec["recent"]),
+        int(spec["chunk_size"]),
+        int(spec["top_chunks"]),
+        spec.get("scoring", "mean"),
+        bool(spec.get("offload", True)),
+        initial_t,
+        length,
+        reserve,
     )
     starts, lengths = chunk_grid(length, int(spec["sinks"]), int(spec["recent"]), int(spec["chunk_size"]))
-    plan.info.update({
-        "dynamic_heads": dynamic,  # KV heads whose retrievals rows are, in this order
-        "chunk_spans": [[a, a + n] for a, n in zip(starts.tolist(), lengths.tolist())],  # chunk id -> [start, stop)
-        "device_bytes": layer.physical_bytes(),
-        "host_bytes": layer.host_bytes(),
-        "summary_bytes": layer.summary_bytes(),
-        "overhead_bytes": layer.overhead_bytes(),
-    })
+    plan.info.update(
+        {
+            "dynamic_heads": dynamic,  # KV heads whose retrievals rows are, in this order
+            "chunk_spans": [[a, a + n] for a, n in zip(starts.tolist(), lengths.tolist())],  # chunk id -> [start, stop)
+            "device_bytes": layer.physical_bytes(),
+            "host_bytes": layer.host_bytes(),
+            "summary_bytes": layer.summary_bytes(),
+            "overhead_bytes": layer.overhead_bytes(),
+        }
+    )
     return layer
-

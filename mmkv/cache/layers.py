@@ -101,8 +101,13 @@ class CompressedLayer(DynamicLayer):
         return None
 
     def attend(
-        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        scaling: float | None, dropout: float = 0.0,
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float | None,
+        dropout: float = 0.0,
     ) -> torch.Tensor:  # pragma: no cover - abstract
         """Attention output ``[1, q, H_q, d]`` of ``query`` over what this layer holds."""
         raise NotImplementedError
@@ -161,8 +166,9 @@ class GrowthModel:
     (:class:`H2ODecodeLayer`). The session records per-step bytes with it (``Trace.step_bytes``).
     """
 
-    def __init__(self, fixed: int, per_token: int, fill: int, store: int, capacity: int | None = None,
-                 recent: int = 0) -> None:
+    def __init__(
+        self, fixed: int, per_token: int, fill: int, store: int, capacity: int | None = None, recent: int = 0
+    ) -> None:
         self.fixed, self.per_token, self.fill, self.store = fixed, per_token, fill, store
         self.capacity, self.recent = capacity, recent
 
@@ -221,12 +227,17 @@ class DenseLayer(CompressedLayer):
         self._positions = AppendBuffer(positions, reserve, dim=-1)
 
     # keys / values / positions are the filled views of the buffers; assigning replaces the buffer
-    keys = property(lambda self: self._keys.data if getattr(self, "_keys", None) else None,
-                    lambda self, v: setattr(self, "_keys", AppendBuffer(v) if v is not None else None))
-    values = property(lambda self: self._values.data if getattr(self, "_values", None) else None,
-                      lambda self, v: setattr(self, "_values", AppendBuffer(v) if v is not None else None))
-    positions = property(lambda self: self._positions.data,
-                         lambda self, v: setattr(self, "_positions", AppendBuffer(v, dim=-1)))
+    keys = property(
+        lambda self: self._keys.data if getattr(self, "_keys", None) else None,
+        lambda self, v: setattr(self, "_keys", AppendBuffer(v) if v is not None else None),
+    )
+    values = property(
+        lambda self: self._values.data if getattr(self, "_values", None) else None,
+        lambda self, v: setattr(self, "_values", AppendBuffer(v) if v is not None else None),
+    )
+    positions = property(
+        lambda self: self._positions.data, lambda self, v: setattr(self, "_positions", AppendBuffer(v, dim=-1))
+    )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if key_states.shape[0] != 1:
@@ -254,7 +265,9 @@ class DenseLayer(CompressedLayer):
         mask = bottom_right_causal_mask(query.shape[2], key.shape[2], query.device)
         if mask is not None:
             mask = mask[None, None]
-        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=False)
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=False
+        )
         return out
 
 
@@ -307,7 +320,10 @@ class FlatPrefix:
         """The blocked layout of the first ``rows * (N // rows)`` rows (built once, from Python ints), or
         None when a block could hold rows of more than two heads (a non-empty head shorter than a block)."""
         if getattr(self, "_blocks", None) is None or self._blocks[0] != rows:
-            self._blocks = (rows, BlockPlan.build(self.starts, self.lengths, self.keys.shape[0], rows, self.keys.device))
+            self._blocks = (
+                rows,
+                BlockPlan.build(self.starts, self.lengths, self.keys.shape[0], rows, self.keys.device),
+            )
         return self._blocks[1]
 
     def nbytes(self) -> int:
@@ -317,8 +333,15 @@ class FlatPrefix:
 class BlockPlan:
     """Which heads the fixed-size row blocks of a flattened prefix belong to (at most two per block)."""
 
-    def __init__(self, first: torch.Tensor, last: torch.Tensor, use_last: torch.Tensor, head_of_row: torch.Tensor,
-                 num_blocks: int, rows: int) -> None:
+    def __init__(
+        self,
+        first: torch.Tensor,
+        last: torch.Tensor,
+        use_last: torch.Tensor,
+        head_of_row: torch.Tensor,
+        num_blocks: int,
+        rows: int,
+    ) -> None:
         self.first, self.last = first, last  # [nb]: head of each block's first / last row
         self.use_last = use_last  # [nb, 1, rows]: True where a row belongs to the block's last head
         self.head_of_row = head_of_row  # [N]
@@ -338,14 +361,24 @@ class BlockPlan:
         last = [head_of_row[b * rows + rows - 1] for b in range(nb)]
         use_last = [[head_of_row[b * rows + j] != first[b] for j in range(rows)] for b in range(nb)]
         as_long: dict[str, Any] = dict(dtype=torch.long, device=device)
-        return BlockPlan(torch.tensor(first, **as_long), torch.tensor(last, **as_long),
-                         torch.tensor(use_last, dtype=torch.bool, device=device)[:, None, :],
-                         torch.tensor(head_of_row, **as_long), nb, rows)
+        return BlockPlan(
+            torch.tensor(first, **as_long),
+            torch.tensor(last, **as_long),
+            torch.tensor(use_last, dtype=torch.bool, device=device)[:, None, :],
+            torch.tensor(head_of_row, **as_long),
+            nb,
+            rows,
+        )
 
 
 def blocked_prefix_attention(
-    rows: torch.Tensor, prefix: FlatPrefix, plan: BlockPlan, tail_keys_t: torch.Tensor, tail_values: torch.Tensor,
-    tail_hide: torch.Tensor | None, scaling: float,
+    rows: torch.Tensor,
+    prefix: FlatPrefix,
+    plan: BlockPlan,
+    tail_keys_t: torch.Tensor,
+    tail_values: torch.Tensor,
+    tail_hide: torch.Tensor | None,
+    scaling: float,
 ) -> torch.Tensor:
     """``softmax`` over each head's prefix rows and the tail, with the prefix scored block by block.
 
@@ -375,7 +408,9 @@ def blocked_prefix_attention(
     if tail_hide is not None:
         tail.masked_fill_(tail_hide, float("-inf"))
     head = plan.head_of_row
-    top = torch.full((h_kv, r), float("-inf"), device=rows.device).scatter_reduce_(0, head[:, None].expand(-1, r), own, "amax")
+    top = torch.full((h_kv, r), float("-inf"), device=rows.device).scatter_reduce_(
+        0, head[:, None].expand(-1, r), own, "amax"
+    )
     top = torch.maximum(top, tail.amax(-1))  # [H_kv, R]; the tail always holds the current token
     weights = own.sub_(top[head]).exp_()  # [N, R]
     tail = tail.sub_(top[..., None]).exp_()
@@ -456,12 +491,16 @@ def ragged_attention(
     tail_hide = tail_causal_hide(q_len, h_q // h_kv, tail_keys.shape[2], query.device)
     # On the CPU a long decode prefix is compute-bound: score it block by block (2x, not H_kv x, the
     # multiply-adds); on a GPU the masked pass's 13 launches win (the extra FLOPs are cheap there).
-    if (h_kv * h_q * q_len <= MASKED_PREFIX_MAX_WORK and prefix.keys.shape[0] >= BLOCKED_MIN_ROWS
-            and prefix.keys.device.type == "cpu"):
+    if (
+        h_kv * h_q * q_len <= MASKED_PREFIX_MAX_WORK
+        and prefix.keys.shape[0] >= BLOCKED_MIN_ROWS
+        and prefix.keys.device.type == "cpu"
+    ):
         plan = prefix.block_plan(BLOCK_ROWS)
         if plan is not None:
-            out = blocked_prefix_attention(rows, prefix, plan, tail_keys[0].transpose(1, 2), tail_values[0], tail_hide,
-                                           scaling)
+            out = blocked_prefix_attention(
+                rows, prefix, plan, tail_keys[0].transpose(1, 2), tail_values[0], tail_hide, scaling
+            )
             return ungroup_rows(out, h_q)
     if prefix.keys.shape[0] and max(prefix.lengths):
         if h_kv * h_q * q_len <= MASKED_PREFIX_MAX_WORK:
@@ -506,8 +545,13 @@ class RaggedLayer(CompressedLayer):
     """Per-head budgets, flattened prefix + shared dense tail (see the module docstring)."""
 
     def __init__(
-        self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, prefix_positions: torch.Tensor,
-        offsets: list[int], logical_length: int, reserve: int = 0,
+        self,
+        prefix_keys: torch.Tensor,
+        prefix_values: torch.Tensor,
+        prefix_positions: torch.Tensor,
+        offsets: list[int],
+        logical_length: int,
+        reserve: int = 0,
     ) -> None:
         super().__init__(logical_length)
         num_heads = len(offsets) - 1
@@ -515,10 +559,14 @@ class RaggedLayer(CompressedLayer):
         self.lazy_initialization(empty, empty)
         # the tail (tokens appended after compression, shared by all heads), with optional reserved room
         self._tail_keys, self._tail_values = AppendBuffer(empty, reserve), AppendBuffer(empty.clone(), reserve)
-        self._tail_positions = AppendBuffer(torch.zeros(0, dtype=torch.long, device=prefix_positions.device), reserve, -1)
+        self._tail_positions = AppendBuffer(
+            torch.zeros(0, dtype=torch.long, device=prefix_positions.device), reserve, -1
+        )
         self.keys, self.values = self._tail_keys.data, self._tail_values.data
         self.offsets = list(offsets)
-        self.prefix = FlatPrefix(prefix_keys, prefix_values, self.offsets[:-1], [b - a for a, b in zip(self.offsets, self.offsets[1:])])
+        self.prefix = FlatPrefix(
+            prefix_keys, prefix_values, self.offsets[:-1], [b - a for a, b in zip(self.offsets, self.offsets[1:])]
+        )
         self.prefix_positions = prefix_positions
 
     prefix_keys = property(lambda self: self.prefix.keys)
@@ -657,7 +705,9 @@ class H2ODecodeLayer(DenseLayer):
         if self.recent > 0:
             newest = positions.topk(self.recent, dim=-1).values[:, -1:]
             candidate = positions < newest
-        drop = scores.masked_fill(~candidate, float("inf")).topk(m, dim=-1, largest=False).indices  # [H, m], lowest first
+        drop = (
+            scores.masked_fill(~candidate, float("inf")).topk(m, dim=-1, largest=False).indices
+        )  # [H, m], lowest first
         self._log.append(positions.gather(1, drop).T)
         # holes below n - m take the surviving tokens of the last m slots (both lists are padded with n, then paired)
         tail = torch.arange(n - m, n, device=drop.device)
@@ -673,7 +723,9 @@ class H2ODecodeLayer(DenseLayer):
             buf.store.scatter_(1, holes, buf.store.gather(1, sources))
         for buf in (self._keys, self._values, self._positions, self._scores):
             buf.fill -= m
-            if buf.store.shape[buf.dim] > buf.fill + 1:  # a multi-token forward grew the storage: back to one slot of room
+            if (
+                buf.store.shape[buf.dim] > buf.fill + 1
+            ):  # a multi-token forward grew the storage: back to one slot of room
                 buf.store = buf.store.narrow(buf.dim, 0, buf.fill + 1).clone()
 
 
@@ -682,7 +734,9 @@ class H2ODecodeLayer(DenseLayer):
 
 def layer_tensors(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The uncompressed keys/values ``[1, H_kv, L, d]`` of a layer right after prefill."""
-    layer: Any = cache.layers[layer_idx]  # a transformers layer with keys/values (the union lists linear-attention ones)
+    layer: Any = cache.layers[
+        layer_idx
+    ]  # a transformers layer with keys/values (the union lists linear-attention ones)
     if isinstance(layer, CompressedLayer):
         raise RuntimeError(f"layer {layer_idx} is already compressed")
     return layer.keys, layer.values

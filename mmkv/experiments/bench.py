@@ -34,9 +34,9 @@ from ..cache.layers import cache_bytes
 from ..compat import cache_kwargs, model_config
 from ..inputs.modality import IMAGE, ModalityMap
 from ..runtime.opcount import count_ops
+from ..runtime.session import Session
 from .progress import Progress
 from .records import ResultStore, write_records
-from ..runtime.session import Session
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -44,32 +44,83 @@ if TYPE_CHECKING:
 #: Text and vision sizes of the published Qwen2.5-VL checkpoints (config.json of the Instruct models).
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-vl-7b": dict(
-        text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                    fullatt_block_indexes=[7, 15, 23, 31]),
+        text=dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=128000,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        ),
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=3584,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
     ),
     "qwen2.5-vl-3b": dict(
-        text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                  num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                    fullatt_block_indexes=[7, 15, 23, 31]),
+        text=dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=128000,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        ),
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
     ),
 }
 #: A CPU-sized shape: the bundled teaching model's family widened to 8 layers x 16 query / 8 KV heads
 #: (head_dim 64) with a small vision tower, so a 3k-8k-token prompt runs on a laptop CPU while reading
 #: the KV cache is a real share of a decode step (as on a GPU at long context).
 SHAPES["tiny-wide"] = dict(
-    text=dict(vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
-              num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=32768,
-              bos_token_id=None, eos_token_id=507, pad_token_id=None,
-              rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}),
-    vision=dict(depth=2, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=1024,
-                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
+    text=dict(
+        vocab_size=512,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        bos_token_id=None,
+        eos_token_id=507,
+        pad_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+    ),
+    vision=dict(
+        depth=2,
+        hidden_size=256,
+        intermediate_size=512,
+        num_heads=4,
+        out_hidden_size=1024,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[1],
+    ),
 )
 #: Per model: (contexts, image grid, new tokens, dtype) when the command line does not say.
 DEFAULTS: dict[str, tuple[str, int, int, str]] = {
@@ -115,10 +166,18 @@ def build_shape(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
 
     shape = SHAPES[name]
     vocab = shape["text"]["vocab_size"]
-    special = (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END) if vocab > IMAGE_TOKEN else (vocab - 4, vocab - 3, vocab - 2, vocab - 1)
+    special = (
+        (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END)
+        if vocab > IMAGE_TOKEN
+        else (vocab - 4, vocab - 3, vocab - 2, vocab - 1)
+    )
     config = Qwen2_5_VLConfig(
-        text_config=shape["text"], vision_config=shape["vision"], image_token_id=special[0],
-        video_token_id=special[1], vision_start_token_id=special[2], vision_end_token_id=special[3],
+        text_config=shape["text"],
+        vision_config=shape["vision"],
+        image_token_id=special[0],
+        video_token_id=special[1],
+        vision_start_token_id=special[2],
+        vision_end_token_id=special[3],
     )
     config._name_or_path = f"{name} (random weights)"
     previous = torch.get_default_dtype()
@@ -143,8 +202,9 @@ def image_layout(length: int, visual_share: float, per_image: int) -> tuple[int,
     return n_images, text_len
 
 
-def synthetic_prompt(model: torch.nn.Module, length: int, visual_share: float = 0.9, image_grid: int = 64,
-                     seed: int = 0) -> tuple[dict[str, Any], ModalityMap]:
+def synthetic_prompt(
+    model: torch.nn.Module, length: int, visual_share: float = 0.9, image_grid: int = 64, seed: int = 0
+) -> tuple[dict[str, Any], ModalityMap]:
     """Input ids + random pixels for a Qwen-VL prompt of ``length`` tokens, ``visual_share`` of them image tokens.
 
     Each image is a ``image_grid x image_grid`` patch grid, i.e. ``(image_grid / 2)^2`` LLM tokens.
@@ -165,7 +225,7 @@ def synthetic_prompt(model: torch.nn.Module, length: int, visual_share: float = 
         types += [0] + [1] * per_image + [0]
     ids += filler[text_len // 2 :]
     types += [0] * (text_len - text_len // 2)
-    patch_dim = 3 * cfg.vision_config.temporal_patch_size * cfg.vision_config.patch_size ** 2
+    patch_dim = 3 * cfg.vision_config.temporal_patch_size * cfg.vision_config.patch_size**2
     input_ids = torch.tensor([ids], device=device)
     inputs = dict(
         input_ids=input_ids,
@@ -245,8 +305,17 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 @torch.inference_mode()
-def run_one(model, inputs, modality, method: str, budget: float | int, new_tokens: int, warmup: int,
-            bandwidth: float, preallocate: bool = True) -> dict[str, Any]:
+def run_one(
+    model,
+    inputs,
+    modality,
+    method: str,
+    budget: float | int,
+    new_tokens: int,
+    warmup: int,
+    bandwidth: float,
+    preallocate: bool = True,
+) -> dict[str, Any]:
     """Prefill + compress + ``new_tokens`` greedy decode steps (+ one counted step); the measured numbers."""
     device = next(model.parameters()).device
     inner = getattr(model, "model", None)
@@ -281,11 +350,18 @@ def run_one(model, inputs, modality, method: str, budget: float | int, new_token
     kv_bytes = trace.bytes_compressed - reserved
     floor_ms = 1000 * (weight_bytes(model) + kv_mid) / bandwidth
     return dict(
-        kv_bytes_full=trace.bytes_full, kv_bytes=kv_bytes, kv_reserved_bytes=reserved,
+        kv_bytes_full=trace.bytes_full,
+        kv_bytes=kv_bytes,
+        kv_reserved_bytes=reserved,
         kv_ratio=kv_bytes / trace.bytes_full if trace.bytes_full else 1.0,
-        peak_prefill_bytes=peak_prefill, peak_decode_bytes=peak_decode,
-        prefill_ms=1000 * trace.timings.prefill_s, stats_ms=1000 * trace.timings.stats_s,
-        compress_ms=1000 * trace.timings.compress_s, decode_ms=decode_ms, ops_per_step=ops, floor_ms=floor_ms,
+        peak_prefill_bytes=peak_prefill,
+        peak_decode_bytes=peak_decode,
+        prefill_ms=1000 * trace.timings.prefill_s,
+        stats_ms=1000 * trace.timings.stats_s,
+        compress_ms=1000 * trace.timings.compress_s,
+        decode_ms=decode_ms,
+        ops_per_step=ops,
+        floor_ms=floor_ms,
         vs_floor=decode_ms / floor_ms,
     )
 
@@ -326,19 +402,50 @@ class CellMeasurer:
         st = self.settings
         inputs, modality = synthetic_prompt(self.model, context, st["visual_share"], st["image_grid"])
         if context not in self.warmed:  # first forwards at a new shape pay one-off allocation costs
-            run_one(self.model, inputs, modality, "full", 1.0, min(st["new_tokens"], st["warmup"] + 2), 0,
-                    self.bandwidth, st["preallocate"])
+            run_one(
+                self.model,
+                inputs,
+                modality,
+                "full",
+                1.0,
+                min(st["new_tokens"], st["warmup"] + 2),
+                0,
+                self.bandwidth,
+                st["preallocate"],
+            )
             self.warmed.add(context)
-        measured = run_one(self.model, inputs, modality, method, budget, st["new_tokens"], st["warmup"],
-                           self.bandwidth, st["preallocate"])
+        measured = run_one(
+            self.model,
+            inputs,
+            modality,
+            method,
+            budget,
+            st["new_tokens"],
+            st["warmup"],
+            self.bandwidth,
+            st["preallocate"],
+        )
         return {"device_name": self.device_name, **measured}
 
 
-def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budgets: Sequence[float | int],
-        new_tokens: int = 64, warmup: int = 8, device: str | None = None, dtype: str = "bfloat16",
-        visual_share: float = 0.9, image_grid: int = 64, preallocate: bool = True,
-        store: ResultStore | None = None, resume: bool = False, progress: bool = True,
-        ray_address: str | None = None, workers: int | None = None) -> list[BenchRow]:
+def run(
+    model_name: str,
+    contexts: Sequence[int],
+    methods: Sequence[str],
+    budgets: Sequence[float | int],
+    new_tokens: int = 64,
+    warmup: int = 8,
+    device: str | None = None,
+    dtype: str = "bfloat16",
+    visual_share: float = 0.9,
+    image_grid: int = 64,
+    preallocate: bool = True,
+    store: ResultStore | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    ray_address: str | None = None,
+    workers: int | None = None,
+) -> list[BenchRow]:
     """Run the grid; Full is measured first at every context as the reference.
 
     Each finished cell is appended to ``store`` at once; with ``resume`` the cells already in it are
@@ -347,25 +454,48 @@ def run(model_name: str, contexts: Sequence[int], methods: Sequence[str], budget
     """
     store = store if store is not None else ResultStore()
     done = store.finished() if resume else {}
-    grid = [(c, m, b) for c in contexts for m, b in [("full", 1.0)] + [(m, b) for m in methods if m != "full" for b in budgets]]
+    grid = [
+        (c, m, b)
+        for c in contexts
+        for m, b in [("full", 1.0)] + [(m, b) for m in methods if m != "full" for b in budgets]
+    ]
     todo = [cell for cell in grid if cell_key(model_name, *cell) not in done]
     for context in dict.fromkeys(c for c, _, _ in todo):  # bad sizes fail before any model is built
         image_layout(context, visual_share, (image_grid // 2) ** 2)  # every shape here merges 2 x 2 patches
     bar = Progress(len(grid), len(grid) - len(todo), label="bench") if progress else None
-    settings = dict(visual_share=visual_share, image_grid=image_grid, new_tokens=new_tokens, warmup=warmup,
-                    preallocate=preallocate)
+    settings = dict(
+        visual_share=visual_share, image_grid=image_grid, new_tokens=new_tokens, warmup=warmup, preallocate=preallocate
+    )
 
     def record(cell: tuple[int, str, float | int], measured: dict[str, Any]) -> dict[str, Any]:
         context, method, budget = cell
-        return {"kind": "cell", "key": cell_key(model_name, *cell), "model": model_name,
-                "device": measured.pop("device_name", None), "context": context, "method": method, "budget": budget,
-                **measured}
+        return {
+            "kind": "cell",
+            "key": cell_key(model_name, *cell),
+            "model": model_name,
+            "device": measured.pop("device_name", None),
+            "context": context,
+            "method": method,
+            "budget": budget,
+            **measured,
+        }
 
     if todo and ray_address is not None:
         from .sweep import run_bench_ray  # the only module that imports Ray
 
-        run_bench_ray(todo, store, model_name, record, CellMeasurer, address=ray_address or None, workers=workers, device=device,
-                      dtype=dtype, settings=settings, progress=bar)
+        run_bench_ray(
+            todo,
+            store,
+            model_name,
+            record,
+            CellMeasurer,
+            address=ray_address or None,
+            workers=workers,
+            device=device,
+            dtype=dtype,
+            settings=settings,
+            progress=bar,
+        )
     elif todo:
         measurer = CellMeasurer(model_name, device, dtype, settings)
         for cell in todo:
@@ -387,13 +517,16 @@ def rows_from(records: dict[str, dict[str, Any]], keys: Sequence[str]) -> list[B
         if rec is None:
             continue
         full = records.get(cell_key(rec["model"], rec["context"], "full", 1.0), rec)
-        rows.append(BenchRow(
-            **{k: v for k, v in rec.items() if k in names},
-            compress_overhead=(rec["stats_ms"] + rec["compress_ms"]) / full["prefill_ms"],
-            prefill_overhead=(rec["prefill_ms"] - full["prefill_ms"]) / full["prefill_ms"],
-            speedup=full["decode_ms"] / rec["decode_ms"], ops_ratio=rec["ops_per_step"] / full["ops_per_step"],
-            floor_speedup=full["floor_ms"] / rec["floor_ms"],
-        ))
+        rows.append(
+            BenchRow(
+                **{k: v for k, v in rec.items() if k in names},
+                compress_overhead=(rec["stats_ms"] + rec["compress_ms"]) / full["prefill_ms"],
+                prefill_overhead=(rec["prefill_ms"] - full["prefill_ms"]) / full["prefill_ms"],
+                speedup=full["decode_ms"] / rec["decode_ms"],
+                ops_ratio=rec["ops_per_step"] / full["ops_per_step"],
+                floor_speedup=full["floor_ms"] / rec["floor_ms"],
+            )
+        )
     return rows
 
 
@@ -403,9 +536,11 @@ def _gib(value: int | None) -> str:
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
     mem = "RSS" if rows and rows[0].device == "cpu" else "device"
-    head = (f"| context | method | budget | KV MiB | KV ratio | peak prefill GiB ({mem}) | peak decode GiB ({mem}) | "
-            "prefill ms | stats+compress % of Full prefill | extra prefill % vs Full | decode ms/tok | decode speed-up vs Full | ops/step | ops vs Full | "
-            "floor ms | measured/floor |")
+    head = (
+        f"| context | method | budget | KV MiB | KV ratio | peak prefill GiB ({mem}) | peak decode GiB ({mem}) | "
+        "prefill ms | stats+compress % of Full prefill | extra prefill % vs Full | decode ms/tok | decode speed-up vs Full | ops/step | ops vs Full | "
+        "floor ms | measured/floor |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
@@ -424,12 +559,26 @@ def plot(rows: Sequence[BenchRow]) -> Any:
     fig = go.Figure()
     for method in dict.fromkeys(r.method for r in rows):
         sel = [r for r in rows if r.method == method]
-        fig.add_scatter(x=[r.kv_bytes / 2**20 for r in sel], y=[r.decode_ms for r in sel], mode="markers",
-                        name=method, text=[f"ctx {r.context}, budget {r.budget}" for r in sel])
-    fig.add_scatter(x=[r.kv_bytes / 2**20 for r in rows], y=[r.floor_ms for r in rows], mode="markers",
-                    marker_symbol="line-ew-open", marker_size=14, name="floor")
-    fig.update_layout(xaxis_title="physical KV (MiB)", yaxis_title="decode ms / token",
-                      title="Decode time vs kept KV, with the memory-bandwidth floor")
+        fig.add_scatter(
+            x=[r.kv_bytes / 2**20 for r in sel],
+            y=[r.decode_ms for r in sel],
+            mode="markers",
+            name=method,
+            text=[f"ctx {r.context}, budget {r.budget}" for r in sel],
+        )
+    fig.add_scatter(
+        x=[r.kv_bytes / 2**20 for r in rows],
+        y=[r.floor_ms for r in rows],
+        mode="markers",
+        marker_symbol="line-ew-open",
+        marker_size=14,
+        name="floor",
+    )
+    fig.update_layout(
+        xaxis_title="physical KV (MiB)",
+        yaxis_title="decode ms / token",
+        title="Decode time vs kept KV, with the memory-bandwidth floor",
+    )
     return fig
 
 
@@ -445,27 +594,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..methods import METHODS
 
     p = argparse.ArgumentParser(prog="mmkv bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny",
-                   help=f"tiny (seconds on CPU), tiny-wide (CPU at 3k-8k tokens), {', '.join(s for s in SHAPES if s != 'tiny-wide')} "
-                        "(published shapes, GPU), or a local checkpoint")
-    p.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default: per model, e.g. 512 for tiny)")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help=f"tiny (seconds on CPU), tiny-wide (CPU at 3k-8k tokens), {', '.join(s for s in SHAPES if s != 'tiny-wide')} "
+        "(published shapes, GPU), or a local checkpoint",
+    )
+    p.add_argument(
+        "--contexts", default=None, help="comma-separated prompt lengths (default: per model, e.g. 512 for tiny)"
+    )
     p.add_argument("--methods", default=",".join(sorted(METHODS)), help="comma-separated methods (Full always runs)")
-    p.add_argument("--budgets", default="0.2", help="comma-separated budgets: ratios like 0.2 or tokens per head like 256")
+    p.add_argument(
+        "--budgets", default="0.2", help="comma-separated budgets: ratios like 0.2 or tokens per head like 256"
+    )
     p.add_argument("--new-tokens", type=int, default=None, help="decode steps timed per cell (default: per model)")
     p.add_argument("--warmup", type=int, default=4, help="decode steps run before timing starts")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="weights dtype (default: float32 for tiny models, bfloat16 otherwise)")
     p.add_argument("--visual-share", type=float, default=0.9, help="share of the prompt that is image tokens")
-    p.add_argument("--image-grid", type=int, default=None,
-                   help="patch grid per image, tokens per image = (grid/2)^2 (default: per model)")
-    p.add_argument("--no-preallocate", action="store_true",
-                   help="grow the cache by concatenation at every step (the plain reference path)")
+    p.add_argument(
+        "--image-grid",
+        type=int,
+        default=None,
+        help="patch grid per image, tokens per image = (grid/2)^2 (default: per model)",
+    )
+    p.add_argument(
+        "--no-preallocate",
+        action="store_true",
+        help="grow the cache by concatenation at every step (the plain reference path)",
+    )
     p.add_argument("--out", default="bench-results", help="folder for bench.jsonl (per cell) and the tables")
     p.add_argument("--resume", action="store_true", help="skip the cells already in OUT/bench.jsonl")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run the cells on a Ray cluster (pip install 'mmkv[cluster]'); no ADDRESS: a local instance")
-    p.add_argument("--workers", type=int, default=None,
-                   help="with --ray: actors (default one per GPU, else 1: CPU actors on one machine disturb each other's timings)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the cells on a Ray cluster (pip install 'mmkv[cluster]'); no ADDRESS: a local instance",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="with --ray: actors (default one per GPU, else 1: CPU actors on one machine disturb each other's timings)",
+    )
     a = p.parse_args(argv)
     contexts, grid, new_tokens, dtype = DEFAULTS.get(a.model, GPU_DEFAULTS)
     out = Path(a.out)
@@ -476,16 +649,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}")
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file: give a folder")
-        rows = run(a.model, [int(c) for c in (a.contexts or contexts).split(",")], methods,
-                   [parse_budget(b) for b in a.budgets.split(",")], a.new_tokens or new_tokens, a.warmup, a.device,
-                   a.dtype or dtype, a.visual_share, a.image_grid or grid, not a.no_preallocate,
-                   store=ResultStore(out / "bench.jsonl"), resume=a.resume, ray_address=a.ray, workers=a.workers)
+        rows = run(
+            a.model,
+            [int(c) for c in (a.contexts or contexts).split(",")],
+            methods,
+            [parse_budget(b) for b in a.budgets.split(",")],
+            a.new_tokens or new_tokens,
+            a.warmup,
+            a.device,
+            a.dtype or dtype,
+            a.visual_share,
+            a.image_grid or grid,
+            not a.no_preallocate,
+            store=ResultStore(out / "bench.jsonl"),
+            resume=a.resume,
+            ray_address=a.ray,
+            workers=a.workers,
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write(rows, out)
     print(markdown_table(rows))
-    print(f"results: {out / 'bench.jsonl'} (per cell), {out / 'bench.md'}, bench.json, bench.csv, bench.html", file=sys.stderr)
+    print(
+        f"results: {out / 'bench.jsonl'} (per cell), {out / 'bench.md'}, bench.json, bench.csv, bench.html",
+        file=sys.stderr,
+    )
     return 0
 
 

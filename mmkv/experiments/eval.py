@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from ..runtime.driver import forced_logits, generate
 from ..models import adapter_for, load
+from ..runtime.driver import forced_logits, generate
 from .progress import Progress
 from .records import ResultStore, failure_record, reference_ids, write_records
 
@@ -116,7 +116,7 @@ def make_plan(
     for task, items in by_task.items():
         size = shard_size or len(items)
         for start in range(0, len(items), size):
-            shards[(task, start // size)] = list(enumerate(items))[start:start + size]
+            shards[(task, start // size)] = list(enumerate(items))[start : start + size]
     grid = [("full", 1.0)] + [(m, b) for m in dict.fromkeys(methods) if m != "full" for b in budgets]
     cells = [Cell(task, shard, m, b, qa) for (task, shard) in shards for qa in query_modes for m, b in grid]
     return Plan(cells, shards, dict(config or {}))
@@ -135,8 +135,9 @@ class CellRunner:
     teacher-forced logits while they stay under ``logits_cache_bytes``.
     """
 
-    def __init__(self, model: torch.nn.Module, processor: Any, max_new_tokens: int,
-                 logits_cache_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self, model: torch.nn.Module, processor: Any, max_new_tokens: int, logits_cache_bytes: int = 256 << 20
+    ) -> None:
         self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
         self.logits_cache_bytes = logits_cache_bytes
         self._shard: tuple[str, int] | None = None
@@ -164,7 +165,9 @@ class CellRunner:
             self._full_logits[key] = logits
         return logits
 
-    def run(self, cell: Cell, samples: Sequence[tuple[int, Any]], reference: Sequence[list[int]] | None) -> dict[str, Any]:
+    def run(
+        self, cell: Cell, samples: Sequence[tuple[int, Any]], reference: Sequence[list[int]] | None
+    ) -> dict[str, Any]:
         """The store record of ``cell`` on ``samples``; ``reference``: Full's token ids per sample (not for Full)."""
         if cell.method != "full" and reference is None:
             raise ValueError(f"{cell.key} needs Full's answers ({cell.reference.key}) first")
@@ -173,26 +176,55 @@ class CellRunner:
         out = []
         for i, (index, sample) in enumerate(samples):
             prepared = self._prepare(index, sample)
-            result = generate(self.model, self.processor, None, cell.method, cell.budget, max_new_tokens=self.max_new_tokens,
-                              prepared=prepared, record_attention=False, query_aware=cell.query_aware)
+            result = generate(
+                self.model,
+                self.processor,
+                None,
+                cell.method,
+                cell.budget,
+                max_new_tokens=self.max_new_tokens,
+                prepared=prepared,
+                record_attention=False,
+                query_aware=cell.query_aware,
+            )
             kl = 0.0
             if cell.method != "full" and reference is not None and reference[i]:
                 ref_logits = self._full(index, prepared, reference[i], cell.query_aware)
-                kl = _kl(ref_logits, forced_logits(self.model, prepared, cell.method, cell.budget, reference[i],
-                                                   query_aware=cell.query_aware))
+                kl = _kl(
+                    ref_logits,
+                    forced_logits(
+                        self.model, prepared, cell.method, cell.budget, reference[i], query_aware=cell.query_aware
+                    ),
+                )
             trace = result.trace
-            out.append({
-                "index": index, "id": getattr(sample, "sample_id", index), "score": float(sample.check(result.text)),
-                "answer": result.text, "token_ids": list(result.token_ids), "kl": kl,
-                "kv_ratio": trace.bytes_compressed / trace.bytes_full if trace.bytes_full else 1.0,
-            })
-        return {"kind": "cell", "key": cell.key, **asdict(cell), "samples": out,
-                "seconds": round(time.perf_counter() - start, 3),
-                "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
+            out.append(
+                {
+                    "index": index,
+                    "id": getattr(sample, "sample_id", index),
+                    "score": float(sample.check(result.text)),
+                    "answer": result.text,
+                    "token_ids": list(result.token_ids),
+                    "kl": kl,
+                    "kv_ratio": trace.bytes_compressed / trace.bytes_full if trace.bytes_full else 1.0,
+                }
+            )
+        return {
+            "kind": "cell",
+            "key": cell.key,
+            **asdict(cell),
+            "samples": out,
+            "seconds": round(time.perf_counter() - start, 3),
+            "worker": {"host": socket.gethostname(), "pid": os.getpid()},
+        }
 
 
-def run_serial(runner: CellRunner, plan: Plan, store: ResultStore, progress: Progress | None = None,
-               on_result: Callable[[dict[str, Any]], None] | None = None) -> int:
+def run_serial(
+    runner: CellRunner,
+    plan: Plan,
+    store: ResultStore,
+    progress: Progress | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> int:
     """Run the plan's pending cells one after the other, appending each result; returns the failures."""
     failures = 0
     failed_refs: set[str] = set()
@@ -201,8 +233,10 @@ def run_serial(runner: CellRunner, plan: Plan, store: ResultStore, progress: Pro
         ref = reference_ids(finished, cell)
         try:
             if cell.method != "full" and ref is None:
-                raise RuntimeError(f"Full's cell {cell.reference.key} "
-                                   + ("failed" if cell.reference.key in failed_refs else "is missing"))
+                raise RuntimeError(
+                    f"Full's cell {cell.reference.key} "
+                    + ("failed" if cell.reference.key in failed_refs else "is missing")
+                )
             rec = runner.run(cell, plan.shards[(cell.task, cell.shard)], ref)
         except Exception as e:  # a failing cell is recorded and the sweep goes on
             failures += 1
@@ -267,7 +301,9 @@ def load_published(path: str | Path = PUBLISHED_PATH) -> list[dict[str, Any]]:
         if missing:
             raise ValueError(f"{where} lacks {', '.join(missing)}")
         if ("dataset" in e) == ("datasets" in e):
-            raise ValueError(f"{where} needs exactly one of 'dataset' (a MileBench folder name) or 'datasets' (+ 'label')")
+            raise ValueError(
+                f"{where} needs exactly one of 'dataset' (a MileBench folder name) or 'datasets' (+ 'label')"
+            )
         if "datasets" in e and not (e["datasets"] and "label" in e):
             raise ValueError(f"{where}: 'datasets' needs a non-empty list and a 'label' (the paper's column name)")
         if isinstance(e["budget"], bool) or not isinstance(e["budget"], (int, float)):
@@ -313,15 +349,28 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[EvalRow]:
     tasks = list(dict.fromkeys(r["task"] for r in records))
     rows = []
     for (task, method, budget, qa), items in sorted(
-            groups.items(), key=lambda kv: (tasks.index(kv[0][0]), not kv[0][3], kv[0][1] != "full", kv[0][1], kv[0][2])):
+        groups.items(), key=lambda kv: (tasks.index(kv[0][0]), not kv[0][3], kv[0][1] != "full", kv[0][1], kv[0][2])
+    ):
         n = len(items)
         refs = [full_ids.get((task, qa, s["index"])) for s in items]
-        agreement = (sum(s["token_ids"] == r for s, r in zip(items, refs)) / n) if all(r is not None for r in refs) else math.nan
-        rows.append(EvalRow(
-            task=task, method=method, budget=budget, query_aware=qa, samples=n,
-            accuracy=sum(s["score"] for s in items) / n, agreement=agreement,
-            kl=sum(s["kl"] for s in items) / n, kv_ratio=sum(s["kv_ratio"] for s in items) / n,
-        ))
+        agreement = (
+            (sum(s["token_ids"] == r for s, r in zip(items, refs)) / n)
+            if all(r is not None for r in refs)
+            else math.nan
+        )
+        rows.append(
+            EvalRow(
+                task=task,
+                method=method,
+                budget=budget,
+                query_aware=qa,
+                samples=n,
+                accuracy=sum(s["score"] for s in items) / n,
+                agreement=agreement,
+                kl=sum(s["kl"] for s in items) / n,
+                kv_ratio=sum(s["kv_ratio"] for s in items) / n,
+            )
+        )
     return rows
 
 
@@ -339,21 +388,39 @@ def published_beside(rows: Sequence[EvalRow], model: str | None) -> list[dict[st
         datasets = [p["dataset"]] if "dataset" in p else list(p["datasets"])
         found = []
         for ds in datasets:
-            match = [r for r in rows if r.task == ds and r.method == p["method"] and r.query_aware == qa
-                     and _same_budget(r.budget, p["budget"])]
+            match = [
+                r
+                for r in rows
+                if r.task == ds
+                and r.method == p["method"]
+                and r.query_aware == qa
+                and _same_budget(r.budget, p["budget"])
+            ]
             if not match:
                 break
             found.append(match[0])
         else:
             ours = sum(r.accuracy for r in found) / len(found)
             src = p["source"]
-            out.append({
-                "model": model, "dataset": p.get("dataset", p.get("label")), "datasets": datasets,
-                "method": p["method"], "budget": found[0].budget, "query_aware": qa,
-                "ours": ours, "paper": p["score"], "delta": ours - p["score"], "samples": sum(r.samples for r in found),
-                "source": _source_text(src), "url": src["url"], "table": src["table"],
-                "paper_method": src.get("paper_method", ""), "note": src.get("note", ""),
-            })
+            out.append(
+                {
+                    "model": model,
+                    "dataset": p.get("dataset", p.get("label")),
+                    "datasets": datasets,
+                    "method": p["method"],
+                    "budget": found[0].budget,
+                    "query_aware": qa,
+                    "ours": ours,
+                    "paper": p["score"],
+                    "delta": ours - p["score"],
+                    "samples": sum(r.samples for r in found),
+                    "source": _source_text(src),
+                    "url": src["url"],
+                    "table": src["table"],
+                    "paper_method": src.get("paper_method", ""),
+                    "note": src.get("note", ""),
+                }
+            )
     tasks = list(dict.fromkeys(r.task for r in rows))
     out.sort(key=lambda d: (tasks.index(d["datasets"][0]), d["dataset"], d["method"], d["budget"]))
     return out
@@ -376,20 +443,50 @@ def figure(rows: Sequence[EvalRow], published: Sequence[dict[str, Any]] = ()) ->
             pts = sorted((r.budget, r.accuracy) for r in sel if r.method == method)
             if method == "full":
                 xs, ys = budgets or [1.0], [pts[0][1]] * max(1, len(budgets))
-                fig.add_scatter(x=xs, y=ys, name="full", mode="lines", line_dash="dash", row=1, col=col,
-                                legendgroup="full", showlegend=col == 1)
+                fig.add_scatter(
+                    x=xs,
+                    y=ys,
+                    name="full",
+                    mode="lines",
+                    line_dash="dash",
+                    row=1,
+                    col=col,
+                    legendgroup="full",
+                    showlegend=col == 1,
+                )
             else:
-                fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=method, mode="lines+markers",
-                                row=1, col=col, legendgroup=method, showlegend=col == 1)
+                fig.add_scatter(
+                    x=[p[0] for p in pts],
+                    y=[p[1] for p in pts],
+                    name=method,
+                    mode="lines+markers",
+                    row=1,
+                    col=col,
+                    legendgroup=method,
+                    showlegend=col == 1,
+                )
         for method in dict.fromkeys(p["method"] for p in published):
-            pts = sorted((p["budget"], p["paper"]) for p in published
-                         if p["method"] == method and p["datasets"] == [task] and p["query_aware"] == qa)
+            pts = sorted(
+                (p["budget"], p["paper"])
+                for p in published
+                if p["method"] == method and p["datasets"] == [task] and p["query_aware"] == qa
+            )
             if not pts:
                 continue
             xs = [b for b, _ in pts] if method != "full" else (budgets or [1.0])
             ys = [v for _, v in pts] if method != "full" else [pts[0][1]] * len(xs)
-            fig.add_scatter(x=xs, y=ys, name=f"{method} (paper)", mode="markers", marker_symbol="diamond-open",
-                            marker_size=10, row=1, col=col, legendgroup=method, showlegend=method not in shown)
+            fig.add_scatter(
+                x=xs,
+                y=ys,
+                name=f"{method} (paper)",
+                mode="markers",
+                marker_symbol="diamond-open",
+                marker_size=10,
+                row=1,
+                col=col,
+                legendgroup=method,
+                showlegend=method not in shown,
+            )
             shown.add(method)
     fig.update_yaxes(range=[0, 1.02], title_text="accuracy", col=1)
     fig.update_xaxes(title_text="budget")
@@ -398,13 +495,17 @@ def figure(rows: Sequence[EvalRow], published: Sequence[dict[str, Any]] = ()) ->
 
 def published_markdown(published: Sequence[dict[str, Any]]) -> str:
     """The published-beside-ours table as markdown (scores on the 0-1 scale, as in ``eval.json``)."""
-    lines = ["| dataset | method | budget | query | ours | paper | ours - paper | our samples | source |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | method | budget | query | ours | paper | ours - paper | our samples | source |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in published:
         name = p["dataset"] if p["datasets"] == [p["dataset"]] else f"{p['dataset']} ({', '.join(p['datasets'])})"
         method = p["method"] + (f" ({p['paper_method']})" if p["paper_method"] else "")
-        lines.append(f"| {name} | {method} | {p['budget']} | {'aware' if p['query_aware'] else 'agnostic'} | "
-                     f"{p['ours']:.3f} | {p['paper']:.3f} | {p['delta']:+.3f} | {p['samples']} | [{p['table']}]({p['url']}) |")
+        lines.append(
+            f"| {name} | {method} | {p['budget']} | {'aware' if p['query_aware'] else 'agnostic'} | "
+            f"{p['ours']:.3f} | {p['paper']:.3f} | {p['delta']:+.3f} | {p['samples']} | [{p['table']}]({p['url']}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -445,7 +546,9 @@ def report(store: ResultStore | str | Path, out: str | Path | None = None) -> li
 def format_rows(rows: Sequence[EvalRow]) -> str:
     return "\n".join(
         f"{r.task:16s} {'qa' if r.query_aware else 'qg'} {r.method:13s} {r.budget!s:>5s} n {r.samples:3d} "
-        f"acc {r.accuracy:.3f} agree {r.agreement:.3f} kl {r.kl:.4f} kv {r.kv_ratio:.3f}" for r in rows)
+        f"acc {r.accuracy:.3f} agree {r.agreement:.3f} kl {r.kl:.4f} kv {r.kv_ratio:.3f}"
+        for r in rows
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,9 +574,14 @@ def open_store(path: Path, config: dict[str, Any], resume: bool) -> ResultStore:
     runs = [r for r in records if r.get("kind") == "run"]
     if runs and runs[0]["config"] != config:
         old = runs[0]["config"]
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
-                         if old.get(k) != config.get(k))
-        raise ValueError(f"{path} was written with other settings ({diff}): resume with the same settings, or use another --out")
+        diff = ", ".join(
+            f"{k}: {old.get(k)!r} -> {config.get(k)!r}"
+            for k in sorted(set(old) | set(config))
+            if old.get(k) != config.get(k)
+        )
+        raise ValueError(
+            f"{path} was written with other settings ({diff}): resume with the same settings, or use another --out"
+        )
     store.append({"kind": "run", "config": config, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv[1:]})
     return store
 
@@ -485,48 +593,119 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmkv eval",
         description="Accuracy and fidelity to the Full cache, per task x method x budget x query mode.",
-        epilog="Defaults depend on the machine: on CPU only the methods " + ",".join(CPU_METHODS)
-               + f" (plus full) and {CPU_SAMPLES} samples per task; with a GPU all methods and {GPU_SAMPLES} samples. "
-               "Progress (cells done/total, failures, ETA) goes to stderr; results to OUT/results.jsonl as each cell finishes.")
-    p.add_argument("--model", default="bundled", help="checkpoint directory or hub id (default: the bundled teaching model)")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods (full always runs as the reference); default on CPU: {','.join(CPU_METHODS)}; "
-                        f"with a GPU: all of {','.join(sorted(METHODS))}")
-    p.add_argument("--budgets", default="0.05,0.1,0.2,0.5", help="comma-separated budgets: ratios like 0.2 or tokens per head like 64")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated synthetic tasks (ignored with --milebench)")
-    p.add_argument("--samples", type=int, default=None,
-                   help=f"samples per task or dataset (with --milebench: the first N; default {CPU_SAMPLES} on CPU, {GPU_SAMPLES} with a GPU)")
+        epilog="Defaults depend on the machine: on CPU only the methods "
+        + ",".join(CPU_METHODS)
+        + f" (plus full) and {CPU_SAMPLES} samples per task; with a GPU all methods and {GPU_SAMPLES} samples. "
+        "Progress (cells done/total, failures, ETA) goes to stderr; results to OUT/results.jsonl as each cell finishes.",
+    )
+    p.add_argument(
+        "--model", default="bundled", help="checkpoint directory or hub id (default: the bundled teaching model)"
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated methods (full always runs as the reference); default on CPU: {','.join(CPU_METHODS)}; "
+        f"with a GPU: all of {','.join(sorted(METHODS))}",
+    )
+    p.add_argument(
+        "--budgets",
+        default="0.05,0.1,0.2,0.5",
+        help="comma-separated budgets: ratios like 0.2 or tokens per head like 64",
+    )
+    p.add_argument(
+        "--tasks", default=",".join(TASKS), help="comma-separated synthetic tasks (ignored with --milebench)"
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help=f"samples per task or dataset (with --milebench: the first N; default {CPU_SAMPLES} on CPU, {GPU_SAMPLES} with a GPU)",
+    )
     p.add_argument("--images", type=int, default=8, help="images per prompt for the synthetic image tasks")
     p.add_argument("--seed", type=int, default=10_000, help="seed of the synthetic held-out samples")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="answer length limit (default 16 on the synthetic suite, 512 on MileBench as its runner)")
-    p.add_argument("--query-mode", choices=("aware", "agnostic", "both"), default="aware",
-                   help="aware: prefill the question before compressing (the papers'); agnostic: compress the context first; both")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="answer length limit (default 16 on the synthetic suite, 512 on MileBench as its runner)",
+    )
+    p.add_argument(
+        "--query-mode",
+        choices=("aware", "agnostic", "both"),
+        default="aware",
+        help="aware: prefill the question before compressing (the papers'); agnostic: compress the context first; both",
+    )
     p.add_argument("--query-agnostic", action="store_true", help="same as --query-mode agnostic")
-    p.add_argument("--shard-size", type=int, default=25, help="samples per cell (a task's samples are cut into shards of this size)")
-    p.add_argument("--milebench", default=None, metavar="DIR",
-                   help="evaluate MileBench-format data in DIR (<Dataset>/<Dataset>.json + images/) instead of the synthetic suite")
-    p.add_argument("--datasets", default=None, help="with --milebench: comma-separated dataset names (default: all in DIR)")
-    p.add_argument("--scoring", choices=("official", "clean"), default="official",
-                   help="with --milebench: official = the official runner's scores, quirks included (docs/eval.md); "
-                        "clean = textbook ROUGE-L F1 and strict option letters")
-    p.add_argument("--max-context-tokens", type=int, default=None,
-                   help="with --milebench: cut prompts from the left to N tokens as the official runner does "
-                        "(default: the model's context less --max-new-tokens)")
-    p.add_argument("--tokens-per-image", type=int, default=None,
-                   help="with --milebench: tokens one image counts for when cutting (default: measured per image size "
-                        "through the model's processor; the official configs give a constant, e.g. 576 for LLaVA-1.5)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=25,
+        help="samples per cell (a task's samples are cut into shards of this size)",
+    )
+    p.add_argument(
+        "--milebench",
+        default=None,
+        metavar="DIR",
+        help="evaluate MileBench-format data in DIR (<Dataset>/<Dataset>.json + images/) instead of the synthetic suite",
+    )
+    p.add_argument(
+        "--datasets", default=None, help="with --milebench: comma-separated dataset names (default: all in DIR)"
+    )
+    p.add_argument(
+        "--scoring",
+        choices=("official", "clean"),
+        default="official",
+        help="with --milebench: official = the official runner's scores, quirks included (docs/eval.md); "
+        "clean = textbook ROUGE-L F1 and strict option letters",
+    )
+    p.add_argument(
+        "--max-context-tokens",
+        type=int,
+        default=None,
+        help="with --milebench: cut prompts from the left to N tokens as the official runner does "
+        "(default: the model's context less --max-new-tokens)",
+    )
+    p.add_argument(
+        "--tokens-per-image",
+        type=int,
+        default=None,
+        help="with --milebench: tokens one image counts for when cutting (default: measured per image size "
+        "through the model's processor; the official configs give a constant, e.g. 576 for LLaVA-1.5)",
+    )
     p.add_argument("--adv", action="store_true", help="with --milebench: read the adversarial files <Dataset>-adv.json")
-    p.add_argument("--combine-images", type=int, default=None, metavar="N",
-                   help="with --milebench: read <Dataset>_combined_N.json and its combined_N_images/ (one image per item)")
-    p.add_argument("--out", default="eval-results", help="output folder: results.jsonl (the store), eval.json, eval.csv, eval.html")
-    p.add_argument("--resume", action="store_true", help="continue the run whose store is in --out: finished cells are skipped")
-    p.add_argument("--report", default=None, metavar="STORE",
-                   help="build the tables and figure from the results store STORE into --out and exit (runs nothing)")
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="run the cells on a Ray cluster (pip install 'mmkv[cluster]'); no ADDRESS: a local Ray instance")
-    p.add_argument("--workers", type=int, default=None,
-                   help="with --ray: model-holding actors (default: one per GPU of the cluster, else one per CPU)")
+    p.add_argument(
+        "--combine-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --milebench: read <Dataset>_combined_N.json and its combined_N_images/ (one image per item)",
+    )
+    p.add_argument(
+        "--out", default="eval-results", help="output folder: results.jsonl (the store), eval.json, eval.csv, eval.html"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run whose store is in --out: finished cells are skipped"
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="STORE",
+        help="build the tables and figure from the results store STORE into --out and exit (runs nothing)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run the cells on a Ray cluster (pip install 'mmkv[cluster]'); no ADDRESS: a local Ray instance",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="with --ray: model-holding actors (default: one per GPU of the cluster, else one per CPU)",
+    )
     return p
 
 
@@ -560,14 +739,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         max_new_tokens = a.max_new_tokens or 512
         config: dict[str, Any] = {
-            "source": "milebench", "root": str(Path(a.milebench).resolve()), "samples": n, "scoring": a.scoring,
-            "max_context_tokens": a.max_context_tokens, "tokens_per_image": a.tokens_per_image, "adv": a.adv,
-            "combine_images": a.combine_images}
+            "source": "milebench",
+            "root": str(Path(a.milebench).resolve()),
+            "samples": n,
+            "scoring": a.scoring,
+            "max_context_tokens": a.max_context_tokens,
+            "tokens_per_image": a.tokens_per_image,
+            "adv": a.adv,
+            "combine_images": a.combine_images,
+        }
         try:  # every item is checked here, before the model is loaded
             samples: list[Any] = load_milebench(
-                a.milebench, a.datasets.split(",") if a.datasets else None, n, adv=a.adv, combine_images=a.combine_images,
-                scoring=a.scoring, max_context_tokens=a.max_context_tokens, max_new_tokens=max_new_tokens,
-                tokens_per_image=a.tokens_per_image)
+                a.milebench,
+                a.datasets.split(",") if a.datasets else None,
+                n,
+                adv=a.adv,
+                combine_images=a.combine_images,
+                scoring=a.scoring,
+                max_context_tokens=a.max_context_tokens,
+                max_new_tokens=max_new_tokens,
+                tokens_per_image=a.tokens_per_image,
+            )
         except (OSError, ValueError) as e:
             p.error(str(e))
     else:
@@ -585,8 +777,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.ray:
         from .sweep import run_ray
 
-        failures = run_ray(plan, store, a.model, CellRunner, address=None if a.ray == "local" else a.ray, workers=a.workers,
-                           max_new_tokens=max_new_tokens, progress=progress)
+        failures = run_ray(
+            plan,
+            store,
+            a.model,
+            CellRunner,
+            address=None if a.ray == "local" else a.ray,
+            workers=a.workers,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+        )
     else:
         model, processor = load(a.model)
         failures = run_serial(CellRunner(model, processor, max_new_tokens), plan, store, progress)
@@ -597,7 +797,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         write(rows, out, published_beside(rows, a.model))
         print(format_rows(rows))
     if failures:
-        print(f"{failures} cell(s) failed (errors in {out / STORE_NAME}); rerun with --resume to retry them", file=sys.stderr)
+        print(
+            f"{failures} cell(s) failed (errors in {out / STORE_NAME}); rerun with --resume to retry them",
+            file=sys.stderr,
+        )
     return 1 if failures else 0
 
 

@@ -41,8 +41,17 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "MileBenchSample", "load_milebench", "list_datasets", "normalise", "rouge_l", "rouge_l_official",
-    "match_choice", "match_choice_official", "score_answer", "truncate_left", "SCORINGS",
+    "MileBenchSample",
+    "load_milebench",
+    "list_datasets",
+    "normalise",
+    "rouge_l",
+    "rouge_l_official",
+    "match_choice",
+    "match_choice_official",
+    "score_answer",
+    "truncate_left",
+    "SCORINGS",
 ]
 
 SCORINGS = ("official", "clean")
@@ -180,8 +189,9 @@ def match_choice_official(text: str, options: dict[str, str]) -> str:
         found = re.search("(" + "|".join(escaped(f"{k} {v}") for k, v in options.items()) + ")", text, re.S)
         if found:
             return found.group(0)[0].upper()
-        found = re.search("(" + "|".join(escaped(v).replace(" ", "") for v in options.values()) + ")",
-                          text.replace(" ", ""), re.S)
+        found = re.search(
+            "(" + "|".join(escaped(v).replace(" ", "") for v in options.values()) + ")", text.replace(" ", ""), re.S
+        )
         if found:
             for k, v in options.items():
                 if found[0].strip() == escaped(v).replace(" ", ""):
@@ -200,11 +210,19 @@ def match_choice(answer: str, choices: Sequence[str]) -> str | None:
     if not text:
         return None
     opts = [normalise(c) for c in choices]
-    found = [(m.start(), letter) for letter, o in zip(letters, opts) if (m := re.search(re.escape(f"{letter.lower()} {o}"), text))]
+    found = [
+        (m.start(), letter)
+        for letter, o in zip(letters, opts)
+        if (m := re.search(re.escape(f"{letter.lower()} {o}"), text))
+    ]
     if found:
         return min(found)[1]
     squeezed = text.replace(" ", "")
-    found = [(squeezed.find(o.replace(" ", "")), letter) for letter, o in zip(letters, opts) if o and o.replace(" ", "") in squeezed]
+    found = [
+        (squeezed.find(o.replace(" ", "")), letter)
+        for letter, o in zip(letters, opts)
+        if o and o.replace(" ", "") in squeezed
+    ]
     if found:
         return min(found)[1]
     if len(text) == 1 and text.upper() in letters:
@@ -222,12 +240,20 @@ def _rule(dataset: str, question_type: str) -> str:
         return "multi-choice"
     if question_type == "open-ended":
         return "rouge"
-    raise ValueError(f"{dataset}: question_type {question_type!r} is not one of {', '.join(QUESTION_TYPES)} "
-                     "(the official scorer stops with 'Dataset not supported')")
+    raise ValueError(
+        f"{dataset}: question_type {question_type!r} is not one of {', '.join(QUESTION_TYPES)} "
+        "(the official scorer stops with 'Dataset not supported')"
+    )
 
 
-def score_answer(dataset: str, question_type: str, reference: str, answer: str, choices: Sequence[str] = (),
-                 scoring: str = "official") -> float:
+def score_answer(
+    dataset: str,
+    question_type: str,
+    reference: str,
+    answer: str,
+    choices: Sequence[str] = (),
+    scoring: str = "official",
+) -> float:
     """The score of ``answer`` for one item: 1/0, or ROUGE-L F for open-ended datasets."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
@@ -372,8 +398,16 @@ class MileBenchSample:
         count = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
         fixed = self.tokens_per_image
         per_image = (lambda _: fixed) if fixed else lambda p: image_tokens(model, processor, p)
-        context, images = truncate_left(self.instruction, self.context, self.images, count, tokenizer.decode, limit,
-                                        per_image, with_images=not self.combined)
+        context, images = truncate_left(
+            self.instruction,
+            self.context,
+            self.images,
+            count,
+            tokenizer.decode,
+            limit,
+            per_image,
+            with_images=not self.combined,
+        )
         return self._chat(context, self.images if self.combined else images)
 
 
@@ -396,7 +430,8 @@ def image_tokens(model: Any, processor: Any, path: str) -> int:
             return int(adapter.prepare(model, processor, [{"role": "user", "content": content}]).input_ids.shape[-1])
 
         _IMAGE_TOKENS[key] = length([{"type": "image", "image": path}, {"type": "text", "text": "x"}]) - length(
-            [{"type": "text", "text": "x"}])
+            [{"type": "text", "text": "x"}]
+        )
     return _IMAGE_TOKENS[key]
 
 
@@ -421,8 +456,9 @@ def _context(name: str, inst: dict[str, Any], n_images: int, combined: bool) -> 
     context = str(inst["context"])
     if "choice_list" in inst:
         plain = name in NO_LETTER_DATASETS
-        context += "\nChoice list: \n" + "\n".join(("" if plain else f"{chr(65 + i)}. ") + f"{c}"
-                                                   for i, c in enumerate(inst["choice_list"]))
+        context += "\nChoice list: \n" + "\n".join(
+            ("" if plain else f"{chr(65 + i)}. ") + f"{c}" for i, c in enumerate(inst["choice_list"])
+        )
         context += "\nYour answer is: "
     for i in range(1, n_images + 1):
         for kind in ("image", "table"):
@@ -430,8 +466,9 @@ def _context(name: str, inst: dict[str, Any], n_images: int, combined: bool) -> 
     return context
 
 
-def _check_item(name: str, qtype: str, item: dict[str, Any], instructions: list[str], folder: Path,
-                combine_images: int | None) -> None:
+def _check_item(
+    name: str, qtype: str, item: dict[str, Any], instructions: list[str], folder: Path, combine_images: int | None
+) -> None:
     """Raise a fixable ``ValueError`` / ``FileNotFoundError`` for anything the official runner would trip on."""
     where = f"{name} sample {item.get('sample_id')!r}"
     for key in ("sample_id", "task_instance", "response"):
@@ -441,31 +478,41 @@ def _check_item(name: str, qtype: str, item: dict[str, Any], instructions: list[
     if "context" not in inst or "images_path" not in inst:
         raise ValueError(f"{where}: task_instance needs 'context' and 'images_path'")
     if not 0 <= item.get("task_instruction_id", 0) < len(instructions):
-        raise ValueError(f"{where}: task_instruction_id {item.get('task_instruction_id')} is out of range "
-                         f"({len(instructions)} instructions)")
+        raise ValueError(
+            f"{where}: task_instruction_id {item.get('task_instruction_id')} is out of range "
+            f"({len(instructions)} instructions)"
+        )
     rule = _rule(name, qtype)
     ref = normalise(str(item["response"]))
     if rule == "multi-choice":
         choices = inst.get("choice_list")
         if not choices:
-            raise ValueError(f"{where}: a multi-choice item needs a non-empty 'choice_list' (the official scorer reads it)")
+            raise ValueError(
+                f"{where}: a multi-choice item needs a non-empty 'choice_list' (the official scorer reads it)"
+            )
         if ref not in [normalise(str(c)) for c in choices]:
             raise ValueError(f"{where}: the reference {item['response']!r} is not one of its choices {choices}")
     elif rule == "rouge" and not ref:
-        raise ValueError(f"{where}: the reference answer is empty once normalised (the official scorer asserts it is not)")
+        raise ValueError(
+            f"{where}: the reference answer is empty once normalised (the official scorer asserts it is not)"
+        )
     images = inst["images_path"]
     marks = [int(k) for k in PLACEHOLDER.findall(str(inst["context"]))]
     beyond = [k for k in marks if not 1 <= k <= len(images)]
     if beyond:
         raise ValueError(f"{where}: the context names {{image#{beyond[0]}}} but the item lists {len(images)} images")
     if combine_images is None and len(marks) != len(images):
-        raise ValueError(f"{where}: {len(images)} images but {len(marks)} placeholders in the context: every image "
-                         "needs one {image#k} (the official runner would drop or misplace the others)")
+        raise ValueError(
+            f"{where}: {len(images)} images but {len(marks)} placeholders in the context: every image "
+            "needs one {image#k} (the official runner would drop or misplace the others)"
+        )
     if combine_images is not None:
         combined = inst.get(f"combined_{combine_images}_images")
         if not combined or len(combined) != 1:
-            raise ValueError(f"{where}: combine_images={combine_images} needs exactly one image in "
-                             f"'combined_{combine_images}_images' (the official runner supports only one)")
+            raise ValueError(
+                f"{where}: combine_images={combine_images} needs exactly one image in "
+                f"'combined_{combine_images}_images' (the official runner supports only one)"
+            )
         images = combined
     img_dir = folder / ("images" if combine_images is None else f"combined_{combine_images}_images")
     absent = [str(img_dir / p) for p in images if not (img_dir / p).is_file()]
@@ -499,7 +546,9 @@ def load_milebench(
         raise FileNotFoundError(f"no MileBench folder at {root}: pass the folder that holds <Dataset>/<Dataset>.json")
     dirs = {d.name: d for d in _dataset_dirs(root)}
     if not dirs:
-        raise FileNotFoundError(f"{root} holds no MileBench dataset (expected <Dataset>/<Dataset>.json with images/ beside it)")
+        raise FileNotFoundError(
+            f"{root} holds no MileBench dataset (expected <Dataset>/<Dataset>.json with images/ beside it)"
+        )
     names = list(datasets) if datasets else list(dirs)
     missing = [n for n in names if n not in dirs]
     if missing:
@@ -507,17 +556,26 @@ def load_milebench(
     loaded = []
     for name in names:
         folder = dirs[name]
-        path = folder / (f"{name}-adv.json" if adv else f"{name}_combined_{combine_images}.json"
-                         if combine_images and combine_images != 1 else f"{name}.json")
+        path = folder / (
+            f"{name}-adv.json"
+            if adv
+            else f"{name}_combined_{combine_images}.json"
+            if combine_images and combine_images != 1
+            else f"{name}.json"
+        )
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing (the {'adversarial' if adv else 'combined-image'} variant of {name})")
+            raise FileNotFoundError(
+                f"{path} is missing (the {'adversarial' if adv else 'combined-image'} variant of {name})"
+            )
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
             meta, items = doc["meta_data"], doc["data"]
             instructions, qtype = list(meta["task_instruction"]), meta["question_type"]
         except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not MileBench JSON ({e!r}): expected meta_data.task_instruction, "
-                             "meta_data.question_type and a data list") from e
+            raise ValueError(
+                f"{path} is not MileBench JSON ({e!r}): expected meta_data.task_instruction, "
+                "meta_data.question_type and a data list"
+            ) from e
         items = items[:limit]
         ids = [item.get("sample_id") for item in items]
         if len(set(map(str, ids))) != len(ids):
@@ -534,12 +592,22 @@ def load_milebench(
             else:
                 key = f"combined_{combine_images}_images"
                 images = [str(folder / key / p) for p in inst[key]]
-            out.append(MileBenchSample(
-                task=name, sample_id=item["sample_id"], answer=str(item["response"]), question_type=qtype,
-                instruction=str(instructions[item.get("task_instruction_id", 0)]),
-                context=_context(name, inst, len(inst["images_path"]), combine_images is not None), images=images,
-                choices=[str(c) for c in inst.get("choice_list", [])], image_quantity_level=item.get("image_quantity_level"),
-                combined=combine_images is not None, scoring=scoring, max_context_tokens=max_context_tokens,
-                max_new_tokens=max_new_tokens, tokens_per_image=tokens_per_image,
-            ))
+            out.append(
+                MileBenchSample(
+                    task=name,
+                    sample_id=item["sample_id"],
+                    answer=str(item["response"]),
+                    question_type=qtype,
+                    instruction=str(instructions[item.get("task_instruction_id", 0)]),
+                    context=_context(name, inst, len(inst["images_path"]), combine_images is not None),
+                    images=images,
+                    choices=[str(c) for c in inst.get("choice_list", [])],
+                    image_quantity_level=item.get("image_quantity_level"),
+                    combined=combine_images is not None,
+                    scoring=scoring,
+                    max_context_tokens=max_context_tokens,
+                    max_new_tokens=max_new_tokens,
+                    tokens_per_image=tokens_per_image,
+                )
+            )
     return out

@@ -24,10 +24,12 @@ class Progress:
         elapsed = time.monotonic() - self._start
         left = self.total - self.done - self.failed
         eta = "?" if self._new == 0 else _duration(elapsed / self._new * left)
-        line = (f"{self.label}: {self.done}/{self.total} cells done"
-                + (f" ({self._skipped} from the store)" if self._skipped else "")
-                + f" · {self.failed} failed · {_duration(elapsed)} elapsed · ETA {eta if left else '0s'}"
-                + (f" · {last}" if last else ""))
+        line = (
+            f"{self.label}: {self.done}/{self.total} cells done"
+            + (f" ({self._skipped} from the store)" if self._skipped else "")
+            + f" · {self.failed} failed · {_duration(elapsed)} elapsed · ETA {eta if left else '0s'}"
+            + (f" · {last}" if last else "")
+        )
         if self._tty:
             self.stream.write("\r\033[K" + line)
         else:

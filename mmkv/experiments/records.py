@@ -90,5 +90,9 @@ def reference_ids(finished: dict[str, dict[str, Any]], cell: Any) -> list[list[i
 
 
 def failure_record(cell: Any, error: BaseException | str) -> dict[str, Any]:
-    return {"kind": "failure", "key": cell.key, **asdict(cell),
-            "error": error if isinstance(error, str) else f"{type(error).__name__}: {error}"}
+    return {
+        "kind": "failure",
+        "key": cell.key,
+        **asdict(cell),
+        "error": error if isinstance(error, str) else f"{type(error).__name__}: {error}",
+    }

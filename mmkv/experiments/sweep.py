@@ -52,8 +52,12 @@ def _init(address: str | None, num_cpus: int | None) -> bool:
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # a local instance: its workers import mmkv from this checkout
         path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
     return True
 
 
@@ -110,7 +114,8 @@ def run_ray(
     gpus = int(resources.get("GPU", 0))
     count = max(1, min(workers or gpus or int(resources.get("CPU", 1)), len(pending)))
     actor_cls = ray.remote(EvalWorker).options(
-        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=max_retries, max_task_retries=max_retries)
+        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=max_retries, max_task_retries=max_retries
+    )
     # actor handles (ray types .remote() on a class-made actor loosely)
     actors: list[Any] = [actor_cls.remote(runner, model, max_new_tokens, None if gpus else 1) for _ in range(count)]
     idle = list(actors)
@@ -201,7 +206,8 @@ def run_bench_ray(
         gpus = int(resources.get("GPU", 0))
         count = max(1, min(workers or gpus or 1, len(cells)))
         actor_cls: Any = ray.remote(measurer).options(
-            num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=max_retries, max_task_retries=max_retries)
+            num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=max_retries, max_task_retries=max_retries
+        )
         actors: list[Any] = [actor_cls.remote(model, device, dtype, settings or {}) for _ in range(count)]
         inflight: dict[Any, tuple[Any, Any]] = {}  # task ref -> (cell, actor)
         queue, idle = list(cells), list(actors)

@@ -17,7 +17,11 @@ def parse_budget(text: str) -> float | int:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a ratio like 0.2 or a token count like 256, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"budget must be a ratio like 0.2 or a token count like 256, got {text!r}"
+        ) from None
     if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a budget ratio must be in (0, 1] (e.g. 0.2), got {text!r}; token counts are whole numbers")
+        raise argparse.ArgumentTypeError(
+            f"a budget ratio must be in (0, 1] (e.g. 0.2), got {text!r}; token counts are whole numbers"
+        )
     return value

@@ -83,7 +83,9 @@ class ModalityMap:
         return cls(torch.zeros(length, dtype=torch.int8), minus.clone(), minus.clone(), minus.clone(), [])
 
     @classmethod
-    def from_items(cls, length: int, items: list[VisualItem], cells: list[tuple[list[int], list[int], list[int]]]) -> ModalityMap:
+    def from_items(
+        cls, length: int, items: list[VisualItem], cells: list[tuple[list[int], list[int], list[int]]]
+    ) -> ModalityMap:
         """Build a map from items and, per item, the (positions, rows, cols) of its grid tokens."""
         m = cls.text_only(length)
         for index, (it, (pos, rows, cols)) in enumerate(zip(items, cells)):

@@ -40,7 +40,9 @@ def user_turn(question: str, media: Sequence[Media] = ()) -> dict[str, Any]:
     """
     text = (question or "").strip() if isinstance(question, str) else question
     if not isinstance(text, str) or not text:
-        raise ValueError("the prompt is empty: give a question or instruction (e.g. --prompt \"Which image has a red circle?\")")
+        raise ValueError(
+            'the prompt is empty: give a question or instruction (e.g. --prompt "Which image has a red circle?")'
+        )
     return {"role": "user", "content": [*(_part(m) for m in media), {"type": "text", "text": text}]}
 
 

@@ -65,9 +65,19 @@ def cut_at_stop(text: str, until: Sequence[str] | str | None) -> str:
 class MMKVAdapter:
     """lmms-eval's ``generate_until`` served by :func:`mmkv.generate` (no lmms-eval import here)."""
 
-    def __init__(self, pretrained: str = "bundled", method: str = "snapkv", budget: Any = 0.2, query_aware: Any = True,
-                 max_new_tokens: Any = 128, trace_log: str | None = None, device: str | None = None,
-                 model: Any = None, processor: Any = None, **method_params: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str = "bundled",
+        method: str = "snapkv",
+        budget: Any = 0.2,
+        query_aware: Any = True,
+        max_new_tokens: Any = 128,
+        trace_log: str | None = None,
+        device: str | None = None,
+        model: Any = None,
+        processor: Any = None,
+        **method_params: Any,
+    ) -> None:
         from ..inputs.budget import parse_budget
         from ..methods import METHODS
         from ..models import load
@@ -96,15 +106,28 @@ class MMKVAdapter:
 
         kwargs = dict(gen_kwargs or {})
         temperature = float(kwargs.get("temperature", 0) or 0)
-        result = generate(self.model, self.processor, self.chat(context, visuals), self.method, self.budget,
-                          max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)), query_aware=self.query_aware,
-                          do_sample=_flag(kwargs.get("do_sample", False)) and temperature > 0,
-                          temperature=temperature or 1.0, top_p=float(kwargs.get("top_p", 1.0) or 1.0),
-                          record_attention=False, **self.method_params)
+        result = generate(
+            self.model,
+            self.processor,
+            self.chat(context, visuals),
+            self.method,
+            self.budget,
+            max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)),
+            query_aware=self.query_aware,
+            do_sample=_flag(kwargs.get("do_sample", False)) and temperature > 0,
+            temperature=temperature or 1.0,
+            top_p=float(kwargs.get("top_p", 1.0) or 1.0),
+            record_attention=False,
+            **self.method_params,
+        )
         trace = result.trace
-        summary = {**tag, "method": self.method, "budget": self.budget,
-                   "kv_ratio": trace.bytes_compressed / trace.bytes_full if trace.bytes_full else 1.0,
-                   **{k: v for k, v in trace.summary().items() if isinstance(v, (int, float, str, bool))}}
+        summary = {
+            **tag,
+            "method": self.method,
+            "budget": self.budget,
+            "kv_ratio": trace.bytes_compressed / trace.bytes_full if trace.bytes_full else 1.0,
+            **{k: v for k, v in trace.summary().items() if isinstance(v, (int, float, str, bool))},
+        }
         self.traces.append(summary)
         logger.info("mmkv %s", json.dumps(summary))
         if self.trace_log:

@@ -38,7 +38,9 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     _module = importlib.import_module(f"{__name__}.{_info.name}")
     for _cls in vars(_module).values():
         if (
-            inspect.isclass(_cls) and issubclass(_cls, Method) and _cls.__module__ == _module.__name__
+            inspect.isclass(_cls)
+            and issubclass(_cls, Method)
+            and _cls.__module__ == _module.__name__
             and isinstance(vars(_cls).get("name"), str)
         ):
             if _cls.name in METHODS and METHODS[_cls.name] is not _cls:
@@ -68,8 +70,28 @@ def make_method(method: str | Method, **params: Any) -> Method:
 
 
 __all__ = [
-    "METHODS", "make_method", "Method", "LayerContext", "LayerPlan", "MergeRecord",
-    "reduce_to_kv_heads", "pool1d", "topk_plus_recent", *sorted(c.__name__ for c in METHODS.values()),
-    "Scorer", "SinkScorer", "H2OScorer", "SnapKVScorer", "TextPrior", "Policy", "Uniform", "Pyramid", "HeadAdaptive", "LayerEntropy",
-    "ModalityAdaptive", "DecodePolicy", "H2OEviction", "ChunkRetrieval",
+    "METHODS",
+    "make_method",
+    "Method",
+    "LayerContext",
+    "LayerPlan",
+    "MergeRecord",
+    "reduce_to_kv_heads",
+    "pool1d",
+    "topk_plus_recent",
+    *sorted(c.__name__ for c in METHODS.values()),
+    "Scorer",
+    "SinkScorer",
+    "H2OScorer",
+    "SnapKVScorer",
+    "TextPrior",
+    "Policy",
+    "Uniform",
+    "Pyramid",
+    "HeadAdaptive",
+    "LayerEntropy",
+    "ModalityAdaptive",
+    "DecodePolicy",
+    "H2OEviction",
+    "ChunkRetrieval",
 ]

@@ -34,7 +34,9 @@ class AdaKV(SnapKV):
     alpha: float = 0.2
 
     name = "adakv"
-    reference = "Feng et al. 2024, Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation (arXiv 2407.11550)"
+    reference = (
+        "Feng et al. 2024, Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation (arXiv 2407.11550)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

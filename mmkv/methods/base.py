@@ -169,7 +169,9 @@ def pool1d(scores: torch.Tensor, kernel: int, how: str = "max") -> torch.Tensor:
     return y.squeeze(1)[..., : scores.shape[-1]]
 
 
-def topk_plus_recent(scores: torch.Tensor, keep: int | list[int], recent: int, length: int | None = None) -> list[torch.Tensor]:
+def topk_plus_recent(
+    scores: torch.Tensor, keep: int | list[int], recent: int, length: int | None = None
+) -> list[torch.Tensor]:
     """Per head: the ``keep[h]`` best of ``scores[h, :L-recent]`` plus the last ``recent`` positions.
 
     ``scores`` is ``[H_kv, L]`` or already sliced to ``[H_kv, L - recent]`` (then pass ``length``);

@@ -403,8 +403,11 @@ def proportional_fill(weights: Sequence[float], total: float, low: float, high: 
 
 
 def layer_budgets(
-    entropies: Sequence[float], capacities: Sequence[int], length: int,
-    clamp: Sequence[float] | None = (0.01, 1.0), redistribute: bool = True,
+    entropies: Sequence[float],
+    capacities: Sequence[int],
+    length: int,
+    clamp: Sequence[float] | None = (0.01, 1.0),
+    redistribute: bool = True,
 ) -> tuple[list[float], list[int]]:
     """Softmax weights and integer layer budgets ``S_l`` (tokens per KV head) from the layer entropies."""
     n = len(entropies)
@@ -421,7 +424,6 @@ def layer_budgets(
     high = max(high, -(-total // n))
     filled = proportional_fill(weights, float(total), float(low), float(high))
     return weights, largest_remainder(filled, total, high)
-
 
 
 # ---- MadaKV's modality helpers -------------------------------------------------------------------
@@ -458,8 +460,6 @@ def top_of(scores: torch.Tensor, positions: torch.Tensor, count: int) -> torch.T
     return positions[order]
 
 
-
-
 # ---- global budget policies ---------------------------------------------------------------------
 
 
@@ -489,7 +489,9 @@ class LayerEntropy(Policy):
         if self.clamp is not None:
             clamp = list(self.clamp) if isinstance(self.clamp, (list, tuple)) else None
             if clamp is None or len(clamp) != 2 or not 0.0 <= clamp[0] <= clamp[1] <= 1.0:
-                raise ValueError(f"{self.name}: clamp must be None or (low, high) with 0 <= low <= high <= 1; got {self.clamp!r}")
+                raise ValueError(
+                    f"{self.name}: clamp must be None or (low, high) with 0 <= low <= high <= 1; got {self.clamp!r}"
+                )
             self.clamp = clamp
 
     @property
@@ -505,7 +507,9 @@ class LayerEntropy(Policy):
             return []
         length = contexts[0].length
         entropies = [layer_entropy(ctx.stats, self.entropy, self.head_average) for ctx in contexts]
-        weights, budgets = layer_budgets(entropies, [ctx.capacity for ctx in contexts], length, self.clamp, self.redistribute)
+        weights, budgets = layer_budgets(
+            entropies, [ctx.capacity for ctx in contexts], length, self.clamp, self.redistribute
+        )
         plans = []
         for ctx, e, w, budget in zip(contexts, entropies, weights, budgets):
             plan = self.inner.plan_layer(replace(ctx, capacity=budget))
@@ -574,7 +578,16 @@ class ModalityAdaptive(Policy):
             pref.append(float(w_v[h]) / mass if mass > 0 else visual.numel() / max(1, span))
         k_v = [coverage_count(psi[h, visual], self.theta) for h in range(ctx.num_kv_heads)]
         k_t = [coverage_count(psi[h, text], self.theta) for h in range(ctx.num_kv_heads)]
-        return {"psi": psi, "visual": visual, "text": text, "w_v": w_v, "w_t": w_t, "pref": pref, "k_v": k_v, "k_t": k_t}
+        return {
+            "psi": psi,
+            "visual": visual,
+            "text": text,
+            "w_v": w_v,
+            "w_t": w_t,
+            "pref": pref,
+            "k_v": k_v,
+            "k_t": k_t,
+        }
 
     # ---- global plan (HCC) -----------------------------------------------------------------
     def plan(self, contexts: list[LayerContext]) -> list[LayerPlan]:
@@ -617,14 +630,16 @@ class ModalityAdaptive(Policy):
                 comp = float(sum(n - phi for n in kept_counts))
             else:
                 comp = 0.0
-            plan.info.update({
-                "phi": phi,
-                "hcc": self.hcc,
-                "window": window,
-                "demand_visual": a["k_v"],
-                "demand_text": a["k_t"],
-                "compensation": comp,
-            })
+            plan.info.update(
+                {
+                    "phi": phi,
+                    "hcc": self.hcc,
+                    "window": window,
+                    "demand_visual": a["k_v"],
+                    "demand_text": a["k_t"],
+                    "compensation": comp,
+                }
+            )
             plans.append(plan)
             if i < n_layers - 1 and self.hcc != "off":
                 phi = phi - comp / (h_kv * (n_layers - 1 - i))
@@ -653,11 +668,13 @@ class ModalityAdaptive(Policy):
             phi_v = min(phi_v, n_vis)
             phi_t = min(b - phi_v, n_txt)
             phi_v = min(b - phi_t, n_vis)
-            chosen = torch.cat([
-                top_of(a["psi"][h], a["visual"], phi_v),
-                top_of(a["psi"][h], a["text"], phi_t),
-                tail,
-            ])
+            chosen = torch.cat(
+                [
+                    top_of(a["psi"][h], a["visual"], phi_v),
+                    top_of(a["psi"][h], a["text"], phi_t),
+                    tail,
+                ]
+            )
             kept.append(torch.sort(chosen).values)
             vis_budget.append(phi_v)
             txt_budget.append(phi_t)

@@ -33,7 +33,9 @@ class DecodePolicy(Mapping):
 
     name: ClassVar[str] = "base"
 
-    def build_layer(self, keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> CompressedLayer:
+    def build_layer(
+        self, keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0
+    ) -> CompressedLayer:
         """The cache layer for full ``keys``/``values`` ``[1, H_kv, L, d]`` and ``plan`` (``reserve`` generated tokens)."""
         raise NotImplementedError
 
@@ -65,7 +67,9 @@ class H2OEviction(DecodePolicy):
 
     name = "h2o"
 
-    def build_layer(self, keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> CompressedLayer:
+    def build_layer(
+        self, keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0
+    ) -> CompressedLayer:
         """H2O storage never grows: one slot of room for the incoming token replaces ``reserve``."""
         from ..cache.layers import H2ODecodeLayer, kept_contents
 
@@ -75,8 +79,13 @@ class H2OEviction(DecodePolicy):
         head_keys, head_values = kept_contents(keys, values, plan, kept)
         scores = torch.stack([s.float().to(keys.device) for s in self.scores])
         return H2ODecodeLayer(
-            torch.stack(head_keys)[None].to(keys.dtype), torch.stack(head_values)[None].to(values.dtype),
-            torch.stack(kept), keys.shape[2], self.capacity, self.recent, scores,
+            torch.stack(head_keys)[None].to(keys.dtype),
+            torch.stack(head_values)[None].to(values.dtype),
+            torch.stack(kept),
+            keys.shape[2],
+            self.capacity,
+            self.recent,
+            scores,
         )
 
 
@@ -101,7 +110,9 @@ class ChunkRetrieval(DecodePolicy):
 
     name = "hybrid"
 
-    def build_layer(self, keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0) -> CompressedLayer:
+    def build_layer(
+        self, keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reserve: int = 0
+    ) -> CompressedLayer:
         from ..cache.hybrid import build_hybrid_layer
 
         return build_hybrid_layer(keys, values, plan, reserve)

@@ -37,7 +37,16 @@ import torch
 
 from ..inputs.modality import TEXT
 from ..statistics.stats import StatsRequest
-from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction, check_positive, reduce_to_kv_heads, water_fill
+from .base import (
+    LayerContext,
+    LayerPlan,
+    Method,
+    check_choice,
+    check_fraction,
+    check_positive,
+    reduce_to_kv_heads,
+    water_fill,
+)
 from .compose import coverage_count
 from .decode import ChunkRetrieval
 
@@ -108,7 +117,9 @@ class HybridKV(Method):
         if self.r is not None:
             check_fraction(self, "r")
         check_positive(self, "chunk_size")
-        if self.top_chunks is not None and (isinstance(self.top_chunks, bool) or not isinstance(self.top_chunks, int) or self.top_chunks < 0):
+        if self.top_chunks is not None and (
+            isinstance(self.top_chunks, bool) or not isinstance(self.top_chunks, int) or self.top_chunks < 0
+        ):
             raise ValueError(f"{self.name}: top_chunks must be None or a non-negative integer, got {self.top_chunks!r}")
         for name in ("sinks", "recent"):
             value = getattr(self, name)
@@ -140,7 +151,10 @@ class HybridKV(Method):
             n_static = int(math.floor(self.static_fraction * len(flat) + 0.5))
             order = sorted(flat, key=lambda t: (-t[0], t[1], t[2]))
             static = {(layer, h) for _, layer, h in order[:n_static]}
-        return [["static" if (layer, h) in static else "dynamic" for h in range(len(row))] for layer, row in enumerate(sparsities)]
+        return [
+            ["static" if (layer, h) in static else "dynamic" for h in range(len(row))]
+            for layer, row in enumerate(sparsities)
+        ]
 
     # ---- stage 2 + 3 ---------------------------------------------------------------------------
     def plan(self, contexts: list[LayerContext]) -> list[LayerPlan]:
@@ -151,7 +165,7 @@ class HybridKV(Method):
         n_layers = len(contexts)
         k_theta, sparsity = zip(*(self.sparsity(ctx) for ctx in contexts))
         types = self.classify([list(s) for s in sparsity])
-        static_ids = [(l, h) for l in range(n_layers) for h in range(h_kv) if types[l][h] == "static"]
+        static_ids = [(li, h) for li in range(n_layers) for h in range(h_kv) if types[li][h] == "static"]
         n_static = len(static_ids)
         n_dyn = n_layers * h_kv - n_static
         total = capacity * h_kv * n_layers
@@ -169,7 +183,7 @@ class HybridKV(Method):
             static_pool = max(0, total - n_dyn * layout["tokens"])  # what the dynamic heads leave
         else:
             static_pool = total
-        weights = [sparsity[l][h] for l, h in static_ids]
+        weights = [sparsity[li][h] for li, h in static_ids]
         budgets = water_fill(static_pool, weights, [length] * n_static)
         static_budget = {key: b for key, b in zip(static_ids, budgets)}
         plans = []
@@ -195,14 +209,16 @@ class HybridKV(Method):
             }
             decode = None
             if "dynamic" in types[layer]:
-                info.update({
-                    "chunk_size": self.chunk_size,
-                    "num_chunks": layout["num_chunks"],
-                    "top_chunks": layout["top_chunks"],
-                    "sinks": layout["sinks"],
-                    "recent": layout["recent"],
-                    "initial_chunks": initial,
-                })
+                info.update(
+                    {
+                        "chunk_size": self.chunk_size,
+                        "num_chunks": layout["num_chunks"],
+                        "top_chunks": layout["top_chunks"],
+                        "sinks": layout["sinks"],
+                        "recent": layout["recent"],
+                        "initial_chunks": initial,
+                    }
+                )
                 decode = ChunkRetrieval(
                     head_types=types[layer],
                     sinks=layout["sinks"],

@@ -123,8 +123,11 @@ def text_prior_plan(
     n_text = int(text.sum())
     recent, important = split_budget(budget, recent_share)
     info: dict[str, Any] = {
-        "recent": recent, "important": important, "nominal": recent + important,
-        "text": n_text, "visual": length - n_text,
+        "recent": recent,
+        "important": important,
+        "nominal": recent + important,
+        "text": n_text,
+        "visual": length - n_text,
     }
     no_visual = n_text == length
     if length <= recent + important or (no_visual and text_only == "keep"):

@@ -97,15 +97,21 @@ class MEDA(Method):
         check_choice(self, "cross_mask", ("causal", "full"))
         split = list(self.split) if isinstance(self.split, (list, tuple)) else None
         if (
-            split is None or len(split) != 2 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0 for x in split)
+            split is None
+            or len(split) != 2
+            or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0 for x in split)
             or sum(split) <= 0
         ):
-            raise ValueError(f"meda: split must be two non-negative numbers (recent, important), e.g. (3, 1); got {self.split!r}")
+            raise ValueError(
+                f"meda: split must be two non-negative numbers (recent, important), e.g. (3, 1); got {self.split!r}"
+            )
         self.split = split  # lists keep the trace's JSON round trip exact
         if self.clamp is not None:
             clamp = list(self.clamp) if isinstance(self.clamp, (list, tuple)) else None
             if clamp is None or len(clamp) != 2 or not 0.0 <= clamp[0] <= clamp[1] <= 1.0:
-                raise ValueError(f"meda: clamp must be None or (low, high) with 0 <= low <= high <= 1; got {self.clamp!r}")
+                raise ValueError(
+                    f"meda: clamp must be None or (low, high) with 0 <= low <= high <= 1; got {self.clamp!r}"
+                )
             self.clamp = clamp
         check_text_prior_params(self)
 
@@ -121,8 +127,13 @@ class MEDA(Method):
     @property
     def policy(self) -> LayerEntropy:
         """This preset as a composition: entropy layer budgets over LOOK-M's text prior with MEDA's split and merge."""
-        inner = LookM(recent_share=self.recent_share, merge=self.merge, similarity_filter=self.similarity_filter,
-                     text_only=self.text_only, gqa_reduce=self.gqa_reduce)
+        inner = LookM(
+            recent_share=self.recent_share,
+            merge=self.merge,
+            similarity_filter=self.similarity_filter,
+            text_only=self.text_only,
+            gqa_reduce=self.gqa_reduce,
+        )
         return LayerEntropy(inner, self.entropy, self.head_average, self.cross_mask, self.clamp, self.redistribute)
 
     def plan(self, contexts: list[LayerContext]) -> list[LayerPlan]:

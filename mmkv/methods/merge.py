@@ -216,8 +216,12 @@ def _merge_layer_batched(
         flat = (slot + n * torch.arange(num_heads, device=device)[:, None]).flatten()
         count = torch.zeros(num_heads * n, dtype=torch.float32, device=device)
         count.index_put_((flat,), torch.ones_like(flat, dtype=torch.float32), accumulate=True)
-        sum_k = torch.zeros(num_heads * n, d, dtype=torch.float32, device=device).index_put_((flat,), add_k.reshape(-1, d), accumulate=True)
-        sum_v = torch.zeros(num_heads * n, d, dtype=torch.float32, device=device).index_put_((flat,), add_v.reshape(-1, d), accumulate=True)
+        sum_k = torch.zeros(num_heads * n, d, dtype=torch.float32, device=device).index_put_(
+            (flat,), add_k.reshape(-1, d), accumulate=True
+        )
+        sum_v = torch.zeros(num_heads * n, d, dtype=torch.float32, device=device).index_put_(
+            (flat,), add_v.reshape(-1, d), accumulate=True
+        )
         count = count.view(num_heads, n, 1)
         hit = count > 0  # untouched kept tokens stay bit-identical
         kc = torch.where(hit, (kc + sum_k.view(num_heads, n, d)) / (count + 1.0), kc)

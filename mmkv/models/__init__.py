@@ -163,7 +163,10 @@ def load(
         ) from exc
     adapter = adapter_for(config)
     resolved = _resolve_dtype(dtype)
-    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation, "dtype": "auto" if resolved is None else resolved}
+    kwargs: dict[str, Any] = {
+        "attn_implementation": attn_implementation,
+        "dtype": "auto" if resolved is None else resolved,
+    }
     try:
         auto = AutoModelForCausalLM if adapter is TEXT_ADAPTER else AutoModelForImageTextToText
         model = auto.from_pretrained(source, **kwargs)

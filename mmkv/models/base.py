@@ -109,7 +109,9 @@ class ModelAdapter(ABC):
         The default stores the bounds on the processor, where :meth:`prepare` finds them; families whose
         processors have their own resolution settings also lower those (never raise them)."""
         set_bounds(processor, image_tokens, video_tokens)
-        return "no visual inputs" if processor is None else "bounds stored (no resolution setting known for this family)"
+        return (
+            "no visual inputs" if processor is None else "bounds stored (no resolution setting known for this family)"
+        )
 
     def frame_cap(self, model: torch.nn.Module, processor: Any) -> int | None:
         """Most frames one video may keep under the processor's video bound (None: no cap)."""
@@ -276,10 +278,15 @@ def render_chat(processor: Any, chat: Chat) -> str:
     """
     from transformers.processing_utils import ProcessorMixin
 
-    if getattr(processor, "chat_template", None) is None and getattr(processor.tokenizer, "chat_template", None) is None:
+    if (
+        getattr(processor, "chat_template", None) is None
+        and getattr(processor.tokenizer, "chat_template", None) is None
+    ):
         raise ValueError("the processor has no chat template; load a checkpoint that ships one (chat_template.jinja)")
     template = processor.chat_template if processor.chat_template is not None else processor.tokenizer.chat_template
-    return ProcessorMixin.apply_chat_template(processor, chat, chat_template=template, tokenize=False, add_generation_prompt=True)
+    return ProcessorMixin.apply_chat_template(
+        processor, chat, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
 
 
 def expand_placeholders(text: str, replacements: dict[str, list[str]]) -> str:
@@ -383,7 +390,9 @@ def build_processor(cls: type, image_processor: Any, tokenizer: Any, chat_templa
 
     sub = processor_class_without_video(cls)
     params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]  # the class's own constructor
-    call = {k: v for k, v in kwargs.items() if k in params and k not in ("image_processor", "tokenizer", "video_processor")}
+    call = {
+        k: v for k, v in kwargs.items() if k in params and k not in ("image_processor", "tokenizer", "video_processor")
+    }
     if "video_processor" in params:
         call["video_processor"] = None
     proc = sub(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **call)

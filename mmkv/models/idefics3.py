@@ -139,8 +139,11 @@ class _IdeficsAdapter(ModelAdapter):
         _set_edge(ip, "size", longest)
         ip.do_image_splitting = split
         n = max(1, int(longest) // tile)
-        what = f"images up to {(n * n + 1) * seq if split else seq} tokens ({n}x{n} tiles + global)" if split else (
-            f"images: one {seq}-token view each (no splitting)")
+        what = (
+            f"images up to {(n * n + 1) * seq if split else seq} tokens ({n}x{n} tiles + global)"
+            if split
+            else (f"images: one {seq}-token view each (no splitting)")
+        )
         cap = self.frame_cap(model, processor)
         return what + ("" if cap is None else f"; videos: at most {cap} frames")
 
@@ -206,7 +209,9 @@ class _IdeficsAdapter(ModelAdapter):
 
         def encode(c: Chat) -> list[int]:
             flat, _ = self._flatten(c, videos)
-            return encode_text(processor, expand_placeholders(render_chat(processor, flat), {processor.image_token: repl}))
+            return encode_text(
+                processor, expand_placeholders(render_chat(processor, flat), {processor.image_token: repl})
+            )
 
         ids = encode(chat)
         input_ids = torch.tensor([ids], dtype=torch.long)

@@ -109,7 +109,10 @@ class LlavaAdapter(ModelAdapter):
 
     def _tokens_per_image(self, model: torch.nn.Module, processor: Any, height: int, width: int) -> int:
         patch = getattr(processor, "patch_size", None) or model_config(model).vision_config.patch_size
-        strategy = getattr(processor, "vision_feature_select_strategy", None) or model_config(model).vision_feature_select_strategy
+        strategy = (
+            getattr(processor, "vision_feature_select_strategy", None)
+            or model_config(model).vision_feature_select_strategy
+        )
         extra = getattr(processor, "num_additional_image_tokens", None)
         if extra is None:
             extra = 1 if "clip" in getattr(model_config(model).vision_config, "model_type", "") else 0
@@ -287,7 +290,9 @@ def _segment_cells(seg: Segment, start: int) -> Cells:
     return pos, r, c
 
 
-def _onevision_layouts_without_sizes(config: Any, positions: list[int], counts: list[int] | None) -> list[list[Segment]]:
+def _onevision_layouts_without_sizes(
+    config: Any, positions: list[int], counts: list[int] | None
+) -> list[list[Segment]]:
     """Best-effort image layouts when ``image_sizes`` is missing (a forward call made by ``generate``).
 
     Multi-image spans (``side^2 + 1`` tokens) are exact; a single anyres image's grid shape is ambiguous
@@ -330,7 +335,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
         std = np.asarray(vs.get("image_std", ip.image_std), dtype=np.float32)
         scale = float(vs.get("rescale_factor", ip.rescale_factor))
         arr = np.stack(
-            [np.asarray(f.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32) for f in video.frames]
+            [
+                np.asarray(f.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+                for f in video.frames
+            ]
         )
         arr = (arr * scale - mean) / std
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
@@ -345,7 +353,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
         bounds = set_bounds(processor, image_tokens, video_tokens)
         vc = model_config(model).vision_config
         side = vc.image_size // vc.patch_size
-        floor = sum(_segment_length(s) for s in onevision_image_layout(model_config(model), vc.image_size, vc.image_size, False))
+        floor = sum(
+            _segment_length(s) for s in onevision_image_layout(model_config(model), vc.image_size, vc.image_size, False)
+        )
         what = f"several images: fixed {side * side + 1} tokens each"
         if bounds.image_tokens is not None:
             what = f"a lone image: up to {max(bounds.image_tokens, floor)} tokens (floor {floor}); " + what

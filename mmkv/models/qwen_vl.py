@@ -288,7 +288,10 @@ class _QwenAdapter(ModelAdapter):
         ids = inputs["input_ids"].reshape(-1).cpu()
         has_grids = all(
             inputs.get(key) is not None or not bool((ids == tid).any())
-            for key, tid in (("image_grid_thw", model_config(model).image_token_id), ("video_grid_thw", model_config(model).video_token_id))
+            for key, tid in (
+                ("image_grid_thw", model_config(model).image_token_id),
+                ("video_grid_thw", model_config(model).video_token_id),
+            )
         )
         if not has_grids and (cached := recall_map(model, ids)) is not None:
             return cached

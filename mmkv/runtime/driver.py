@@ -21,8 +21,8 @@ from ..compat import cache_kwargs, model_config
 from ..methods import Method
 from ..models import PreparedInputs, adapter_for
 from ..models.base import Chat
-from .session import Session
 from ..trace.core import Trace
+from .session import Session
 
 # Prompt-side inputs that are per token and must be split with the query-agnostic context.
 _PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -73,7 +73,9 @@ class Generation:
         return self.result
 
 
-def _select(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+def _select(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
     if not do_sample:
         return int(logits.argmax(-1))
     probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
@@ -106,7 +108,11 @@ def _ensure_rope_state(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def _session_for(
-    model: torch.nn.Module, prepared: PreparedInputs, method: str | Method, budget: float | int, query_aware: bool,
+    model: torch.nn.Module,
+    prepared: PreparedInputs,
+    method: str | Method,
+    budget: float | int,
+    query_aware: bool,
     **session_kwargs: Any,
 ) -> tuple[Session, int]:
     """The session for one prepared prompt and the length of the span it compresses."""
@@ -119,18 +125,36 @@ def _session_for(
 
 @overload
 def generate(
-    model: torch.nn.Module, processor: Any, chat: Chat | str | None, method: str | Method = ..., budget: float | int = ...,
-    *, stream: Literal[False] = ..., **kwargs: Any,
+    model: torch.nn.Module,
+    processor: Any,
+    chat: Chat | str | None,
+    method: str | Method = ...,
+    budget: float | int = ...,
+    *,
+    stream: Literal[False] = ...,
+    **kwargs: Any,
 ) -> GenerationResult: ...
 @overload
 def generate(
-    model: torch.nn.Module, processor: Any, chat: Chat | str | None, method: str | Method = ..., budget: float | int = ...,
-    *, stream: Literal[True], **kwargs: Any,
+    model: torch.nn.Module,
+    processor: Any,
+    chat: Chat | str | None,
+    method: str | Method = ...,
+    budget: float | int = ...,
+    *,
+    stream: Literal[True],
+    **kwargs: Any,
 ) -> Generation: ...
 @overload
 def generate(
-    model: torch.nn.Module, processor: Any, chat: Chat | str | None, method: str | Method = ..., budget: float | int = ...,
-    *, stream: bool, **kwargs: Any,
+    model: torch.nn.Module,
+    processor: Any,
+    chat: Chat | str | None,
+    method: str | Method = ...,
+    budget: float | int = ...,
+    *,
+    stream: bool,
+    **kwargs: Any,
 ) -> GenerationResult | Generation: ...
 def generate(
     model: torch.nn.Module,
@@ -173,13 +197,21 @@ def generate(
         prepared = adapter.prepare(model, processor, chat, num_frames=num_frames, video_fps=video_fps)
     check_prompt_length(model, prepared.length, max_new_tokens)
     session, context = _session_for(
-        model, prepared, method, budget, query_aware, record_attention=record_attention,
-        record_scores=record_scores, method_params=method_params, reserve=max_new_tokens if preallocate else 0,
+        model,
+        prepared,
+        method,
+        budget,
+        query_aware,
+        record_attention=record_attention,
+        record_scores=record_scores,
+        method_params=method_params,
+        reserve=max_new_tokens if preallocate else 0,
     )
     tokenizer = getattr(processor, "tokenizer", processor)
     generation = Generation(iter(()))
-    generation._steps = _run(model, tokenizer, prepared, session, context, max_new_tokens,
-                             do_sample, temperature, top_p, seed, generation)
+    generation._steps = _run(
+        model, tokenizer, prepared, session, context, max_new_tokens, do_sample, temperature, top_p, seed, generation
+    )
     return generation if stream else generation.run()
 
 
@@ -204,7 +236,9 @@ def compressed_run(model: torch.nn.Module, prepared: PreparedInputs, session: Se
         if context == prepared.length:
             first = forward(**inputs)
         else:
-            head = {k: (v[:, :context] if k in _PER_TOKEN_KEYS and torch.is_tensor(v) else v) for k, v in inputs.items()}
+            head = {
+                k: (v[:, :context] if k in _PER_TOKEN_KEYS and torch.is_tensor(v) else v) for k, v in inputs.items()
+            }
             forward(**head)
             _ensure_rope_state(model, device)
             first = forward(input_ids=inputs["input_ids"][:, context:])
@@ -234,7 +268,7 @@ def _run(model, tokenizer, prepared, session, context, max_new_tokens, do_sample
             new_text = tokenizer.decode(ids, skip_special_tokens=True)
             piece = ""
             if new_text != text:
-                piece = new_text[len(text):] if new_text.startswith(text) else new_text
+                piece = new_text[len(text) :] if new_text.startswith(text) else new_text
                 yield piece
                 text = new_text
             elif token in special:
@@ -268,8 +302,9 @@ def forced_logits(
     """
     if not forced_ids:
         return torch.zeros(0, 0)
-    session, context = _session_for(model, prepared, method, budget, query_aware, record_attention=False,
-                                    method_params=method_params)
+    session, context = _session_for(
+        model, prepared, method, budget, query_aware, record_attention=False, method_params=method_params
+    )
     rows = []
     with compressed_run(model, prepared, session, context) as step:
         rows.append(step().float().cpu())

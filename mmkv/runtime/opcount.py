@@ -14,10 +14,28 @@ from typing import Any
 from torch.utils._python_dispatch import TorchDispatchMode
 
 #: Ops that only make views or change metadata (no kernel on the data).
-VIEW_OPS = frozenset({
-    "view", "_unsafe_view", "expand", "select", "slice", "transpose", "permute", "unsqueeze", "squeeze", "t",
-    "as_strided", "unbind", "split", "alias", "detach", "narrow", "_reshape_alias", "lift_fresh",
-})
+VIEW_OPS = frozenset(
+    {
+        "view",
+        "_unsafe_view",
+        "expand",
+        "select",
+        "slice",
+        "transpose",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "t",
+        "as_strided",
+        "unbind",
+        "split",
+        "alias",
+        "detach",
+        "narrow",
+        "_reshape_alias",
+        "lift_fresh",
+    }
+)
 #: Ops that copy a device value to the host (a sync on CUDA).
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "equal", "is_nonzero"})
 

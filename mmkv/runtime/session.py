@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..statistics.attention import ACTIVE_SESSION, ATTENTION_NAME, register
 from ..cache.layers import (
     BatchSizeError,
     CompressedLayer,
@@ -40,10 +39,11 @@ from ..cache.layers import (
     layer_growth,
 )
 from ..compat import CACHE_ARGUMENTS, cache_from_kwargs, model_config
+from ..inputs.modality import ModalityMap
 from ..methods import Method, make_method
 from ..methods.base import LayerContext, LayerPlan, reduce_to_kv_heads
-from ..inputs.modality import ModalityMap
 from ..models.base import UnsupportedModelError, resolve_text_model
+from ..statistics.attention import ACTIVE_SESSION, ATTENTION_NAME, register
 from ..statistics.stats import LayerStats, StatsRequest, compute_layer_stats
 from ..trace.core import LayerTrace, Packed, Timings, Trace
 
@@ -118,8 +118,7 @@ def unsupported_attention(text_model: torch.nn.Module, config: Any) -> str | Non
     """
     layers: Any = text_model.layers  # the decoder layers: their attention modules' fields vary by model
     windowed = [
-        i for i, layer in enumerate(layers)
-        if getattr(getattr(layer, "self_attn", None), "sliding_window", None)
+        i for i, layer in enumerate(layers) if getattr(getattr(layer, "self_attn", None), "sliding_window", None)
     ]
     if windowed:
         window = layers[windowed[0]].self_attn.sliding_window
@@ -130,7 +129,11 @@ def unsupported_attention(text_model: torch.nn.Module, config: Any) -> str | Non
     softcap = getattr(config, "attn_logit_softcapping", None)
     if softcap is None:
         softcap = next(
-            (c for layer in layers if (c := getattr(getattr(layer, "self_attn", None), "attn_logit_softcapping", None))),
+            (
+                c
+                for layer in layers
+                if (c := getattr(getattr(layer, "self_attn", None), "attn_logit_softcapping", None))
+            ),
             None,
         )
     if softcap:
@@ -320,7 +323,9 @@ class Session:
         :class:`~mmkv.cache.layers.GrowthModel` (a layer without one is measured here from tensor shapes: no sync).
         """
         trace = self.trace
-        step = 0 if not self.query_aware and not self._forward_steps else len(self._forward_steps) + int(self.query_aware)
+        step = (
+            0 if not self.query_aware and not self._forward_steps else len(self._forward_steps) + int(self.query_aware)
+        )
         self._forward_steps.append(step)
         self._forward_tokens.append(self._q_len)
         if not self.record_steps:
@@ -390,7 +395,9 @@ class Session:
 
     def attend(self, layer_idx, module, query, key, value, attention_mask, dropout, scaling, kwargs) -> torch.Tensor:
         """Attention for decoder layer ``layer_idx`` inside the session."""
-        cache_layer = self.cache.layers[layer_idx] if self.cache is not None and layer_idx < len(self.cache.layers) else None
+        cache_layer = (
+            self.cache.layers[layer_idx] if self.cache is not None and layer_idx < len(self.cache.layers) else None
+        )
         if isinstance(cache_layer, CompressedLayer):
             return cache_layer.attend(module, query, key, value, scaling, dropout)
         q_len, kv_len = query.shape[2], key.shape[2]
@@ -402,14 +409,18 @@ class Session:
             kwargs = {**kwargs, "is_causal": False}
             out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
             return out
-        collect = self.collecting and q_len == kv_len == self._live_trace.span_length and layer_idx not in self._layer_traces
+        collect = (
+            self.collecting and q_len == kv_len == self._live_trace.span_length and layer_idx not in self._layer_traces
+        )
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if collect and self.request.all_queries and not (module.training and dropout):
             # the all-query statistics pass computes every attention row anyway: it gives the output too
             output = self._on_prefill_layer(layer_idx, query, key, scale, value)
             assert output is not None  # given value, the all-query pass returns the layer's output
             return output
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
         if collect:
             self._on_prefill_layer(layer_idx, query, key, scale)
         return out
@@ -430,14 +441,19 @@ class Session:
         returns the layer's attention output (the pass counts as statistics time: what it adds is the prefill
         time beyond Full's)."""
         t0 = self.clock.mark()
-        stats = LayerStats() if self.request.empty else compute_layer_stats(query, key, self.codes, self.request, scaling,
-                                                                            value)
+        stats = (
+            LayerStats()
+            if self.request.empty
+            else compute_layer_stats(query, key, self.codes, self.request, scaling, value)
+        )
         output, stats.attention_output = stats.attention_output, None
         t1 = self.clock.mark()
         self.clock.add(self._live_trace.timings, "stats_s", t0, t1)
         if self.method.compresses and self.method.is_global:
             self._pending[layer_idx] = stats
-            self._layer_traces[layer_idx] = self._record(layer_idx, LayerPlan.keep_all(self.num_kv_heads, 0), stats, 0, 0)
+            self._layer_traces[layer_idx] = self._record(
+                layer_idx, LayerPlan.keep_all(self.num_kv_heads, 0), stats, 0, 0
+            )
             return output
         plan = (
             self.method.plan_layer(self._context(layer_idx, stats))
@@ -479,10 +495,12 @@ class Session:
                 scores = Packed(reduce_to_kv_heads(source, self.num_kv_heads))
         merges = None
         if plan.merges is not None:
-            merges = Packed([
-                {"source": m.source, "target": m.target, "similarity": m.similarity} if m is not None else None
-                for m in plan.merges
-            ])
+            merges = Packed(
+                [
+                    {"source": m.source, "target": m.target, "similarity": m.similarity} if m is not None else None
+                    for m in plan.merges
+                ]
+            )
         return LayerTrace(
             layer=layer_idx,
             kept=Packed(list(plan.kept)),
@@ -547,7 +565,10 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a composition's parts (mmkv.methods.compose)
-        return {"type": type(value).__name__, **{f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+        return {
+            "type": type(value).__name__,
+            **{f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)},
+        }
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -572,8 +593,13 @@ def compress(
     (query-aware). ``modality`` defaults to the map the model's adapter builds from the inputs.
     """
     session = Session(
-        model, method, budget, modality=modality, record_attention=record_attention,
-        record_scores=record_scores, method_params=method_params,
+        model,
+        method,
+        budget,
+        modality=modality,
+        record_attention=record_attention,
+        record_scores=record_scores,
+        method_params=method_params,
     )
     with session.activate():
         yield session

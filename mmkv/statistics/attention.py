@@ -45,7 +45,9 @@ def mmkv_attention(
     session = ACTIVE_SESSION.get()
     layer_idx = session.layer_index(module) if session is not None else None
     if session is None or layer_idx is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     return session.attend(layer_idx, module, query, key, value, attention_mask, dropout, scaling, kwargs), None
 
 

@@ -75,8 +75,13 @@ class StatsRequest:
     @property
     def empty(self) -> bool:
         return not (
-            self.window or self.column_sums or self.full_entropy or self.modality_mass or self.entropy
-            or self.question_scores or self.cross_modal
+            self.window
+            or self.column_sums
+            or self.full_entropy
+            or self.modality_mass
+            or self.entropy
+            or self.question_scores
+            or self.cross_modal
         )
 
 
@@ -311,7 +316,9 @@ def compute_layer_stats(
             rows = stop - start
             size = h_q * rows * stop
             logits = _logits(
-                qg[:, :, start:stop].reshape(h_kv, group * rows, d), kt[:, :, :stop], scaling,
+                qg[:, :, start:stop].reshape(h_kv, group * rows, d),
+                kt[:, :, :stop],
+                scaling,
                 s_buf[:size].view(h_kv, group * rows, stop),
             ).view(h_q, rows, stop)
             # Keys < start are visible to every query of the block: mask the diagonal sub-block only.

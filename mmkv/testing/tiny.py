@@ -217,10 +217,15 @@ def _qwen(family: str, seed: int) -> tuple[Any, Any]:
     from ..models.base import build_processor
 
     tok = tiny_tokenizer(family)
-    image_id, video_id, start_id, end_id = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    image_id, video_id, start_id, end_id = _ids(
+        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
     common: dict[str, Any] = {
-        "image_token_id": image_id, "video_token_id": video_id, "vision_start_token_id": start_id, "vision_end_token_id": end_id
+        "image_token_id": image_id,
+        "video_token_id": video_id,
+        "vision_start_token_id": start_id,
+        "vision_end_token_id": end_id,
     }
     config: transformers.PretrainedConfig
     cls: type[transformers.PreTrainedModel]
@@ -231,7 +236,12 @@ def _qwen(family: str, seed: int) -> tuple[Any, Any]:
             vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2},
             **common,
         )
-        cls, processor_cls, patch, template = transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLProcessor, 14, QWEN2_TEMPLATE
+        cls, processor_cls, patch, template = (
+            transformers.Qwen2VLForConditionalGeneration,
+            transformers.Qwen2VLProcessor,
+            14,
+            QWEN2_TEMPLATE,
+        )
     elif family == "qwen2_5_vl":
         config = transformers.Qwen2_5_VLConfig(
             text_config=_text_config(tok, "qwen2_5_vl_text", rope_parameters=rope),
@@ -255,7 +265,9 @@ def _qwen(family: str, seed: int) -> tuple[Any, Any]:
         )
     else:
         config = transformers.Qwen3VLConfig(
-            text_config=_text_config(tok, "qwen3_vl_text", head_dim=16, rope_parameters={**rope, "mrope_interleaved": True}),
+            text_config=_text_config(
+                tok, "qwen3_vl_text", head_dim=16, rope_parameters={**rope, "mrope_interleaved": True}
+            ),
             vision_config={
                 "depth": 2,
                 "hidden_size": 32,
@@ -268,11 +280,21 @@ def _qwen(family: str, seed: int) -> tuple[Any, Any]:
             },
             **common,
         )
-        cls, processor_cls, patch, template = transformers.Qwen3VLForConditionalGeneration, transformers.Qwen3VLProcessor, 16, QWEN3_TEMPLATE
+        cls, processor_cls, patch, template = (
+            transformers.Qwen3VLForConditionalGeneration,
+            transformers.Qwen3VLProcessor,
+            16,
+            QWEN3_TEMPLATE,
+        )
     factor = patch * 2
     mean_std = {} if patch == 14 else {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=factor * factor * 4, max_pixels=factor * factor * 36, patch_size=patch, merge_size=2, temporal_patch_size=2, **mean_std
+        min_pixels=factor * factor * 4,
+        max_pixels=factor * factor * 36,
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
+        **mean_std,
     )
     processor = build_processor(processor_cls, image_processor, tok, template)
     if family == "qwen3_vl":  # Qwen3-VL's budget counts all frames of a video
@@ -382,7 +404,14 @@ def _idefics(family: str, seed: int) -> tuple[Any, Any]:
 
     tok = tiny_tokenizer(family)
     (image_id,) = _ids(tok, "<image>")
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
     ip_kwargs = {"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}}
     config: transformers.PretrainedConfig
     cls: type[transformers.PreTrainedModel]
@@ -394,7 +423,11 @@ def _idefics(family: str, seed: int) -> tuple[Any, Any]:
         config = transformers.Idefics3Config(
             vision_config=vision, text_config=_text_config(tok, "llama"), image_token_id=image_id, scale_factor=2
         )
-        cls, processor_cls, template = transformers.Idefics3ForConditionalGeneration, transformers.Idefics3Processor, IDEFICS3_TEMPLATE
+        cls, processor_cls, template = (
+            transformers.Idefics3ForConditionalGeneration,
+            transformers.Idefics3Processor,
+            IDEFICS3_TEMPLATE,
+        )
         image_processor = Idefics3ImageProcessorPil(**ip_kwargs)
     else:
         from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
@@ -402,7 +435,11 @@ def _idefics(family: str, seed: int) -> tuple[Any, Any]:
         config = transformers.SmolVLMConfig(
             vision_config=vision, text_config=_text_config(tok, "llama"), image_token_id=image_id, scale_factor=2
         )
-        cls, processor_cls, template = transformers.SmolVLMForConditionalGeneration, transformers.SmolVLMProcessor, SMOLVLM_TEMPLATE
+        cls, processor_cls, template = (
+            transformers.SmolVLMForConditionalGeneration,
+            transformers.SmolVLMProcessor,
+            SMOLVLM_TEMPLATE,
+        )
         image_processor = SmolVLMImageProcessorPil(**ip_kwargs)
     processor = build_processor(processor_cls, image_processor, tok, template, image_seq_len=4)
     return _instantiate(cls, config, seed), processor
@@ -474,7 +511,10 @@ def make_image(seed: int = 0, size: int | tuple[int, int] = (64, 48)) -> Image.I
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(2, 4)):
         x0, y0 = rng.randint(0, w * 3 // 4), rng.randint(0, h * 3 // 4)
-        x1, y1 = min(w - 1, x0 + rng.randint(w // 8 + 1, w // 2 + 2)), min(h - 1, y0 + rng.randint(h // 8 + 1, h // 2 + 2))
+        x1, y1 = (
+            min(w - 1, x0 + rng.randint(w // 8 + 1, w // 2 + 2)),
+            min(h - 1, y0 + rng.randint(h // 8 + 1, h // 2 + 2)),
+        )
         colour = rng.choice(_COLOURS)
         shape = rng.choice(("rect", "ellipse", "triangle"))
         if shape == "rect":
@@ -486,9 +526,7 @@ def make_image(seed: int = 0, size: int | tuple[int, int] = (64, 48)) -> Image.I
     return img
 
 
-def make_video(
-    path: str | os.PathLike, num_frames: int = 8, size: tuple[int, int] = (64, 64), fps: float = 4
-) -> Path:
+def make_video(path: str | os.PathLike, num_frames: int = 8, size: tuple[int, int] = (64, 64), fps: float = 4) -> Path:
     """Write an mp4 (``mp4v``) of a white square moving left to right on a dark background."""
     import cv2
     import numpy as np

@@ -102,8 +102,12 @@ class LayerTrace:
     modality_mass: _Lazy[list[list[float]] | None] = _Lazy()  # per query head: share on [text, image, video]
     entropy: _Lazy[list[float] | None] = _Lazy()  # per query head, window queries (nats)
     scores: _Lazy[list[list[float]] | None] = _Lazy()  # per KV head, the method's token scores (optional)
-    decode_evictions: _Lazy[list[list[int]] | None] = _Lazy()  # per eviction (H2O: one per decode step), position per KV head
-    decode_retrievals: _Lazy[list[list[list[int]]] | None] = _Lazy()  # per forward, per dynamic head: chunk ids (HybridKV)
+    decode_evictions: _Lazy[list[list[int]] | None] = (
+        _Lazy()
+    )  # per eviction (H2O: one per decode step), position per KV head
+    decode_retrievals: _Lazy[list[list[list[int]]] | None] = (
+        _Lazy()
+    )  # per forward, per dynamic head: chunk ids (HybridKV)
     decode_eviction_steps: list[int] | None = None  # the step of each ``decode_evictions`` row (Trace.step_state)
     decode_retrieval_steps: list[int] | None = None  # the step of each ``decode_retrievals`` row
 

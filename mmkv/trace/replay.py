@@ -80,13 +80,24 @@ class _Dense:
 class _Dynamic:
     """A HybridKV dynamic head: fixed resident tokens + the chunks of the latest retrieval."""
 
-    def __init__(self, fixed: np.ndarray, chunk_of: np.ndarray, rows: list[np.ndarray], row_steps: list[int],
-                 initial: np.ndarray, n_chunks: int, store: bool) -> None:
+    def __init__(
+        self,
+        fixed: np.ndarray,
+        chunk_of: np.ndarray,
+        rows: list[np.ndarray],
+        row_steps: list[int],
+        initial: np.ndarray,
+        n_chunks: int,
+        store: bool,
+    ) -> None:
         self.fixed = fixed  # bool [span]: resident whatever the retrieval (sinks, recent)
         self.chunk_of = chunk_of  # int [span]: chunk id of each prompt position (-1: none)
         self.rows, self.row_steps = rows, row_steps  # retrieval rows (chunk ids) and their steps
         self.initial = initial  # chunk ids resident after compression
-        self.n_chunks, self.store = n_chunks, store  # store: False when nothing can be retrieved (evicted, not offloaded)
+        self.n_chunks, self.store = (
+            n_chunks,
+            store,
+        )  # store: False when nothing can be retrieved (evicted, not offloaded)
 
     def chunks_at(self, step: int) -> np.ndarray:
         """Chunk ids resident after ``step``: the latest retrieval at or before it, else the initial ones."""
@@ -168,8 +179,10 @@ class Replay:
     def _select(self, layer: int | None, head: int | None) -> list[tuple[int, int]]:
         keys = [k for k in self.pairs if (layer is None or k[0] == int(layer)) and (head is None or k[1] == int(head))]
         if not keys:
-            raise ValueError(f"no (layer, KV head) pair matches layer={layer}, head={head}: the trace has "
-                             f"{self.trace.num_layers} layers of {self.trace.num_kv_heads} KV heads")
+            raise ValueError(
+                f"no (layer, KV head) pair matches layer={layer}, head={head}: the trace has "
+                f"{self.trace.num_layers} layers of {self.trace.num_kv_heads} KV heads"
+            )
         return keys
 
     def _stacked(self, layer: int | None, head: int | None, keys: list[tuple[int, int]]) -> np.ndarray | None:
@@ -188,7 +201,10 @@ class Replay:
         step = step % self.steps
         length = int(self.lengths[step])
         exists = np.arange(self.size) < length
-        acc = {name: np.zeros(self.size) for name in ("held", "evicted_now", "evicted", "offloaded", "retrieved", "fetched")}
+        acc = {
+            name: np.zeros(self.size)
+            for name in ("held", "evicted_now", "evicted", "offloaded", "retrieved", "fetched")
+        }
         keys = self._select(layer, head)
         stacked = self._stacked(layer, head, keys)
         if stacked is not None:
@@ -220,7 +236,12 @@ class Replay:
         ids, tokens = self.trace.generated_ids, self.trace.generated_tokens
         sizes = self.trace.step_bytes
         return StepState(
-            step=step, length=length, **acc, pairs=n, dynamic_pairs=n_dyn, span=self.span,
+            step=step,
+            length=length,
+            **acc,
+            pairs=n,
+            dynamic_pairs=n_dyn,
+            span=self.span,
             prompt_length=int(self.trace.prompt_length),
             token=tokens[step] if step < len(tokens) else None,
             token_id=int(ids[step]) if step < len(ids) else None,

@@ -48,8 +48,8 @@ import numpy as np
 from PIL import Image
 
 from .._version import __version__
-from .core import Trace
 from ..inputs.video import VideoFrames
+from .core import Trace
 
 __all__ = ["RunFile", "save_run", "load_run", "peek_run", "example_runs", "RUNS_DIR", "SUFFIX", "FORMAT_VERSION"]
 
@@ -79,8 +79,14 @@ class _Blob:
 
 
 def _int_dtype(lo: int, hi: int) -> str:
-    for code, info in (("u1", np.iinfo(np.uint8)), ("i1", np.iinfo(np.int8)), ("u2", np.iinfo(np.uint16)),
-                       ("i2", np.iinfo(np.int16)), ("u4", np.iinfo(np.uint32)), ("i4", np.iinfo(np.int32))):
+    for code, info in (
+        ("u1", np.iinfo(np.uint8)),
+        ("i1", np.iinfo(np.int8)),
+        ("u2", np.iinfo(np.uint16)),
+        ("i2", np.iinfo(np.int16)),
+        ("u4", np.iinfo(np.uint32)),
+        ("i4", np.iinfo(np.int32)),
+    ):
         if info.min <= lo and hi <= info.max:
             return code
     return "i8"
@@ -153,7 +159,13 @@ def _unpack(value: Any, blob: bytes) -> Any:
         if _MARK not in value:
             return {k: _unpack(v, blob) for k, v in value.items()}
         try:
-            enc, dt, n, offset, nbytes = value[_MARK], value["dtype"], int(value["n"]), int(value["offset"]), int(value["nbytes"])
+            enc, dt, n, offset, nbytes = (
+                value[_MARK],
+                value["dtype"],
+                int(value["n"]),
+                int(value["offset"]),
+                int(value["nbytes"]),
+            )
             if offset < 0 or nbytes < 0 or offset + nbytes > len(blob):
                 raise ValueError("array outside trace.bin")
             raw = np.frombuffer(blob, dtype="<" + dt, count=nbytes // np.dtype(dt).itemsize, offset=offset)
@@ -230,8 +242,14 @@ class RunFile:
 
     @classmethod
     def from_result(
-        cls, result: Any, processor: Any, *, question: str | None = None, label: str | None = None,
-        model: str | None = None, agreement: dict[str, Any] | None = None,
+        cls,
+        result: Any,
+        processor: Any,
+        *,
+        question: str | None = None,
+        label: str | None = None,
+        model: str | None = None,
+        agreement: dict[str, Any] | None = None,
     ) -> RunFile:
         """A run file for a :class:`~mmkv.GenerationResult`; ``processor`` turns prompt ids into token strings."""
         tok = getattr(processor, "tokenizer", processor)
@@ -239,19 +257,40 @@ class RunFile:
         tokens = [tok.decode([i]) for i in prepared.input_ids.reshape(-1).tolist()]
         trace = result.trace
         return cls(
-            trace=trace, images=list(prepared.images), videos=list(prepared.videos), tokens=tokens,
-            question=question or "", answer=result.text, model=model or _model_name(trace.model),
-            label=label or default_label(trace), agreement=agreement,
+            trace=trace,
+            images=list(prepared.images),
+            videos=list(prepared.videos),
+            tokens=tokens,
+            question=question or "",
+            answer=result.text,
+            model=model or _model_name(trace.model),
+            label=label or default_label(trace),
+            agreement=agreement,
         )
 
     def app_fields(self) -> dict[str, Any]:
         """Keyword arguments for the app's ``mmkv.ui.handlers.Run``."""
-        return {"label": self.label, "trace": self.trace, "images": list(self.images), "videos": list(self.videos),
-                "tokens": list(self.tokens), "answer": self.answer, "model": self.model, "agreement": self.agreement}
+        return {
+            "label": self.label,
+            "trace": self.trace,
+            "images": list(self.images),
+            "videos": list(self.videos),
+            "tokens": list(self.tokens),
+            "answer": self.answer,
+            "model": self.model,
+            "agreement": self.agreement,
+        }
 
     # ---- writing -------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, image_side: int = IMAGE_SIDE, frame_side: int = FRAME_SIDE,
-             codec: str = "auto", quality: int = 85) -> Path:
+    def save(
+        self,
+        path: str | os.PathLike,
+        *,
+        image_side: int = IMAGE_SIDE,
+        frame_side: int = FRAME_SIDE,
+        codec: str = "auto",
+        quality: int = 85,
+    ) -> Path:
         """Write the run to ``path`` (replaced atomically); returns the path. Suffix ``.mmkvrun`` by convention.
 
         ``image_side`` / ``frame_side``: longest thumbnail side in px; ``codec``: ``"auto"`` (WebP,
@@ -280,20 +319,37 @@ class RunFile:
                 name = f"media/video-{v}-frame-{f}.{ext}"
                 members.append((name, data, zipfile.ZIP_STORED))
                 frames.append({"file": name, "size": list(small.size), "original_size": list(frame.size)})
-            videos.append({"frames": frames, "timestamps": [float(t) for t in video.timestamps], "fps": float(video.fps),
-                           "duration": None if video.duration is None else float(video.duration)})
+            videos.append(
+                {
+                    "frames": frames,
+                    "timestamps": [float(t) for t in video.timestamps],
+                    "fps": float(video.fps),
+                    "duration": None if video.duration is None else float(video.duration),
+                }
+            )
         blob = _Blob()
         trace_json = json.dumps(_pack(self.trace.to_dict(), blob), separators=(",", ":"))
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "mmkv_version": __version__, "created": created,
-            "label": self.label, "model": self.model, "question": self.question, "answer": self.answer,
-            "agreement": self.agreement, "summary": self.trace.summary(),
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "mmkv_version": __version__,
+            "created": created,
+            "label": self.label,
+            "model": self.model,
+            "question": self.question,
+            "answer": self.answer,
+            "agreement": self.agreement,
+            "summary": self.trace.summary(),
             "thumbnails": {"image_side": image_side, "frame_side": frame_side, "codec": codec, "quality": quality},
-            "images": images, "videos": videos, "tokens": list(self.tokens),
+            "images": images,
+            "videos": videos,
+            "tokens": list(self.tokens),
         }
-        members[:0] = [(MANIFEST, json.dumps(manifest, indent=1).encode(), zipfile.ZIP_DEFLATED),
-                       (TRACE, trace_json.encode(), zipfile.ZIP_DEFLATED),
-                       (BLOB, b"".join(blob.parts), zipfile.ZIP_DEFLATED)]
+        members[:0] = [
+            (MANIFEST, json.dumps(manifest, indent=1).encode(), zipfile.ZIP_DEFLATED),
+            (TRACE, trace_json.encode(), zipfile.ZIP_DEFLATED),
+            (BLOB, b"".join(blob.parts), zipfile.ZIP_DEFLATED),
+        ]
         target = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=".mmkvrun-", dir=target.parent if str(target.parent) else ".")
         try:
@@ -301,7 +357,9 @@ class RunFile:
                 for name, data, method in members:
                     info = zipfile.ZipInfo(name, date_time=_zip_time(created))
                     info.external_attr = 0o644 << 16
-                    zf.writestr(info, data, compress_type=method, compresslevel=9 if method == zipfile.ZIP_DEFLATED else None)
+                    zf.writestr(
+                        info, data, compress_type=method, compresslevel=9 if method == zipfile.ZIP_DEFLATED else None
+                    )
             os.chmod(tmp, 0o644)
             os.replace(tmp, target)
         except BaseException:
@@ -312,15 +370,19 @@ class RunFile:
     def _check_media(self, images: Sequence[Any], videos: Sequence[Any]) -> None:
         m = self.trace.modality
         if self.tokens and len(self.tokens) != self.trace.prompt_length:
-            raise ValueError(f"the run has {len(self.tokens)} prompt tokens but its trace has {self.trace.prompt_length}")
+            raise ValueError(
+                f"the run has {len(self.tokens)} prompt tokens but its trace has {self.trace.prompt_length}"
+            )
         if m is None:
             return
         for item in m.items:
             have = len(images) if int(item.modality) == 1 else len(videos)
             if int(item.source) >= have:
                 kind = "image" if int(item.modality) == 1 else "video"
-                raise ValueError(f"the trace has {kind} {item.source + 1} but the run holds {have} {kind}s: "
-                                 f"pass the result's prepared images and videos")
+                raise ValueError(
+                    f"the trace has {kind} {item.source + 1} but the run holds {have} {kind}s: "
+                    f"pass the result's prepared images and videos"
+                )
 
     # ---- reading -------------------------------------------------------------------------------
     @classmethod
@@ -348,21 +410,38 @@ class RunFile:
                         f"{made_by}): {exc}. Upgrade mmkv (pip install -U mmkv) and open it again"
                     ) from None
                 images = [_image(zf, e) for e in manifest.get("images", [])]
-                videos = [VideoFrames(frames=[_image(zf, fr) for fr in v["frames"]], timestamps=list(v["timestamps"]),
-                                      fps=float(v["fps"]), duration=v.get("duration")) for v in manifest.get("videos", [])]
-                run = cls(trace=trace, images=images, videos=videos, tokens=list(manifest.get("tokens", [])),
-                          question=manifest.get("question", ""), answer=manifest.get("answer", ""),
-                          model=manifest.get("model", ""), label=manifest.get("label", ""),
-                          agreement=manifest.get("agreement"), created=manifest.get("created", ""),
-                          mmkv_version=made_by, format_version=int(manifest["format_version"]))
+                videos = [
+                    VideoFrames(
+                        frames=[_image(zf, fr) for fr in v["frames"]],
+                        timestamps=list(v["timestamps"]),
+                        fps=float(v["fps"]),
+                        duration=v.get("duration"),
+                    )
+                    for v in manifest.get("videos", [])
+                ]
+                run = cls(
+                    trace=trace,
+                    images=images,
+                    videos=videos,
+                    tokens=list(manifest.get("tokens", [])),
+                    question=manifest.get("question", ""),
+                    answer=manifest.get("answer", ""),
+                    model=manifest.get("model", ""),
+                    label=manifest.get("label", ""),
+                    agreement=manifest.get("agreement"),
+                    created=manifest.get("created", ""),
+                    mmkv_version=made_by,
+                    format_version=int(manifest["format_version"]),
+                )
                 try:
                     run._check_media(images, videos)
                 except ValueError as exc:
                     raise _Corrupt(str(exc)) from None
                 return run
             except (_Corrupt, zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, TypeError) as exc:
-                raise ValueError(f"{where}: the run file is truncated or corrupt ({exc}): copy it again, "
-                                 f"or save the run again") from None
+                raise ValueError(
+                    f"{where}: the run file is truncated or corrupt ({exc}): copy it again, or save the run again"
+                ) from None
 
 
 def _zip_time(created: str) -> tuple[int, int, int, int, int, int]:
@@ -389,19 +468,25 @@ def _open(path: Any, where: str) -> zipfile.ZipFile:
     except (zipfile.BadZipFile, OSError, EOFError):
         pass
     if head.startswith(b"PK"):
-        raise ValueError(f"{where}: the run file is truncated or corrupt (its zip directory is unreadable): "
-                         f"copy it again, or save the run again")
+        raise ValueError(
+            f"{where}: the run file is truncated or corrupt (its zip directory is unreadable): "
+            f"copy it again, or save the run again"
+        )
     hint = ""
     if head[:1] in (b"{", b"[") or head[:2] == b"\x1f\x8b":
         hint = " (it looks like JSON, e.g. a trace from --trace: read that with mmkv.Trace.from_json)"
-    raise ValueError(f"{where}: not an mmkv run file{hint}; run files ({SUFFIX}) are written by "
-                     f"`mmkv run ... --save FILE{SUFFIX}`, mmkv.save_run() or the app")
+    raise ValueError(
+        f"{where}: not an mmkv run file{hint}; run files ({SUFFIX}) are written by "
+        f"`mmkv run ... --save FILE{SUFFIX}`, mmkv.save_run() or the app"
+    )
 
 
 def _manifest(zf: zipfile.ZipFile, where: str) -> dict[str, Any]:
     if MANIFEST not in zf.namelist():
-        raise ValueError(f"{where}: not an mmkv run file (a zip without {MANIFEST}); run files are written by "
-                         f"`mmkv run ... --save FILE{SUFFIX}`, mmkv.save_run() or the app")
+        raise ValueError(
+            f"{where}: not an mmkv run file (a zip without {MANIFEST}); run files are written by "
+            f"`mmkv run ... --save FILE{SUFFIX}`, mmkv.save_run() or the app"
+        )
     try:
         manifest = json.loads(zf.read(MANIFEST))
     except json.JSONDecodeError as exc:
@@ -412,7 +497,6 @@ def _manifest(zf: zipfile.ZipFile, where: str) -> dict[str, Any]:
     if not isinstance(version, int) or version < 1:
         raise _Corrupt(f"format_version {version!r} is not a positive whole number")
     if version > FORMAT_VERSION:
-
         raise ValueError(
             f"{where}: made by a newer mmkv ({manifest.get('mmkv_version', '?')}, run format {version}); this mmkv "
             f"({__version__}) reads run formats up to {FORMAT_VERSION}: upgrade mmkv (pip install -U mmkv)"
@@ -449,8 +533,16 @@ def default_label(trace: Trace) -> str:
 
 
 # ---- functions ------------------------------------------------------------------------------------
-def save_run(result: Any, path: str | os.PathLike, processor: Any = None, question: str | None = None, *,
-             label: str | None = None, agreement: dict[str, Any] | None = None, **options: Any) -> Path:
+def save_run(
+    result: Any,
+    path: str | os.PathLike,
+    processor: Any = None,
+    question: str | None = None,
+    *,
+    label: str | None = None,
+    agreement: dict[str, Any] | None = None,
+    **options: Any,
+) -> Path:
     """Save a :class:`~mmkv.GenerationResult` (with the ``processor`` that made it) or a :class:`RunFile`.
 
     ``options`` go to :meth:`RunFile.save` (``image_side``, ``frame_side``, ``codec``, ``quality``).
@@ -459,7 +551,9 @@ def save_run(result: Any, path: str | os.PathLike, processor: Any = None, questi
         run = result
     else:
         if processor is None:
-            raise ValueError("save_run needs the processor (or tokenizer) that made the result, to store the prompt tokens")
+            raise ValueError(
+                "save_run needs the processor (or tokenizer) that made the result, to store the prompt tokens"
+            )
         run = RunFile.from_result(result, processor, question=question, label=label, agreement=agreement)
     return run.save(path, **options)
 
@@ -476,8 +570,9 @@ def peek_run(path: str | os.PathLike) -> dict[str, Any]:
         try:
             return _manifest(zf, where)
         except (_Corrupt, zipfile.BadZipFile, zlib.error, EOFError) as exc:
-            raise ValueError(f"{where}: the run file is truncated or corrupt ({exc}): copy it again, "
-                             f"or save the run again") from None
+            raise ValueError(
+                f"{where}: the run file is truncated or corrupt ({exc}): copy it again, or save the run again"
+            ) from None
 
 
 def example_runs() -> list[dict[str, Any]]:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..runtime.driver import forced_logits as driver_forced_logits
 from ..models import PreparedInputs
+from ..runtime.driver import forced_logits as driver_forced_logits
 
 __all__ = ["forced_logits", "token_overlap", "first_divergence", "kl_per_step", "agreement"]
 
@@ -38,8 +38,9 @@ def forced_logits(
 ) -> torch.Tensor:
     """``[T, V]`` float32 CPU logits of the next token at each of the ``T = len(forced_ids)`` answer
     steps, with ``method`` compressing the cache exactly as :func:`mmkv.generate` does."""
-    return driver_forced_logits(model, prepared, method, budget, list(forced_ids), query_aware=query_aware,
-                                **(method_params or {}))
+    return driver_forced_logits(
+        model, prepared, method, budget, list(forced_ids), query_aware=query_aware, **(method_params or {})
+    )
 
 
 def token_overlap(reference: Sequence[int], ids: Sequence[int]) -> float:
@@ -76,7 +77,12 @@ def agreement(
         "kl": None,
         "kl_max": None,
     }
-    if reference_logits is not None and logits is not None and reference_logits.numel() and logits.shape == reference_logits.shape:
+    if (
+        reference_logits is not None
+        and logits is not None
+        and reference_logits.numel()
+        and logits.shape == reference_logits.shape
+    ):
         kl = kl_per_step(reference_logits, logits)
         out["kl"] = round(float(kl.mean()), 6)
         out["kl_max"] = round(float(kl.max()), 6)

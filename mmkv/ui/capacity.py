@@ -75,8 +75,10 @@ class PromptSize:
             parts.append(f"{self.videos} video{'s' * (self.videos != 1)} {self.video:,}")
         verdict = "fits" if self.fits else "too big"
         limit = f" (limit {self.limit:,})" if self.limit is not None else ""
-        return (f"Prompt: {self.tokens:,} tokens ({' · '.join(parts)}) · KV cache {_bytes(self.kv_bytes)} · "
-                f"{verdict}{limit}")
+        return (
+            f"Prompt: {self.tokens:,} tokens ({' · '.join(parts)}) · KV cache {_bytes(self.kv_bytes)} · "
+            f"{verdict}{limit}"
+        )
 
 
 def _bytes(n: float) -> str:
@@ -186,8 +188,13 @@ def device_free_bytes(device: torch.device | str) -> int | None:
 def _counts(prepared: Any) -> tuple[int, int, int, int, int]:
     """(text, image, video tokens, images, videos) of a prepared prompt."""
     counts = prepared.modality.counts()
-    return (int(counts.get("text", 0)), int(counts.get("image", 0)), int(counts.get("video", 0)),
-            len(prepared.images), len(prepared.videos))
+    return (
+        int(counts.get("text", 0)),
+        int(counts.get("image", 0)),
+        int(counts.get("video", 0)),
+        len(prepared.images),
+        len(prepared.videos),
+    )
 
 
 def prompt_preview(
@@ -237,8 +244,21 @@ def prompt_preview(
                 hi = mid - 1
         limits.append((lo, "memory"))
     limit = min((n for n, _ in limits), default=None)
-    size = PromptSize(tokens, text, image, video, n_images, n_videos, new, kv, need, free_bytes, device.type,
-                      None if limit is None else max(0, limit), True)
+    size = PromptSize(
+        tokens,
+        text,
+        image,
+        video,
+        n_images,
+        n_videos,
+        new,
+        kv,
+        need,
+        free_bytes,
+        device.type,
+        None if limit is None else max(0, limit),
+        True,
+    )
     for most, why in limits:
         if tokens > most:
             size.fits = False

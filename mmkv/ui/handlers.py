@@ -22,8 +22,8 @@ from PIL import Image
 
 import viz
 
-from ..runtime.driver import generate
 from ..models import adapter_for
+from ..runtime.driver import generate
 from ..trace.core import Trace
 from .agreement import agreement, forced_logits
 from .capacity import check_capacity
@@ -33,8 +33,20 @@ from .inputs import check_method, parse_budget, parse_params, parse_sweep, user_
 from .models import LoadedModel, ModelStore
 
 __all__ = [
-    "ALL_LAYERS", "ALL_HEADS", "Run", "AppState", "ChatUpdate", "CompareResult", "InspectView",
-    "select_model", "chat_turn", "compare", "inspect", "run_choices", "layer_choices", "head_choices",
+    "ALL_LAYERS",
+    "ALL_HEADS",
+    "Run",
+    "AppState",
+    "ChatUpdate",
+    "CompareResult",
+    "InspectView",
+    "select_model",
+    "chat_turn",
+    "compare",
+    "inspect",
+    "run_choices",
+    "layer_choices",
+    "head_choices",
     "COMPARE_HEADERS",
 ]
 
@@ -231,14 +243,29 @@ def chat_turn(
     prepared = _prepare(loaded, chat, n_frames)
     check_capacity(loaded, prepared, n_new)
     try:
-        stream = generate(loaded.model, loaded.processor, None, method=method, budget=budget, max_new_tokens=n_new,
-                          query_aware=bool(query_aware), stream=True, prepared=prepared, **method_params)
+        stream = generate(
+            loaded.model,
+            loaded.processor,
+            None,
+            method=method,
+            budget=budget,
+            max_new_tokens=n_new,
+            query_aware=bool(query_aware),
+            stream=True,
+            prepared=prepared,
+            **method_params,
+        )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    shown = [*state.display, *({"role": "user", "content": {"path": p[p["type"]]}} for p in content if p["type"] != "text"),
-             {"role": "user", "content": text.strip()}]
+    shown = [
+        *state.display,
+        *({"role": "user", "content": {"path": p[p["type"]]}} for p in content if p["type"] != "text"),
+        {"role": "user", "content": text.strip()},
+    ]
     answer = ""
-    yield ChatUpdate(state, [*shown, {"role": "assistant", "content": "…"}], f"Running {method} at budget {_fmt_budget(budget)} …")
+    yield ChatUpdate(
+        state, [*shown, {"role": "assistant", "content": "…"}], f"Running {method} at budget {_fmt_budget(budget)} …"
+    )
     try:
         for delta in stream:
             answer += delta
@@ -248,22 +275,41 @@ def chat_turn(
     result = stream.run()  # the deltas are all read: this only returns the result
     trace = _cpu_trace(result.trace)
     turn = sum(m["role"] == "user" for m in chat)
-    run = Run(label=f"chat · {method} @ {_fmt_budget(budget)} · turn {turn}", trace=trace,
-              images=list(prepared.images), videos=list(prepared.videos), tokens=_tokens(loaded, prepared),
-              answer=result.text, model=loaded.label)
+    run = Run(
+        label=f"chat · {method} @ {_fmt_budget(budget)} · turn {turn}",
+        trace=trace,
+        images=list(prepared.images),
+        videos=list(prepared.videos),
+        tokens=_tokens(loaded, prepared),
+        answer=result.text,
+        model=loaded.label,
+    )
     state.chat = [*chat, {"role": "assistant", "content": [{"type": "text", "text": result.text}]}]
     state.display = [*shown, {"role": "assistant", "content": result.text or "(empty answer)"}]
     state.add_run(run)
-    media = "" if any(p["type"] != "text" for m in state.chat for p in m["content"] if isinstance(p, dict)) else (
-        " No image or video was attached, so it answered from the text alone (attach files with the clip).")
-    yield ChatUpdate(state, state.display, f"Done — open **Inspect** to see what was kept.{media}", summary_markdown(run),
-                     done=True)
+    media = (
+        ""
+        if any(p["type"] != "text" for m in state.chat for p in m["content"] if isinstance(p, dict))
+        else (" No image or video was attached, so it answered from the text alone (attach files with the clip).")
+    )
+    yield ChatUpdate(
+        state, state.display, f"Done — open **Inspect** to see what was kept.{media}", summary_markdown(run), done=True
+    )
 
 
 # ---- Compare ---------------------------------------------------------------------------------
 #: The Compare table (10 columns, fits 1400 px; the memory chart has the bytes at the end, Inspect the compression time).
 COMPARE_HEADERS = [
-    "method", "budget", "answer", "kept %", "KV KiB kept / full", "prefill ms", "decode ms/token", "overlap", "1st diff", "KL",
+    "method",
+    "budget",
+    "answer",
+    "kept %",
+    "KV KiB kept / full",
+    "prefill ms",
+    "decode ms/token",
+    "overlap",
+    "1st diff",
+    "KL",
 ]
 
 
@@ -281,12 +327,20 @@ class CompareResult:
     def table(self) -> list[list[Any]]:
         out = []
         for r in self.rows:
-            out.append([
-                r["method"], _fmt_budget(r["budget"]), r["answer"], round(100 * r["kept_ratio"], 1),
-                f"{_kib(r['kv_bytes_compressed']):g} / {_kib(r['kv_bytes_full']):g}",
-                round(r["prefill_ms"], 1), round(r["decode_ms_per_token"], 2), r.get("overlap"),
-                "—" if r.get("first_divergence") is None else r["first_divergence"], None if r.get("kl") is None else round(r["kl"], 4),
-            ])
+            out.append(
+                [
+                    r["method"],
+                    _fmt_budget(r["budget"]),
+                    r["answer"],
+                    round(100 * r["kept_ratio"], 1),
+                    f"{_kib(r['kv_bytes_compressed']):g} / {_kib(r['kv_bytes_full']):g}",
+                    round(r["prefill_ms"], 1),
+                    round(r["decode_ms_per_token"], 2),
+                    r.get("overlap"),
+                    "—" if r.get("first_divergence") is None else r["first_divergence"],
+                    None if r.get("kl") is None else round(r["kl"], 4),
+                ]
+            )
         return out
 
 
@@ -338,8 +392,16 @@ def compare(
 
     def run_one(method: str, b: float | int) -> Any:
         try:
-            return generate(loaded.model, loaded.processor, None, method=method, budget=b, max_new_tokens=n_new,
-                            query_aware=bool(query_aware), prepared=prepared)
+            return generate(
+                loaded.model,
+                loaded.processor,
+                None,
+                method=method,
+                budget=b,
+                max_new_tokens=n_new,
+                query_aware=bool(query_aware),
+                prepared=prepared,
+            )
         except ValueError as exc:
             raise UserError(str(exc)) from exc
 
@@ -347,30 +409,56 @@ def compare(
     tick("Full")
     full = run_one("full", 1.0)
     full_ids = list(full.token_ids)
-    full_logits = forced_logits(loaded.model, prepared, "full", 1.0, full_ids, query_aware=bool(query_aware)) if with_kl else None
-    results: list[tuple[str, float | int, Any, dict[str, Any]]] = [("full", 1.0, full, agreement(full_ids, full_ids, full_logits, full_logits))]
+    full_logits = (
+        forced_logits(loaded.model, prepared, "full", 1.0, full_ids, query_aware=bool(query_aware)) if with_kl else None
+    )
+    results: list[tuple[str, float | int, Any, dict[str, Any]]] = [
+        ("full", 1.0, full, agreement(full_ids, full_ids, full_logits, full_logits))
+    ]
     for method in others:
         for b in sweep_budgets:
             tick(f"{method} @ {_fmt_budget(b)}")
             res = run_one(method, b)
-            logits = forced_logits(loaded.model, prepared, method, b, full_ids, query_aware=bool(query_aware)) if with_kl else None
+            logits = (
+                forced_logits(loaded.model, prepared, method, b, full_ids, query_aware=bool(query_aware))
+                if with_kl
+                else None
+            )
             results.append((method, b, res, agreement(full_ids, res.token_ids, full_logits, logits)))
     elapsed = time.perf_counter() - t0
 
     runs: list[tuple[Run, float | int]] = []
     for method, b, res, agr in results:
         label = method if method == "full" else f"{method} @ {_fmt_budget(b)}"
-        runs.append((Run(label=label, trace=_cpu_trace(res.trace), images=list(prepared.images),
-                         videos=list(prepared.videos), tokens=tokens_str, answer=res.text, model=loaded.label,
-                         agreement=agr), b))
-    status = (f"Ran {len(results)} generations in {elapsed:.1f} s on `{loaded.label}` "
-              f"({'query-aware' if query_aware else 'query-agnostic'}; KL by teacher-forcing Full's answer"
-              f"{'' if with_kl else ' — off'}). Open **Inspect** for any of them.")
+        runs.append(
+            (
+                Run(
+                    label=label,
+                    trace=_cpu_trace(res.trace),
+                    images=list(prepared.images),
+                    videos=list(prepared.videos),
+                    tokens=tokens_str,
+                    answer=res.text,
+                    model=loaded.label,
+                    agreement=agr,
+                ),
+                b,
+            )
+        )
+    status = (
+        f"Ran {len(results)} generations in {elapsed:.1f} s on `{loaded.label}` "
+        f"({'query-aware' if query_aware else 'query-agnostic'}; KL by teacher-forcing Full's answer"
+        f"{'' if with_kl else ' — off'}). Open **Inspect** for any of them."
+    )
     return _assemble(state, runs, budget, bool(budgets), status, prefix="compare · ")
 
 
 def _assemble(
-    state: AppState, runs: Sequence[tuple[Run, float | int]], budget: float | int | None, swept: bool, status: str,
+    state: AppState,
+    runs: Sequence[tuple[Run, float | int]],
+    budget: float | int | None,
+    swept: bool,
+    status: str,
     prefix: str,
 ) -> CompareResult:
     """The Compare view of finished runs: the table (Full and the main budget), figures, overlays, exports.
@@ -393,7 +481,9 @@ def _assemble(
     figures = {
         "memory": viz.memory_figure(rows, present=present),
         "speed": viz.speed_figure(rows, present=present),
-        "agreement": viz.sweep_figure(points, present=present) if swept else viz.agreement_figure(rows, present=present),
+        "agreement": viz.sweep_figure(points, present=present)
+        if swept
+        else viz.agreement_figure(rows, present=present),
         "kept": viz.keep_map_figure([(label, t) for label, t, _ in main], present=present),
     }
     gallery: list[tuple[Image.Image, str]] = []
@@ -409,9 +499,15 @@ def _assemble(
             gallery.append((viz.with_title(p.image, caption, present), caption))
     folder = state.folder()
     report = folder / "compare-report.html"
-    report.write_text(viz.figures_html(list(figures.items()), gallery, title="mmkv compare",
-                                       notes=json.dumps([{k: v for k, v in r.items() if k != "label"} for r in rows], indent=1, default=str)),
-                      encoding="utf-8")
+    report.write_text(
+        viz.figures_html(
+            list(figures.items()),
+            gallery,
+            title="mmkv compare",
+            notes=json.dumps([{k: v for k, v in r.items() if k != "label"} for r in rows], indent=1, default=str),
+        ),
+        encoding="utf-8",
+    )
     traces = folder / "compare-traces.json"
     traces.write_text(json.dumps({label: trace.to_dict() for label, trace, _ in main}), encoding="utf-8")
     return CompareResult(state, rows, points, figures, gallery, status, str(report), str(traces))
@@ -423,8 +519,10 @@ def _read_runs(files: Sequence[Any] | None) -> list[Run]:
     from .inputs import file_path
 
     if not files:
-        raise UserError(f"choose one or more saved runs ({SUFFIX} files, from `mmkv run --save`, `mmkv.save_run` or "
-                        "the app's Download run button)")
+        raise UserError(
+            f"choose one or more saved runs ({SUFFIX} files, from `mmkv run --save`, `mmkv.save_run` or "
+            "the app's Download run button)"
+        )
     runs = []
     for entry in files:
         path = Path(file_path(entry))
@@ -444,15 +542,19 @@ def open_runs(state: AppState, files: Sequence[Any] | None) -> tuple[AppState, s
     """Add saved runs to the session's Inspect list (no model needed); returns the state and a status line."""
     runs = _read_runs(files)
     labels = [state.add_run(replace(run, label=f"saved · {run.label}")) for run in runs]
-    return state, f"Opened {len(labels)} saved run{'s' if len(labels) > 1 else ''}: " + ", ".join(f"**{x}**" for x in labels)
+    return state, f"Opened {len(labels)} saved run{'s' if len(labels) > 1 else ''}: " + ", ".join(
+        f"**{x}**" for x in labels
+    )
 
 
 def compare_runs(state: AppState, files: Sequence[Any] | None) -> CompareResult:
     """Compare saved runs side by side (no model needed): the same table, figures and overlays as a live Compare."""
     runs = _read_runs(files)
     runs.sort(key=lambda r: r.trace.method != "full")  # Full first, as in a live Compare
-    status = (f"Compared {len(runs)} saved run{'s' if len(runs) > 1 else ''} (no model was run; numbers as recorded). "
-              "Open **Inspect** for any of them.")
+    status = (
+        f"Compared {len(runs)} saved run{'s' if len(runs) > 1 else ''} (no model was run; numbers as recorded). "
+        "Open **Inspect** for any of them."
+    )
     return _assemble(state, [(r, r.trace.budget) for r in runs], None, False, status, prefix="saved · ")
 
 
@@ -462,8 +564,16 @@ def save_run(state: AppState, label: str | None) -> str:
 
     run = _run(state, label)
     saved_as = run.label.removeprefix("saved · ")  # opening adds it again: never "saved · saved · ..."
-    rf = RunFile(trace=run.trace, images=run.images, videos=run.videos, tokens=run.tokens, answer=run.answer,
-                 model=run.model, label=saved_as, agreement=run.agreement)
+    rf = RunFile(
+        trace=run.trace,
+        images=run.images,
+        videos=run.videos,
+        tokens=run.tokens,
+        answer=run.answer,
+        model=run.model,
+        label=saved_as,
+        agreement=run.agreement,
+    )
     folder = state.folder()
     for old in folder.glob(f"*{SUFFIX}"):
         old.unlink(missing_ok=True)
@@ -542,11 +652,16 @@ def inspect(state: AppState, label: str | None, layer: Any = None, head: Any = N
     strip = viz.token_strip(trace, run.tokens, layer_i, head_i, present=present)
     merges = viz.merge_rows(trace, run.tokens, layer_i, head_i)
     where = f"{'all layers' if layer_i is None else f'layer {layer_i}'}, {'all KV heads' if head_i is None else f'KV head {head_i}'}"
-    summary = summary_markdown(run) + f"\n\n**Answer:** {run.answer or '(empty)'}\n\nShowing: {where}. " + (
-        "The brighter a cell, the more (layer, KV head) pairs kept it; the map beside each picture gives the share."
-        if layer_i is None or head_i is None else
-        "Kept: the picture's own colours, blue outline · evicted: faded, vermillion hatching · merged into a kept token: "
-        "faded, yellow dots (white lines point to the token that absorbed it).")
+    summary = (
+        summary_markdown(run)
+        + f"\n\n**Answer:** {run.answer or '(empty)'}\n\nShowing: {where}. "
+        + (
+            "The brighter a cell, the more (layer, KV head) pairs kept it; the map beside each picture gives the share."
+            if layer_i is None or head_i is None
+            else "Kept: the picture's own colours, blue outline · evicted: faded, vermillion hatching · merged into a kept token: "
+            "faded, yellow dots (white lines point to the token that absorbed it)."
+        )
+    )
     if run.agreement:
         a = run.agreement
         summary += f"\n\nAgreement with Full: token overlap {a['overlap']}, first divergence {a['first_divergence']}, KL {a['kl']}."
@@ -558,9 +673,18 @@ def inspect(state: AppState, label: str | None, layer: Any = None, head: Any = N
             old.unlink(missing_ok=True)
     trace.to_json(trace_path)
     report_path = folder / "inspect-figures.html"
-    report_path.write_text(viz.figures_html(list(figures.items()), gallery, title=f"mmkv · {run.label} · {where}",
-                                            notes=json.dumps(trace.summary(), indent=1)), encoding="utf-8")
-    return InspectView(run, layer_i, head_i, summary, figures, gallery, strip, merges, str(trace_path), str(report_path))
+    report_path.write_text(
+        viz.figures_html(
+            list(figures.items()),
+            gallery,
+            title=f"mmkv · {run.label} · {where}",
+            notes=json.dumps(trace.summary(), indent=1),
+        ),
+        encoding="utf-8",
+    )
+    return InspectView(
+        run, layer_i, head_i, summary, figures, gallery, strip, merges, str(trace_path), str(report_path)
+    )
 
 
 # ---- decode replay ---------------------------------------------------------------------------
@@ -583,8 +707,9 @@ def replay(state: AppState, label: str | None, step: Any = 0, layer: Any = None,
     trace = run.trace
     steps = replay_steps(trace)
     if steps == 0:
-        return ReplayView("This run has no decode record (it was made before mmkv recorded decode steps): run it again.",
-                          [], None, [])
+        return ReplayView(
+            "This run has no decode record (it was made before mmkv recorded decode steps): run it again.", [], None, []
+        )
     try:
         at = int(float(step or 0))
     except (TypeError, ValueError):
@@ -602,17 +727,28 @@ def replay(state: AppState, label: str | None, step: Any = 0, layer: Any = None,
     held = int(round(float(s.held.sum()) * pairs))
     events = []
     if s.evicted_now.any():
-        events.append(f"**{int(round(float(s.evicted_now.sum()) * pairs))}** (token, KV head) pairs evicted at this step (H2O)")
+        events.append(
+            f"**{int(round(float(s.evicted_now.sum()) * pairs))}** (token, KV head) pairs evicted at this step (H2O)"
+        )
     if s.dynamic_pairs:
-        events.append(f"**{int(round(float(s.retrieved.sum()) * pairs))}** tokens' worth of chunks retrieved for this step's "
-                      f"query by {s.dynamic_pairs} dynamic head(s) (HybridKV), "
-                      f"{int(round(float(s.fetched.sum()) * pairs))} newly copied from host memory")
+        events.append(
+            f"**{int(round(float(s.retrieved.sum()) * pairs))}** tokens' worth of chunks retrieved for this step's "
+            f"query by {s.dynamic_pairs} dynamic head(s) (HybridKV), "
+            f"{int(round(float(s.fetched.sum()) * pairs))} newly copied from host memory"
+        )
     token = pieces[at] if pieces else ""
     where = f"{'all layers' if layer_i is None else f'layer {layer_i}'}, {'all KV heads' if head_i is None else f'KV head {head_i}'}"
-    summary = (f"**Step {at} of {steps - 1}** · this step generates **{token!r}** · the cache holds {held:,} (token, KV head) "
-               f"pairs over {where}" + (f" · {_kib(s.bytes)} KiB on the device" if s.bytes is not None else "") + "."
-               + ("\n\n" + "; ".join(events) + "." if events else "\n\nNothing changes in the prompt's cache at this step "
-                  "(only the new token is appended)."))
+    summary = (
+        f"**Step {at} of {steps - 1}** · this step generates **{token!r}** · the cache holds {held:,} (token, KV head) "
+        f"pairs over {where}"
+        + (f" · {_kib(s.bytes)} KiB on the device" if s.bytes is not None else "")
+        + "."
+        + (
+            "\n\n" + "; ".join(events) + "."
+            if events
+            else "\n\nNothing changes in the prompt's cache at this step (only the new token is appended)."
+        )
+    )
     gallery = [(viz.with_title(p.image, p.caption, present), p.caption) for p in panels]
     return ReplayView(summary + "\n\n" + " · ".join(viz.REPLAY_WORDS.values()) + ".", gallery, figure, answer)
 
@@ -622,8 +758,10 @@ def example_run_choices() -> list[tuple[str, str]]:
     """(title, file name) of the shipped example runs, for a dropdown."""
     from ..trace.runfile import example_runs
 
-    return [(f"{Path(e['file']).stem[:2]} · {e.get('label') or Path(e['file']).stem}", Path(e["file"]).name)
-            for e in example_runs()]
+    return [
+        (f"{Path(e['file']).stem[:2]} · {e.get('label') or Path(e['file']).stem}", Path(e["file"]).name)
+        for e in example_runs()
+    ]
 
 
 def example_run_files(names: Sequence[str] | str | None) -> list[str]:
@@ -645,8 +783,14 @@ def message_parts(value: Any) -> tuple[str, list[Any]]:
     return _message(value)
 
 
-def preview(store: ModelStore, state: AppState, message: Any, num_frames: Any = 8, max_new_tokens: Any = 0,
-            limits: Limits | None = None) -> str:
+def preview(
+    store: ModelStore,
+    state: AppState,
+    message: Any,
+    num_frames: Any = 8,
+    max_new_tokens: Any = 0,
+    limits: Limits | None = None,
+) -> str:
     """One line about the prompt before it runs: its tokens per modality, its KV bytes, whether it fits."""
     from .capacity import prompt_preview
 

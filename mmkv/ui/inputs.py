@@ -13,14 +13,23 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..methods import METHODS, make_method
 from ..inputs.prompt import user_turn
+from ..methods import METHODS, make_method
 from .config import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Limits
 from .errors import UserError
 
 __all__ = [
-    "file_path", "check_files", "check_image", "check_video", "user_content", "parse_budget", "parse_params",
-    "method_defaults", "params_text", "parse_sweep", "check_method",
+    "file_path",
+    "check_files",
+    "check_image",
+    "check_video",
+    "user_content",
+    "parse_budget",
+    "parse_params",
+    "method_defaults",
+    "params_text",
+    "parse_sweep",
+    "check_method",
 ]
 
 
@@ -78,7 +87,9 @@ def check_video(path: Path, limits: Limits) -> float | None:
             raise UserError(f"cannot open {path.name} as a video: upload an MP4 or WebM file")
         ok, _ = cap.read()
         if not ok:
-            raise UserError(f"{path.name} has no readable frames: it is corrupt or not a video; upload an MP4 or WebM file")
+            raise UserError(
+                f"{path.name} has no readable frames: it is corrupt or not a video; upload an MP4 or WebM file"
+            )
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         count = float(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0.0)
     finally:
@@ -158,7 +169,9 @@ def parse_budget(ratio: Any, tokens: Any = 0) -> float | int:
     n = _number(tokens if tokens not in (None, "") else 0, "the token budget")
     if n != 0:
         if n < 1 or n != int(n):
-            raise UserError(f"the token budget must be a whole number of tokens ≥ 1 (or 0 to use the ratio), got {tokens}")
+            raise UserError(
+                f"the token budget must be a whole number of tokens ≥ 1 (or 0 to use the ratio), got {tokens}"
+            )
         return int(n)
     r = _number(ratio, "the budget ratio")
     if not 0.0 < r <= 1.0:
@@ -191,7 +204,9 @@ def parse_params(method: str, text: str | None) -> dict[str, Any]:
     try:
         params = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"the hyper-parameters are not valid JSON ({exc.msg} at line {exc.lineno}): fix or clear them") from None
+        raise UserError(
+            f"the hyper-parameters are not valid JSON ({exc.msg} at line {exc.lineno}): fix or clear them"
+        ) from None
     if not isinstance(params, dict):
         raise UserError('the hyper-parameters must be a JSON object such as {"window": 32}')
     defaults = method_defaults(method)

@@ -376,17 +376,23 @@ class ModelStore:
         from ..models import UnsupportedModelError
 
         if is_path_like(typed):
-            return (f"Cannot load that path: it is not a readable checkpoint folder (config.json + weights) of a "
-                    f"supported family. {self._pick_hint()}")
+            return (
+                f"Cannot load that path: it is not a readable checkpoint folder (config.json + weights) of a "
+                f"supported family. {self._pick_hint()}"
+            )
         if isinstance(exc, UnsupportedModelError):
-            return (f"{_shown(typed)} is not a model mmkv can run (Qwen-VL, LLaVA, LLaVA-OneVision, Idefics3, "
-                    f"SmolVLM or a text LM). {self._pick_hint()}")
+            return (
+                f"{_shown(typed)} is not a model mmkv can run (Qwen-VL, LLaVA, LLaVA-OneVision, Idefics3, "
+                f"SmolVLM or a text LM). {self._pick_hint()}"
+            )
         return f"Cannot load {_shown(typed)}: not a complete checkpoint of a supported family. {self._pick_hint()}"
 
     def _too_big(self, typed: str, size: int) -> UserError:
         limit = self.settings.max_model_gb
-        return UserError(f"{_shown(typed)} is too big for this server ({size / 1e9:.1f} GB of weights, limit "
-                         f"{limit:g} GB). {self._pick_hint()}")
+        return UserError(
+            f"{_shown(typed)} is too big for this server ({size / 1e9:.1f} GB of weights, limit "
+            f"{limit:g} GB). {self._pick_hint()}"
+        )
 
     def _check_size(self, typed: str, size: int | None) -> None:
         limit = self.settings.max_model_gb
@@ -413,10 +419,15 @@ class ModelStore:
                 size = hub_weight_bytes(key, timeout=max(timeout, 5.0))
             except Exception as exc:  # noqa: BLE001
                 name = type(exc).__name__
-                if "NotFound" in name or "Gated" in name or getattr(getattr(exc, "response", None), "status_code", 0) in (401, 403, 404):
+                if (
+                    "NotFound" in name
+                    or "Gated" in name
+                    or getattr(getattr(exc, "response", None), "status_code", 0) in (401, 403, 404)
+                ):
                     what = "gated (needs a token)" if "Gated" in name else "not found"
-                    raise UserError(f"{_shown(typed)} is {what} on the Hugging Face hub: check the name. "
-                                    f"{self._pick_hint()}") from None
+                    raise UserError(
+                        f"{_shown(typed)} is {what} on the Hugging Face hub: check the name. {self._pick_hint()}"
+                    ) from None
                 log.warning("hub metadata of %r unavailable: %s: %s", key, name, exc)
                 size = None
                 if snapshot is None:
@@ -426,5 +437,6 @@ class ModelStore:
         if snapshot is not None:  # offline, but cached: load from the cache folder, no network calls
             self._check_size(typed, local_weight_bytes(snapshot))
             return snapshot
-        raise UserError(f"{_shown(typed)} is not on this server and the Hugging Face hub is unreachable. "
-                        f"{self._pick_hint()}")
+        raise UserError(
+            f"{_shown(typed)} is not on this server and the Hugging Face hub is unreachable. {self._pick_hint()}"
+        )
