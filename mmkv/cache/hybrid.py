@@ -168,7 +168,8 @@ class HybridLayer(CompressedLayer):
         self._buffer_rows = slot_rows  # [n_dyn, k*c]: flat rows of the buffer slots
         self.slot_chunks = torch.full((n_dyn, k), -1, dtype=torch.long, device=device)  # chunk held by each slot
         self._log = DeviceLog((n_dyn, k), device)
-        self.host_keys = self.host_values = None
+        self.host_keys: torch.Tensor | None = None  # the store, set when there are retrieval slots
+        self.host_values: torch.Tensor | None = None
         self._staging: tuple[torch.Tensor, torch.Tensor] | None = None
         self.summaries: tuple[torch.Tensor, ...] = ()
         if k > 0:  # without retrieval slots the dynamic heads never need the rest of the prompt
@@ -219,17 +220,17 @@ class HybridLayer(CompressedLayer):
         src = ((head * self._store_rows + self.chunk_starts[slots[head, slot]])[:, None] + offsets).view(-1)
         dst = self._buffer_rows[head, slot * c][:, None] + offsets
         dst = dst.view(-1)
+        host_keys, host_values = self.host_keys, self.host_values
+        assert host_keys is not None and host_values is not None  # the store exists whenever there are slots
         if self._staging is None:
-            self.prefix.keys.index_copy_(0, dst, self.host_keys.view(-1, self.host_keys.shape[-1]).index_select(0, src))
-            self.prefix.values.index_copy_(
-                0, dst, self.host_values.view(-1, self.host_values.shape[-1]).index_select(0, src)
-            )
+            self.prefix.keys.index_copy_(0, dst, host_keys.view(-1, host_keys.shape[-1]).index_select(0, src))
+            self.prefix.values.index_copy_(0, dst, host_values.view(-1, host_values.shape[-1]).index_select(0, src))
         else:  # host indices for the pinned store; the blocking transfer also orders reuse of the staging buffers
             src = src.cpu()
             n = src.numel()
             for store, stage, flat in (
-                (self.host_keys, self._staging[0], self.prefix.keys),
-                (self.host_values, self._staging[1], self.prefix.values),
+                (host_keys, self._staging[0], self.prefix.keys),
+                (host_values, self._staging[1], self.prefix.values),
             ):
                 torch.index_select(store.view(-1, store.shape[-1]), 0, src, out=stage[:n])
                 flat.index_copy_(0, dst, stage[:n].to(flat.device, non_blocking=True))
@@ -360,6 +361,7 @@ def build_hybrid_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan
     if keys.shape[0] != 1:
         raise batch_size_error()
     spec = plan.decode
+    assert spec is not None, "build_hybrid_layer needs the plan's ChunkRetrieval decode policy"
     types = list(spec["head_types"])
     device = keys.device
     length = keys.shape[2]

@@ -25,7 +25,7 @@ Positions of the kept tokens are tracked per head (logical indices), for the tra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -33,6 +33,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 if TYPE_CHECKING:  # the cache applies plans; it never imports the methods that make them
     from ..methods.base import LayerPlan
+    from ..methods.decode import DecodePolicy
 
 
 class BatchSizeError(ValueError):
@@ -538,6 +539,7 @@ def blockwise_softmax_attention(
         part = torch.matmul(probs[..., start : start + n], values)
         out = part if out is None else out.add_(part)
         start += n
+    assert out is not None  # torch.cat above already fails without blocks
     return out
 
 
@@ -771,7 +773,8 @@ def build_layer(keys: torch.Tensor, values: torch.Tensor, plan: LayerPlan, reser
     if unchanged and reserve == 0:
         return None
     if plan.decode is not None:  # a decode-time policy builds its own layer (mmkv.methods.decode)
-        return plan.decode.build_layer(keys, values, plan, reserve)  # typed by LayerPlan (dicts are converted there)
+        policy = cast("DecodePolicy", plan.decode)  # LayerPlan.__post_init__ converts the older dict form
+        return policy.build_layer(keys, values, plan, reserve)
     head_keys, head_values = kept_contents(keys, values, plan, kept)
     counts = [k.numel() for k in kept]
     if len(set(counts)) == 1:

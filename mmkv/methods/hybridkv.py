@@ -135,7 +135,9 @@ class HybridKV(Method):
     # ---- stage 1 -------------------------------------------------------------------------------
     def question_attention(self, ctx: LayerContext) -> torch.Tensor:
         """Per KV head, the question's attention per key ``[H_kv, L]`` (GQA mean)."""
-        return reduce_to_kv_heads(ctx.stats.question_scores.float(), ctx.num_kv_heads, "mean")
+        question_scores = ctx.stats.question_scores
+        assert question_scores is not None, "HybridKV's stats_request asks for question_scores"
+        return reduce_to_kv_heads(question_scores.float(), ctx.num_kv_heads, "mean")
 
     def sparsity(self, ctx: LayerContext) -> tuple[list[int], list[float]]:
         """Per KV head: ``k_theta`` and ``1 - k_theta / L``."""
@@ -176,7 +178,7 @@ class HybridKV(Method):
             b_static_pool = 0
         else:
             b_static_pool = int(math.floor(share * total))
-        layout = None
+        layout: dict | None = None  # set when some head is dynamic
         if n_dyn:
             b_dyn = min(length, (total - b_static_pool) // n_dyn)
             layout = dynamic_layout(length, b_dyn, self.sinks, self.recent, self.chunk_size, self.top_chunks)
@@ -196,6 +198,7 @@ class HybridKV(Method):
                     kept.append(self.text_prior(ctx, a[h], b))
                     per_head_budget.append(b)
                 else:
+                    assert layout is not None  # a dynamic head: n_dyn > 0
                     chunks = self.initial_chunks(a[h], length, layout)
                     initial.append(chunks)
                     kept.append(self.dynamic_positions(length, layout, chunks))
@@ -209,6 +212,7 @@ class HybridKV(Method):
             }
             decode = None
             if "dynamic" in types[layer]:
+                assert layout is not None  # a dynamic head: n_dyn > 0
                 info.update(
                     {
                         "chunk_size": self.chunk_size,

@@ -38,7 +38,7 @@ GQA: scores are averaged over each KV head's query group; selection and merging 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +46,9 @@ from ..inputs.modality import TEXT
 from ..statistics.stats import StatsRequest
 from .base import LayerContext, LayerPlan, Method, check_choice, check_fraction, reduce_to_kv_heads
 from .merge import MERGE_MODES, check_merge, merge_layer
+
+if TYPE_CHECKING:  # meda imports this module
+    from .meda import MEDA
 
 TEXT_ONLY_MODES = ("keep", "h2o")
 SINKS = 4  # first tokens forced into the non-text-prior selection (official code, pivot/avg/weighted merge modes)
@@ -136,7 +139,9 @@ def text_prior_plan(
         plan = LayerPlan.keep_all(ctx.num_kv_heads, length)
         plan.info = info
         return plan
-    scores = reduce_to_kv_heads(ctx.stats.column_sums[:, :length].float(), ctx.num_kv_heads, gqa_reduce)
+    column_sums = ctx.stats.column_sums
+    assert column_sums is not None, "LOOK-M's stats_request asks for column_sums"
+    scores = reduce_to_kv_heads(column_sums[:, :length].float(), ctx.num_kv_heads, gqa_reduce)
     if no_visual:
         kept = h2o_keep(scores, important, recent)
         info["fallback"] = "no visual tokens: top-N + recent without the text prior"
@@ -161,7 +166,7 @@ def text_prior_plan(
     return plan
 
 
-def check_text_prior_params(method: Method) -> None:
+def check_text_prior_params(method: LookM | MEDA) -> None:
     check_fraction(method, "recent_share")
     check_choice(method, "merge", MERGE_MODES)
     check_merge(method.merge, method.similarity_filter)

@@ -61,6 +61,7 @@ cross_mask, clamp, redistribute)`` (docs/methods.md, "Composing methods").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..statistics.stats import StatsRequest
@@ -76,8 +77,8 @@ class MEDA(Method):
     entropy: str = "cross_modal"
     head_average: str = "attention"
     cross_mask: str = "causal"
-    split: tuple = (3, 1)
-    clamp: tuple | None = (0.01, 1.0)
+    split: Sequence[float] = (3, 1)  # a list once validated
+    clamp: Sequence[float] | None = (0.01, 1.0)
     redistribute: bool = True
     merge: str = "average"
     similarity_filter: bool = False
