@@ -80,6 +80,10 @@ stage s2 s1 --seed 102 --steps 200 --lr 1e-3 "${COMMON[@]}" "${SPOT[@]}" --spot-
 # From s3 on: the changed-cell probe weighs changed cells x10 (about 3 cells in 49 change; unweighted, s2's probe
 # found 0-13% of the changed cells in its first 30 steps), and the retrieval-attention loss also pulls spot_difference's colour word to the changed
 # cells of both pictures (s1: 0.05 after 200 steps at 60% of the episodes).
+# Also from s3 on (a change of mmkv.tiny.tasks, not of the arguments): v2 pictures are drawn on a position-shaded
+# background, since M-RoPE at head_dim 32 shows the text model the width axis only at its lowest frequencies
+# and s2's teacher-forced answers never named "moved" (docs/tiny-v2.md). Stages g0-s2 were trained and
+# evaluated on flat backgrounds.
 V2AUX=(--diff-pos-weight 10 --spot-retrieval)
 
 # ---- s3: spot_difference focus with the spot retrieval target

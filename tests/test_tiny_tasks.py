@@ -786,7 +786,7 @@ def test_v2_probe_labels_mark_changed_cells_and_image_colours(v2_processor):
     d = batch["aux_diff"].split(per)
     assert all((x == -100).all() for x in (d[0], d[1], d[2], d[5]))
     assert torch.equal(d[3], d[4]) and int(d[3].sum()) >= 1
-    (a, _), (b, _) = [render_image(objs, 196) for objs in spot.scene.images]
+    (a, _), (b, _) = [render_image(objs, 196, spot.scene.shaded) for objs in spot.scene.images]
     pa, pb = np.asarray(a).astype(int), np.asarray(b).astype(int)
     moved = np.abs(pa - pb).sum(-1) > 0
     cells = moved.reshape(7, CELL, 7, CELL).sum((1, 3)).reshape(-1)
@@ -822,3 +822,27 @@ def test_v2_spot_retrieval_target_is_the_changed_cells_of_both_pictures(v2_proce
         offset += len(positions)
     enc.spot_retrieval = False
     assert "retrieval_row" not in enc.encode(eps)
+
+
+def test_v2_pictures_show_where_they_are_and_v1_pictures_stay_flat():
+    """v2 scenes (168/196 px) are drawn on the position-shaded background (red grows left to right, blue top to
+    bottom), so a moved shape changes what surrounds it; v1's 112 px scenes keep the flat grey of the shipped model."""
+    import numpy as np
+
+    from mmkv.tiny.tasks import BACKGROUND
+
+    for task, k, size in (("spot_difference", None, None), ("count", 5, None), ("needle", 3, 168)):
+        s = make_sample(task, 0, k, size=size)
+        assert s.scene.shaded
+        img = np.asarray(s.chat[0]["content"][0]["image"]).astype(int)
+        _, lab = render_image(s.scene.images[0], s.scene.size, True)
+        bg = lab == 0
+        for y in (0, s.scene.size - 1):  # the top and bottom rows: red rises left to right, blue is the row's
+            xs = np.nonzero(bg[y])[0]
+            assert (np.diff(img[y, xs, 0]) >= 0).all() and img[y, xs[-1], 0] - img[y, xs[0], 0] >= 30
+        assert img[-1, 0, 2] - img[0, 0, 2] >= 30
+    v1 = make_sample("needle", 0, 3)
+    assert not v1.scene.shaded
+    img = np.asarray(v1.chat[0]["content"][0]["image"])
+    _, lab = render_image(v1.scene.images[0])
+    assert (img[lab == 0] == BACKGROUND).all()

@@ -214,6 +214,7 @@ class MultiImageScene:
     password: str | None = None
     note_after: int = 0  # the fact follows image ``note_after`` (0-based)
     size: int = IMAGE_SIZE  # px per side of every image
+    shaded: bool = False  # drawn on the position-shaded background (v2 scenes: every size but 112 px)
     focus: str | None = None  # count scenes: the colour whose image count was drawn uniformly
 
     @property
@@ -251,9 +252,25 @@ def _key(s: Shape) -> int:
     return 1 + COLOUR_NAMES.index(s.colour) * len(SHAPES) + SHAPES.index(s.shape)
 
 
-def render_image(objects: Sequence[Shape], size: int = IMAGE_SIZE) -> tuple[Image.Image, np.ndarray]:
-    """The RGB image of ``objects`` and its label map (uint8, ``_key`` per pixel, 0 background)."""
-    img = Image.new("RGB", (size, size), BACKGROUND)
+def shaded_background(size: int) -> Image.Image:
+    """v2's background: dark grey whose red grows left to right and blue top to bottom (24..64 of 255), so
+    every part of a picture shows where it is. Qwen2-VL's M-RoPE gives the text model the width axis only at its
+    lowest frequencies (at head_dim 32 under 0.004 rad per cell), and the vision tower's RoPE is relative, so
+    without such a cue a shape that moved looks the same as one that did not."""
+    ramp = np.rint(24 + 40 * np.arange(size) / (size - 1)).astype(np.uint8)
+    arr = np.empty((size, size, 3), dtype=np.uint8)
+    arr[:, :, 0] = ramp[None, :]
+    arr[:, :, 1] = BACKGROUND[1]
+    arr[:, :, 2] = ramp[:, None]
+    return Image.fromarray(arr, "RGB")
+
+
+def render_image(
+    objects: Sequence[Shape], size: int = IMAGE_SIZE, shaded: bool = False
+) -> tuple[Image.Image, np.ndarray]:
+    """The RGB image of ``objects`` and its label map (uint8, ``_key`` per pixel, 0 background);
+    ``shaded``: on v2's :func:`shaded_background` instead of flat grey."""
+    img = shaded_background(size) if shaded else Image.new("RGB", (size, size), BACKGROUND)
     lab = Image.new("L", (size, size), 0)
     d, dl = ImageDraw.Draw(img), ImageDraw.Draw(lab)
     for s in objects:
@@ -329,7 +346,11 @@ def make_image_scene(
             break
     has_pw = rng.random() < 0.5 if password is None else password
     return MultiImageScene(
-        images=images, password=rng.choice(PASSWORDS) if has_pw else None, note_after=rng.randrange(k), size=size
+        images=images,
+        password=rng.choice(PASSWORDS) if has_pw else None,
+        note_after=rng.randrange(k),
+        size=size,
+        shaded=size != IMAGE_SIZE,
     )
 
 
@@ -361,6 +382,7 @@ def make_count_scene(
         note_after=rng.randrange(k),
         size=size,
         focus=focus,
+        shaded=size != IMAGE_SIZE,
     )
 
 
@@ -379,10 +401,10 @@ def make_difference_scene(
     if change == "appeared":
         shape = rng.choice([s for s in SHAPES if s not in {o.shape for o in first}])
         second = first + _place(rng, 1, [shape], [rng.choice(COLOUR_NAMES)], size, existing=first)
-        return MultiImageScene(images=[first, second], size=size)
+        return MultiImageScene(images=[first, second], size=size, shaded=size != IMAGE_SIZE)
     if change == "disappeared":
         j = rng.randrange(n)
-        return MultiImageScene(images=[first, first[:j] + first[j + 1 :]], size=size)
+        return MultiImageScene(images=[first, first[:j] + first[j + 1 :]], size=size, shaded=size != IMAGE_SIZE)
     j = rng.randrange(n)
     o = first[j]
     rest = first[:j] + first[j + 1 :]
@@ -395,7 +417,7 @@ def make_difference_scene(
             if clear and (x - o.x) ** 2 + (y - o.y) ** 2 >= MIN_MOVE**2:
                 break
         new = Shape(o.shape, o.colour, x, y, o.r)
-    return MultiImageScene(images=[first, first[:j] + (new,) + first[j + 1 :]], size=size)
+    return MultiImageScene(images=[first, first[:j] + (new,) + first[j + 1 :]], size=size, shaded=size != IMAGE_SIZE)
 
 
 def make_video_scene(rng: random.Random) -> VideoScene:
@@ -594,7 +616,7 @@ class Episode:
             if self.is_video:
                 self._media = render_frames(self.scene)
             else:
-                pairs = [render_image(objs, self.scene.size) for objs in self.scene.images]
+                pairs = [render_image(objs, self.scene.size, self.scene.shaded) for objs in self.scene.images]
                 self._media = ([p[0] for p in pairs], [p[1] for p in pairs])
         return self._media
 
