@@ -399,7 +399,9 @@ def test_loading_a_run_imports_no_model_class():
         f"run = mmkv.load_run({path!r})\n"
         "import viz\n"
         "assert viz.overlay_panels(run.trace, run.images, run.videos)\n"
-        "models = [m for m in sys.modules if m.startswith('transformers.models.') and not m.startswith('transformers.models.auto')]\n"
+        # model classes live in transformers.models.<family>.modeling_*; some transformers releases (5.17)
+        # import every family's image-processing module at start-up, which loads no model
+        "models = [m for m in sys.modules if m.startswith('transformers.models.') and '.modeling_' in m]\n"
         "assert not models, models\n"
         "print('ok')\n"
     )
