@@ -379,9 +379,14 @@ def on_save_run(state, label):
         return None
 
 
-def on_step(step: Any, delta: int, state, label) -> Any:
+def _last_step(state: H.AppState, label: str) -> int:
+    """The replay's last step for run ``label`` (0 when there is no such run or no decode record)."""
     trace = state.runs[label].trace if label in state.runs else None
-    last = max(H.replay_steps(trace) - 1, 0) if trace is not None else 0
+    return max(H.replay_steps(trace) - 1, 0)
+
+
+def on_step(step: Any, delta: int, state, label) -> Any:
+    last = _last_step(state, label)
     try:
         value = int(step or 0) + delta
     except (TypeError, ValueError):
@@ -396,8 +401,7 @@ def on_play(playing: bool) -> tuple[bool, Any, Any]:
 
 def on_tick(step, state, label, playing):
     """One step forward while playing; stops at the last step."""
-    trace = state.runs[label].trace if label in state.runs else None
-    last = max(H.replay_steps(trace) - 1, 0) if trace is not None else 0
+    last = _last_step(state, label)
     value = min(int(step or 0) + 1, last)
     if value >= last:
         return value, False, gr.Timer(active=False), gr.Button("▶ Play")
@@ -722,24 +726,16 @@ def build_demo() -> gr.Blocks:
             **light,
         )
         cs["method"].input(on_method_change, [cs["method"]], [params], **light)  # not on an example's own params
-        chat_in.change(
-            on_preview,
-            [chat_in, state, cs["num_frames"], cs["max_new_tokens"]],
-            [chat_preview],
-            trigger_mode="always_last",
-            concurrency_id="preview",
-            concurrency_limit=2,
-            show_progress="hidden",
-        )
-        cmp_in.change(
-            on_preview,
-            [cmp_in, state, cc["num_frames"], cc["max_new_tokens"]],
-            [cmp_preview],
-            trigger_mode="always_last",
-            concurrency_id="preview",
-            concurrency_limit=2,
-            show_progress="hidden",
-        )
+        for box, settings, shown in ((chat_in, cs, chat_preview), (cmp_in, cc, cmp_preview)):
+            box.change(
+                on_preview,
+                [box, state, settings["num_frames"], settings["max_new_tokens"]],
+                [shown],
+                trigger_mode="always_last",
+                concurrency_id="preview",
+                concurrency_limit=2,
+                show_progress="hidden",
+            )
         chat_in.submit(
             on_chat,
             [
