@@ -3,7 +3,7 @@
 #
 #   bash scripts/train_tiny.sh [OUT]        # OUT defaults to .cache/tiny-replay/model
 #
-# Every stage is `python -m mmkv.tiny.train` with the arguments its run logged (each work dir's
+# Every stage is `python -m training.tiny.train` with the arguments its run logged (each work dir's
 # log.jsonl has them in its "start" records). A stage warm-starts from the previous stage's weights
 # (--init) with a fresh optimizer and its own schedules; --stop-at ends a stage where the original run
 # was stopped while keeping the LR schedule it ran under. Stages are resumable: re-running the script
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${1:-.cache/tiny-replay/model}
 W=.cache/tiny-replay
-train() { nice -n 5 "$PY" -m mmkv.tiny.train --threads 2 --eval-n 64 "$@"; }
+train() { nice -n 5 "$PY" -m training.tiny.train --threads 2 --eval-n 64 "$@"; }
 done_at() { [ -f "$1/ckpt.pt" ] && "$PY" -c "import sys, torch; sys.exit(0 if torch.load('$1/ckpt.pt', weights_only=False)['step'] >= $2 else 1)"; }
 
 # ---- stage 1: mixed tasks, K curriculum 2 -> 8, per-cell vision probe only (1,650 steps)

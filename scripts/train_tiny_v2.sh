@@ -5,13 +5,13 @@
 #   COMMIT=1 bash scripts/train_tiny_v2.sh     # ... and git-commit each stage's output when it finishes
 #   ONLY=s1 bash scripts/train_tiny_v2.sh      # run one stage (its input stage must be finished)
 #
-# Every stage is `python -m mmkv.tiny.train --arch v2` with the arguments below (each stage's log.jsonl
+# Every stage is `python -m training.tiny.train --arch v2` with the arguments below (each stage's log.jsonl
 # "start" records and args.json repeat them). A stage warm-starts from the previous stage's committed output
 # (--init training/tiny-v2/<previous>: model.safetensors + aux.safetensors) with a fresh optimizer and its own
 # schedules. Finished stages live in training/tiny-v2/<stage>/ (model.safetensors, aux.safetensors,
 # metrics.json, log.jsonl, args.json; no optimizer state) and are skipped; an interrupted stage continues from
 # its checkpoint in .cache/tiny-v2/<stage>/ckpt.pt on the same machine, and restarts from its input stage on a
-# fresh one. Stage g0 is the function-preserving growth of the shipped v1 model (mmkv.tiny.grow), no training.
+# fresh one. Stage g0 is the function-preserving growth of the shipped v1 model (training.tiny.grow), no training.
 #
 # The whole script is one function, parsed before it runs, so editing this file (e.g. appending stages)
 # never disturbs a chain already running; a restarted chain picks the edits up.
@@ -25,7 +25,7 @@ T=${T:-training/tiny-v2}        # finished stages (committed)
 THREADS=${THREADS:-2}
 mkdir -p "$W" "$T"
 
-train() { "$PY" -m mmkv.tiny.train --arch v2 --threads "$THREADS" --eval-n 64 "$@"; }
+train() { "$PY" -m training.tiny.train --arch v2 --threads "$THREADS" --eval-n 64 "$@"; }
 finished() { [ -f "$T/$1/metrics.json" ]; }
 
 commit_stage() {  # COMMIT=1: commit only this stage's files, retrying while another commit holds the index
@@ -54,9 +54,9 @@ stage() {
 
 ALL=needle=2,text_needle=1,spot_difference=1,count=1,video_direction=1,video_colour=1
 
-# ---- g0: v1 grown to the v2 shape (function-preserving; see mmkv/tiny/grow.py), evaluated at v2's sizes
+# ---- g0: v1 grown to the v2 shape (function-preserving; see training/tiny/grow.py), evaluated at v2's sizes
 if ! finished g0 && { [ -z "${ONLY:-}" ] || [ "$ONLY" = g0 ]; }; then
-  "$PY" -m mmkv.tiny.grow "$W/g0-model"
+  "$PY" -m training.tiny.grow "$W/g0-model"
   train --init "$W/g0-model" --work "$W/g0" --stage-out "$T/g0" --steps 0
   commit_stage g0
 fi

@@ -247,7 +247,7 @@ def bench_gpu_shape(tmp_path: Path) -> None:
 
 def train_chain(tmp_path: Path) -> None:
     """Every stage of the chain parses with the trainer's own argument parser (the chain takes hours)."""
-    from mmkv.tiny.train import build_parser
+    from training.tiny.train import build_parser
 
     script = (ROOT / "scripts" / "train_tiny.sh").read_text().replace("\\\n", " ")
     variables = dict(re.findall(r"^(\w+)=(\S+)$", script, re.M))

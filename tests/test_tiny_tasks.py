@@ -27,14 +27,14 @@ ASSET = Path(__file__).resolve().parents[1] / "mmkv" / "assets" / "mmkv-tiny-qwe
 
 @pytest.fixture(scope="module")
 def processor():
-    from mmkv.tiny.model import build_processor
+    from training.tiny.model import build_processor
 
     return build_processor()
 
 
 @pytest.fixture(scope="module")
 def tiny_model(processor):
-    from mmkv.tiny.model import build_model
+    from training.tiny.model import build_model
 
     return build_model(processor.tokenizer).eval()
 
@@ -144,7 +144,7 @@ def test_tokenizer_round_trips_and_knows_every_word(processor):
 )
 def test_fast_encoder_equals_the_processor_path(processor, tiny_model, task, k):
     from mmkv.models import adapter_for
-    from mmkv.tiny.train import FastEncoder
+    from training.tiny.train import FastEncoder
 
     enc = FastEncoder(processor)
     s = make_sample(task, 11, k)
@@ -174,7 +174,7 @@ def test_fast_encoder_equals_the_processor_path(processor, tiny_model, task, k):
 
 def test_fast_encoder_multi_turn_equals_the_processor_path(processor, tiny_model):
     from mmkv.models import adapter_for
-    from mmkv.tiny.train import FastEncoder
+    from training.tiny.train import FastEncoder
 
     enc = FastEncoder(processor)
     rng = random.Random(3)
@@ -192,7 +192,7 @@ def test_probe_labels_bind_every_visual_token_and_mark_the_moving_ball(processor
     import numpy as np
 
     from mmkv.tiny.tasks import CELL, DIRECTIONS, GRID, SHAPES, render_frames
-    from mmkv.tiny.train import FastEncoder
+    from training.tiny.train import FastEncoder
 
     enc = FastEncoder(processor)
     rng = random.Random(5)
@@ -226,7 +226,7 @@ def test_probe_labels_bind_every_visual_token_and_mark_the_moving_ball(processor
 def test_retrieval_targets_point_from_the_decisive_answer_token_to_its_visual_source(processor):
     """For every answer with a single visual source, the query token's next label is the decisive word and
     the target is exactly the named image's run of image tokens (or the named temporal group of the video)."""
-    from mmkv.tiny.train import FastEncoder
+    from training.tiny.train import FastEncoder
 
     enc = FastEncoder(processor)
     tok = processor.tokenizer
@@ -270,7 +270,7 @@ def test_retrieval_targets_point_from_the_decisive_answer_token_to_its_visual_so
 
 
 def test_training_runs_and_chains_stages(tmp_path):
-    from mmkv.tiny.train import main
+    from training.tiny.train import main
 
     common = [
         "--batch",
@@ -327,7 +327,7 @@ def test_training_runs_and_chains_stages(tmp_path):
 
 def test_saved_model_loads_offline_with_mmkv(tmp_path, processor, tiny_model, monkeypatch):
     import mmkv
-    from mmkv.tiny.model import save
+    from training.tiny.model import save
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     save(tiny_model, processor, tmp_path / "m")
@@ -543,7 +543,7 @@ def test_v2_episodes_and_vocabulary():
 
 @pytest.fixture(scope="module")
 def v2_processor():
-    from mmkv.tiny.grow import build_v2_processor
+    from training.tiny.grow import build_v2_processor
 
     return build_v2_processor()
 
@@ -551,7 +551,7 @@ def v2_processor():
 def test_v2_prompts_are_mostly_visual_tokens(v2_processor):
     """Image prompts at their hardest held-out settings: visual (pad) tokens are at least 75% of the prompt."""
     from mmkv.tiny.tasks import V2_SIZES, V2_TASKS
-    from mmkv.tiny.train import FastEncoder
+    from training.tiny.train import FastEncoder
 
     enc = FastEncoder(v2_processor)
     for task in V2_TASKS:
@@ -567,9 +567,9 @@ def test_v2_prompts_are_mostly_visual_tokens(v2_processor):
 )
 def test_v2_fast_encoder_equals_the_processor_path(v2_processor, task, k):
     from mmkv.models import adapter_for
-    from mmkv.tiny.grow import build_v2_model
     from mmkv.tiny.tasks import V2_SIZES
-    from mmkv.tiny.train import FastEncoder
+    from training.tiny.grow import build_v2_model
+    from training.tiny.train import FastEncoder
 
     model = build_v2_model(v2_processor.tokenizer).eval()
     enc = FastEncoder(v2_processor)
@@ -600,13 +600,13 @@ def test_v2_fast_encoder_equals_the_processor_path(v2_processor, task, k):
 
 @pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in mmkv/assets/")
 def test_grown_v2_computes_v1s_function(tmp_path, monkeypatch):
-    """The oracle of mmkv.tiny.grow: v2 (6 layers, 8 query heads over 4 KV heads, hidden 256) grown from the
+    """The oracle of training.tiny.grow: v2 (6 layers, 8 query heads over 4 KV heads, hidden 256) grown from the
     shipped v1 gives v1's logits over v1's vocabulary (fp32 tolerance) on held-out prompts and the same greedy
     answers through mmkv.generate with the Full cache, after a save / load round trip."""
     import mmkv
-    from mmkv.tiny.grow import build_v2_processor, grow, load_v1
-    from mmkv.tiny.model import save
     from mmkv.tiny.tokenizer import build_tokenizer
+    from training.tiny.grow import build_v2_processor, grow, load_v1
+    from training.tiny.model import save
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     v1 = load_v1()
@@ -650,8 +650,8 @@ def test_v2_stages_chain_from_stage_outputs(tmp_path):
     """scripts/train_tiny_v2.sh's mechanics: a v2 stage starts from a grown model dir, writes its stage output
     (model, aux heads, metrics, log, args; no optimizer), the next stage starts from that output, and an
     interrupted stage resumes from its checkpoint; a v2 run never exports to the shipped model's folder."""
-    from mmkv.tiny.grow import main as grow_main
-    from mmkv.tiny.train import main
+    from training.tiny.grow import main as grow_main
+    from training.tiny.train import main
 
     assert grow_main([str(tmp_path / "g0")]) == 0
     common = [
@@ -774,7 +774,7 @@ def test_v2_probe_labels_mark_changed_cells_and_image_colours(v2_processor):
     import numpy as np
 
     from mmkv.tiny.tasks import CELL
-    from mmkv.tiny.train import FastEncoder
+    from training.tiny.train import FastEncoder
 
     enc = FastEncoder(v2_processor)
     rng = random.Random(12)
@@ -801,7 +801,7 @@ def test_v2_probe_labels_mark_changed_cells_and_image_colours(v2_processor):
 
 
 def test_v2_spot_retrieval_target_is_the_changed_cells_of_both_pictures(v2_processor):
-    from mmkv.tiny.train import FastEncoder
+    from training.tiny.train import FastEncoder
 
     enc = FastEncoder(v2_processor)
     enc.spot_retrieval = True

@@ -1,7 +1,8 @@
-"""The bundled teaching VLM: synthetic tasks, tokenizer, model/processor builders and training.
+"""The bundled teaching VLM's synthetic tasks (``tasks``: scenes, prompts, held-out sets, answer checks) and
+its vocabulary (``tokenizer``).
 
-``python -m mmkv.tiny.train --out mmkv/assets/mmkv-tiny-qwen2vl`` trains it; ``mmkv.models.load`` loads
-the result offline.
+The eval harness scores answers with these. The trainer lives outside the package, in ``training/tiny``
+(``python -m training.tiny.train --out mmkv/assets/mmkv-tiny-qwen2vl``); ``mmkv.models.load`` loads the result.
 """
 
 from .tasks import TASKS, Episode, Sample, check_answer, heldout_set, make_episode, make_sample

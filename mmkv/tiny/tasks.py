@@ -737,9 +737,9 @@ def make_sample(task: str, seed: Any, k: int | None = None, size: int | None = N
     if task in VIDEO_TASKS:
         scene: Any = make_video_scene(rng)
     elif task == "spot_difference":
-        scene = make_difference_scene(rng, size)
+        scene = make_difference_scene(rng, size or V2_SIZES[task])
     elif task == "count":
-        scene = make_count_scene(rng, k or rng.randint(1, MAX_IMAGES), size=size)
+        scene = make_count_scene(rng, k or rng.randint(1, MAX_IMAGES), size=size or V2_SIZES[task])
     else:
         scene = make_image_scene(
             rng,

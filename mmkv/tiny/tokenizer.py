@@ -63,8 +63,7 @@ def vocabulary(version: int = 1) -> list[str]:
     if version >= 2:
         for w in sorted({w for base in WORDS_V2 for w in (base, base.capitalize())}):
             pieces += [w, " " + w]
-    seen: set[str] = set()
-    return [p for p in pieces if not (p in seen or seen.add(p))]
+    return list(dict.fromkeys(pieces))  # first occurrence of each piece, in order
 
 
 def build_tokenizer(version: int = 1) -> Any:

@@ -40,8 +40,10 @@ from typing import Any
 
 import torch
 
+from mmkv.bundled import BUNDLED_MODEL
+from mmkv.tiny.tokenizer import build_tokenizer
+
 from .model import build_config, build_model, build_processor
-from .tokenizer import build_tokenizer
 
 __all__ = [
     "V2_TEXT",
@@ -68,7 +70,7 @@ V2_TEXT = {
 V2_VISION = {"hidden_size": 256}  # the merger's output width = the text hidden size
 V2_MAX_PIXELS = 196 * 196  # spot_difference's pictures (49 tokens); the other image tasks use 168 px (36)
 NEW_AFTER = (1, 3)  # v2 = [v1.0, v1.1, new, v1.2, v1.3, new]
-V1_ASSET = Path(__file__).resolve().parents[1] / "assets" / "mmkv-tiny-qwen2vl"
+V1_ASSET = BUNDLED_MODEL
 
 
 def build_v2_config(tokenizer: Any) -> Any:
@@ -125,7 +127,7 @@ def grow(
         raise ValueError("rms_norm_eps must scale with d / D")
     scale = math.sqrt(d / D)  # RMS over D dims of which only d are non-zero
 
-    def norm(dst: torch.nn.Module, src: torch.nn.Module | None) -> None:
+    def norm(dst: Any, src: Any) -> None:  # RMSNorm modules
         dst.weight.fill_(scale)
         if src is not None:
             dst.weight[:d] = src.weight * scale
@@ -217,12 +219,12 @@ def grow(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mmkv.tiny.grow OUT``: write the grown v2 start (a loadable model dir) to OUT."""
+    """``python -m training.tiny.grow OUT``: write the grown v2 start (a loadable model dir) to OUT."""
     import argparse
 
     from .model import save
 
-    p = argparse.ArgumentParser(prog="python -m mmkv.tiny.grow", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m training.tiny.grow", description=main.__doc__)
     p.add_argument("out")
     p.add_argument("--v1", default=str(V1_ASSET))
     p.add_argument("--seed", type=int, default=0)

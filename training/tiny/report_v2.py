@@ -1,4 +1,4 @@
-"""Numbers for ``docs/tiny-v2.md``: ``python -m mmkv.tiny.report_v2 [--shape] [--stages]``.
+"""Numbers for ``docs/tiny-v2.md``: ``python -m training.tiny.report_v2 [--shape] [--stages]``.
 
 ``--curves``: every held-out evaluation in the stages' logs. ``--shape``: the visual share of the held-out prompts (visual pad tokens / all prompt tokens, through the
 trainer's encoder, which the tests hold equal to the processor's) per task and setting; ``--stages``: the
@@ -14,13 +14,14 @@ from pathlib import Path
 
 __all__ = ["visual_share", "stage_rows", "main"]
 
-STAGES = Path(__file__).resolve().parents[2] / "training" / "tiny-v2"
+STAGES = Path(__file__).resolve().parents[1] / "tiny-v2"
 
 
 def visual_share(task: str, k: int | None, n: int = 64) -> tuple[float, float, float]:
     """(mean, min, mean prompt length) of the visual share over ``n`` held-out prompts of ``task``."""
+    from mmkv.tiny.tasks import V2_SIZES, heldout_set
+
     from .grow import build_v2_processor
-    from .tasks import V2_SIZES, heldout_set
     from .train import FastEncoder
 
     enc = FastEncoder(build_v2_processor())
@@ -75,7 +76,7 @@ COLUMNS = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmkv.tiny.report_v2", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.tiny.report_v2", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", action="store_true")
     p.add_argument("--stages", action="store_true")
     p.add_argument("--curves", action="store_true")

@@ -1,4 +1,4 @@
-"""Train the bundled teaching VLM on the synthetic tasks: ``python -m mmkv.tiny.train --out DIR --steps N``.
+"""Train the bundled teaching VLM on the synthetic tasks: ``python -m training.tiny.train --out DIR --steps N``.
 
 Recipe (from ``research/tiny_vlm_probe.md`` and this project's runs): fresh synthetic episodes every
 step, several QA turns per image set / video, loss on the answer tokens (and their ``<|im_end|>``), a
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .tasks import (
+from mmkv.tiny.tasks import (
     ALL_TASKS,
     COLOUR_NAMES,
     DIRECTIONS,
@@ -63,7 +63,7 @@ class FastEncoder:
     """Episodes -> a padded training batch, identical to the processor path (see the tests)."""
 
     def __init__(self, processor: Any) -> None:
-        from ..models.qwen_vl import Qwen2VLAdapter
+        from mmkv.models.qwen_vl import Qwen2VLAdapter
 
         self.processor = processor
         self.tok = processor.tokenizer
@@ -115,7 +115,7 @@ class FastEncoder:
 
     def _same_size_patches(self, images: Sequence[Any]) -> tuple[torch.Tensor, list[list[int]]]:
         # same rounding as the PIL image processor: rescale in float64, normalise in float32
-        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])  # N, H, W, C
+        arr: np.ndarray = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])  # N, H, W, C
         arr = (arr.astype(np.float64) * self.rescale).astype(np.float32)
         arr = (arr - self.mean) / self.std
         arr = arr.transpose(0, 3, 1, 2)  # N, C, H, W
@@ -225,7 +225,10 @@ class FastEncoder:
 
     # -------------------------------------------------------------- batch
     def encode(self, episodes: Sequence[Episode], answer_last: bool = True, aux: bool = True) -> dict[str, Any]:
-        images, image_labels, videos, video_labels = [], [], [], []
+        images: list[Any] = []
+        videos: list[Any] = []
+        image_labels: list[Any] = []
+        video_labels: list[Any] = []
         bind, motion = [], []
         diff: list[
             np.ndarray
@@ -234,7 +237,7 @@ class FastEncoder:
             tuple[int, int, list[float]]
         ] = []  # (row, position of an image's <|vision_end|>, colours present)
         retrieval: list[tuple[int, int, list[int]]] = []
-        rows = []
+        rows: list[Any] = []
         for ep in episodes:
             media, labs = ep.media()
             if ep.is_video:
@@ -324,7 +327,7 @@ class FastEncoder:
         return out
 
     def adapter_frames(self, ep: Episode) -> Any:
-        from ..inputs.video import as_video_frames
+        from mmkv.inputs.video import as_video_frames
 
         part = ep.context_parts()[0]
         return as_video_frames(part["video"], num_frames=None, fps=part.get("fps"))
@@ -430,9 +433,9 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
                 motion_loss, stats["aux_acc_motion"] = _probe(heads.motion(feats), batch["video_aux_motion"])
     captured: dict[str, Any] = {}
     hook = None
-    want_retrieval = heads is not None and heads.retrieval_on and "retrieval_mask" in batch
-    if want_retrieval and heads.hooked:
-        attn_module = model.model.language_model.layers[heads.retrieval_layer].self_attn
+    retrieval_heads = heads if heads is not None and heads.retrieval_on and "retrieval_mask" in batch else None
+    if retrieval_heads is not None and retrieval_heads.hooked:
+        attn_module = model.model.language_model.layers[retrieval_heads.retrieval_layer].self_attn
 
         def grab(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             captured["hidden"] = args[0] if args else kwargs["hidden_states"]
@@ -448,24 +451,24 @@ def forward(model: Any, heads: AuxHeads | None, batch: dict[str, Any]) -> tuple[
         mm_encoder_outputs=enc or None,
         use_cache=False,
         output_hidden_states=heads is not None and ("aux_bind" in batch or "aux_presence" in batch),
-        output_attentions=want_retrieval and not heads.hooked,
+        output_attentions=retrieval_heads is not None and not retrieval_heads.hooked,
     )
     if hook is not None:
         hook.remove()
-    if want_retrieval:
+    if retrieval_heads is not None:
         rows, queries = batch["retrieval_row"], batch["retrieval_query"]
-        if heads.hooked:
+        if retrieval_heads.hooked:
             probs = retrieval_attention(
-                model.model.language_model.layers[heads.retrieval_layer].self_attn,
+                model.model.language_model.layers[retrieval_heads.retrieval_layer].self_attn,
                 captured["hidden"],
                 captured["rope"],
                 rows,
                 queries,
-                heads.retrieval_heads,
+                retrieval_heads.retrieval_heads,
             )
         else:
-            attn = out.attentions[heads.retrieval_layer]  # [B, H, L, L]
-            probs = attn[rows, :, queries, :][:, heads.retrieval_heads]  # [n, heads, L]
+            attn = out.attentions[retrieval_heads.retrieval_layer]  # [B, H, L, L]
+            probs = attn[rows, :, queries, :][:, retrieval_heads.retrieval_heads]  # [n, heads, L]
         mass = (probs * batch["retrieval_mask"][:, None, :]).sum(-1)
         retrieval_loss = -torch.log(mass.clamp_min(1e-6)).mean()
         stats["retrieval_mass"] = float(mass.detach().mean())
@@ -669,7 +672,7 @@ def parse_weights(text: str) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mmkv.tiny.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.tiny.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="mmkv/assets/mmkv-tiny-qwen2vl", help="where the trained model is exported")
     p.add_argument("--work", default=".cache/tiny-train", help="checkpoint + log directory (resumes from it)")
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (raise it to continue a run)")
@@ -710,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with the retrieval loss, run every layer eager (the v1 chain did); default: only the retrieval layer",
     )
     p.add_argument(
-        "--arch", choices=("v1", "v2"), default="v1", help="v2: mmkv.tiny.grow's shape, vocabulary and processor"
+        "--arch", choices=("v1", "v2"), default="v1", help="v2: training.tiny.grow's shape, vocabulary and processor"
     )
     p.add_argument(
         "--diff-weight", type=float, default=0.0, help="v2: weight of the changed-cell probe (spot_difference scenes)"
@@ -786,8 +789,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "log.jsonl"
 
+    from mmkv.tiny.tokenizer import build_tokenizer
+
     from .model import build_model, build_processor, save
-    from .tokenizer import build_tokenizer
 
     v2 = args.arch == "v2"
     if v2 and args.out == build_parser().get_default("out"):
@@ -826,7 +830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             heads.hooked = True
         heads.retrieval_on = True
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _name, prm in list(model.named_parameters()) + [("aux." + n, q) for n, q in heads.named_parameters()]:
         (decay if prm.dim() >= 2 else no_decay).append(prm)
     opt = torch.optim.AdamW(

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .tasks import IMAGE_SIZE
-from .tokenizer import CHAT_TEMPLATE, build_tokenizer
+from mmkv.tiny.tasks import IMAGE_SIZE
+from mmkv.tiny.tokenizer import CHAT_TEMPLATE, build_tokenizer
 
 __all__ = ["MIN_PIXELS", "MAX_PIXELS", "build_config", "build_processor", "build_model", "save"]
 
@@ -27,7 +27,7 @@ MAX_PIXELS = IMAGE_SIZE * IMAGE_SIZE  # 112 x 112 -> 16 merged tokens
 
 
 def build_config(tokenizer: Any, text: dict[str, Any] | None = None, vision: dict[str, Any] | None = None) -> Any:
-    """The v1 config; ``text`` / ``vision`` override entries of the text / vision config (v2: ``mmkv.tiny.grow``)."""
+    """The v1 config; ``text`` / ``vision`` override entries of the text / vision config (v2: ``training.tiny.grow``)."""
     import transformers
 
     ids = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
@@ -84,12 +84,12 @@ def video_settings(image_processor: Any, max_pixels: int = MAX_PIXELS) -> dict[s
 def build_processor(tokenizer: Any | None = None, max_pixels: int = MAX_PIXELS) -> Any:
     """A ``Qwen2VLProcessor`` (PIL image processor, no video processor: mmkv builds video inputs).
 
-    ``max_pixels``: the image pixel budget (v1 112 x 112; v2 196 x 196, ``mmkv.tiny.grow.V2_MAX_PIXELS``).
+    ``max_pixels``: the image pixel budget (v1 112 x 112; v2 196 x 196, ``training.tiny.grow.V2_MAX_PIXELS``).
     """
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from ..models.base import build_processor as _build
+    from mmkv.models.base import build_processor as _build
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     ip = Qwen2VLImageProcessorPil(
@@ -123,7 +123,7 @@ def generation_config(tokenizer: Any) -> Any:
 
 def save(model: Any, processor: Any, path: str | os.PathLike) -> Path:
     """Write weights, config, generation config, tokenizer, processor and video settings to ``path``."""
-    from ..models.base import VIDEO_CONFIG_FILE
+    from mmkv.models.base import VIDEO_CONFIG_FILE
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
