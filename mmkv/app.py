@@ -11,6 +11,11 @@ head, painted over every image and video frame), About (how each method works).
 This module only lays out components and forwards events to :mod:`mmkv.ui.handlers` (no Gradio
 there) and :mod:`viz` (figures); errors users can fix come back as a visible message and a toast,
 and the app keeps serving. It needs the ``app`` extra (``pip install "mmkv[app]"``: Gradio, plotly).
+
+Importing it does no work: :func:`build_app` lays the page out over an :class:`AppContext` (the model
+store and the request limits, from the environment by default) and returns an :class:`AppUI`, whose
+components are attributes and whose event methods return dicts keyed by the components they update.
+``mmkv.app.demo`` (what ``app.py`` and Gradio's reload mode read) is built on first access.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import time
 
 _T_START = time.perf_counter()  # app start time is reported from here (imports included)
 
-import logging  # noqa: E402
-import os  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
 
@@ -38,24 +45,21 @@ except Exception:  # not installed / not on a Space
         return lambda fn: fn
 
 
-import gradio as gr  # noqa: E402
+import gradio as gr
 
-from viz import STRIP_COLORS  # noqa: E402
+from viz import STRIP_COLORS
 
-from .bundled import EXAMPLES_DIR  # noqa: E402
-from .methods import METHODS  # noqa: E402
-from .trace.runfile import RUNS_DIR  # noqa: E402
-from .ui import Limits, UserError, default_model  # noqa: E402
-from .ui import handlers as H  # noqa: E402
-from .ui.about import about_html  # noqa: E402
-from .ui.inputs import params_text  # noqa: E402
-from .ui.models import ModelStore  # noqa: E402
+from .bundled import EXAMPLES_DIR
+from .methods import METHODS
+from .trace.runfile import RUNS_DIR
+from .ui import Limits, UserError, default_model
+from .ui import handlers as H
+from .ui.about import about_html
+from .ui.inputs import params_text
+from .ui.models import ModelStore
 
 log = logging.getLogger("mmkv.app")
 
-LIMITS = Limits()
-DEFAULT_MODEL, MODEL_NOTICE = default_model()
-STORE = ModelStore(DEFAULT_MODEL)
 METHOD_NAMES = sorted(METHODS)
 DEFAULT_COMPARE = [m for m in ("full", "snapkv", "adakv") if m in METHODS]
 CSS = """
@@ -117,17 +121,16 @@ PRESENT_FROM_URL_JS = """
 TOGGLE_PRESENT_JS = "(on, ...rest) => { document.body.classList.toggle('mmkv-present', !!on); return [on, ...rest]; }"
 
 
-def _examples() -> list[dict[str, Any]]:
-    import json
+NOTHING_TO_INSPECT = "Nothing to inspect yet: send a message in **Chat**, run **Compare** or open a saved run."
 
+
+def _examples() -> list[dict[str, Any]]:
     items = json.loads((EXAMPLES_DIR / "examples.json").read_text(encoding="utf-8"))
     return [{**e, "files": [str(EXAMPLES_DIR / f) for f in e["files"]]} for e in items]
 
 
 def _params_json(e: dict[str, Any]) -> str:
     """The example method's hyper-parameters as the JSON box shows them, with the example's own values."""
-    import json
-
     return json.dumps({**json.loads(params_text(e["method"])), **e.get("params", {})}, indent=1)
 
 
@@ -150,84 +153,54 @@ def problem(exc: BaseException) -> str:
 
 
 def _new_state() -> H.AppState:
+    """A new browser session's state (a function: gr.State would take a dataclass class for a value)."""
     return H.AppState()
 
 
-# ---- model and presentation mode ---------------------------------------------------------------
-def on_page_load(state: H.AppState) -> tuple[H.AppState, str, Any]:
-    try:
-        loaded = STORE.get(state.model or None)
-        return state, f"Model: {loaded.describe()}", gr.skip()
-    except Exception as exc:  # noqa: BLE001 - shown to the user
-        return state, problem(exc), gr.skip()
+# ---- what every session shares -----------------------------------------------------------------
+@dataclass
+class AppContext:
+    """What the app's sessions share: the model store (loaded models) and the limits of one request."""
+
+    store: ModelStore
+    limits: Limits = field(default_factory=Limits)
+    notice: str | None = None  # shown under the title (e.g. "a random-weight model is loaded")
+
+    @classmethod
+    def from_environment(cls) -> AppContext:
+        """``MMKV_MODEL``, else the bundled model, else a tiny random model (:func:`mmkv.ui.default_model`)."""
+        model, notice = default_model()
+        return cls(ModelStore(model), Limits(), notice)
 
 
-def on_load_model(name: str, state: H.AppState) -> tuple[H.AppState, str, list, str]:
-    try:
-        state, status = H.select_model(STORE, state, name)
-        return state, status, state.display, "New model: the conversation was cleared."
-    except Exception as exc:  # noqa: BLE001
-        return state, problem(exc), state.display, gr.skip()
+_CONTEXT: AppContext | None = None
 
 
-def on_present(present: bool, state: H.AppState, label: str, layer: str, head: str, alpha: float) -> tuple:
-    """Presentation mode on/off: re-draw the Inspect figures at the new size (Compare's at its next run)."""
-    state.present = bool(present)
-    if not state.runs:
-        return (state,) + (gr.skip(),) * 9
-    return (state, *on_inspect(state, label, layer, head, alpha))
+def context() -> AppContext:
+    """The process's :class:`AppContext`, made from the environment on first use (not at import)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = AppContext.from_environment()
+    return _CONTEXT
 
 
-# ---- Chat ------------------------------------------------------------------------------------
-def on_method_change(method: str) -> str:
-    try:
-        return params_text(method)
-    except Exception as exc:  # noqa: BLE001
-        problem(exc)
-        return "{}"
-
-
-def _run_dropdown(state: H.AppState) -> Any:
-    return gr.Dropdown(choices=H.run_choices(state), value=state.last)
-
-
-def on_preview(message: Any, state: H.AppState, num_frames: Any, max_new_tokens: Any) -> str:
-    """The prompt's size before it runs (tokens per modality, KV bytes, whether it fits)."""
-    try:
-        return H.preview(STORE, state, message, num_frames, max_new_tokens, LIMITS)
-    except Exception as exc:  # noqa: BLE001 - a preview never toasts
-        return f"⚠️ {exc}" if isinstance(exc, UserError) else ""
-
-
+# ---- the work that needs the accelerator (ZeroGPU decorates module-level functions) ---------------
+# They read the store through context(), never as an argument: ZeroGPU ships arguments to its worker.
 @gpu(duration=120)
-def on_chat(message, state, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params):
-    """Streams (chatbot, input box, status, summary, state, inspect run dropdown)."""
-    try:
-        for update in H.chat_turn(
-            STORE, state, message, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params, LIMITS
-        ):
-            if update.done:
-                yield update.display, None, update.status, update.summary, update.state, _run_dropdown(update.state)
-            else:
-                yield update.display, gr.skip(), update.status, gr.skip(), gr.skip(), gr.skip()
-    except Exception as exc:  # noqa: BLE001
-        # keep the question, drop the attachments that failed (they would stay as broken icons)
-        text, _ = H.message_parts(message)
-        yield state.display, {"text": text, "files": []}, problem(exc), gr.skip(), state, gr.skip()
+def _chat_updates(message, state, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params):
+    ctx = context()
+    yield from H.chat_turn(
+        ctx.store, state, message, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params, ctx.limits
+    )
 
 
-def on_clear(state: H.AppState) -> tuple[H.AppState, list, None, str, str]:
-    state.clear_chat()
-    return state, [], None, "Conversation cleared.", ""
-
-
-# ---- Compare ---------------------------------------------------------------------------------
 @gpu(duration=180)
 def _compare(
     message, methods, ratio, tokens, sweep, query_aware, max_new_tokens, num_frames, with_kl, state, progress=None
 ):
+    ctx = context()
     return H.compare(
-        STORE,
+        ctx.store,
         state,
         message,
         methods,
@@ -238,178 +211,13 @@ def _compare(
         max_new_tokens,
         num_frames,
         with_kl,
-        LIMITS,
+        ctx.limits,
         progress,
     )
 
 
-def _compare_outputs(res: H.CompareResult) -> tuple:
-    f = res.figures
-    table = {"headers": H.COMPARE_HEADERS, "data": res.table()}
-    return (
-        res.status,
-        table,
-        f["memory"],
-        f["speed"],
-        f["agreement"],
-        f["kept"],
-        res.gallery,
-        res.report_path,
-        res.traces_path,
-        res.state,
-        _run_dropdown(res.state),
-    )
-
-
-def on_compare(
-    message,
-    methods,
-    ratio,
-    tokens,
-    sweep,
-    query_aware,
-    max_new_tokens,
-    num_frames,
-    with_kl,
-    state,
-    progress=gr.Progress(),
-):
-    """(status, table, memory, speed, agreement, kept map, gallery, report file, traces file, state, run dropdown)."""
-    try:
-        # ZeroGPU runs _compare in a worker process: a progress callback cannot cross that boundary
-        report = None if ZERO_GPU else (lambda f, d: progress(f, desc=d))
-        res = _compare(
-            message, methods, ratio, tokens, sweep, query_aware, max_new_tokens, num_frames, with_kl, state, report
-        )
-    except Exception as exc:  # noqa: BLE001
-        return (problem(exc),) + (gr.skip(),) * 8 + (state, gr.skip())
-    return _compare_outputs(res)
-
-
-def on_compare_saved(files, examples, state):
-    """Compare saved runs (uploaded files and/or shipped example runs): no model is run."""
-    try:
-        res = H.compare_runs(state, [*(files or []), *H.example_run_files(examples)])
-    except Exception as exc:  # noqa: BLE001
-        return (problem(exc),) + (gr.skip(),) * 8 + (state, gr.skip())
-    return _compare_outputs(res)
-
-
-# ---- Inspect ---------------------------------------------------------------------------------
-def _inspect_outputs(view: H.InspectView) -> tuple:
-    merges = {
-        "headers": ["layer", "KV head", "absorbed (evicted)", "into (kept)", "similarity"],
-        "data": [list(r.values()) for r in view.merges] or [["", "", "no merges for this selection", "", ""]],
-    }
-    f = view.figures
-    return (
-        view.summary,
-        f["budget"],
-        f["preference"],
-        f["heads"],
-        view.gallery,
-        view.strip,
-        merges,
-        view.trace_path,
-        view.report_path,
-    )
-
-
-def on_inspect(state, label, layer, head, alpha):
-    try:
-        return _inspect_outputs(H.inspect(state, label, layer, head, alpha))
-    except Exception as exc:  # noqa: BLE001
-        message = problem(exc)
-        return (message,) + (gr.skip(),) * 8
-
-
-def _replay_outputs(view: H.ReplayView | None, message: str = "") -> tuple:
-    if view is None:
-        return (message, gr.skip(), gr.skip(), gr.skip())
-    return (view.summary, view.gallery, view.figure, view.answer)
-
-
-def on_replay(state, label, step, layer, head):
-    """Draw the cache at one decode step."""
-    try:
-        return _replay_outputs(H.replay(state, label, step, layer, head))
-    except Exception as exc:  # noqa: BLE001
-        return _replay_outputs(None, problem(exc))
-
-
-def on_run_change(state, label, alpha):
-    """A new run was picked: reset the layer / head selectors and the replay to its shape, and render it."""
-    trace = state.runs[label].trace if label in state.runs else None
-    layers = gr.Dropdown(choices=H.layer_choices(trace), value=H.ALL_LAYERS)
-    heads = gr.Dropdown(choices=H.head_choices(trace), value=H.ALL_HEADS)
-    if trace is None:
-        return (
-            layers,
-            heads,
-            "Nothing to inspect yet: send a message in **Chat**, run **Compare** or open a saved run.",
-            *(gr.skip(),) * 8,
-            gr.skip(),
-            *(gr.skip(),) * 4,
-        )
-    steps = max(H.replay_steps(trace), 1)
-    slider = gr.Slider(minimum=0, maximum=steps - 1, value=0, step=1, interactive=steps > 1)
-    return (
-        layers,
-        heads,
-        *on_inspect(state, label, None, None, alpha),
-        slider,
-        *on_replay(state, label, 0, None, None),
-    )
-
-
-def on_open_runs(files, examples, state):
-    """Open saved runs (uploads and/or shipped examples) in Inspect; the newest is selected."""
-    try:
-        state, status = H.open_runs(state, [*(files or []), *H.example_run_files(examples)])
-    except Exception as exc:  # noqa: BLE001
-        return state, problem(exc), gr.skip()
-    return state, status, _run_dropdown(state)
-
-
-def on_save_run(state, label):
-    try:
-        return H.save_run(state, label)
-    except Exception as exc:  # noqa: BLE001
-        problem(exc)
-        return None
-
-
-def _last_step(state: H.AppState, label: str) -> int:
-    """The replay's last step for run ``label`` (0 when there is no such run or no decode record)."""
-    trace = state.runs[label].trace if label in state.runs else None
-    return max(H.replay_steps(trace) - 1, 0)
-
-
-def on_step(step: Any, delta: int, state, label) -> Any:
-    last = _last_step(state, label)
-    try:
-        value = int(step or 0) + delta
-    except (TypeError, ValueError):
-        value = 0
-    return min(max(value, 0), last)
-
-
-def on_play(playing: bool) -> tuple[bool, Any, Any]:
-    playing = not playing
-    return playing, gr.Timer(active=playing), gr.Button("⏸ Pause" if playing else "▶ Play")
-
-
-def on_tick(step, state, label, playing):
-    """One step forward while playing; stops at the last step."""
-    last = _last_step(state, label)
-    value = min(int(step or 0) + 1, last)
-    if value >= last:
-        return value, False, gr.Timer(active=False), gr.Button("▶ Play")
-    return value, playing, gr.skip(), gr.skip()
-
-
-# ---- layout ----------------------------------------------------------------------------------
-def _settings(prefix: str, compare: bool) -> dict[str, Any]:
+# ---- layout pieces ----------------------------------------------------------------------------
+def _settings(prefix: str, compare: bool, limits: Limits) -> dict[str, Any]:
     c: dict[str, Any] = {}
     if compare:
         c["methods"] = gr.CheckboxGroup(
@@ -452,9 +260,9 @@ def _settings(prefix: str, compare: bool) -> dict[str, Any]:
             value=True, label="Query-aware (compress after reading the question, as in the papers)"
         )
         c["max_new_tokens"] = gr.Slider(
-            1, LIMITS.max_new_tokens, value=24 if compare else 48, step=1, label="Max new tokens"
+            1, limits.max_new_tokens, value=24 if compare else 48, step=1, label="Max new tokens"
         )
-        c["num_frames"] = gr.Slider(1, LIMITS.max_frames, value=8, step=1, label="Frames sampled per video")
+        c["num_frames"] = gr.Slider(1, limits.max_frames, value=8, step=1, label="Frames sampled per video")
         if compare:
             c["with_kl"] = gr.Checkbox(
                 value=True, label="Next-token KL vs Full (teacher-forced; one extra prefill per method)"
@@ -478,331 +286,624 @@ def _saved_run_picker(prefix: str) -> tuple[Any, Any]:
     return files, examples
 
 
-def build_demo() -> gr.Blocks:
-    examples = _examples()
-    labels = [_example_label(e) for e in examples]
-    chat_rows = [
-        [{"text": e["text"], "files": e["files"]}, e["method"], e["budget"], _params_json(e)] for e in examples
-    ]
-    compare_rows = [
-        [{"text": e["text"], "files": e["files"]}, list(dict.fromkeys([e["method"], "snapkv", "h2o"])), e["budget"]]
-        for e in examples
-    ]
-    # delete_cache: exports are rewritten at every Inspect render; drop cached copies older than an hour
-    with gr.Blocks(title="mmkv — multimodal KV-cache compression", delete_cache=(1800, 3600)) as demo:
-        state = gr.State(_new_state, delete_callback=H.AppState.cleanup)  # removes the session's export folder
-        gr.Markdown(
-            "# mmkv — see what multimodal KV-cache compression keeps\n"
-            "Upload images or a video, ask a question, and watch which image patches, video frames and "
-            "words each method keeps in the model's memory.",
-            elem_id="title",
-        )
-        if MODEL_NOTICE:
-            gr.Markdown(f"> ℹ️ {MODEL_NOTICE}", elem_id="model-notice")
-        with gr.Row(equal_height=True):
-            model_box = gr.Dropdown(
-                STORE.choices(),
-                value=STORE.label(STORE.default),
-                allow_custom_value=STORE.settings.allowed_models is None,
-                label="Model",
-                scale=4,
-                elem_id="model-name",
+class AppUI:
+    """The page: its components (attributes, made by :meth:`_layout`) and the events that update them.
+
+    Every event method returns (or, for Chat, yields) a dict keyed by the components it updates; a component
+    left out of the dict keeps its value. The methods only parse what Gradio hands over, call
+    :mod:`mmkv.ui.handlers` and turn any error into a visible status message.
+    """
+
+    def __init__(self, context: AppContext) -> None:
+        self.context = context
+        self.examples = _examples()
+        self._layout()
+        self._wire()
+
+    # ---- model and presentation mode -----------------------------------------------------------
+    def on_page_load(self, state: H.AppState) -> dict[Any, Any]:
+        try:
+            loaded = self.context.store.get(state.model or None)
+            return {self.state: state, self.model_status: f"Model: {loaded.describe()}"}
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            return {self.state: state, self.model_status: problem(exc)}
+
+    def on_load_model(self, name: str, state: H.AppState) -> dict[Any, Any]:
+        try:
+            state, status = H.select_model(self.context.store, state, name)
+        except Exception as exc:  # noqa: BLE001
+            return {self.state: state, self.model_status: problem(exc), self.chatbot: state.display}
+        return {
+            self.state: state,
+            self.model_status: status,
+            self.chatbot: state.display,
+            self.chat_status: "New model: the conversation was cleared.",
+        }
+
+    def on_present(self, present: bool, state: H.AppState, label: str, layer: str, head: str, alpha: float):
+        """Presentation mode on/off: re-draw the Inspect figures at the new size (Compare's at its next run)."""
+        state.present = bool(present)
+        if not state.runs:
+            return {self.state: state}
+        return {self.state: state, **self.on_inspect(state, label, layer, head, alpha)}
+
+    # ---- Chat ----------------------------------------------------------------------------------
+    def on_method_change(self, method: str) -> dict[Any, Any]:
+        try:
+            return {self.params: params_text(method)}
+        except Exception as exc:  # noqa: BLE001
+            problem(exc)
+            return {self.params: "{}"}
+
+    def _run_dropdown(self, state: H.AppState) -> dict[Any, Any]:
+        return {self.run_dd: gr.Dropdown(choices=H.run_choices(state), value=state.last)}
+
+    def preview(self, message: Any, state: H.AppState, num_frames: Any, max_new_tokens: Any) -> str:
+        """The prompt's size before it runs (tokens per modality, KV bytes, whether it fits)."""
+        try:
+            return H.preview(self.context.store, state, message, num_frames, max_new_tokens, self.context.limits)
+        except Exception as exc:  # noqa: BLE001 - a preview never toasts
+            return f"⚠️ {exc}" if isinstance(exc, UserError) else ""
+
+    def on_chat_preview(self, message, state, num_frames, max_new_tokens) -> dict[Any, Any]:
+        return {self.chat_preview: self.preview(message, state, num_frames, max_new_tokens)}
+
+    def on_compare_preview(self, message, state, num_frames, max_new_tokens) -> dict[Any, Any]:
+        return {self.cmp_preview: self.preview(message, state, num_frames, max_new_tokens)}
+
+    def on_chat(
+        self, message, state, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params
+    ) -> Iterator[dict[Any, Any]]:
+        """Streams the conversation and status; when done, also the summary, the state and Inspect's run list."""
+        try:
+            for update in _chat_updates(
+                message, state, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params
+            ):
+                shown = {self.chatbot: update.display, self.chat_status: update.status}
+                if update.done:
+                    shown |= {self.chat_in: None, self.chat_summary: update.summary, self.state: update.state}
+                    shown |= self._run_dropdown(update.state)
+                yield shown
+        except Exception as exc:  # noqa: BLE001
+            # keep the question, drop the attachments that failed (they would stay as broken icons)
+            text, _ = H.message_parts(message)
+            yield {
+                self.chatbot: state.display,
+                self.chat_in: {"text": text, "files": []},
+                self.chat_status: problem(exc),
+                self.state: state,
+            }
+
+    def on_clear(self, state: H.AppState) -> dict[Any, Any]:
+        state.clear_chat()
+        return {
+            self.state: state,
+            self.chatbot: [],
+            self.chat_in: None,
+            self.chat_status: "Conversation cleared.",
+            self.chat_summary: "",
+        }
+
+    # ---- Compare -------------------------------------------------------------------------------
+    def _compare_outputs(self, res: H.CompareResult) -> dict[Any, Any]:
+        f = res.figures
+        return {
+            self.cmp_status: res.status,
+            self.cmp_table: {"headers": H.COMPARE_HEADERS, "data": res.table()},
+            self.mem_plot: f["memory"],
+            self.speed_plot: f["speed"],
+            self.agree_plot: f["agreement"],
+            self.kept_plot: f["kept"],
+            self.cmp_gallery: res.gallery,
+            self.cmp_report: res.report_path,
+            self.cmp_traces: res.traces_path,
+            self.state: res.state,
+            **self._run_dropdown(res.state),
+        }
+
+    def on_compare(
+        self,
+        message,
+        methods,
+        ratio,
+        tokens,
+        sweep,
+        query_aware,
+        max_new_tokens,
+        num_frames,
+        with_kl,
+        state,
+        progress=gr.Progress(),
+    ) -> dict[Any, Any]:
+        try:
+            # ZeroGPU runs _compare in a worker process: a progress callback cannot cross that boundary
+            report = None if ZERO_GPU else (lambda f, d: progress(f, desc=d))
+            res = _compare(
+                message, methods, ratio, tokens, sweep, query_aware, max_new_tokens, num_frames, with_kl, state, report
             )
-            load_btn = gr.Button("Load model", scale=1, elem_id="model-load")
-            present = gr.Checkbox(False, label="Presentation mode (p)", scale=1, elem_id="present-toggle")
-        model_status = gr.Markdown(
-            f"Model: `{STORE.label(STORE.default)}` (loads on first use)", elem_id="model-status"
-        )
+        except Exception as exc:  # noqa: BLE001
+            return {self.cmp_status: problem(exc), self.state: state}
+        return self._compare_outputs(res)
 
-        with gr.Tabs(overflow_behavior="wrap") as tabs:
-            with gr.Tab("Chat", id="chat"):
-                with gr.Row():
-                    with gr.Column(scale=1, min_width=300):
-                        cs = _settings("chat", compare=False)
-                        with gr.Accordion("Method hyper-parameters (JSON)", open=False):
-                            params = gr.Code(
-                                params_text(cs["method"].value),
-                                language="json",
-                                label="hyper-parameters",
-                                elem_id="chat-params",
-                            )
-                    with gr.Column(scale=3):
-                        chatbot = gr.Chatbot(height=420, label="Conversation", elem_id="chatbot")
-                        # any file type reaches the checks, which say what is wrong (a refused type would only toast)
-                        chat_in = gr.MultimodalTextbox(
-                            file_count="multiple",
-                            placeholder="Ask about your images or video (attach with the clip)…",
-                            label="Message",
-                            elem_id="chat-input",
-                            sources=["upload"],
-                        )
-                        chat_preview = gr.Markdown(elem_id="chat-preview")
-                        with gr.Row():
-                            clear_btn = gr.Button("Clear conversation", size="sm", elem_id="chat-clear")
-                            to_inspect = gr.Button("Open Inspect", size="sm", elem_id="chat-to-inspect")
-                        chat_status = gr.Markdown(elem_id="chat-status", elem_classes=["status-box"])
-                        chat_summary = gr.Markdown(elem_id="chat-summary")
-                        gr.Examples(
-                            chat_rows,
-                            inputs=[chat_in, cs["method"], cs["ratio"], params],
-                            example_labels=labels,
-                            label="Examples (click one — it sets the method and budget too — then press Enter)",
-                            elem_id="chat-examples",
-                        )
+    def on_compare_saved(self, files, examples, state) -> dict[Any, Any]:
+        """Compare saved runs (uploaded files and/or shipped example runs): no model is run."""
+        try:
+            res = H.compare_runs(state, [*(files or []), *H.example_run_files(examples)])
+        except Exception as exc:  # noqa: BLE001
+            return {self.cmp_status: problem(exc), self.state: state}
+        return self._compare_outputs(res)
 
-            with gr.Tab("Compare", id="compare"):
-                with gr.Row():
-                    with gr.Column(scale=1, min_width=300):
-                        cmp_in = gr.MultimodalTextbox(
-                            file_count="multiple",
-                            submit_btn=False,
-                            placeholder="Question + images/video to run through every method",
-                            label="Input",
-                            elem_id="compare-input",
-                            sources=["upload"],
-                        )
-                        cmp_preview = gr.Markdown(elem_id="compare-preview")
-                        cc = _settings("compare", compare=True)
-                        gr.Examples(
-                            compare_rows,
-                            inputs=[cmp_in, cc["methods"], cc["ratio"]],
-                            example_labels=labels,
-                            label="Examples",
-                            elem_id="compare-examples",
-                        )
-                        cmp_btn = gr.Button("Run compare", variant="primary", elem_id="compare-run")
-                        with gr.Accordion("Compare saved runs (no model needed)", open=False):
-                            cmp_files, cmp_examples = _saved_run_picker("compare")
-                            cmp_saved_btn = gr.Button("Compare saved runs", elem_id="compare-saved-run")
-                    with gr.Column(scale=3):
-                        cmp_status = gr.Markdown(elem_id="compare-status", elem_classes=["status-box"])
-                        cmp_table = gr.Dataframe(
-                            headers=H.COMPARE_HEADERS,
-                            label="Answers and costs",
-                            wrap=True,
-                            interactive=False,
-                            elem_id="compare-table",
-                            max_chars=60,
-                            column_widths=[
-                                "96px",
-                                "64px",
-                                "220px",
-                                "60px",
-                                "104px",
-                                "72px",
-                                "84px",
-                                "72px",
-                                "56px",
-                                "72px",
-                            ],
-                        )
-                        with gr.Row(elem_classes=["plot-row"]):
-                            mem_plot = gr.Plot(label="Memory", show_label=False, elem_id="compare-memory")
-                            speed_plot = gr.Plot(label="Time", show_label=False, elem_id="compare-speed")
-                        with gr.Row(elem_classes=["plot-row"]):
-                            agree_plot = gr.Plot(
-                                label="Agreement with Full", show_label=False, elem_id="compare-agreement"
-                            )
-                            kept_plot = gr.Plot(label="Kept tokens", show_label=False, elem_id="compare-kept")
-                        cmp_gallery = gr.Gallery(
-                            label="What each method kept (all layers and heads; title above each picture)",
-                            columns=3,
-                            height="auto",
-                            object_fit="contain",
-                            elem_id="compare-gallery",
-                        )
-                        with gr.Row():
-                            cmp_report = gr.DownloadButton("Download charts (HTML)", elem_id="compare-report")
-                            cmp_traces = gr.DownloadButton("Download traces (JSON)", elem_id="compare-traces")
+    # ---- Inspect -------------------------------------------------------------------------------
+    def on_inspect(self, state, label, layer, head, alpha) -> dict[Any, Any]:
+        try:
+            view = H.inspect(state, label, layer, head, alpha)
+        except Exception as exc:  # noqa: BLE001
+            return {self.ins_summary: problem(exc)}
+        f = view.figures
+        merges = {
+            "headers": ["layer", "KV head", "absorbed (evicted)", "into (kept)", "similarity"],
+            "data": [list(r.values()) for r in view.merges] or [["", "", "no merges for this selection", "", ""]],
+        }
+        return {
+            self.ins_summary: view.summary,
+            self.budget_plot: f["budget"],
+            self.pref_plot: f["preference"],
+            self.heads_plot: f["heads"],
+            self.ins_gallery: view.gallery,
+            self.strip: view.strip,
+            self.merges: merges,
+            self.trace_dl: view.trace_path,
+            self.report_dl: view.report_path,
+        }
 
-            with gr.Tab("Inspect", id="inspect"):
-                with gr.Row():
-                    run_dd = gr.Dropdown([], label="Run", scale=3, elem_id="inspect-run")
-                    layer_dd = gr.Dropdown(
-                        [H.ALL_LAYERS], value=H.ALL_LAYERS, label="Layer", scale=1, elem_id="inspect-layer"
-                    )
-                    head_dd = gr.Dropdown(
-                        [H.ALL_HEADS], value=H.ALL_HEADS, label="KV head", scale=1, elem_id="inspect-head"
-                    )
-                    alpha = gr.Slider(
-                        0.1, 0.9, value=0.5, step=0.05, label="Fade of evicted cells", scale=1, elem_id="inspect-alpha"
-                    )
-                with gr.Accordion("Open a saved run · save this one", open=False, elem_id="inspect-saved"):
-                    with gr.Row():
-                        ins_files, ins_examples = _saved_run_picker("inspect")
-                    with gr.Row():
-                        open_btn = gr.Button("Open in Inspect", elem_id="inspect-open-run")
-                        save_btn = gr.DownloadButton("Download this run (.mmkvrun)", elem_id="inspect-save-run")
-                ins_summary = gr.Markdown(
-                    "Nothing to inspect yet: send a message in **Chat**, run **Compare** or open a saved run.",
-                    elem_id="inspect-summary",
+    def on_replay(self, state, label, step, layer, head) -> dict[Any, Any]:
+        """Draw the cache at one decode step."""
+        try:
+            view = H.replay(state, label, step, layer, head)
+        except Exception as exc:  # noqa: BLE001
+            return {self.replay_summary: problem(exc)}
+        return {
+            self.replay_summary: view.summary,
+            self.replay_gallery: view.gallery,
+            self.replay_plot: view.figure,
+            self.replay_answer: view.answer,
+        }
+
+    def on_run_change(self, state, label, alpha) -> dict[Any, Any]:
+        """A new run was picked: reset the layer / head selectors and the replay to its shape, and render it."""
+        trace = state.runs[label].trace if label in state.runs else None
+        shown: dict[Any, Any] = {
+            self.layer_dd: gr.Dropdown(choices=H.layer_choices(trace), value=H.ALL_LAYERS),
+            self.head_dd: gr.Dropdown(choices=H.head_choices(trace), value=H.ALL_HEADS),
+        }
+        if trace is None:
+            return shown | {self.ins_summary: NOTHING_TO_INSPECT}
+        steps = max(H.replay_steps(trace), 1)
+        shown[self.step] = gr.Slider(minimum=0, maximum=steps - 1, value=0, step=1, interactive=steps > 1)
+        return shown | self.on_inspect(state, label, None, None, alpha) | self.on_replay(state, label, 0, None, None)
+
+    def on_open_runs(self, files, examples, state) -> dict[Any, Any]:
+        """Open saved runs (uploads and/or shipped examples) in Inspect; the newest is selected."""
+        try:
+            state, status = H.open_runs(state, [*(files or []), *H.example_run_files(examples)])
+        except Exception as exc:  # noqa: BLE001
+            return {self.state: state, self.ins_summary: problem(exc)}
+        return {self.state: state, self.ins_summary: status, **self._run_dropdown(state)}
+
+    def on_save_run(self, state, label) -> dict[Any, Any]:
+        try:
+            return {self.save_btn: H.save_run(state, label)}
+        except Exception as exc:  # noqa: BLE001
+            problem(exc)
+            return {self.save_btn: None}
+
+    @staticmethod
+    def _last_step(state: H.AppState, label: str) -> int:
+        """The replay's last step for run ``label`` (0 when there is no such run or no decode record)."""
+        trace = state.runs[label].trace if label in state.runs else None
+        return max(H.replay_steps(trace) - 1, 0)
+
+    def _moved(self, step: Any, delta: int, state, label) -> dict[Any, Any]:
+        try:
+            value = int(step or 0) + delta
+        except (TypeError, ValueError):
+            value = 0
+        return {self.step: min(max(value, 0), self._last_step(state, label))}
+
+    def on_prev(self, step, state, label) -> dict[Any, Any]:
+        return self._moved(step, -1, state, label)
+
+    def on_next(self, step, state, label) -> dict[Any, Any]:
+        return self._moved(step, 1, state, label)
+
+    def on_play(self, playing: bool) -> dict[Any, Any]:
+        playing = not playing
+        return {
+            self.playing: playing,
+            self.timer: gr.Timer(active=playing),
+            self.play_btn: gr.Button("⏸ Pause" if playing else "▶ Play"),
+        }
+
+    def on_tick(self, step, state, label, playing) -> dict[Any, Any]:
+        """One step forward while playing; stops at the last step."""
+        last = self._last_step(state, label)
+        value = min(int(step or 0) + 1, last)
+        if value >= last:
+            return {
+                self.step: value,
+                self.playing: False,
+                self.timer: gr.Timer(active=False),
+                self.play_btn: gr.Button("▶ Play"),
+            }
+        return {self.step: value, self.playing: playing}
+
+    def on_to_inspect(self) -> dict[Any, Any]:
+        return {self.tabs: gr.Tabs(selected="inspect")}
+
+    # ---- layout ----------------------------------------------------------------------------------
+    def _layout(self) -> None:
+        labels = [_example_label(e) for e in self.examples]
+        chat_rows = [
+            [{"text": e["text"], "files": e["files"]}, e["method"], e["budget"], _params_json(e)] for e in self.examples
+        ]
+        compare_rows = [
+            [{"text": e["text"], "files": e["files"]}, list(dict.fromkeys([e["method"], "snapkv", "h2o"])), e["budget"]]
+            for e in self.examples
+        ]
+        # delete_cache: exports are rewritten at every Inspect render; drop cached copies older than an hour
+        with gr.Blocks(title="mmkv — multimodal KV-cache compression", delete_cache=(1800, 3600)) as self.demo:
+            self.state = gr.State(_new_state, delete_callback=H.AppState.cleanup)  # removes the session's export folder
+            gr.Markdown(
+                "# mmkv — see what multimodal KV-cache compression keeps\n"
+                "Upload images or a video, ask a question, and watch which image patches, video frames and "
+                "words each method keeps in the model's memory.",
+                elem_id="title",
+            )
+            if self.context.notice:
+                gr.Markdown(f"> ℹ️ {self.context.notice}", elem_id="model-notice")
+            with gr.Row(equal_height=True):
+                self.model_box = gr.Dropdown(
+                    self.context.store.choices(),
+                    value=self.context.store.label(self.context.store.default),
+                    allow_custom_value=self.context.store.settings.allowed_models is None,
+                    label="Model",
+                    scale=4,
+                    elem_id="model-name",
                 )
-                ins_gallery = gr.Gallery(
-                    label="What the cache kept over each image and frame",
-                    columns=4,
-                    height="auto",
-                    object_fit="contain",
-                    elem_id="inspect-gallery",
-                )
-                with gr.Accordion("Decode replay: the cache at every generated token", open=True, elem_id="replay"):
-                    with gr.Row(equal_height=True):
-                        prev_btn = gr.Button("◀ Step", size="sm", scale=0, min_width=90, elem_id="replay-prev")
-                        step = gr.Slider(
-                            0, 1, value=0, step=1, label="Decode step (← → keys)", scale=4, elem_id="replay-step"
+                self.load_btn = gr.Button("Load model", scale=1, elem_id="model-load")
+                self.present = gr.Checkbox(False, label="Presentation mode (p)", scale=1, elem_id="present-toggle")
+            self.model_status = gr.Markdown(
+                f"Model: `{self.context.store.label(self.context.store.default)}` (loads on first use)",
+                elem_id="model-status",
+            )
+
+            with gr.Tabs(overflow_behavior="wrap") as self.tabs:
+                with gr.Tab("Chat", id="chat"):
+                    with gr.Row():
+                        with gr.Column(scale=1, min_width=300):
+                            self.chat_settings = cs = _settings("chat", compare=False, limits=self.context.limits)
+                            with gr.Accordion("Method hyper-parameters (JSON)", open=False):
+                                self.params = gr.Code(
+                                    params_text(cs["method"].value),
+                                    language="json",
+                                    label="hyper-parameters",
+                                    elem_id="chat-params",
+                                )
+                        with gr.Column(scale=3):
+                            self.chatbot = gr.Chatbot(height=420, label="Conversation", elem_id="chatbot")
+                            # any file type reaches the checks, which say what is wrong (a refused type would only toast)
+                            self.chat_in = gr.MultimodalTextbox(
+                                file_count="multiple",
+                                placeholder="Ask about your images or video (attach with the clip)…",
+                                label="Message",
+                                elem_id="chat-input",
+                                sources=["upload"],
+                            )
+                            self.chat_preview = gr.Markdown(elem_id="chat-preview")
+                            with gr.Row():
+                                self.clear_btn = gr.Button("Clear conversation", size="sm", elem_id="chat-clear")
+                                self.to_inspect = gr.Button("Open Inspect", size="sm", elem_id="chat-to-inspect")
+                            self.chat_status = gr.Markdown(elem_id="chat-status", elem_classes=["status-box"])
+                            self.chat_summary = gr.Markdown(elem_id="chat-summary")
+                            gr.Examples(
+                                chat_rows,
+                                inputs=[self.chat_in, cs["method"], cs["ratio"], self.params],
+                                example_labels=labels,
+                                label="Examples (click one — it sets the method and budget too — then press Enter)",
+                                elem_id="chat-examples",
+                            )
+
+                with gr.Tab("Compare", id="compare"):
+                    with gr.Row():
+                        with gr.Column(scale=1, min_width=300):
+                            self.cmp_in = gr.MultimodalTextbox(
+                                file_count="multiple",
+                                submit_btn=False,
+                                placeholder="Question + images/video to run through every method",
+                                label="Input",
+                                elem_id="compare-input",
+                                sources=["upload"],
+                            )
+                            self.cmp_preview = gr.Markdown(elem_id="compare-preview")
+                            self.compare_settings = cc = _settings("compare", compare=True, limits=self.context.limits)
+                            gr.Examples(
+                                compare_rows,
+                                inputs=[self.cmp_in, cc["methods"], cc["ratio"]],
+                                example_labels=labels,
+                                label="Examples",
+                                elem_id="compare-examples",
+                            )
+                            self.cmp_btn = gr.Button("Run compare", variant="primary", elem_id="compare-run")
+                            with gr.Accordion("Compare saved runs (no model needed)", open=False):
+                                self.cmp_files, self.cmp_examples = _saved_run_picker("compare")
+                                self.cmp_saved_btn = gr.Button("Compare saved runs", elem_id="compare-saved-run")
+                        with gr.Column(scale=3):
+                            self.cmp_status = gr.Markdown(elem_id="compare-status", elem_classes=["status-box"])
+                            self.cmp_table = gr.Dataframe(
+                                headers=H.COMPARE_HEADERS,
+                                label="Answers and costs",
+                                wrap=True,
+                                interactive=False,
+                                elem_id="compare-table",
+                                max_chars=60,
+                                column_widths=[
+                                    "96px",
+                                    "64px",
+                                    "220px",
+                                    "60px",
+                                    "104px",
+                                    "72px",
+                                    "84px",
+                                    "72px",
+                                    "56px",
+                                    "72px",
+                                ],
+                            )
+                            with gr.Row(elem_classes=["plot-row"]):
+                                self.mem_plot = gr.Plot(label="Memory", show_label=False, elem_id="compare-memory")
+                                self.speed_plot = gr.Plot(label="Time", show_label=False, elem_id="compare-speed")
+                            with gr.Row(elem_classes=["plot-row"]):
+                                self.agree_plot = gr.Plot(
+                                    label="Agreement with Full", show_label=False, elem_id="compare-agreement"
+                                )
+                                self.kept_plot = gr.Plot(label="Kept tokens", show_label=False, elem_id="compare-kept")
+                            self.cmp_gallery = gr.Gallery(
+                                label="What each method kept (all layers and heads; title above each picture)",
+                                columns=3,
+                                height="auto",
+                                object_fit="contain",
+                                elem_id="compare-gallery",
+                            )
+                            with gr.Row():
+                                self.cmp_report = gr.DownloadButton("Download charts (HTML)", elem_id="compare-report")
+                                self.cmp_traces = gr.DownloadButton("Download traces (JSON)", elem_id="compare-traces")
+
+                with gr.Tab("Inspect", id="inspect"):
+                    with gr.Row():
+                        self.run_dd = gr.Dropdown([], label="Run", scale=3, elem_id="inspect-run")
+                        self.layer_dd = gr.Dropdown(
+                            [H.ALL_LAYERS], value=H.ALL_LAYERS, label="Layer", scale=1, elem_id="inspect-layer"
                         )
-                        next_btn = gr.Button("Step ▶", size="sm", scale=0, min_width=90, elem_id="replay-next")
-                        play_btn = gr.Button("▶ Play", size="sm", scale=0, min_width=100, elem_id="replay-play")
-                    playing = gr.State(False)
-                    timer = gr.Timer(1.0, active=False)
-                    replay_summary = gr.Markdown(elem_id="replay-summary")
-                    replay_answer = gr.HighlightedText(
-                        label="The answer so far (this step's token highlighted)",
-                        color_map={"this step": "#E69F00"},
-                        combine_adjacent=False,
-                        show_legend=False,
-                        elem_id="replay-answer",
+                        self.head_dd = gr.Dropdown(
+                            [H.ALL_HEADS], value=H.ALL_HEADS, label="KV head", scale=1, elem_id="inspect-head"
+                        )
+                        self.alpha = gr.Slider(
+                            0.1,
+                            0.9,
+                            value=0.5,
+                            step=0.05,
+                            label="Fade of evicted cells",
+                            scale=1,
+                            elem_id="inspect-alpha",
+                        )
+                    with gr.Accordion("Open a saved run · save this one", open=False, elem_id="inspect-saved"):
+                        with gr.Row():
+                            self.ins_files, self.ins_examples = _saved_run_picker("inspect")
+                        with gr.Row():
+                            self.open_btn = gr.Button("Open in Inspect", elem_id="inspect-open-run")
+                            self.save_btn = gr.DownloadButton(
+                                "Download this run (.mmkvrun)", elem_id="inspect-save-run"
+                            )
+                    self.ins_summary = gr.Markdown(
+                        NOTHING_TO_INSPECT,
+                        elem_id="inspect-summary",
                     )
-                    replay_gallery = gr.Gallery(
-                        label="The cache at this step",
+                    self.ins_gallery = gr.Gallery(
+                        label="What the cache kept over each image and frame",
                         columns=4,
                         height="auto",
                         object_fit="contain",
-                        elem_id="replay-gallery",
+                        elem_id="inspect-gallery",
                     )
-                    replay_plot = gr.Plot(label="Bytes held per step", show_label=False, elem_id="replay-bytes")
-                with gr.Row(elem_classes=["plot-row"]):
-                    budget_plot = gr.Plot(label="Budget per layer", show_label=False, elem_id="inspect-budget")
-                    pref_plot = gr.Plot(label="Modality preference", show_label=False, elem_id="inspect-preference")
-                heads_plot = gr.Plot(label="Per-head budgets / head types", show_label=False, elem_id="inspect-heads")
-                strip = gr.HighlightedText(
-                    label="Prompt tokens (images and frames collapsed into chips)",
-                    color_map=STRIP_COLORS,
-                    show_legend=True,
-                    combine_adjacent=False,
-                    elem_id="inspect-strip",
-                )
-                merges = gr.Dataframe(
-                    label="Merges: which kept token absorbed which (first 500)",
-                    interactive=False,
-                    wrap=True,
-                    elem_id="inspect-merges",
-                )
-                with gr.Row():
-                    trace_dl = gr.DownloadButton("Download trace (JSON)", elem_id="inspect-trace")
-                    report_dl = gr.DownloadButton("Download figures (HTML)", elem_id="inspect-report")
+                    with gr.Accordion("Decode replay: the cache at every generated token", open=True, elem_id="replay"):
+                        with gr.Row(equal_height=True):
+                            self.prev_btn = gr.Button("◀ Step", size="sm", scale=0, min_width=90, elem_id="replay-prev")
+                            self.step = gr.Slider(
+                                0, 1, value=0, step=1, label="Decode step (← → keys)", scale=4, elem_id="replay-step"
+                            )
+                            self.next_btn = gr.Button("Step ▶", size="sm", scale=0, min_width=90, elem_id="replay-next")
+                            self.play_btn = gr.Button(
+                                "▶ Play", size="sm", scale=0, min_width=100, elem_id="replay-play"
+                            )
+                        self.playing = gr.State(False)
+                        self.timer = gr.Timer(1.0, active=False)
+                        self.replay_summary = gr.Markdown(elem_id="replay-summary")
+                        self.replay_answer = gr.HighlightedText(
+                            label="The answer so far (this step's token highlighted)",
+                            color_map={"this step": "#E69F00"},
+                            combine_adjacent=False,
+                            show_legend=False,
+                            elem_id="replay-answer",
+                        )
+                        self.replay_gallery = gr.Gallery(
+                            label="The cache at this step",
+                            columns=4,
+                            height="auto",
+                            object_fit="contain",
+                            elem_id="replay-gallery",
+                        )
+                        self.replay_plot = gr.Plot(
+                            label="Bytes held per step", show_label=False, elem_id="replay-bytes"
+                        )
+                    with gr.Row(elem_classes=["plot-row"]):
+                        self.budget_plot = gr.Plot(label="Budget per layer", show_label=False, elem_id="inspect-budget")
+                        self.pref_plot = gr.Plot(
+                            label="Modality preference", show_label=False, elem_id="inspect-preference"
+                        )
+                    self.heads_plot = gr.Plot(
+                        label="Per-head budgets / head types", show_label=False, elem_id="inspect-heads"
+                    )
+                    self.strip = gr.HighlightedText(
+                        label="Prompt tokens (images and frames collapsed into chips)",
+                        color_map=STRIP_COLORS,
+                        show_legend=True,
+                        combine_adjacent=False,
+                        elem_id="inspect-strip",
+                    )
+                    self.merges = gr.Dataframe(
+                        label="Merges: which kept token absorbed which (first 500)",
+                        interactive=False,
+                        wrap=True,
+                        elem_id="inspect-merges",
+                    )
+                    with gr.Row():
+                        self.trace_dl = gr.DownloadButton("Download trace (JSON)", elem_id="inspect-trace")
+                        self.report_dl = gr.DownloadButton("Download figures (HTML)", elem_id="inspect-report")
 
-            with gr.Tab("About", id="about"):
-                gr.HTML(about_html(), elem_id="about")
+                with gr.Tab("About", id="about"):
+                    gr.HTML(about_html(), elem_id="about")
 
-        # ---- events ----
-        # model runs share one queue ("model"); loading a model has its own, so a slow load never holds up chats
+    # ---- events ----------------------------------------------------------------------------------
+    def _wire(self) -> None:
+        """Connect the events. Model runs share one queue ("model"); loading a model has its own, so a slow
+        load never holds up chats on a loaded model."""
         model_kw: dict[str, Any] = dict(
             concurrency_id="model", concurrency_limit=int(os.environ.get("MMKV_CONCURRENCY", "1"))
         )
         light: dict[str, Any] = dict(concurrency_limit=4)
-        demo.load(
-            on_page_load,
-            inputs=[state],
-            outputs=[state, model_status, present],
-            concurrency_id="load",
-            concurrency_limit=2,
-        )
-        demo.load(
-            None, None, [present], js=PRESENT_FROM_URL_JS
-        )  # ?present=1 ticks the switch (its change does the rest)
-        load_btn.click(
-            on_load_model,
-            [model_box, state],
-            [state, model_status, chatbot, chat_status],
-            concurrency_id="load",
-            concurrency_limit=2,
-        )
-        view_out = [ins_summary, budget_plot, pref_plot, heads_plot, ins_gallery, strip, merges, trace_dl, report_dl]
-        present.change(
-            on_present,
-            [present, state, run_dd, layer_dd, head_dd, alpha],
-            [state, *view_out],
-            js=TOGGLE_PRESENT_JS,
-            **light,
-        )
-        cs["method"].input(on_method_change, [cs["method"]], [params], **light)  # not on an example's own params
-        for box, settings, shown in ((chat_in, cs, chat_preview), (cmp_in, cc, cmp_preview)):
-            box.change(
-                on_preview,
-                [box, state, settings["num_frames"], settings["max_new_tokens"]],
-                [shown],
-                trigger_mode="always_last",
-                concurrency_id="preview",
-                concurrency_limit=2,
-                show_progress="hidden",
+        load_kw: dict[str, Any] = dict(concurrency_id="load", concurrency_limit=2)
+        cs, cc, state = self.chat_settings, self.compare_settings, self.state
+        with self.demo:
+            self.demo.load(self.on_page_load, [state], [state, self.model_status], **load_kw)
+            # ?present=1 ticks the switch (its change does the rest)
+            self.demo.load(None, None, [self.present], js=PRESENT_FROM_URL_JS)
+            self.load_btn.click(
+                self.on_load_model,
+                [self.model_box, state],
+                [state, self.model_status, self.chatbot, self.chat_status],
+                **load_kw,
             )
-        chat_in.submit(
-            on_chat,
-            [
-                chat_in,
-                state,
-                cs["method"],
-                cs["ratio"],
-                cs["tokens"],
-                cs["query_aware"],
-                cs["max_new_tokens"],
-                cs["num_frames"],
-                params,
-            ],
-            [chatbot, chat_in, chat_status, chat_summary, state, run_dd],
-            **model_kw,
-        )
-        clear_btn.click(on_clear, [state], [state, chatbot, chat_in, chat_status, chat_summary], **light)
-        to_inspect.click(lambda: gr.Tabs(selected="inspect"), None, [tabs], **light)
-        compare_out = [
-            cmp_status,
-            cmp_table,
-            mem_plot,
-            speed_plot,
-            agree_plot,
-            kept_plot,
-            cmp_gallery,
-            cmp_report,
-            cmp_traces,
-            state,
-            run_dd,
-        ]
-        cmp_btn.click(
-            on_compare,
-            [
-                cmp_in,
-                cc["methods"],
-                cc["ratio"],
-                cc["tokens"],
-                cc["sweep"],
-                cc["query_aware"],
-                cc["max_new_tokens"],
-                cc["num_frames"],
-                cc["with_kl"],
-                state,
-            ],
-            compare_out,
-            **model_kw,
-        )
-        cmp_saved_btn.click(on_compare_saved, [cmp_files, cmp_examples, state], compare_out, **light)
-        replay_out = [replay_summary, replay_gallery, replay_plot, replay_answer]
-        run_dd.change(on_run_change, [state, run_dd, alpha], [layer_dd, head_dd, *view_out, step, *replay_out], **light)
-        for trigger in (layer_dd.input, head_dd.input, alpha.release):
-            trigger(on_inspect, [state, run_dd, layer_dd, head_dd, alpha], view_out, **light)
-        for trigger in (layer_dd.input, head_dd.input, step.change):
-            trigger(
-                on_replay, [state, run_dd, step, layer_dd, head_dd], replay_out, trigger_mode="always_last", **light
+            view_out = [
+                self.ins_summary,
+                self.budget_plot,
+                self.pref_plot,
+                self.heads_plot,
+                self.ins_gallery,
+                self.strip,
+                self.merges,
+                self.trace_dl,
+                self.report_dl,
+            ]
+            replay_out = [self.replay_summary, self.replay_gallery, self.replay_plot, self.replay_answer]
+            self.present.change(
+                self.on_present,
+                [self.present, state, self.run_dd, self.layer_dd, self.head_dd, self.alpha],
+                [state, *view_out],
+                js=TOGGLE_PRESENT_JS,
+                **light,
             )
-        prev_btn.click(lambda v, s, r: on_step(v, -1, s, r), [step, state, run_dd], [step], **light)
-        next_btn.click(lambda v, s, r: on_step(v, 1, s, r), [step, state, run_dd], [step], **light)
-        play_btn.click(on_play, [playing], [playing, timer, play_btn], **light)
-        timer.tick(on_tick, [step, state, run_dd, playing], [step, playing, timer, play_btn], **light)
-        open_btn.click(on_open_runs, [ins_files, ins_examples, state], [state, ins_summary, run_dd], **light)
-        save_btn.click(on_save_run, [state, run_dd], [save_btn], **light)
-    return demo
+            # .input, not .change: an example's own hyper-parameters are not overwritten
+            cs["method"].input(self.on_method_change, [cs["method"]], [self.params], **light)
+            for box, settings, event, shown in (
+                (self.chat_in, cs, self.on_chat_preview, self.chat_preview),
+                (self.cmp_in, cc, self.on_compare_preview, self.cmp_preview),
+            ):
+                box.change(
+                    event,
+                    [box, state, settings["num_frames"], settings["max_new_tokens"]],
+                    [shown],
+                    trigger_mode="always_last",
+                    concurrency_id="preview",
+                    concurrency_limit=2,
+                    show_progress="hidden",
+                )
+            chat_inputs = [
+                self.chat_in,
+                state,
+                *(cs[k] for k in ("method", "ratio", "tokens", "query_aware", "max_new_tokens", "num_frames")),
+                self.params,
+            ]
+            chat_out = [self.chatbot, self.chat_in, self.chat_status, self.chat_summary, state, self.run_dd]
+            self.chat_in.submit(self.on_chat, chat_inputs, chat_out, **model_kw)
+            self.clear_btn.click(self.on_clear, [state], chat_out, **light)
+            self.to_inspect.click(self.on_to_inspect, None, [self.tabs], **light)
+            compare_out = [
+                self.cmp_status,
+                self.cmp_table,
+                self.mem_plot,
+                self.speed_plot,
+                self.agree_plot,
+                self.kept_plot,
+                self.cmp_gallery,
+                self.cmp_report,
+                self.cmp_traces,
+                state,
+                self.run_dd,
+            ]
+            compare_keys = ("methods", "ratio", "tokens", "sweep", "query_aware", "max_new_tokens", "num_frames")
+            compare_inputs = [self.cmp_in, *(cc[k] for k in compare_keys), cc["with_kl"], state]
+            self.cmp_btn.click(self.on_compare, compare_inputs, compare_out, **model_kw)
+            self.cmp_saved_btn.click(
+                self.on_compare_saved, [self.cmp_files, self.cmp_examples, state], compare_out, **light
+            )
+            self.run_dd.change(
+                self.on_run_change,
+                [state, self.run_dd, self.alpha],
+                [self.layer_dd, self.head_dd, *view_out, self.step, *replay_out],
+                **light,
+            )
+            inspect_in = [state, self.run_dd, self.layer_dd, self.head_dd, self.alpha]
+            for trigger in (self.layer_dd.input, self.head_dd.input, self.alpha.release):
+                trigger(self.on_inspect, inspect_in, view_out, **light)
+            replay_in = [state, self.run_dd, self.step, self.layer_dd, self.head_dd]
+            for trigger in (self.layer_dd.input, self.head_dd.input, self.step.change):
+                trigger(self.on_replay, replay_in, replay_out, trigger_mode="always_last", **light)
+            self.prev_btn.click(self.on_prev, [self.step, state, self.run_dd], [self.step], **light)
+            self.next_btn.click(self.on_next, [self.step, state, self.run_dd], [self.step], **light)
+            play_out = [self.playing, self.timer, self.play_btn]
+            self.play_btn.click(self.on_play, [self.playing], play_out, **light)
+            self.timer.tick(
+                self.on_tick, [self.step, state, self.run_dd, self.playing], [self.step, *play_out], **light
+            )
+            self.open_btn.click(
+                self.on_open_runs,
+                [self.ins_files, self.ins_examples, state],
+                [state, self.ins_summary, self.run_dd],
+                **light,
+            )
+            self.save_btn.click(self.on_save_run, [state, self.run_dd], [self.save_btn], **light)
 
 
-demo = build_demo()
+def build_app(ctx: AppContext | None = None) -> AppUI:
+    """Lay out the page over ``ctx``, which becomes the process's context (one app per process; the
+    accelerator functions read it there). Default: the process's, made from the environment."""
+    global _CONTEXT
+    if ctx is not None:
+        _CONTEXT = ctx
+    return AppUI(context())
+
+
+def build_demo(ctx: AppContext | None = None) -> gr.Blocks:
+    """The app's ``gr.Blocks`` (what a Space serves)."""
+    return build_app(ctx).demo
+
+
+def __getattr__(name: str) -> Any:
+    """``mmkv.app.demo``: built on first access (importing this module does no work)."""
+    if name == "demo":
+        globals()["demo"] = built = build_demo()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def queue_kwargs() -> dict[str, Any]:
@@ -810,12 +911,13 @@ def queue_kwargs() -> dict[str, Any]:
     return {"default_concurrency_limit": 1, "max_size": int(os.environ.get("MMKV_QUEUE_SIZE", "16"))}
 
 
-def launch_kwargs() -> dict[str, Any]:
+def launch_kwargs(limits: Limits | None = None) -> dict[str, Any]:
+    limits = limits or context().limits
     return {
         "server_name": os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         "server_port": int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", "7860"))),
         # Gradio itself refuses (with a toast only) uploads over this; up to it, mmkv's checks refuse with a message
-        "max_file_size": f"{max(4 * LIMITS.max_upload_mb, 100):g}mb",
+        "max_file_size": f"{max(4 * limits.max_upload_mb, 100):g}mb",
         "theme": gr.themes.Soft(),
         "css": CSS,
         "head": KEYS_JS,
@@ -824,18 +926,21 @@ def launch_kwargs() -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def main(demo: gr.Blocks | None = None) -> None:
+    """Load the default model, then serve ``demo`` (default: :func:`build_demo` over the process's context)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):  # one line per HTTP request Gradio makes
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    ctx = context()
     try:
-        loaded = STORE.get()
+        loaded = ctx.store.get()
         print(f"mmkv app: model {loaded.describe()}", flush=True)
     except UserError as exc:  # the app still starts; the page says what to do
         print(f"mmkv app: could not load the default model: {exc}", flush=True)
-    if MODEL_NOTICE:
-        print("mmkv app: " + MODEL_NOTICE.replace("**", "").replace("`", ""), flush=True)
-    kwargs = launch_kwargs()
+    if ctx.notice:
+        print("mmkv app: " + ctx.notice.replace("**", "").replace("`", ""), flush=True)
+    kwargs = launch_kwargs(ctx.limits)
+    demo = demo or build_demo(ctx)
     demo.queue(**queue_kwargs())
     host = "localhost" if kwargs["server_name"] in ("127.0.0.1", "0.0.0.0") else kwargs["server_name"]
     print(

@@ -12,11 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -26,29 +22,36 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    sys.path.insert(0, str(ROOT))
-    import app
+    from mmkv.app import build_app
+    from mmkv.bundled import EXAMPLES_DIR
+    from mmkv.ui.handlers import AppState
 
-    app.STORE.get()
+    app = build_app()
+    app.context.store.get()
     start_s = time.perf_counter() - t0
-    examples = json.loads((app.EXAMPLES_DIR / "examples.json").read_text())
-    msgs = [{"text": e["text"], "files": [str(app.EXAMPLES_DIR / f) for f in e["files"]]} for e in examples]
+    examples = json.loads((EXAMPLES_DIR / "examples.json").read_text())
+    msgs = [{"text": e["text"], "files": [str(EXAMPLES_DIR / f) for f in e["files"]]} for e in examples]
     methods = [m for m in args.methods.split(",") if m]
-    out = {"model": app.DEFAULT_MODEL, "random_weights": app.MODEL_NOTICE is not None, "start_s": round(start_s, 2)}
+    out = {
+        "model": app.context.store.default,
+        "random_weights": app.context.notice is not None,
+        "start_s": round(start_s, 2),
+    }
     for name, msg in ((f"{len(msgs[0]['files'])} images", msgs[0]), ("image + video", msgs[3])):
         chat_s, cmp_s = [], []
         for _ in range(args.repeat):
-            state = app._new_state()
+            state = AppState()
             t = time.perf_counter()
             updates = list(app.on_chat(msg, state, "snapkv", 0.3, 0, True, args.max_new_tokens, 8, ""))
             chat_s.append(time.perf_counter() - t)
-            assert updates[-1][2].startswith("Done"), updates[-1][2]
+            status = updates[-1][app.chat_status]
+            assert status.startswith("Done"), status
             t = time.perf_counter()
             res = app.on_compare(
                 msg, methods, 0.3, 0, "", True, args.max_new_tokens, 8, True, state, progress=lambda *a, **k: None
             )
             cmp_s.append(time.perf_counter() - t)
-            assert res[0].startswith("Ran"), res[0]
+            assert res[app.cmp_status].startswith("Ran"), res[app.cmp_status]
         out[name] = {
             "chat_turn_s": round(statistics.median(chat_s), 3),
             f"compare_{'+'.join(methods)}_s": round(statistics.median(cmp_s), 3),

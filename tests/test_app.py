@@ -1,14 +1,14 @@
-"""The app's event functions, called directly (no browser): every tab, and every bad input.
+"""The app's event functions (``mmkv.app.AppUI``), called directly (no browser): every tab, and every bad input.
 
-Bad inputs must come back as a visible message (the status box, starting with ⚠️) while the session
-state stays as it was and the next good request still works.
+Each event returns a dict keyed by the components it updates; the tests read it by component, and check that
+every key is one of the event's declared outputs. Bad inputs must come back as a visible message (a status box,
+starting with ⚠️) while the session state stays as it was and the next good request still works. The logic
+under the events is tested without Gradio in test_lecture.py, test_examples.py and test_entry_points.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +29,37 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:gradio.helpers")  #
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
+    """The app over a tiny random Qwen2.5-VL (MMKV_MODEL), built the way `mmkv app` builds it."""
+    from mmkv import app as app_module
+
     model = save_tiny("qwen2_5_vl", tmp_path_factory.mktemp("model") / "tiny")
     threads = torch.get_num_threads()
     mp = pytest.MonkeyPatch()
     mp.setenv("MMKV_MODEL", str(model))
-    sys.modules.pop("mmkv.app", None)
-    module = importlib.import_module("mmkv.app")
-    yield module
+    mp.setattr(app_module, "_CONTEXT", None)
+    ui = app_module.build_app(app_module.AppContext.from_environment())
+    yield ui
     torch.set_num_threads(threads)  # the store runs tiny models on one thread; leave others as they were
     mp.undo()
-    sys.modules.pop("mmkv.app", None)
 
 
 @pytest.fixture()
 def state(app):
-    return app._new_state()
+    from mmkv.ui.handlers import AppState
+
+    return AppState()
+
+
+def _outputs(ui, method) -> set:
+    """The components event ``method`` (a bound AppUI method) is wired to update, over all its triggers."""
+    deps = [d for d in ui.demo.fns.values() if d.fn == method]
+    assert deps, f"{method.__name__} is not wired to any event"
+    return {ui.demo.blocks[i] if isinstance(i, int) else i for d in deps for i in d.outputs}
+
+
+def _keys_are_outputs(ui, method, out: dict) -> dict:
+    assert set(out) <= _outputs(ui, method), set(out) - _outputs(ui, method)
+    return out
 
 
 def _example(i: int) -> dict:
@@ -60,8 +76,9 @@ def _mixed() -> dict:
 
 
 def chat(app, state, message, method="snapkv", ratio=0.3, tokens=0, query_aware=True, max_new=4, frames=4, params=""):
-    """All updates of one chat turn: (chatbot, input, status, summary, state, run dropdown) each."""
-    return list(app.on_chat(message, state, method, ratio, tokens, query_aware, max_new, frames, params))
+    """All updates of one chat turn, each a dict keyed by component."""
+    updates = list(app.on_chat(message, state, method, ratio, tokens, query_aware, max_new, frames, params))
+    return [_keys_are_outputs(app, app.on_chat, u) for u in updates]
 
 
 def compare(
@@ -77,7 +94,7 @@ def compare(
     frames=4,
     with_kl=True,
 ):
-    return app.on_compare(
+    out = app.on_compare(
         message,
         list(methods),
         ratio,
@@ -90,13 +107,17 @@ def compare(
         state,
         progress=lambda *a, **k: None,
     )
+    return _keys_are_outputs(app, app.on_compare, out)
 
 
 # ---- happy paths (every tab) -------------------------------------------------------------------
 def test_app_defaults_and_queue(app):
-    assert app.DEFAULT_MODEL.endswith("tiny") and app.MODEL_NOTICE is None
-    assert app.queue_kwargs()["default_concurrency_limit"] == 1 and app.queue_kwargs()["max_size"] >= 1
-    kw = app.launch_kwargs()
+    from mmkv import app as app_module
+
+    assert app.context.store.default.endswith("tiny") and app.context.notice is None
+    assert app_module.context() is app.context  # the accelerator functions read the app's own context
+    assert app_module.queue_kwargs()["default_concurrency_limit"] == 1 and app_module.queue_kwargs()["max_size"] >= 1
+    kw = app_module.launch_kwargs(app.context.limits)
     assert kw["server_name"] == "127.0.0.1" and kw["max_file_size"].endswith("mb") and "theme" in kw and "css" in kw
     model_events = {fn.fn.__name__: fn for fn in app.demo.fns.values() if fn.concurrency_id == "model"}
     assert set(model_events) == {"on_chat", "on_compare"} and all(
@@ -122,12 +143,29 @@ def test_default_model_falls_back_to_a_tiny_random_model(tmp_path, monkeypatch):
     assert default_model(tmp_path, bundled=bundled) == ("org/some-model", None)
 
 
+def test_importing_the_app_does_no_work():
+    """`import mmkv.app` loads no model and builds no page (issue: work at import time); `demo` is lazy."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mmkv.app as a; "
+        "assert a._CONTEXT is None and 'demo' not in vars(a), 'built at import'; "
+        "assert not any(m.startswith('transformers.models.qwen2') for m in sys.modules), 'a model class was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_chat_streams_an_answer_and_records_a_run(app, state):
-    new, status, _ = app.on_page_load(state)
-    assert "parameters" in status
+    out = _keys_are_outputs(app, app.on_page_load, app.on_page_load(state))
+    assert "parameters" in out[app.model_status]
     updates = chat(app, state, _mixed())
     assert len(updates) >= 3  # "running", deltas, done
-    display, box, status, summary, new_state, runs = updates[-1]
+    assert all(set(u) == {app.chatbot, app.chat_status} for u in updates[:-1])  # streaming touches only these
+    last = updates[-1]
+    display, box, status, summary = last[app.chatbot], last[app.chat_in], last[app.chat_status], last[app.chat_summary]
+    new_state, runs = last[app.state], last[app.run_dd]
     assert status.startswith("Done") and "KV bytes" in summary and box is None
     assert display[-1]["role"] == "assistant" and display[-2]["content"] == _mixed()["text"]
     assert [m["content"]["path"] for m in display if isinstance(m["content"], dict)] == _mixed()["files"]
@@ -136,14 +174,19 @@ def test_chat_streams_an_answer_and_records_a_run(app, state):
     assert len(run.images) == 1 and len(run.videos) == 1 and len(run.videos[0].frames) == 4
     # a second turn sees the whole conversation; clearing empties it
     updates = chat(app, new_state, {"text": "and now?", "files": []}, method="h2o")
-    assert updates[-1][2].startswith("Done") and len(new_state.chat) == 4 and len(new_state.runs) == 2
-    st, shown, box, status, _ = app.on_clear(new_state)
-    assert shown == [] and box is None and st.chat == [] and len(st.runs) == 2
+    assert updates[-1][app.chat_status].startswith("Done") and len(new_state.chat) == 4 and len(new_state.runs) == 2
+    out = _keys_are_outputs(app, app.on_clear, app.on_clear(new_state))
+    assert out[app.chatbot] == [] and out[app.chat_in] is None and out[app.state].chat == []
+    assert len(out[app.state].runs) == 2
 
 
 def test_compare_runs_full_and_methods_with_agreement(app, state):
     out = compare(app, state, _example(0))
-    status, table, mem, speed, agree, kept, gallery, report, traces, new_state, runs = out
+    status, table, gallery, new_state, runs = (
+        out[c] for c in (app.cmp_status, app.cmp_table, app.cmp_gallery, app.state, app.run_dd)
+    )
+    mem, speed, agree, kept = (out[c] for c in (app.mem_plot, app.speed_plot, app.agree_plot, app.kept_plot))
+    report, traces = out[app.cmp_report], out[app.cmp_traces]
     assert status.startswith("Ran 3 generations"), status
     rows = table["data"]
     assert [r[0] for r in rows] == ["full", "snapkv", "streamingllm"] and table["headers"][0] == "method"
@@ -164,39 +207,29 @@ def test_compare_runs_full_and_methods_with_agreement(app, state):
 
 def test_compare_kl_is_zero_for_an_uncompressed_budget(app, state):
     out = compare(app, state, _example(2), methods=("snapkv",), ratio=1.0)
-    rows, headers = out[1]["data"], out[1]["headers"]
+    rows, headers = out[app.cmp_table]["data"], out[app.cmp_table]["headers"]
     assert rows[1][headers.index("overlap")] == 1.0 and rows[1][headers.index("KL")] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_compare_budget_sweep_and_query_agnostic(app, state):
     out = compare(app, state, _example(0), methods=("snapkv",), sweep="0.1, 0.6", query_aware=False, with_kl=False)
-    assert out[0].startswith("Ran 4 generations"), out[0]  # Full + snapkv at 0.3, 0.1, 0.6
-    sweep = out[4]
+    status = out[app.cmp_status]
+    assert status.startswith("Ran 4 generations"), status  # Full + snapkv at 0.3, 0.1, 0.6
+    sweep = out[app.agree_plot]
     assert [t.name for t in sweep.data] == ["SnapKV: overlap"] and list(sweep.data[0].x) == [0.1, 0.3, 0.6]
-    assert [r[0] for r in out[1]["data"]] == ["full", "snapkv"]  # the table shows the main budget
+    assert [r[0] for r in out[app.cmp_table]["data"]] == ["full", "snapkv"]  # the table shows the main budget
 
 
 def test_inspect_renders_every_view_and_exports(app, state):
     compare(app, state, _mixed(), methods=("lookm",))
     label = next(k for k in state.runs if "lookm" in k)
-    (
-        layers,
-        heads,
-        summary,
-        budget,
-        pref,
-        head_fig,
-        gallery,
-        strip,
-        merges,
-        trace_path,
-        report_path,
-        step,
-        replay_summary,
-        replay_gallery,
-        replay_fig,
-        replay_answer,
-    ) = app.on_run_change(state, label, 0.5)
+    out = _keys_are_outputs(app, app.on_run_change, app.on_run_change(state, label, 0.5))
+    layers, heads, summary, gallery, strip = (
+        out[c] for c in (app.layer_dd, app.head_dd, app.ins_summary, app.ins_gallery, app.strip)
+    )
+    budget, pref, head_fig = out[app.budget_plot], out[app.pref_plot], out[app.heads_plot]
+    trace_path, report_path = out[app.trace_dl], out[app.report_dl]
+    assert out[app.replay_summary] and out[app.step].maximum >= 0
     assert layers.choices[0][0] == "all layers" and len(layers.choices) == 1 + 2
     assert len(heads.choices) == 1 + 2 and "lookm" in summary
     assert all(isinstance(f, go.Figure) for f in (budget, pref, head_fig))
@@ -206,8 +239,8 @@ def test_inspect_renders_every_view_and_exports(app, state):
     assert Trace.from_json(Path(trace_path)).method == "lookm"
     assert "<figcaption>" in Path(report_path).read_text()
     # one layer and head: merges listed (LOOK-M merges evicted visual tokens)
-    out = app.on_inspect(state, label, "layer 1", "KV head 0", 0.4)
-    summary, *_, merges, _, _ = out
+    out = _keys_are_outputs(app, app.on_inspect, app.on_inspect(state, label, "layer 1", "KV head 0", 0.4))
+    summary, merges = out[app.ins_summary], out[app.merges]
     assert "layer 1, KV head 0" in summary and merges["data"] and merges["headers"][2] == "absorbed (evicted)"
 
 
@@ -220,7 +253,7 @@ def test_about_describes_every_method(app):
 
 
 def test_method_change_fills_hyper_parameters(app):
-    assert json.loads(app.on_method_change("snapkv")) == {
+    assert json.loads(app.on_method_change("snapkv")[app.params]) == {
         "window": 32,
         "kernel": 5,
         "pooling": "avg",
@@ -229,18 +262,21 @@ def test_method_change_fills_hyper_parameters(app):
 
 
 def test_load_model_success_and_failure_keep_serving(app, state, tmp_path):
-    st, status, shown, note = app.on_load_model(app.DEFAULT_MODEL, state)
+    def load(name):
+        out = _keys_are_outputs(app, app.on_load_model, app.on_load_model(name, state))
+        return out[app.state], out[app.model_status]
+
+    st, status = load(app.context.store.default)
     assert status.startswith("Model:") and "qwen2_5_vl" in status
-    st, status, _, _ = app.on_load_model(str(tmp_path), state)  # a directory without config.json
+    st, status = load(str(tmp_path))  # a directory without config.json
     assert status.startswith("⚠️") and "config.json" in status and st.model == ""
-    st, status, _, _ = app.on_load_model("not a valid id !!", state)
+    st, status = load("not a valid id !!")
     assert status.startswith("⚠️") and "cannot load" in status.lower()
-    assert chat(app, st, _example(0))[-1][2].startswith("Done")  # still serving on the previous model
+    assert chat(app, st, _example(0))[-1][app.chat_status].startswith("Done")  # still serving on the previous model
 
 
 # ---- bad inputs ---------------------------------------------------------------------------------
-def _assert_message(updates_or_out, *needles):
-    status = updates_or_out[-1][2] if isinstance(updates_or_out, list) else updates_or_out[0]
+def _assert_message(status: str, *needles):
     assert status.startswith("⚠️"), status
     for needle in needles:
         assert needle in status, status
@@ -272,13 +308,14 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
 def test_bad_files_give_a_message_in_chat_and_compare(app, state, tmp_path, monkeypatch, case, needles):
     from mmkv.ui import Limits
 
-    monkeypatch.setattr(app, "LIMITS", Limits(max_upload_mb=0.1))
+    monkeypatch.setattr(app.context, "limits", Limits(max_upload_mb=0.1))
     path = _bad_files(tmp_path)[case]
     message = {"text": "what is this?", "files": [str(path)]}
     updates = chat(app, state, message)
-    _assert_message(updates, *needles)
+    _assert_message(updates[-1][app.chat_status], *needles)
+    assert updates[-1][app.chat_in] == {"text": "what is this?", "files": []}  # the question stays, the file goes
     assert state.chat == [] and state.runs == {}
-    _assert_message(compare(app, state, message), *needles)
+    _assert_message(compare(app, state, message)[app.cmp_status], *needles)
 
 
 @pytest.mark.parametrize(
@@ -303,7 +340,7 @@ def test_bad_files_give_a_message_in_chat_and_compare(app, state, tmp_path, monk
 )
 def test_bad_chat_requests_give_a_message_and_keep_the_session(app, state, kwargs, needles):
     message = kwargs.pop("message", _example(0))
-    _assert_message(chat(app, state, message, **kwargs), *needles)
+    _assert_message(chat(app, state, message, **kwargs)[-1][app.chat_status], *needles)
     assert state.chat == [] and state.display == [] and not state.runs
 
 
@@ -319,17 +356,33 @@ def test_bad_chat_requests_give_a_message_and_keep_the_session(app, state, kwarg
     ],
 )
 def test_bad_compare_requests_give_a_message(app, state, kwargs, needles):
-    _assert_message(compare(app, state, _example(0), **kwargs), *needles)
+    _assert_message(compare(app, state, _example(0), **kwargs)[app.cmp_status], *needles)
     assert not state.runs
 
 
 def test_bad_inspect_requests_give_a_message(app, state):
-    out = app.on_inspect(state, None, None, None, 0.5)
-    assert out[0].startswith("⚠️") and "nothing to inspect" in out[0]
+    def summary(label, layer, head):
+        return app.on_inspect(state, label, layer, head, 0.5)[app.ins_summary]
+
+    assert summary(None, None, None).startswith("⚠️") and "nothing to inspect" in summary(None, None, None)
     chat(app, state, _example(0))
     label = state.last
-    assert app.on_inspect(state, label, "layer 99", None, 0.5)[0].startswith("⚠️")
-    assert app.on_inspect(state, label, None, "KV head x", 0.5)[0].startswith("⚠️")
-    assert app.on_inspect(state, "no such run", None, None, 0.5)[0].startswith("⚠️")
-    assert "Nothing to inspect" in app.on_run_change(state, "no such run", 0.5)[2]
-    assert not app.on_inspect(state, label, "layer 0", "KV head 1", 0.5)[0].startswith("⚠️")
+    assert summary(label, "layer 99", None).startswith("⚠️")
+    assert summary(label, None, "KV head x").startswith("⚠️")
+    assert summary("no such run", None, None).startswith("⚠️")
+    assert "Nothing to inspect" in app.on_run_change(state, "no such run", 0.5)[app.ins_summary]
+    assert not summary(label, "layer 0", "KV head 1").startswith("⚠️")
+    assert app.on_replay(state, "no such run", 0, None, None)[app.replay_summary].startswith("⚠️")
+
+
+def test_replay_steps_and_play_stop_at_the_ends(app, state):
+    chat(app, state, _example(0), max_new=4)
+    label = state.last
+    last = app._last_step(state, label)
+    assert last >= 1
+    assert app.on_prev(0, state, label) == {app.step: 0} and app.on_next(last, state, label) == {app.step: last}
+    assert app.on_next("junk", state, label) == {app.step: 0}  # an unreadable step goes back to the start
+    started = _keys_are_outputs(app, app.on_play, app.on_play(False))
+    assert started[app.playing] is True and started[app.timer].active is True
+    ticked = _keys_are_outputs(app, app.on_tick, app.on_tick(last - 1, state, label, True))
+    assert ticked[app.step] == last and ticked[app.playing] is False and ticked[app.timer].active is False
