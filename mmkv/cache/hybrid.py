@@ -31,16 +31,15 @@ prefix, fixed tokens, buffers, summaries, tail, plus the store itself when ``off
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from .layers import (
-    AppendBuffer,
-    CompressedLayer,
     DeviceLog,
     FlatPrefix,
     GrowthModel,
+    SharedTailLayer,
     batch_size_error,
     group_rows,
     ragged_attention,
@@ -88,7 +87,7 @@ def top_chunk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order, dim=-1).values
 
 
-class HybridLayer(CompressedLayer):
+class HybridLayer(SharedTailLayer):
     """A decoder layer's cache with static (pruned, ragged) and dynamic (chunk-retrieving) KV heads.
 
     Device storage is one :class:`~mmkv.cache.layers.FlatPrefix`: the static heads' kept rows, then per dynamic
@@ -126,11 +125,7 @@ class HybridLayer(CompressedLayer):
         device = prefix_keys.device
         n_dyn, length, d = full_dynamic_keys.shape
         num_heads = len(head_types)
-        empty = prefix_keys.new_zeros(1, num_heads, 0, d)
-        self.lazy_initialization(empty, empty)
-        self._tail_keys, self._tail_values = AppendBuffer(empty, reserve), AppendBuffer(empty.clone(), reserve)
-        self._tail_positions = AppendBuffer(torch.zeros(0, dtype=torch.long, device=device), reserve, -1)
-        self.keys, self.values = self._tail_keys.data, self._tail_values.data
+        self._init_tail(prefix_keys, num_heads, device, reserve)
         self.head_types = list(head_types)
         self.static_heads = [h for h, t in enumerate(head_types) if t == STATIC]
         self.dynamic_heads = [h for h, t in enumerate(head_types) if t == DYNAMIC]
@@ -238,23 +233,7 @@ class HybridLayer(CompressedLayer):
         self.prefix.hide[self._dyn_index[:, None], 0, self._buffer_rows] = ~valid.view(valid.shape[0], -1)
 
     # ---- transformers cache-layer API ----------------------------------------------------------
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if key_states.shape[0] != 1:
-            raise batch_size_error()
-        n_new = key_states.shape[-2]
-        self.keys = self._tail_keys.append(key_states)
-        self.values = self._tail_values.append(value_states)
-        self._tail_positions.append(
-            torch.arange(self.logical_length, self.logical_length + n_new, device=self.fixed_positions.device)
-        )
-        self.logical_length += n_new
-        return self.keys, self.values
-
     # ---- mmkv API --------------------------------------------------------------------------------
-    @property
-    def tail_positions(self) -> torch.Tensor:
-        return self._tail_positions.data
-
     @property
     def retrievals(self) -> list[list[list[int]]]:
         """Per forward (decode step), per dynamic head: the sorted chunk ids retrieved (one transfer)."""
@@ -315,15 +294,14 @@ class HybridLayer(CompressedLayer):
 
     def physical_bytes(self) -> int:
         """Device bytes: static prefix, dynamic fixed tokens, buffers, summaries, tail (+ store if not offloaded)."""
-        device = self.prefix.nbytes() + self._tail_keys.nbytes + self._tail_values.nbytes + self.summary_bytes()
+        device = self.prefix.nbytes() + self.tail_bytes() + self.summary_bytes()
         if not self.offloaded:
             device += tensor_bytes(self.host_keys, self.host_values)
         return device
 
     def growth(self) -> GrowthModel:
         """Everything but the generated tail is fixed in size (retrieval rewrites the buffer in place)."""
-        tail = self._tail_keys.nbytes + self._tail_values.nbytes
-        return GrowthModel.of_buffer(self._tail_keys, fixed=self.physical_bytes() - tail)
+        return GrowthModel.of_buffer(self._tail_keys, fixed=self.physical_bytes() - self.tail_bytes())
 
     def overhead_bytes(self) -> int:
         """Device bytes that hold no kept token: summaries + unused (masked) buffer slots (+ a non-offloaded store)."""

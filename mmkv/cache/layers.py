@@ -543,7 +543,41 @@ def blockwise_softmax_attention(
     return out
 
 
-class RaggedLayer(CompressedLayer):
+class SharedTailLayer(CompressedLayer):
+    """A compressed prefix (stored by the subclass) plus one dense tail shared by all KV heads: the tokens
+    appended after compression (decode steps), at logical positions counted on from ``logical_length``.
+
+    :class:`RaggedLayer` and :class:`~mmkv.cache.hybrid.HybridLayer` differ in their prefixes and share this.
+    ``reserve`` preallocates room for that many appended tokens (see :class:`AppendBuffer`).
+    """
+
+    def _init_tail(self, like: torch.Tensor, num_heads: int, positions_device: torch.device, reserve: int) -> None:
+        empty = like.new_zeros(1, num_heads, 0, like.shape[-1])
+        self.lazy_initialization(empty, empty)
+        self._tail_keys, self._tail_values = AppendBuffer(empty, reserve), AppendBuffer(empty.clone(), reserve)
+        self._tail_positions = AppendBuffer(torch.zeros(0, dtype=torch.long, device=positions_device), reserve, -1)
+        self.keys, self.values = self._tail_keys.data, self._tail_values.data
+
+    @property
+    def tail_positions(self) -> torch.Tensor:
+        return self._tail_positions.data
+
+    def tail_bytes(self) -> int:
+        return self._tail_keys.nbytes + self._tail_values.nbytes
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if key_states.shape[0] != 1:
+            raise batch_size_error()
+        n_new = key_states.shape[-2]
+        self.keys = self._tail_keys.append(key_states)
+        self.values = self._tail_values.append(value_states)
+        start = self.logical_length
+        self._tail_positions.append(torch.arange(start, start + n_new, device=self._tail_positions.store.device))
+        self.logical_length += n_new
+        return self.keys, self.values
+
+
+class RaggedLayer(SharedTailLayer):
     """Per-head budgets, flattened prefix + shared dense tail (see the module docstring)."""
 
     def __init__(
@@ -556,15 +590,7 @@ class RaggedLayer(CompressedLayer):
         reserve: int = 0,
     ) -> None:
         super().__init__(logical_length)
-        num_heads = len(offsets) - 1
-        empty = prefix_keys.new_zeros(1, num_heads, 0, prefix_keys.shape[-1])
-        self.lazy_initialization(empty, empty)
-        # the tail (tokens appended after compression, shared by all heads), with optional reserved room
-        self._tail_keys, self._tail_values = AppendBuffer(empty, reserve), AppendBuffer(empty.clone(), reserve)
-        self._tail_positions = AppendBuffer(
-            torch.zeros(0, dtype=torch.long, device=prefix_positions.device), reserve, -1
-        )
-        self.keys, self.values = self._tail_keys.data, self._tail_values.data
+        self._init_tail(prefix_keys, len(offsets) - 1, prefix_positions.device, reserve)
         self.offsets = list(offsets)
         self.prefix = FlatPrefix(
             prefix_keys, prefix_values, self.offsets[:-1], [b - a for a, b in zip(self.offsets, self.offsets[1:])]
@@ -575,24 +601,8 @@ class RaggedLayer(CompressedLayer):
     prefix_values = property(lambda self: self.prefix.values)
 
     @property
-    def tail_positions(self) -> torch.Tensor:
-        return self._tail_positions.data
-
-    @property
     def num_heads(self) -> int:
         return len(self.offsets) - 1
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if key_states.shape[0] != 1:
-            raise batch_size_error()
-        n_new = key_states.shape[-2]
-        self.keys = self._tail_keys.append(key_states)
-        self.values = self._tail_values.append(value_states)
-        self._tail_positions.append(
-            torch.arange(self.logical_length, self.logical_length + n_new, device=self.prefix_positions.device)
-        )
-        self.logical_length += n_new
-        return self.keys, self.values
 
     def kept_positions(self) -> list[torch.Tensor]:
         return [
@@ -601,7 +611,7 @@ class RaggedLayer(CompressedLayer):
         ]
 
     def physical_bytes(self) -> int:
-        return self.prefix.nbytes() + self._tail_keys.nbytes + self._tail_values.nbytes
+        return self.prefix.nbytes() + self.tail_bytes()
 
     def growth(self) -> GrowthModel:
         return GrowthModel.of_buffer(self._tail_keys, fixed=self.prefix.nbytes())
