@@ -15,6 +15,7 @@ from .inputs.modality import IMAGE, TEXT, VIDEO, ModalityMap
 from .inputs.prompt import chat
 from .methods import METHODS, Method, make_method
 from .models import PreparedInputs, UnsupportedModelError, adapter_for, load
+from .runtime.conversation import Conversation, TurnPolicy, TurnResult
 from .runtime.driver import Generation, GenerationResult, generate
 from .runtime.session import Session, compress, resolve_capacity
 from .statistics.attention import ATTENTION_NAME, register
@@ -30,6 +31,9 @@ __all__ = [
     "chat",
     "BatchSizeError",
     "cache_bytes",
+    "Conversation",
+    "TurnPolicy",
+    "TurnResult",
     "Generation",
     "GenerationResult",
     "generate",

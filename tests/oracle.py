@@ -19,6 +19,7 @@ from mmkv.methods.base import LayerContext, LayerPlan, Method
 
 REFERENCE_ATTENTION = "mmkv_test_masked_reference"
 _EVICTED: dict[int, list[torch.Tensor]] = {}  # layer -> per KV head bool [L] (True = evicted)
+_MASK_FROM: list[int] = []  # [p]: in a multi-token forward, queries at positions >= p also lose the evicted keys
 
 
 def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -38,11 +39,17 @@ def _reference_attention(module, query, key, value, attention_mask, dropout=0.0,
     elif q_len > 1 and getattr(module, "is_causal", True) and layer is not None:
         causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
         logits = logits.masked_fill(~causal, float("-inf"))
-    if layer is not None and layer in _EVICTED and q_len == 1:
+    if layer is not None and layer in _EVICTED and (q_len == 1 or _MASK_FROM):
+        rows = torch.ones(q_len, dtype=torch.bool)
+        if q_len > 1:
+            rows = torch.arange(kv_len - q_len, kv_len) >= _MASK_FROM[0]
         for h, evicted in enumerate(_EVICTED[layer]):
             cols = torch.zeros(kv_len, dtype=torch.bool)
             cols[: evicted.numel()] = evicted
-            logits[:, h * group : (h + 1) * group, :, cols] = float("-inf")
+            hidden = rows[:, None] & cols[None, :]
+            logits[:, h * group : (h + 1) * group] = logits[:, h * group : (h + 1) * group].masked_fill(
+                hidden, float("-inf")
+            )
     probs = torch.softmax(logits, dim=-1)
     out = torch.matmul(probs, v).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
@@ -94,6 +101,34 @@ def masked_reference_logits(
             logits.append(out.logits[0, -1].float())
     _EVICTED.clear()
     return logits
+
+
+@torch.inference_mode()
+def masked_continuation_logits(model, inputs: dict, kept: dict[int, list[torch.Tensor]], span: int) -> torch.Tensor:
+    """Last-position logits of one uncompressed forward over ``inputs`` (a whole conversation) in which every
+    query at position ``>= span`` cannot see the prompt keys ``< span`` that ``kept`` evicted.
+
+    This is a conversation whose first ``span`` tokens were prefilled and compressed to ``kept``, and whose
+    later tokens (answers, later turns) were read against that compressed cache (docs/methods.md, "Multi-turn").
+    """
+    _EVICTED.clear()
+    for layer, heads in kept.items():
+        masks = []
+        for k in heads:
+            evicted = torch.ones(span, dtype=torch.bool)
+            evicted[k] = False
+            masks.append(evicted)
+        _EVICTED[layer] = masks
+    _MASK_FROM[:] = [span]
+    _reset_rope(model)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    try:
+        with _attention(model, REFERENCE_ATTENTION):
+            out = model(**inputs, **cache_kwargs(model, cache), use_cache=True)
+    finally:
+        _EVICTED.clear()
+        _MASK_FROM.clear()
+    return out.logits[0, -1].float()
 
 
 @torch.inference_mode()

@@ -99,6 +99,28 @@ class ModelAdapter(ABC):
         """The language decoder (the module with ``.layers`` whose attention we compress)."""
         return resolve_text_model(model)
 
+    # ------------------------------------------------------------------ continuing a kept cache
+    def media_suffix(self, prepared: PreparedInputs, images: int, videos: int) -> dict[str, Any]:
+        """The pixel inputs of the last ``images`` images and ``videos`` videos of ``prepared`` (a whole
+        conversation), for a forward that feeds only the new turn's tokens against a kept cache.
+
+        Families whose model numbers or packs a new turn's visual tokens by the whole prompt (LLaVA-OneVision
+        switches to base-view-only features with several images; Idefics3/SmolVLM feed tiles as one batch)
+        raise; a text-only turn needs nothing from here (docs/methods.md, "Multi-turn").
+        """
+        if not images and not videos:
+            return {}
+        raise ValueError(
+            f"the {self.family} family cannot attach new images or videos to a kept cache in a later turn: "
+            "attach them in the first turn, ask with reread=True (the whole conversation is read again), "
+            "or start a new Conversation"
+        )
+
+    def suffix_position_ids(self, model: torch.nn.Module, prepared: PreparedInputs, start: int) -> torch.Tensor | None:
+        """Position ids of tokens ``start:`` of ``prepared`` as a full read numbers them, and the model's
+        rope state set for the decode steps after them; None where positions are the token indices."""
+        return None
+
     # ------------------------------------------------------------------ visual token bounds
     def bound_visual_tokens(
         self, model: torch.nn.Module, processor: Any, image_tokens: int | None, video_tokens: int | None

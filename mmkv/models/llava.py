@@ -221,6 +221,11 @@ class LlavaAdapter(ModelAdapter):
             cells.append((pos, r, c))
         return ModalityMap.from_items(ids.numel(), items, cells)
 
+    def media_suffix(self, prepared: PreparedInputs, images: int, videos: int) -> dict[str, Any]:
+        """The last pictures: LLaVA-1.5 reads every image and video frame as one ``pixel_values`` entry."""
+        pictures = images + sum(len(v.frames) for v in prepared.videos[len(prepared.videos) - videos :])
+        return {"pixel_values": prepared.inputs["pixel_values"][-pictures:]} if pictures else {}
+
 
 def _resolved_images(
     images: list[Image.Image], videos: list[VideoFrames], sources: list[tuple[int, int, int]]

@@ -276,6 +276,38 @@ class _QwenAdapter(ModelAdapter):
             videos=videos,
         )
 
+    # ------------------------------------------------------------------ continuing a kept cache
+    def media_suffix(self, prepared: PreparedInputs, images: int, videos: int) -> dict[str, Any]:
+        """Patch rows of the last images / videos: ``prod(grid_thw)`` rows each, in chat order."""
+        inputs, out = prepared.inputs, {}
+        for count, pixels, grid in (
+            (images, "pixel_values", "image_grid_thw"),
+            (videos, "pixel_values_videos", "video_grid_thw"),
+        ):
+            if count:
+                grids = inputs[grid][-count:]
+                out[pixels] = inputs[pixels][-int(grids.prod(-1).sum()) :]
+                out[grid] = grids
+        if videos and "second_per_grid_ts" in inputs:
+            out["second_per_grid_ts"] = inputs["second_per_grid_ts"][-videos:]
+        return out
+
+    def suffix_position_ids(self, model: torch.nn.Module, prepared: PreparedInputs, start: int) -> torch.Tensor | None:
+        """M-RoPE ids of the whole conversation (the model's own ``compute_3d_position_ids`` on a fresh read),
+        cut at ``start``; the model keeps the conversation's ``rope_deltas`` for the decode steps after."""
+        import inspect
+
+        inner: Any = getattr(model, "model", model)
+        inner.rope_deltas = None
+        inputs = prepared.inputs
+        accepted = inspect.signature(inner.compute_3d_position_ids).parameters
+        call = {name: inputs.get(name) for name in accepted if name not in ("self", "kwargs")}  # past_key_values: None
+        position_ids = inner.compute_3d_position_ids(**call)
+        if position_ids is None:  # a text-only conversation: positions are the token indices
+            inner.rope_deltas = torch.zeros(1, 1, dtype=torch.long, device=inputs["input_ids"].device)
+            return None
+        return position_ids[..., start:]
+
     # ------------------------------------------------------------------ modality map
     def modality_map(self, model: torch.nn.Module, inputs: dict[str, Any], **kwargs: Any) -> ModalityMap:
         """Items from ``mm_token_type_ids`` (or the config's pad ids) and ``image_grid_thw``/``video_grid_thw``.

@@ -10,7 +10,7 @@ processed against the compressed cache, so compression can change every answer t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -190,11 +190,55 @@ def generate(
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    adapter = adapter_for(model)
     if prepared is None:
         if chat is None:
             raise ValueError("generate needs a chat, or prepared inputs (prepared=...)")
-        prepared = adapter.prepare(model, processor, chat, num_frames=num_frames, video_fps=video_fps)
+        prepared = adapter_for(model).prepare(model, processor, chat, num_frames=num_frames, video_fps=video_fps)
+    generation, _ = start_generation(
+        model,
+        processor,
+        prepared,
+        method,
+        budget,
+        max_new_tokens=max_new_tokens,
+        query_aware=query_aware,
+        sampling=Sampling(do_sample, temperature, top_p, seed),
+        record_attention=record_attention,
+        record_scores=record_scores,
+        preallocate=preallocate,
+        method_params=method_params,
+    )
+    return generation if stream else generation.run()
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (``do_sample=False``) or sampled with temperature / top-p."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def start_generation(
+    model: torch.nn.Module,
+    processor: Any,
+    prepared: PreparedInputs,
+    method: str | Method,
+    budget: float | int,
+    *,
+    max_new_tokens: int,
+    query_aware: bool = True,
+    sampling: Sampling = Sampling(),
+    record_attention: bool = True,
+    record_scores: bool = False,
+    preallocate: bool = False,
+    method_params: dict[str, Any] | None = None,
+    scores: list[torch.Tensor] | None = None,
+) -> tuple[Generation, Session]:
+    """The lazy :class:`Generation` :func:`generate` runs, and its session (which holds the compressed cache
+    after the run: ``session.cache``). ``scores``, when given, receives every step's next-token logits."""
     check_prompt_length(model, prepared.length, max_new_tokens)
     session, context = _session_for(
         model,
@@ -204,15 +248,34 @@ def generate(
         query_aware,
         record_attention=record_attention,
         record_scores=record_scores,
-        method_params=method_params,
+        method_params=method_params or {},
         reserve=max_new_tokens if preallocate else 0,
     )
-    tokenizer = getattr(processor, "tokenizer", processor)
     generation = Generation(iter(()))
-    generation._steps = _run(
-        model, tokenizer, prepared, session, context, max_new_tokens, do_sample, temperature, top_p, seed, generation
-    )
-    return generation if stream else generation.run()
+    run = compressed_run(model, prepared, session, context)
+    generation._steps = _run(model, processor, prepared, session, run, max_new_tokens, sampling, generation, scores)
+    return generation, session
+
+
+def _cached_forward(model: torch.nn.Module, session: Session, cache: Any) -> Any:
+    """``forward(**inputs)``: one forward on ``cache`` under ``session``, returning the last position's logits."""
+
+    def forward(**kwargs: Any) -> torch.Tensor:
+        with session.bound(), torch.inference_mode():
+            return model(**kwargs, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
+
+    return forward
+
+
+def _stepper(model: torch.nn.Module, forward: Any, first: torch.Tensor) -> Any:
+    device = next(model.parameters()).device
+
+    def step(token: int | None = None) -> torch.Tensor:
+        if token is None:
+            return first
+        return forward(input_ids=torch.tensor([[int(token)]], device=device))
+
+    return step
 
 
 @contextmanager
@@ -227,10 +290,7 @@ def compressed_run(model: torch.nn.Module, prepared: PreparedInputs, session: Se
     cache = DynamicCache(config=model_config(model).get_text_config(decoder=True))
     inputs = dict(prepared.inputs)
     _reset_rope_state(model)
-
-    def forward(**kwargs: Any) -> torch.Tensor:
-        with session.bound(), torch.inference_mode():
-            return model(**kwargs, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
+    forward = _cached_forward(model, session, cache)
 
     with session.activate(bind=False):
         if context == prepared.length:
@@ -243,27 +303,48 @@ def compressed_run(model: torch.nn.Module, prepared: PreparedInputs, session: Se
             _ensure_rope_state(model, device)
             first = forward(input_ids=inputs["input_ids"][:, context:])
         _ensure_rope_state(model, device)
-
-        def step(token: int | None = None) -> torch.Tensor:
-            if token is None:
-                return first
-            return forward(input_ids=torch.tensor([[int(token)]], device=device))
-
-        yield step
+        yield _stepper(model, forward, first)
 
 
-def _run(model, tokenizer, prepared, session, context, max_new_tokens, do_sample, temperature, top_p, seed, generation):
+@contextmanager
+def continued_run(model: torch.nn.Module, session: Session, inputs: dict[str, Any]) -> Iterator[Any]:
+    """Feed ``inputs`` (the new tokens of a conversation turn, with their pixels and positions) against the
+    cache ``session`` kept from earlier turns, without compressing it again; yields ``step`` as
+    :func:`compressed_run` does (docs/methods.md, "Multi-turn: what each method does at a new turn")."""
+    if session.cache is None:
+        raise ValueError("there is no kept cache to continue: ask a first turn (or re-read the conversation)")
+    forward = _cached_forward(model, session, session.cache)
+    with session.activate(bind=False):
+        first = forward(**inputs)
+        yield _stepper(model, forward, first)
+
+
+def _run(
+    model: torch.nn.Module,
+    processor: Any,
+    prepared: PreparedInputs,
+    session: Session,
+    run: AbstractContextManager[Any],
+    max_new_tokens: int,
+    sampling: Sampling,
+    generation: Generation,
+    scores: list[torch.Tensor] | None = None,
+) -> Iterator[str]:
+    """The decode loop over ``run``'s steps: yields text deltas, then sets ``generation.result``."""
+    tokenizer = getattr(processor, "tokenizer", processor)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     eos = _eos_ids(model, tokenizer)
     special = set(getattr(tokenizer, "all_special_ids", None) or ())
     ids: list[int] = []
     pieces: list[str] = []
     text = ""
-    with compressed_run(model, prepared, session, context) as step:
+    with run as step:
         logits = step()
         for i in range(max_new_tokens):
-            token = _select(logits, do_sample, temperature, top_p, generator)
+            if scores is not None:
+                scores.append(logits.float().cpu())
+            token = _select(logits, sampling.do_sample, sampling.temperature, sampling.top_p, generator)
             ids.append(token)
             new_text = tokenizer.decode(ids, skip_special_tokens=True)
             piece = ""
@@ -278,6 +359,7 @@ def _run(model, tokenizer, prepared, session, context, max_new_tokens, do_sample
                 break
             logits = step(token)
     trace = session.trace
+    assert trace is not None  # set by the prefill (or by Session.begin_turn for a continued turn)
     trace.prompt_length = prepared.length
     trace.answer = text
     trace.generated_ids = ids

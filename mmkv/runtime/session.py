@@ -341,6 +341,22 @@ class Session:
         if self._growth is None:
             trace.step_bytes[step] = cache_bytes(self.cache)
 
+    def begin_turn(self, trace: Trace) -> None:
+        """Record the forwards that follow (a new conversation turn on the kept cache) into ``trace``.
+
+        Step 0 of ``trace`` is the kept cache as it is now; each forward then adds one step, as after a
+        prefill (docs/methods.md, "Multi-turn: what each method does at a new turn").
+        """
+        if self.cache is None:
+            raise ValueError("the session holds no cache: a turn can only continue after a first prefill")
+        self.trace = trace
+        self.collecting = False
+        self._forward_steps, self._forward_tokens = [], []
+        trace.step_lengths = [int(self.cache.get_seq_length())] if self.record_steps else []
+        trace.step_bytes = [cache_bytes(self.cache)] if self.record_steps else []
+        growth = [layer_growth(layer) for layer in self.cache.layers]
+        self._growth = None if any(g is None for g in growth) else growth
+
     def _step_bytes(self) -> None:
         """``Trace.step_bytes`` from the layers' growth models and the tokens each forward appended."""
         if self._growth is None or not self._live_trace.step_bytes or not self._forward_tokens:
