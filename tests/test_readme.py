@@ -380,10 +380,22 @@ def test_readme_command(command: str, tmp_path: Path) -> None:
 
 
 def test_readme_python_block_runs_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
-    (block,) = re.findall(r"```python\n(.*?)```", README, re.S)
+    block = re.findall(r"```python\n(.*?)```", README, re.S)[0]
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("The orange circle is in image") and "'kv_bytes_compressed'" in lines[0]
     assert lines[1].startswith("The orange circle is in image")  # the stream
     assert abs(float(lines[-1]) - 0.2) < 0.02  # H2O's kept share around plain model.generate
+
+
+def test_readme_multi_turn_block_runs_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "Conversation" in b]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("The orange circle is in image")
+    text, prefilled, held = lines[1].rsplit(" ", 2)
+    assert 0 < int(prefilled) < 40 and int(held) > 0  # the follow-up read only its own tokens
+    assert scope["conv"].cache is None and scope["conv"].cache_bytes == 0
