@@ -1,14 +1,16 @@
 """Draw the app's example images and video, and write their prompts and expected answers (deterministic).
 
-    python scripts/make_examples.py [OUT_DIR]     # default: mmkv/assets/examples
+    python scripts/make_examples.py [OUT_DIR] [--model DIR]    # defaults: mmkv/assets/examples, the bundled model
 
-Writes scenes from the bundled model's task generator (``mmkv.tiny.tasks``: eight 112 px images of
-coloured shapes, an 8-frame clip of a ball that changes colour, as VP8 WebM, which plays in browsers and
-decodes with OpenCV) and ``examples.json``: for each example the prompt, its files, the answer the scene
+Writes scenes from the model's task generator (``mmkv.tiny.tasks``) at the image sizes the model was trained on
+(its ``training_metrics.json`` suite, :func:`mmkv.tiny.tasks.suite_of`: v1 eight 112 px images of coloured
+shapes on flat grey, v2 168 px on the position-shaded background), an 8-frame 112 px clip of a ball that
+changes colour (VP8 WebM, which plays in browsers and decodes with OpenCV), for v2 two 196 px pictures that
+differ in one thing, and ``examples.json``: for each example the prompt, its files, the answer the scene
 implies (``answer``; Full must give it — ``tests/test_app.py`` runs each example through the app's
 handlers), and the method and budget that show one method family's signature (``method``, ``budget``,
-``shows``). Every example is a task the bundled model ships. Everything written here is made by this
-script and released with the project (Apache-2.0), see ``LICENSE.md`` in the output folder.
+``shows``). Only tasks the model ships get examples. Everything written here is made by this script and
+released with the project (Apache-2.0), see ``LICENSE.md`` in the output folder.
 """
 
 from __future__ import annotations
@@ -53,16 +55,40 @@ def write_video(path: Path, frames: list[Image.Image], fps: float) -> Path:
 NEEDLE_SEED, VIDEO_SEED, NEEDLE_IMAGES = "example-needle-3", "example-video-0", 8
 
 
-def task_scenes(needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED) -> tuple[Any, Any]:
-    """The needle scene (eight images, with a password fact) and the moving-ball video scene of the examples."""
+SPOT_SEED = "example-spot-0"
+
+
+def task_scenes(needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED, model: Any = None) -> tuple[Any, Any]:
+    """The needle scene (eight images at the model's size, with a password fact) and the moving-ball video
+    scene of the examples (``model``: a model directory, default the bundled model)."""
     import random
 
-    from mmkv.tiny.tasks import make_image_scene, make_video_scene
+    from mmkv.tiny.tasks import make_image_scene, make_video_scene, suite_of
 
+    size = suite_of(model).size("needle")
     return (
-        make_image_scene(random.Random(needle_seed), NEEDLE_IMAGES, password=True),
+        make_image_scene(random.Random(needle_seed), NEEDLE_IMAGES, password=True, size=size or 112),
         make_video_scene(random.Random(video_seed)),
     )
+
+
+def spot_scene(model: Any = None, seed: str = SPOT_SEED) -> Any:
+    """The two pictures of the spot-the-difference example (a shape that turned another colour), at the model's size."""
+    import random
+
+    from mmkv.tiny.tasks import make_difference_scene, suite_of
+
+    size = suite_of(model).size("spot_difference")
+    return make_difference_scene(random.Random(seed), size, change="turned") if size else None
+
+
+def count_colour(scene: Any) -> str:
+    """The colour the count example asks about: red when 2..K-1 images hold it, else the first colour that does."""
+    from mmkv.tiny.tasks import COLOUR_NAMES
+
+    counts = {c: sum(any(o.colour == c for o in objs) for objs in scene.images) for c in COLOUR_NAMES}
+    good = [c for c in ("red", *COLOUR_NAMES) if 2 <= counts[c] < scene.k]
+    return good[0] if good else "red"
 
 
 def needle_questions(scene: Any) -> list[str]:
@@ -80,80 +106,151 @@ def needle_question(scene: Any) -> str:
     return needle_questions(scene)[0]
 
 
-def examples(needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED) -> list[dict[str, Any]]:
-    """The app's examples: the prompt, its files, Full's expected answer (recomputed from the scene), the
-    method, budget (and hyper-parameters, where not the defaults) that show a method family's signature, and one
-    line saying what to look at."""
-    from mmkv.tiny.tasks import expected_answer
+def examples(needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED, model: Any = None) -> list[dict[str, Any]]:
+    """The app's examples for the tasks ``model`` ships (default: the bundled model): the prompt, its files,
+    Full's expected answer (recomputed from the scene), the method, budget (and hyper-parameters, where not the
+    defaults) that show a method family's signature, and one line saying what to look at."""
+    return [item for _task, item in tasked_examples(needle_seed, video_seed, model)]
 
-    needle, video = task_scenes(needle_seed, video_seed)
+
+def tasked_examples(
+    needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED, model: Any = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """:func:`examples` with each example's task."""
+    from mmkv.tiny.tasks import count_question, expected_answer, shipped_tasks
+
+    needle, video = task_scenes(needle_seed, video_seed, model)
     images = [f"needle_{k + 1}.png" for k in range(NEEDLE_IMAGES)]
     questions = needle_questions(needle)
     first, late = questions[0], questions[-1]
     password = f"The password is {needle.password}.\nWhat is the password?"
     last, first_frame = "What colour is the ball in the last frame?", "What colour is the ball in the first frame?"
-    return [
-        {
-            "text": first,
-            "files": images,
-            "answer": expected_answer(needle, "needle", first),
-            "method": "snapkv",
-            "budget": 0.3,
-            "shows": "Query-aware eviction: SnapKV keeps the cells of the image the question asks about.",
-        },
-        {
-            "text": password,
-            "files": images,
-            "answer": f"The password is {needle.password}.",
-            "method": "lookm",
-            "budget": 0.05,
-            "shows": "Text prior: at 5% LOOK-M keeps the sentence while most image tokens go; SnapKV and H2O lose it.",
-        },
-        {
-            "text": late,
-            "files": images,
-            "answer": expected_answer(needle, "needle", late),
-            "method": "madakv",
-            "budget": 0.5,
-            "shows": "Per-head budgets: MadaKV gives each KV head its own share by modality preference (Inspect).",
-        },
-        {
-            "text": last,
-            "files": ["ball.webm"],
-            "answer": expected_answer(video, "video_colour", last),
-            "method": "hybridkv",
-            "budget": 0.5,
-            "shows": "Retrieval at decode: HybridKV's dynamic heads fetch frame chunks per step (Inspect, replay).",
-        },
-        {
-            "text": first_frame,
-            "files": ["ball.webm"],
-            "answer": expected_answer(video, "video_colour", first_frame),
-            "method": "h2o",
-            "budget": 0.5,
-            "params": {"decode_evict": True},
-            "shows": "Decode-time eviction: H2O drops one cached token per head at every generated token (replay).",
-        },
+    how_many = count_question(count_colour(needle))
+    spot = spot_scene(model)
+    spot_q = "What changed between the two pictures?"
+    items: list[tuple[str, dict[str, Any]]] = [
+        (
+            "needle",
+            {
+                "text": first,
+                "files": images,
+                "answer": expected_answer(needle, "needle", first),
+                "method": "snapkv",
+                "budget": 0.3,
+                "shows": "Query-aware eviction: SnapKV keeps the cells of the image the question asks about.",
+            },
+        ),
+        (
+            "text_needle",
+            {
+                "text": password,
+                "files": images,
+                "answer": f"The password is {needle.password}.",
+                "method": "lookm",
+                "budget": 0.05,
+                "shows": "Text prior: at 5% LOOK-M keeps the sentence while most image tokens go; SnapKV and H2O lose it.",
+            },
+        ),
+        (
+            "needle",
+            {
+                "text": late,
+                "files": images,
+                "answer": expected_answer(needle, "needle", late),
+                "method": "madakv",
+                "budget": 0.5,
+                "shows": "Per-head budgets: MadaKV gives each KV head its own share by modality preference (Inspect).",
+            },
+        ),
+        (
+            "count",
+            {
+                "text": how_many,
+                "files": images,
+                "answer": expected_answer(needle, "count", how_many),
+                "method": "snapkv",
+                "budget": 0.2,
+                "shows": "Counting reads every image, the opposite of a needle: an eviction that keeps only the "
+                "cells the question points at can drop an image that counts (compare with Full).",
+            },
+        ),
+        (
+            "spot_difference",
+            {
+                "text": spot_q,
+                "files": ["spot_1.png", "spot_2.png"],
+                "answer": expected_answer(spot, "spot_difference", spot_q) if spot is not None else None,
+                "method": "lookm",
+                "budget": 0.2,
+                "shows": "Two pictures, one change: the answer needs the same cell in both pictures kept.",
+            },
+        ),
+        (
+            "video_colour",
+            {
+                "text": last,
+                "files": ["ball.webm"],
+                "answer": expected_answer(video, "video_colour", last),
+                "method": "hybridkv",
+                "budget": 0.5,
+                "shows": "Retrieval at decode: HybridKV's dynamic heads fetch frame chunks per step (Inspect, replay).",
+            },
+        ),
+        (
+            "video_colour",
+            {
+                "text": first_frame,
+                "files": ["ball.webm"],
+                "answer": expected_answer(video, "video_colour", first_frame),
+                "method": "h2o",
+                "budget": 0.5,
+                "params": {"decode_evict": True},
+                "shows": "Decode-time eviction: H2O drops one cached token per head at every generated token (replay).",
+            },
+        ),
     ]
+    shipped = set(shipped_tasks(model))
+    return [(task, item) for task, item in items if task in shipped]
 
 
 def make_examples(
-    out_dir: str | Path | None = None, needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED
+    out_dir: str | Path | None = None, needle_seed: str = NEEDLE_SEED, video_seed: str = VIDEO_SEED, model: Any = None
 ) -> Path:
     out = Path(out_dir) if out_dir is not None else ROOT / "mmkv" / "assets" / "examples"
     out.mkdir(parents=True, exist_ok=True)
     from mmkv.tiny.tasks import render_frames, render_image
 
-    for stale in ("room_before.png", "room_after.png"):  # dropped examples (the bundled model cannot answer them)
-        (out / stale).unlink(missing_ok=True)
-    needle, video = task_scenes(needle_seed, video_seed)
+    items = examples(needle_seed, video_seed, model)
+    used = {f for item in items for f in item["files"]}
+    for stale in ("room_before.png", "room_after.png", "spot_1.png", "spot_2.png"):  # dropped or unshipped examples
+        if stale not in used:
+            (out / stale).unlink(missing_ok=True)
+    needle, video = task_scenes(needle_seed, video_seed, model)
     for k, objs in enumerate(needle.images):
-        render_image(objs)[0].save(out / f"needle_{k + 1}.png", optimize=True)
+        render_image(objs, needle.size, needle.shaded)[0].save(out / f"needle_{k + 1}.png", optimize=True)
+    spot = spot_scene(model)
+    if "spot_1.png" in used:
+        for k, objs in enumerate(spot.images):
+            render_image(objs, spot.size, spot.shaded)[0].save(out / f"spot_{k + 1}.png", optimize=True)
     write_video(out / "ball.webm", render_frames(video)[0], video.fps)
-    (out / "examples.json").write_text(json.dumps(examples(needle_seed, video_seed), indent=2) + "\n", encoding="utf-8")
+    (out / "examples.json").write_text(json.dumps(items, indent=2) + "\n", encoding="utf-8")
     (out / "LICENSE.md").write_text(LICENSE_TEXT, encoding="utf-8")
     return out
 
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Draw the app's examples for a teaching model's shipped tasks.")
+    ap.add_argument("out", nargs="?", default=None, help="output folder (default: mmkv/assets/examples)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="teaching model directory whose suite and shipped tasks to follow (default: bundled)",
+    )
+    a = ap.parse_args(argv)
+    print(make_examples(a.out, model=a.model))
+
+
 if __name__ == "__main__":
-    print(make_examples(sys.argv[1] if len(sys.argv) > 1 else None))
+    main()

@@ -3,7 +3,9 @@
     .venv/bin/python scripts/measure_tiny.py [--model bundled] [--samples 100] [--threads 2]
 
 Accuracy is greedy exact match (the scene checker) on held-out seeds (``seed=777``, not the training-time
-eval seed) at 4 and 8 images for the image tasks and 8 frames for the video tasks. Timing is the median
+eval seed) for every task of the model's suite (``training_metrics.json``, ``mmkv.tiny.tasks.suite_of``), at
+its image sizes: 4 and 8 images for the multi-image tasks, two pictures for ``spot_difference``, 8 frames for
+the video tasks. Timing is the median
 wall time of a whole answer (prefill + greedy decode, up to 16 tokens) to an 8-image ``needle`` prompt and
 an 8-frame video prompt, after one warm-up. Prints one JSON object (the model card's numbers).
 """
@@ -31,15 +33,21 @@ def main() -> None:
     import torch
 
     import mmkv
-    from mmkv.tiny.tasks import IMAGE_TASKS, TASKS, heldout_set, make_sample
+    from mmkv.tiny.tasks import MULTI_IMAGE_TASKS, make_sample, suite_of
 
     torch.set_num_threads(args.threads)
+    suite = suite_of(args.model)  # the tasks and image sizes the model was trained on (v1: 112 px)
     model, processor = mmkv.load(args.model, device="cpu")
-    report: dict[str, object] = {"model": args.model, "samples": args.samples, "threads": args.threads}
+    report: dict[str, object] = {
+        "model": args.model,
+        "suite": suite.version,
+        "samples": args.samples,
+        "threads": args.threads,
+    }
     accuracy: dict[str, float] = {}
-    for task in TASKS:
-        for k in (4, 8) if task in IMAGE_TASKS else (None,):
-            samples = heldout_set(task, args.samples, k, seed=777)
+    for task in suite.tasks:
+        for k in (4, 8) if task in MULTI_IMAGE_TASKS else (None,):
+            samples = suite.heldout(task, args.samples, k, seed=777)
             right = sum(
                 s.check(
                     mmkv.generate(model, processor, s.chat, "full", 1.0, max_new_tokens=16, record_attention=False).text
@@ -50,7 +58,7 @@ def main() -> None:
     report["accuracy"] = accuracy
     timing: dict[str, float] = {}
     for name, sample in (
-        ("needle_8_images", make_sample("needle", "timing", 8)),
+        ("needle_8_images", make_sample("needle", "timing", 8, suite.size("needle"))),
         ("video_8_frames", make_sample("video_direction", "timing")),
     ):
         mmkv.generate(model, processor, sample.chat, "full", 1.0, max_new_tokens=16, record_attention=False)

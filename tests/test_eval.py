@@ -11,8 +11,10 @@ import pytest
 import mmkv
 from mmkv.experiments import eval as mmkv_eval
 from mmkv.experiments.records import ResultStore
+from mmkv.tiny.tasks import suite_of
 
 MODEL = "assets/mmkv-tiny-qwen2vl"
+SUITE = suite_of(MODEL)  # the bundled model's tasks and image sizes (as `mmkv eval --model` draws them)
 
 
 def test_eval_harness_full_accuracy_equals_direct_evaluation(tmp_path, capsys) -> None:
@@ -45,7 +47,7 @@ def test_eval_harness_full_accuracy_equals_direct_evaluation(tmp_path, capsys) -
     cells = store.finished()
     model, processor = mmkv.load(MODEL)
     for task in ("text_needle", "video_colour"):
-        samples = mmkv_eval.synthetic_samples([task], 4, 3, 10_000)
+        samples = mmkv_eval.synthetic_samples([task], 4, 3, 10_000, SUITE)
         direct = [mmkv.generate(model, processor, s.chat, "full", 1.0, max_new_tokens=16) for s in samples]
         full = next(r for r in rows if r["task"] == task and r["method"] == "full")
         assert full["accuracy"] == sum(s.check(d.text) for s, d in zip(samples, direct)) / len(samples)
@@ -111,7 +113,7 @@ def test_resume_skips_finished_cells_and_counts_each_once(tmp_path, capsys) -> N
 
 def test_evaluate_api_keeps_a_store_and_reuses_it(tmp_path) -> None:
     model, processor = mmkv.load(MODEL)
-    samples = mmkv_eval.synthetic_samples(["text_needle"], 2, 3, 10_000)
+    samples = mmkv_eval.synthetic_samples(["text_needle"], 2, 3, 10_000, SUITE)
     store = ResultStore(tmp_path / "api.jsonl")
     rows = mmkv_eval.evaluate(model, processor, samples, ["snapkv"], [0.5], store=store)
     assert [(r.method, r.samples) for r in rows] == [("full", 2), ("snapkv", 2)]

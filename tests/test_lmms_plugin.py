@@ -11,7 +11,7 @@ import pytest
 
 import mmkv
 from mmkv.integrations import lmms_eval as plugin
-from mmkv.tiny.tasks import heldout_set
+from mmkv.tiny.tasks import suite_of
 
 MODEL = "assets/mmkv-tiny-qwen2vl"
 
@@ -25,7 +25,7 @@ class Instance:
 
 def _task(n: int = 2) -> tuple[dict, list, list]:
     """A tiny local task: the image needle's images and question as lmms-eval docs."""
-    samples = heldout_set("needle", n, 3, seed=777)
+    samples = suite_of(MODEL).heldout("needle", n, 3, seed=777)  # at the bundled model's image size
     docs = [
         {
             "images": [p["image"] for p in s.chat[0]["content"] if p["type"] == "image"],

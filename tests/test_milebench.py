@@ -23,7 +23,7 @@ from mmkv.experiments.milebench import (
     truncate_left,
 )
 from mmkv.models import adapter_for
-from mmkv.tiny.tasks import heldout_set
+from mmkv.tiny.tasks import heldout_set, suite_of
 
 MODEL = "assets/mmkv-tiny-qwen2vl"
 
@@ -74,8 +74,9 @@ def write_dataset(root: Path, name: str, samples, *, instruction: str = "", choi
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> tuple[Path, list, list]:
     root = tmp_path_factory.mktemp("milebench")
-    needles = heldout_set("text_needle", 4, 3, seed=4242)
-    which = heldout_set("needle", 4, 3, seed=4243)
+    suite = suite_of(MODEL)  # the bundled model's image sizes
+    needles = suite.heldout("text_needle", 4, 3, seed=4242)
+    which = suite.heldout("needle", 4, 3, seed=4243)
     write_dataset(root, "TextNeedleInAHaystack", needles, response=lambda s: s.scene.password)
     write_dataset(
         root,

@@ -17,12 +17,13 @@ import mmkv  # noqa: E402
 from mmkv.experiments import eval as mmkv_eval  # noqa: E402
 from mmkv.experiments.records import ResultStore  # noqa: E402
 from mmkv.experiments.sweep import run_ray  # noqa: E402
+from mmkv.tiny.tasks import suite_of  # noqa: E402
 
 MODEL = "assets/mmkv-tiny-qwen2vl"
 
 
 def _plan() -> mmkv_eval.Plan:
-    samples = mmkv_eval.synthetic_samples(["text_needle"], 2, 3, 10_000)
+    samples = mmkv_eval.synthetic_samples(["text_needle"], 2, 3, 10_000, suite_of(MODEL))
     return mmkv_eval.make_plan(samples, ["snapkv", "lookm"], [0.2], shard_size=1)  # 2 shards x 3 cells
 
 

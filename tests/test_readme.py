@@ -298,12 +298,15 @@ def eval_report(tmp_path: Path) -> None:
 
 def eval_milebench(tmp_path: Path) -> None:
     """On CPU: a two-sample MileBench-format folder, the bundled model, no Ray (tests/test_ray_sweep.py runs Ray)."""
-    from mmkv.tiny.tasks import heldout_set
+    from mmkv.tiny.tasks import suite_of
     from test_milebench import write_dataset
 
     data = tmp_path / "data" / "MileBench"
     write_dataset(
-        data, "TextNeedleInAHaystack", heldout_set("text_needle", 2, 3, seed=7), response=lambda s: s.scene.password
+        data,
+        "TextNeedleInAHaystack",
+        suite_of("bundled").heldout("text_needle", 2, 3, seed=7),
+        response=lambda s: s.scene.password,
     )
     _run(
         [

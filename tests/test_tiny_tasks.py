@@ -11,7 +11,6 @@ import torch
 
 from mmkv.tiny.tasks import (
     COLOUR_NAMES,
-    IMAGE_TASKS,
     TASKS,
     VIDEO_TASKS,
     check_answer,
@@ -348,19 +347,43 @@ def _shipped_tasks() -> list[str]:
     return list(meta["shipped_tasks"])
 
 
+def test_model_says_which_suite_it_was_trained_on():
+    """training_metrics.json's "suite" is read by suite_of (the eval harness, measure_tiny, the examples and these
+    tests draw the bundled model's samples with it); a model without one gets v1's, today's defaults, and v1's
+    suite gives exactly the generator's default samples."""
+    from mmkv.tiny.tasks import V1_SUITE, V2_SUITE, Suite, shipped_tasks, suite_of
+
+    meta = json.loads((ASSET / "training_metrics.json").read_text())
+    suite = suite_of()
+    assert suite == suite_of("bundled") == suite_of(ASSET) == Suite.from_json(meta["suite"])
+    assert set(shipped_tasks()) == set(meta["shipped_tasks"]) <= set(suite.tasks)
+    assert suite_of("Qwen/Qwen2.5-VL-7B-Instruct") == V1_SUITE and shipped_tasks("no/such-model") == ()
+    assert Suite.from_json(V2_SUITE.to_json()) == V2_SUITE and Suite.from_json(V1_SUITE.to_json()) == V1_SUITE
+    for task in V1_SUITE.tasks:
+        k = V1_SUITE.hardest(task)
+        a, b = V1_SUITE.heldout(task, 3, k, seed=777), heldout_set(task, 3, k, seed=777)
+        assert [(x.question, x.answer, x.scene) for x in a] == [(x.question, x.answer, x.scene) for x in b]
+        assert [_pixels(x.chat) for x in a] == [_pixels(x.chat) for x in b]
+    v2 = V2_SUITE.heldout("needle", 1, 8, seed=777)[0]
+    assert (v2.scene.size, v2.scene.shaded) == (168, True)
+    assert V2_SUITE.heldout("spot_difference", 1, None)[0].scene.size == 196
+    assert V2_SUITE.heldout("video_colour", 1, 8)[0].chat[0]["content"][0]["video"][0].size == (112, 112)
+
+
 @pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in mmkv/assets/")
 def test_shipped_model_answers_heldout_set(monkeypatch):
     import mmkv
+    from mmkv.tiny.tasks import suite_of
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, processor = mmkv.models.load(ASSET, device="cpu")
     assert (ASSET / "model.safetensors").stat().st_size <= 25 * 2**20
+    suite = suite_of(ASSET)  # the tasks and image sizes the model was trained on
     tasks = _shipped_tasks()
-    assert tasks and set(tasks) <= set(TASKS)
+    assert tasks and set(tasks) <= set(suite.tasks)
     n = 40
-    for task in tasks:
-        k = 8 if task in IMAGE_TASKS else None
-        samples = heldout_set(task, n, k, seed=777)  # fixed, not the training-time eval seed
+    for task in tasks:  # each at its hardest setting (8 images, two pictures, 8 frames), at the model's own sizes
+        samples = suite.heldout(task, n, suite.hardest(task), seed=777)  # fixed, not the training-time eval seed
         right = 0
         for s in samples:
             out = mmkv.generate(model, processor, s.chat, method="full", max_new_tokens=16, record_attention=False)
@@ -378,22 +401,27 @@ def test_example_answers_are_what_the_scenes_imply():
 
     sys.path.insert(0, str(ASSET.parents[2] / "scripts"))
     import make_examples
+    from mmkv.tiny.tasks import ALL_TASKS
 
     folder = ASSET.parent / "examples"
     items = json.loads((folder / "examples.json").read_text())
     assert items == make_examples.examples()
     needle, video = make_examples.task_scenes()
+    spot = make_examples.spot_scene()
     shipped = set(_shipped_tasks())
     for item in items:
         question = item["text"].splitlines()[-1]
-        task = next(t for t in TASKS if expected_answer(video if t in VIDEO_TASKS else needle, t, question))
-        scene = video if task in VIDEO_TASKS else needle
+        scene = video if "ball.webm" in item["files"] else spot if "spot_1.png" in item["files"] else needle
+        task = next(t for t in ALL_TASKS if expected_answer(scene, t, question))
         assert task in shipped, (item["text"], task)
         assert expected_answer(scene, task, question) == item["answer"], item
         assert all((folder / f).is_file() for f in item["files"])
-    for k, objs in enumerate(needle.images):  # PNGs are lossless: the files are the scene, pixel for pixel
-        png = np.asarray(Image.open(folder / f"needle_{k + 1}.png").convert("RGB"))
-        assert np.array_equal(png, np.asarray(render_image(objs)[0].convert("RGB")))
+    pictures = [(f"needle_{k + 1}.png", objs, needle) for k, objs in enumerate(needle.images)]
+    if any("spot_1.png" in item["files"] for item in items):
+        pictures += [(f"spot_{k + 1}.png", objs, spot) for k, objs in enumerate(spot.images)]
+    for name, objs, sc in pictures:  # PNGs are lossless: the files are the scene, pixel for pixel
+        png = np.asarray(Image.open(folder / name).convert("RGB"))
+        assert np.array_equal(png, np.asarray(render_image(objs, sc.size, sc.shaded)[0].convert("RGB")))
     assert {i["method"] for i in items} >= {"lookm", "madakv", "hybridkv", "h2o"}
 
 

@@ -33,7 +33,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,9 @@ from ..models import adapter_for, load
 from ..runtime.driver import forced_logits, generate
 from .progress import Progress
 from .records import ResultStore, failure_record, reference_ids, write_records
+
+if TYPE_CHECKING:
+    from ..tiny.tasks import Suite
 
 #: Methods run by default on a CPU-only machine (one per family: scoring, per-head, text-prior merging,
 #: modality-aware); with a GPU every method runs.
@@ -556,12 +559,17 @@ def format_rows(rows: Sequence[EvalRow]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def synthetic_samples(tasks: Sequence[str], n: int, images: int | None, seed: int) -> list[Any]:
-    from ..tiny.tasks import heldout_set
+def synthetic_samples(
+    tasks: Sequence[str], n: int, images: int | None, seed: int, suite: Suite | None = None
+) -> list[Any]:
+    """``n`` held-out samples per task, drawn at ``suite``'s image sizes (the evaluated model's own:
+    :func:`mmkv.tiny.tasks.suite_of`; None: the generator's defaults, the v1 suite)."""
+    from ..tiny.tasks import V1_SUITE
 
+    suite = suite or V1_SUITE
     out: list[Any] = []
     for task in tasks:
-        out.extend(heldout_set(task, n, images if task not in ("video_direction", "video_colour") else None, seed))
+        out.extend(suite.heldout(task, n, images, seed))
     return out
 
 
@@ -613,7 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated budgets: ratios like 0.2 or tokens per head like 64",
     )
     p.add_argument(
-        "--tasks", default=",".join(TASKS), help="comma-separated synthetic tasks (ignored with --milebench)"
+        "--tasks",
+        default=None,
+        help="comma-separated synthetic tasks (ignored with --milebench); default: the tasks the model was trained "
+        f"on (its training_metrics.json's suite; else {','.join(TASKS)})",
     )
     p.add_argument(
         "--samples",
@@ -764,8 +775,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(str(e))
     else:
         max_new_tokens = a.max_new_tokens or 16
+        from ..tiny.tasks import suite_of
+
+        suite = suite_of(a.model)  # the model's own image sizes (training_metrics.json), else the v1 defaults
         config = {"source": "synthetic", "samples": n, "images": a.images, "seed": a.seed}
-        samples = synthetic_samples(a.tasks.split(","), n, a.images, a.seed)
+        if suite.version != 1:  # v1 stores keep their settings (and stay resumable)
+            config["suite"] = suite.to_json()
+        tasks = a.tasks.split(",") if a.tasks else list(suite.tasks)
+        samples = synthetic_samples(tasks, n, a.images, a.seed, suite)
     config.update(model=a.model, max_new_tokens=max_new_tokens, shard_size=a.shard_size)
     plan = make_plan(samples, methods, budgets, query_modes, a.shard_size, config)
     try:

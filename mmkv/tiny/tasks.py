@@ -37,15 +37,18 @@ as a list of PIL frames with an ``fps`` key) plus the reference answer and a che
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..bundled import resolve_model_name
 from ..inputs.prompt import chat as build_chat
 
 __all__ = [
@@ -91,6 +94,13 @@ __all__ = [
     "difference",
     "count_answer",
     "count_question",
+    "Suite",
+    "V1_SUITE",
+    "V2_SUITE",
+    "MULTI_IMAGE_TASKS",
+    "HARDEST_IMAGES",
+    "suite_of",
+    "shipped_tasks",
 ]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -757,3 +767,85 @@ def make_sample(task: str, seed: Any, k: int | None = None, size: int | None = N
 def heldout_set(task: str, n: int, k: int | None = None, seed: int = 10_000, size: int | None = None) -> list[Sample]:
     """``n`` held-out samples (seed namespace ``heldout-<seed>``, disjoint from training's)."""
     return [make_sample(task, f"heldout-{seed}-{i}", k, size) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Suites: which tasks, at which image sizes, a model was trained on
+# ---------------------------------------------------------------------------------------------
+
+#: Tasks whose prompts hold several images (their hardest setting is ``HARDEST_IMAGES`` images);
+#: ``spot_difference`` always shows two pictures and the video tasks one clip.
+MULTI_IMAGE_TASKS = ("needle", "colour_at", "text_needle", "count")
+HARDEST_IMAGES = 8
+
+
+@dataclass(frozen=True)
+class Suite:
+    """The tasks a teaching model was trained on and the px per image of each (``training_metrics.json``'s
+    ``"suite"``). The background follows the size (:func:`make_sample`: 112 px flat grey, larger sizes
+    position-shaded); video frames are always 112 px."""
+
+    version: int
+    sizes: dict[str, int]
+    tasks: tuple[str, ...]
+
+    def size(self, task: str) -> int | None:
+        """px per image for ``task`` (None: the generator's default)."""
+        return self.sizes.get(task)
+
+    def hardest(self, task: str) -> int | None:
+        """Images per prompt at the task's hardest setting (None where the task fixes it)."""
+        return HARDEST_IMAGES if task in MULTI_IMAGE_TASKS else None
+
+    def heldout(self, task: str, n: int, k: int | None = None, seed: int = 10_000) -> list[Sample]:
+        """:func:`heldout_set` at this suite's size for ``task``."""
+        return heldout_set(task, n, None if task in VIDEO_TASKS else k, seed, self.size(task))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "tasks": list(self.tasks),
+            "sizes": dict(self.sizes),
+            "background": "flat" if self.version == 1 else "shaded",
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Suite:
+        base = V1_SUITE if int(d["version"]) == 1 else V2_SUITE
+        return cls(
+            version=int(d["version"]),
+            sizes={str(k): int(v) for k, v in d.get("sizes", base.sizes).items()},
+            tasks=tuple(d.get("tasks", base.tasks)),
+        )
+
+
+_VIDEO_SIZES = {t: IMAGE_SIZE for t in VIDEO_TASKS}
+#: The shipped v1 model's suite: today's defaults (112 px, flat grey), so its samples are the generator's defaults.
+V1_SUITE = Suite(1, {"needle": IMAGE_SIZE, "colour_at": IMAGE_SIZE, "text_needle": IMAGE_SIZE, **_VIDEO_SIZES}, TASKS)
+#: Teaching model v2's suite (docs/tiny-v2.md): 168 px (196 px for two pictures), position-shaded.
+V2_SUITE = Suite(2, {**V2_SIZES, **_VIDEO_SIZES}, V2_TASKS)
+
+
+def suite_of(model: str | Path | None = None) -> Suite:
+    """The suite a model directory was trained on, from its ``training_metrics.json`` (``"suite"``).
+
+    ``model``: a directory, a hub id or an alias of the bundled model (None: the bundled model). A model
+    without the file or the entry (a hub id, an older export) gets :data:`V1_SUITE`, today's defaults.
+    """
+    path = Path(resolve_model_name("bundled" if model is None else model)) / "training_metrics.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return V1_SUITE
+    suite = meta.get("suite") if isinstance(meta, dict) else None
+    return Suite.from_json(suite) if isinstance(suite, dict) else V1_SUITE
+
+
+def shipped_tasks(model: str | Path | None = None) -> tuple[str, ...]:
+    """The tasks a model directory ships (``training_metrics.json``'s ``shipped_tasks``; empty without one)."""
+    path = Path(resolve_model_name("bundled" if model is None else model)) / "training_metrics.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ()
+    return tuple(meta.get("shipped_tasks", ())) if isinstance(meta, dict) else ()
