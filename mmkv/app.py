@@ -187,16 +187,38 @@ def context() -> AppContext:
 # ---- the work that needs the accelerator (ZeroGPU decorates module-level functions) ---------------
 # They read the store through context(), never as an argument: ZeroGPU ships arguments to its worker.
 @gpu(duration=120)
-def _chat_updates(message, state, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params):
+def _chat_updates(message, state, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params, keep):
     ctx = context()
     yield from H.chat_turn(
-        ctx.store, state, message, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params, ctx.limits
+        ctx.store,
+        state,
+        message,
+        method,
+        ratio,
+        tokens,
+        query_aware,
+        max_new_tokens,
+        num_frames,
+        params,
+        ctx.limits,
+        keep_cache=bool(keep) and not ZERO_GPU,  # ZeroGPU frees the GPU between requests: nothing can be kept
     )
 
 
 @gpu(duration=180)
 def _compare(
-    message, methods, ratio, tokens, sweep, query_aware, max_new_tokens, num_frames, with_kl, state, progress=None
+    message,
+    methods,
+    ratio,
+    tokens,
+    sweep,
+    query_aware,
+    max_new_tokens,
+    num_frames,
+    with_kl,
+    state,
+    progress=None,
+    followup="",
 ):
     ctx = context()
     return H.compare(
@@ -213,6 +235,7 @@ def _compare(
         with_kl,
         ctx.limits,
         progress,
+        followup,
     )
 
 
@@ -249,7 +272,20 @@ def _settings(prefix: str, compare: bool, limits: Limits) -> dict[str, Any]:
         label="…or an absolute budget in tokens per head (0 = use the share)",
         elem_id=f"{prefix}-tokens",
     )
+    if not compare:
+        c["keep_cache"] = gr.Checkbox(
+            value=not ZERO_GPU,
+            interactive=not ZERO_GPU,
+            label="Keep the compressed cache between turns (off: every turn re-reads the whole conversation)"
+            + (" — not on ZeroGPU, which frees the GPU between requests" if ZERO_GPU else ""),
+            elem_id=f"{prefix}-keep-cache",
+        )
     if compare:
+        c["followup"] = gr.Textbox(
+            label="Follow-up question (optional): each method answers both, its compressed cache kept in between",
+            placeholder="e.g. Which image has the blue square?",
+            elem_id=f"{prefix}-followup",
+        )
         c["sweep"] = gr.Textbox(
             label="Budget sweep (optional)",
             placeholder="e.g. 0.1, 0.3, 0.6 — plots budget vs quality",
@@ -352,12 +388,12 @@ class AppUI:
         return {self.cmp_preview: self.preview(message, state, num_frames, max_new_tokens)}
 
     def on_chat(
-        self, message, state, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params
+        self, message, state, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params, keep_cache=True
     ) -> Iterator[dict[Any, Any]]:
         """Streams the conversation and status; when done, also the summary, the state and Inspect's run list."""
         try:
             for update in _chat_updates(
-                message, state, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params
+                message, state, method, ratio, tokens, query_aware, max_new_tokens, num_frames, params, keep_cache
             ):
                 shown = {self.chatbot: update.display, self.chat_status: update.status}
                 if update.done:
@@ -413,13 +449,25 @@ class AppUI:
         num_frames,
         with_kl,
         state,
+        followup="",
         progress=gr.Progress(),
     ) -> dict[Any, Any]:
         try:
             # ZeroGPU runs _compare in a worker process: a progress callback cannot cross that boundary
             report = None if ZERO_GPU else (lambda f, d: progress(f, desc=d))
             res = _compare(
-                message, methods, ratio, tokens, sweep, query_aware, max_new_tokens, num_frames, with_kl, state, report
+                message,
+                methods,
+                ratio,
+                tokens,
+                sweep,
+                query_aware,
+                max_new_tokens,
+                num_frames,
+                with_kl,
+                state,
+                report,
+                followup,
             )
         except Exception as exc:  # noqa: BLE001
             return {self.cmp_status: problem(exc), self.state: state}
@@ -547,7 +595,12 @@ class AppUI:
             [{"text": e["text"], "files": e["files"]}, e["method"], e["budget"], _params_json(e)] for e in self.examples
         ]
         compare_rows = [
-            [{"text": e["text"], "files": e["files"]}, list(dict.fromkeys([e["method"], "snapkv", "h2o"])), e["budget"]]
+            [
+                {"text": e["text"], "files": e["files"]},
+                list(dict.fromkeys([e["method"], *e.get("compare", ["snapkv", "h2o"])])),
+                e["budget"],
+                e.get("followup", ""),
+            ]
             for e in self.examples
         ]
         # delete_cache: exports are rewritten at every Inspect render; drop cached copies older than an hour
@@ -628,7 +681,7 @@ class AppUI:
                             self.compare_settings = cc = _settings("compare", compare=True, limits=self.context.limits)
                             gr.Examples(
                                 compare_rows,
-                                inputs=[self.cmp_in, cc["methods"], cc["ratio"]],
+                                inputs=[self.cmp_in, cc["methods"], cc["ratio"], cc["followup"]],
                                 example_labels=labels,
                                 label="Examples",
                                 elem_id="compare-examples",
@@ -832,6 +885,7 @@ class AppUI:
                 state,
                 *(cs[k] for k in ("method", "ratio", "tokens", "query_aware", "max_new_tokens", "num_frames")),
                 self.params,
+                cs["keep_cache"],
             ]
             chat_out = [self.chatbot, self.chat_in, self.chat_status, self.chat_summary, state, self.run_dd]
             self.chat_in.submit(self.on_chat, chat_inputs, chat_out, **model_kw)
@@ -851,7 +905,7 @@ class AppUI:
                 self.run_dd,
             ]
             compare_keys = ("methods", "ratio", "tokens", "sweep", "query_aware", "max_new_tokens", "num_frames")
-            compare_inputs = [self.cmp_in, *(cc[k] for k in compare_keys), cc["with_kl"], state]
+            compare_inputs = [self.cmp_in, *(cc[k] for k in compare_keys), cc["with_kl"], state, cc["followup"]]
             self.cmp_btn.click(self.on_compare, compare_inputs, compare_out, **model_kw)
             self.cmp_saved_btn.click(
                 self.on_compare_saved, [self.cmp_files, self.cmp_examples, state], compare_out, **light

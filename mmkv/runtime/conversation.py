@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -136,6 +136,28 @@ def _splice_maps(head: ModalityMap, extra: int, full: ModalityMap, tail_from: in
     )
 
 
+class TurnStream:
+    """A turn being answered: iterate for the text deltas; :attr:`result` is set when the answer ends."""
+
+    def __init__(self, generation: Generation, finish: Any) -> None:
+        self._generation, self._finish = generation, finish
+        self.result: TurnResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if self.result is not None:  # already answered: nothing more to stream
+            return
+        yield from self._generation
+        assert self._generation.result is not None
+        self.result = self._finish(self._generation.result)  # once: the conversation takes the turn here
+
+    def run(self) -> TurnResult:
+        """Read the rest of the answer (if any) and return the turn's result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
 class Conversation:
     """A multi-turn chat with one compressed KV cache kept across turns (batch size 1).
 
@@ -195,6 +217,14 @@ class Conversation:
         self._last_answer = ""
         gc.collect()
 
+    def start_from(self, history: Chat) -> None:
+        """Forget the cache and continue after ``history`` (earlier user/assistant turns, as :func:`mmkv.chat`
+        builds them): the next :meth:`ask` reads them all from scratch, then keeps that cache (e.g. after a
+        change of method or budget, or after the oldest turns were dropped)."""
+        self.reset()
+        self.history = list(history)
+        self.turns = sum(1 for m in history if m.get("role") == "user")
+
     @property
     def cache(self) -> Any:
         """The kept cache (a transformers ``DynamicCache`` with mmkv layers), or None."""
@@ -218,6 +248,30 @@ class Conversation:
         sampling: Sampling | None = None,
         output_scores: bool = False,
     ) -> TurnResult:
+        """:meth:`stream`, run to the end: the turn's :class:`TurnResult`."""
+        return self.stream(
+            question,
+            images,
+            videos,
+            media=media,
+            max_new_tokens=max_new_tokens,
+            reread=reread,
+            sampling=sampling,
+            output_scores=output_scores,
+        ).run()
+
+    def stream(
+        self,
+        question: str,
+        images: Sequence[Any] = (),
+        videos: Sequence[Any] = (),
+        *,
+        media: Sequence[Media] | None = None,
+        max_new_tokens: int = 64,
+        reread: bool = False,
+        sampling: Sampling | None = None,
+        output_scores: bool = False,
+    ) -> TurnStream:
         """Answer ``question`` (with new ``images``/``videos``/``media``, as :func:`mmkv.chat`) in context.
 
         A later turn feeds only its new tokens against the kept cache; ``reread=True`` reads the whole
@@ -227,6 +281,8 @@ class Conversation:
         appended (``result.retokenized``; a re-read reads these same tokens). Raises ``ValueError`` when
         the conversation outgrows the model's context, or when the family cannot attach new media to a kept
         cache (see :meth:`~mmkv.models.base.ModelAdapter.media_suffix`); the conversation is then unchanged.
+        Iterate the returned :class:`TurnStream` for the answer's text deltas; its ``result`` is set at the end
+        (the conversation takes the turn only when the answer is complete).
         """
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
@@ -276,23 +332,26 @@ class Conversation:
             generation._steps = _run(
                 self.model, self.processor, prepared, session, run, max_new_tokens, sampling, generation, scores
             )
-        result = generation.run()
-        self._session = session
-        self._remember(prepared, result, message)
-        cache = session.cache
-        held = sum(int(p.numel()) for i in range(len(cache.layers)) for p in kept_positions(cache, i))
-        return TurnResult(
-            **vars(result),
-            turn=self.turns,
-            prefilled=prepared.length - start,
-            cache_length=int(cache.get_seq_length()),
-            held_tokens=held,
-            cache_bytes=cache_bytes(cache),
-            prefill_s=result.trace.timings.prefill_s,
-            reread=start == 0 and self.turns > 1,
-            retokenized=retokenized,
-            scores=scores,
-        )
+
+        def finish(result: GenerationResult) -> TurnResult:
+            self._session = session
+            self._remember(prepared, result, message)
+            cache = session.cache
+            held = sum(int(p.numel()) for i in range(len(cache.layers)) for p in kept_positions(cache, i))
+            return TurnResult(
+                **vars(result),
+                turn=self.turns,
+                prefilled=prepared.length - start,
+                cache_length=int(cache.get_seq_length()),
+                held_tokens=held,
+                cache_bytes=cache_bytes(cache),
+                prefill_s=result.trace.timings.prefill_s,
+                reread=start == 0 and self.turns > 1,
+                retokenized=retokenized,
+                scores=scores,
+            )
+
+        return TurnStream(generation, finish)
 
     def reread(
         self, question: str, images: Sequence[Any] = (), videos: Sequence[Any] = (), **kwargs: Any

@@ -23,6 +23,7 @@ from PIL import Image
 import viz
 
 from ..models import adapter_for
+from ..runtime.conversation import Conversation
 from ..runtime.driver import generate
 from ..trace.core import Trace
 from .agreement import agreement, forced_logits
@@ -80,6 +81,10 @@ class AppState:
     last: str | None = None
     workdir: str | None = None
     present: bool = False  # presentation mode: figures with large type and thick lines
+    # Chat's kept cache (mmkv.Conversation) and the settings it was compressed with; None = re-read next turn
+    conversation: Conversation | None = field(default=None, repr=False)
+    conversation_key: tuple[Any, ...] | None = None
+    prefill_rate: float | None = None  # tokens per second of this conversation's last full read
 
     def add_run(self, run: Run) -> str:
         """Keep ``run`` for Inspect under a label no other run of the session has (returned)."""
@@ -105,10 +110,23 @@ class AppState:
 
             shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir = None
+        self.drop_cache()
+
+    def drop_cache(self) -> None:
+        """Free Chat's kept cache (the next turn re-reads the conversation)."""
+        if self.conversation is not None:
+            self.conversation.reset()
+        self.conversation, self.conversation_key = None, None
+
+    @property
+    def cache_bytes(self) -> int:
+        """Physical KV bytes Chat's kept cache holds (0 when none is kept)."""
+        return 0 if self.conversation is None else self.conversation.cache_bytes
 
     def clear_chat(self) -> None:
         self.chat = []
         self.display = []
+        self.drop_cache()
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -214,6 +232,30 @@ class ChatUpdate:
     done: bool = False
 
 
+def _conversation_key(loaded: LoadedModel, method: str, budget: Any, params: dict[str, Any], *rest: Any) -> tuple:
+    """The settings a kept cache was compressed with: a turn with other settings re-reads the conversation."""
+    return (loaded.label, method, budget, json.dumps(params, sort_keys=True, default=str), *rest)
+
+
+def _fit_context(
+    loaded: LoadedModel, chat: list[dict[str, Any]], n_frames: int, n_new: int, limits: Limits
+) -> tuple[list[dict[str, Any]], Any, int]:
+    """Drop the oldest turns (user + answer) until the conversation fits the turn limit and the model's
+    context (or only the new turn is left); returns the chat, its prepared inputs and the turns dropped."""
+    dropped = 0
+    while sum(m["role"] == "user" for m in chat) > limits.max_turns:
+        chat, dropped = chat[2:], dropped + 1
+    while True:
+        prepared = _prepare(loaded, chat, n_frames)
+        try:
+            check_capacity(loaded, prepared, n_new)
+            return chat, prepared, dropped
+        except UserError:
+            if len(chat) <= 1:  # the new turn alone does not fit: its own message says how to shrink it
+                raise
+            chat, dropped = chat[2:], dropped + 1
+
+
 def chat_turn(
     store: ModelStore,
     state: AppState,
@@ -226,8 +268,14 @@ def chat_turn(
     num_frames: Any = 8,
     params: str | None = "",
     limits: Limits | None = None,
+    keep_cache: bool = True,
 ) -> Iterator[ChatUpdate]:
-    """One chat turn, streamed: yields the growing answer; the last update has ``done=True``."""
+    """One chat turn, streamed: yields the growing answer; the last update has ``done=True``.
+
+    ``keep_cache``: keep the compressed cache after the answer and prefill only the next turn's tokens
+    against it (:class:`mmkv.Conversation`); else every turn re-reads the whole conversation. A turn whose
+    settings differ from the kept cache's, or that needs the oldest turns dropped, re-reads.
+    """
     limits = limits or Limits()
     text, files = _message(message)
     method = check_method(method)
@@ -237,24 +285,48 @@ def chat_turn(
     n_frames = _check_frames(num_frames, limits)
     content = user_content(text, files, limits)
     loaded = store.get(state.model or None)
-    chat = [*state.chat, {"role": "user", "content": content}]
-    while sum(m["role"] == "user" for m in chat) > limits.max_turns:
-        chat = chat[2:]  # drop the oldest turn (user + assistant)
-    prepared = _prepare(loaded, chat, n_frames)
-    check_capacity(loaded, prepared, n_new)
+    chat, prepared, dropped = _fit_context(
+        loaded, [*state.chat, {"role": "user", "content": content}], n_frames, n_new, limits
+    )
+    key = _conversation_key(loaded, method, budget, method_params, bool(query_aware), n_frames)
+    continuing = keep_cache and not dropped and state.conversation is not None and state.conversation_key == key
     try:
-        stream = generate(
-            loaded.model,
-            loaded.processor,
-            None,
-            method=method,
-            budget=budget,
-            max_new_tokens=n_new,
-            query_aware=bool(query_aware),
-            stream=True,
-            prepared=prepared,
-            **method_params,
-        )
+        if not keep_cache:
+            state.drop_cache()
+            stream: Any = generate(
+                loaded.model,
+                loaded.processor,
+                None,
+                method=method,
+                budget=budget,
+                max_new_tokens=n_new,
+                query_aware=bool(query_aware),
+                stream=True,
+                prepared=prepared,
+                **method_params,
+            )
+        else:
+            if not continuing:
+                state.drop_cache()
+                conversation = Conversation(
+                    loaded.model,
+                    loaded.processor,
+                    method,
+                    budget,
+                    query_aware=bool(query_aware),
+                    num_frames=n_frames,
+                    **method_params,
+                )
+                conversation.start_from(chat[:-1])
+                state.conversation, state.conversation_key = conversation, key
+            assert state.conversation is not None
+            try:
+                stream = state.conversation.stream(text, media=content[:-1], max_new_tokens=n_new)
+            except ValueError as exc:
+                if not continuing or "reread=True" not in str(exc):
+                    raise
+                # this family cannot attach new media to a kept cache: this turn re-reads (and keeps that cache)
+                stream = state.conversation.stream(text, media=content[:-1], max_new_tokens=n_new, reread=True)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     shown = [
@@ -271,30 +343,57 @@ def chat_turn(
             answer += delta
             yield ChatUpdate(state, [*shown, {"role": "assistant", "content": answer or "…"}], "Generating …")
     except ValueError as exc:
+        state.drop_cache()  # a turn that failed half-way leaves no half-updated cache behind
         raise UserError(str(exc)) from exc
     result = stream.run()  # the deltas are all read: this only returns the result
     trace = _cpu_trace(result.trace)
     turn = sum(m["role"] == "user" for m in chat)
+    how = "" if not keep_cache else " · kept cache" if getattr(result, "prefilled", 0) < result.prepared.length else ""
     run = Run(
-        label=f"chat · {method} @ {_fmt_budget(budget)} · turn {turn}",
+        label=f"chat · {method} @ {_fmt_budget(budget)} · turn {turn}{how}",
         trace=trace,
-        images=list(prepared.images),
-        videos=list(prepared.videos),
-        tokens=_tokens(loaded, prepared),
+        images=list(result.prepared.images),
+        videos=list(result.prepared.videos),
+        tokens=_tokens(loaded, result.prepared),
         answer=result.text,
         model=loaded.label,
     )
     state.chat = [*chat, {"role": "assistant", "content": [{"type": "text", "text": result.text}]}]
     state.display = [*shown, {"role": "assistant", "content": result.text or "(empty answer)"}]
     state.add_run(run)
-    media = (
-        ""
-        if any(p["type"] != "text" for m in state.chat for p in m["content"] if isinstance(p, dict))
-        else (" No image or video was attached, so it answered from the text alone (attach files with the clip).")
+    notes = []
+    if dropped:
+        notes.append(
+            f"The conversation had grown past the model's context or the turn limit: the oldest {dropped} turn(s) "
+            "were dropped (Clear conversation starts over)."
+        )
+    if not any(p["type"] != "text" for m in state.chat for p in m["content"] if isinstance(p, dict)):
+        notes.append("No image or video was attached, so it answered from the text alone (attach files with the clip).")
+    status = " ".join(["Done — open **Inspect** to see what was kept.", *notes])
+    yield ChatUpdate(state, state.display, status, summary_markdown(run) + turn_markdown(state, result), done=True)
+
+
+def turn_markdown(state: AppState, result: Any) -> str:
+    """What this turn cost: tokens prefilled, bytes held after it, and the time a kept cache saved (or would)."""
+    length, prefill_s = int(result.prepared.length), float(result.trace.timings.prefill_s)
+    prefilled = int(getattr(result, "prefilled", length))
+    if prefilled >= length:  # a full read: its rate estimates what a re-read costs in later turns
+        state.prefill_rate = length / prefill_s if prefill_s > 0 else None
+    kept = state.conversation is not None
+    held = state.cache_bytes if kept else int(result.trace.bytes_end)
+    line = (
+        f"\n\n**This turn** read {prefilled:,} of the conversation's {length:,} tokens in {1000 * prefill_s:.1f} ms; "
+        + (f"KV kept for the next turn: {_kib(held)} KiB" if kept else f"KV held at the answer's end: {_kib(held)} KiB")
     )
-    yield ChatUpdate(
-        state, state.display, f"Done — open **Inspect** to see what was kept.{media}", summary_markdown(run), done=True
-    )
+    if prefilled < length and state.prefill_rate:
+        reread_s = length / state.prefill_rate
+        line += (
+            f". A re-read would prefill all {length:,} tokens: about {1000 * reread_s:.0f} ms at this conversation's "
+            f"last full-read rate, so the kept cache saved about {1000 * max(reread_s - prefill_s, 0.0):.0f} ms"
+        )
+    elif state.conversation is None:
+        line += " (freed: with the cache not kept, every turn re-reads the whole conversation)"
+    return line + "."
 
 
 # ---- Compare ---------------------------------------------------------------------------------
@@ -358,10 +457,19 @@ def compare(
     with_kl: bool = True,
     limits: Limits | None = None,
     progress: Callable[[float, str], None] | None = None,
+    followup: str | None = "",
 ) -> CompareResult:
-    """The same prompt through Full and every chosen method (at the budget, and at each swept budget)."""
+    """The same prompt through Full and every chosen method (at the budget, and at each swept budget).
+
+    With a ``followup`` question each run is a two-question conversation whose compressed cache is kept
+    between the questions (:class:`mmkv.Conversation`): the table, figures and overlays show the second
+    turn, the answer column both answers (no KL: teacher forcing is for one turn)."""
     limits = limits or Limits()
     text, files = _message(message)
+    follow = (followup or "").strip()
+    if len(follow) > limits.max_prompt_chars:
+        raise UserError(f"the follow-up has {len(follow)} characters; the limit is {limits.max_prompt_chars}")
+    with_kl = with_kl and not follow
     chosen = [check_method(m) for m in (methods or [])]
     if not [m for m in chosen if m != "full"]:
         raise UserError("choose at least one method besides Full to compare (Full is always run as the reference)")
@@ -390,18 +498,29 @@ def compare(
         if progress is not None:
             progress(step[0] / (total + 1), what)
 
+    first_answers: dict[tuple[str, float | int], str] = {}
+
     def run_one(method: str, b: float | int) -> Any:
         try:
-            return generate(
-                loaded.model,
-                loaded.processor,
-                None,
-                method=method,
-                budget=b,
-                max_new_tokens=n_new,
-                query_aware=bool(query_aware),
-                prepared=prepared,
+            if not follow:
+                return generate(
+                    loaded.model,
+                    loaded.processor,
+                    None,
+                    method=method,
+                    budget=b,
+                    max_new_tokens=n_new,
+                    query_aware=bool(query_aware),
+                    prepared=prepared,
+                )
+            conversation = Conversation(
+                loaded.model, loaded.processor, method, b, query_aware=bool(query_aware), num_frames=n_frames
             )
+            first = conversation.ask(text, media=content[:-1], max_new_tokens=n_new)
+            second = conversation.ask(follow, max_new_tokens=n_new)
+            conversation.reset()  # the run's trace keeps what Inspect needs; the cache goes
+            first_answers[(method, b)] = first.text
+            return second
         except ValueError as exc:
             raise UserError(str(exc)) from exc
 
@@ -430,25 +549,28 @@ def compare(
     runs: list[tuple[Run, float | int]] = []
     for method, b, res, agr in results:
         label = method if method == "full" else f"{method} @ {_fmt_budget(b)}"
+        seen = res.prepared if follow else prepared  # a follow-up's run shows the whole conversation
         runs.append(
             (
                 Run(
-                    label=label,
+                    label=label + (" · turn 2" if follow else ""),
                     trace=_cpu_trace(res.trace),
-                    images=list(prepared.images),
-                    videos=list(prepared.videos),
-                    tokens=tokens_str,
-                    answer=res.text,
+                    images=list(seen.images),
+                    videos=list(seen.videos),
+                    tokens=_tokens(loaded, seen) if follow else tokens_str,
+                    answer=f"{first_answers[(method, b)]} ⟶ {res.text}" if follow else res.text,
                     model=loaded.label,
                     agreement=agr,
                 ),
                 b,
             )
         )
+    kl = "no KL for a two-question conversation" if follow else "KL by teacher-forcing Full's answer"
     status = (
-        f"Ran {len(results)} generations in {elapsed:.1f} s on `{loaded.label}` "
-        f"({'query-aware' if query_aware else 'query-agnostic'}; KL by teacher-forcing Full's answer"
-        f"{'' if with_kl else ' — off'}). Open **Inspect** for any of them."
+        f"Ran {len(results)} {'two-question conversations (cache kept between the questions)' if follow else 'generations'}"
+        f" in {elapsed:.1f} s on `{loaded.label}` "
+        f"({'query-aware' if query_aware else 'query-agnostic'}; {kl}"
+        f"{'' if with_kl or follow else ' — off'}). Open **Inspect** for any of them."
     )
     return _assemble(state, runs, budget, bool(budgets), status, prefix="compare · ")
 
