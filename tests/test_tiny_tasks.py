@@ -425,6 +425,50 @@ def test_example_answers_are_what_the_scenes_imply():
     assert {i["method"] for i in items} >= {"lookm", "madakv", "hybridkv", "h2o"}
 
 
+STAGE = ASSET.parents[2] / "training" / "tiny-v2" / "n2"
+
+
+@pytest.mark.skipif(not (STAGE / "metrics.json").is_file(), reason="no finished v2 stage in training/tiny-v2/")
+def test_ship_tiny_writes_the_v2_model_dir_and_follows_it(tmp_path, monkeypatch):
+    """scripts/ship_tiny.py (held-out check stubbed): the model files without the trainer's records, the v2 suite,
+    the shipped tasks at the bar, the stage chain back to g0, a card that says which tasks ship; a stage whose
+    needle fails is refused (nothing written), --force never writes the bundled folder; make_examples follows
+    the written model (168 px shaded needle images, count and spot_difference examples only when shipped)."""
+    import sys
+
+    sys.path.insert(0, str(ASSET.parents[2] / "scripts"))
+    import make_examples
+    import ship_tiny
+    from mmkv.tiny.tasks import V2_SUITE, shipped_tasks, suite_of
+
+    acc = {name: 1.0 for name, _task, _k in ship_tiny.SETTINGS}
+    acc["count@8"] = 0.9
+    monkeypatch.setattr(ship_tiny, "evaluate", lambda *a: (dict(acc), {}))
+    out = tmp_path / "m"
+    assert ship_tiny.main([str(STAGE), "--out", str(out), "--samples", "3"]) == 0
+    assert suite_of(out) == V2_SUITE
+    assert shipped_tasks(out) == ("needle", "text_needle", "spot_difference", "video_direction", "video_colour")
+    assert (out / "model.safetensors").read_bytes() == (STAGE / "model.safetensors").read_bytes()
+    assert not {"aux.safetensors", "log.jsonl", "args.json", "metrics.json"} & {f.name for f in out.iterdir()}
+    meta = json.loads((out / "training_metrics.json").read_text())
+    chain = [c["stage"] for c in meta["chain"]]
+    assert chain[0] == "g0" and chain[-1] == "n2" and meta["total_steps"] == sum(c["steps"] for c in meta["chain"])
+    card = (out / "README.md").read_text()
+    assert "| `count` |" in card and "no (below the bar" in card
+    assert "6 layers, 8 attention heads over 4 KV heads" in card and "scripts/train_tiny_v2.sh" in card
+
+    items = make_examples.tasked_examples(model=out)
+    assert {t for t, _ in items} == {"needle", "text_needle", "spot_difference", "video_colour"}
+    needle, _video = make_examples.task_scenes(model=out)
+    assert (needle.size, needle.shaded) == (168, True) and make_examples.spot_scene(out).size == 196
+    assert all(item["answer"] for _t, item in items)
+
+    acc["needle@8"] = 0.9
+    assert ship_tiny.main([str(STAGE), "--out", str(tmp_path / "no"), "--samples", "3"]) == 2
+    assert not (tmp_path / "no").exists()
+    assert ship_tiny.main([str(STAGE), "--force", "--samples", "3"]) == 2  # never a forced bundled model
+
+
 # --------------------------------------------------------------------------------------------------
 # Teaching model v2 (docs/tiny-v2.md): the new tasks, the v2 vocabulary and prompt shape, the growth oracle
 # --------------------------------------------------------------------------------------------------
