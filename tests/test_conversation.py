@@ -90,13 +90,22 @@ def test_video_in_a_later_turn(family):
     _check_turn(model, second, "full", 1.0)
 
 
-@pytest.mark.parametrize("case", params([c for c in DEFAULT_METHODS if c.method not in ("full", "hybridkv")]))
-def test_every_method_at_budget_one_equals_reread(case):
-    """Budget 1.0 keeps every token: continuing the kept cache is reading the conversation again."""
-    model, processor = tiny("qwen2_5_vl")
+# HybridKV is left out: its dynamic heads' chunk store holds the first turn's context only, while a re-read
+# puts the whole conversation into chunks, so even at budget 1.0 the two retrieve differently (by design).
+AT_BUDGET_ONE = [c for c in DEFAULT_METHODS if c.method not in ("full", "hybridkv")]
+
+
+@pytest.mark.parametrize(
+    "family, case", [pytest.param(f, c, id=f"{f}-{c.id}") for f in FAMILIES for c in AT_BUDGET_ONE]
+)
+def test_every_method_at_budget_one_equals_reread(family, case):
+    """Budget 1.0 keeps every token: continuing the kept cache is reading the conversation again (every
+    family; turn 2 attaches an image where the family can take media in a later turn)."""
+    model, processor = tiny(family)
     conv = mmkv.Conversation(model, processor, case.method, 1.0, **case.kwargs())
     conv.ask("which image has the red circle ?", images=[make_image(0, 48), make_image(1, 48)], max_new_tokens=TOKENS)
-    second = conv.ask("and the square ?", images=[make_image(2, 48)], max_new_tokens=TOKENS, output_scores=True)
+    new = [make_image(2, 48)] if family in MEDIA_FAMILIES else []
+    second = conv.ask("and the square ?", images=new, max_new_tokens=TOKENS, output_scores=True)
     _check_turn(model, second, case.method, 1.0)
 
 
