@@ -75,7 +75,7 @@ def stage_chain(stage_dir: Path) -> list[dict[str, Any]]:
         chain.append(
             {
                 "stage": m.get("stage", here.name),
-                "from": parent.name if parent is not None else (str(init) if init else None),
+                "from": parent.name if parent is not None else ("v1" if not a.get("steps") else str(init or "")),
                 "steps": int(m.get("steps", m.get("step", 0))),
                 "train_wall_s": int(m.get("train_wall_s", 0)),
                 "eval_wall_s": int(m.get("eval_wall_s", 0)),
@@ -328,7 +328,9 @@ def model_card(metrics: dict[str, Any], s: dict[str, Any]) -> str:
     lines += [
         "",
         f"Total: {metrics['total_steps']:,} steps in {hours:.1f} h of wall time after v1's {V1_STEPS:,} steps "
-        f"(about {V1_WALL_MIN} min). Per-stage held-out accuracy (64 samples, teacher-forced) is in "
+        f"(about {V1_WALL_MIN} min); wall time is as each stage's `metrics.json` recorded it (logged step times plus "
+        "evaluations, on a shared machine). Per-stage held-out accuracy "
+        "(64 samples, teacher-forced) is in "
         "`training_metrics.json` (`chain`) and in `docs/tiny-v2.md`.",
         "",
         "## Hardware and time",
@@ -368,7 +370,8 @@ def write_model(stage_dir: Path, out: Path, metrics: dict[str, Any]) -> Path:
     tmp.mkdir(parents=True)
     for f in sorted(stage_dir.iterdir()):
         if f.is_file() and f.name not in NOT_SHIPPED:
-            shutil.copy2(f, tmp / f.name)
+            shutil.copyfile(f, tmp / f.name)
+            (tmp / f.name).chmod(0o644)  # the trainer writes some files owner-only; a package asset is world-readable
     (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (tmp / "README.md").write_text(model_card(metrics, shape(tmp)), encoding="utf-8")
     if out.exists():
