@@ -6,6 +6,7 @@
     mmkv methods                   # every method with its defaults and paper
     mmkv bench ...                 # speed and KV bytes per method (docs/benchmarks.md)
     mmkv eval ...                  # accuracy / KL / KV ratio per method and budget (docs/eval.md)
+    mmkv eval --followup ...       # two-question conversations: a kept cache vs a re-read (docs/eval.md, Multi-turn)
 
 ``--model`` defaults to the bundled teaching model; give a hub id or a checkpoint directory for others.
 """
@@ -191,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in ("bench", "eval"):  # the experiments' own parsers (and their --help) take the rest
         if argv[0] == "bench":
             from .experiments.bench import main as experiment
+        elif "--followup" in argv:  # the multi-turn evaluation (mmkv/experiments/multiturn.py)
+            from .experiments.multiturn import main as experiment
+
+            argv = [a for a in argv if a != "--followup"]
         else:
             from .experiments.eval import main as experiment
         return experiment(argv[1:])
