@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mmkv
-from default_methods import DEFAULT_METHODS, params
+from default_methods import DEFAULT_METHODS
 from mmkv.runtime.driver import forced_logits
 from mmkv.testing.tiny import FAMILIES, build_tiny, make_image
 from oracle import masked_continuation_logits
