@@ -45,7 +45,7 @@ def make_runs(
     index = []
     for number, example in enumerate(examples, 1):
         method = example.get("method")
-        if not method or method == "full":
+        if not method or method == "full" or example.get("followup"):  # a run file holds one turn
             continue
         budget = example.get("budget", 0.2)
         params = example.get("params", DEFAULT_PARAMS.get(method, {}))

@@ -7,6 +7,7 @@ its memory when the conversation is cleared.
 from __future__ import annotations
 
 import gc
+import json
 import sys
 import weakref
 from pathlib import Path
@@ -24,8 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import make_examples  # noqa: E402
 
 SCENE, _ = make_examples.task_scenes()
-FILES = [str(EXAMPLES_DIR / f"needle_{k + 1}.png") for k in range(make_examples.NEEDLE_IMAGES)]
-FIRST, SECOND = "Which image has the red circle?", "Which image has the blue square?"
+#: the app's two-question example (examples.json: "followup"); these tests hold the app to what it shows
+EXAMPLE = next(e for e in json.loads((EXAMPLES_DIR / "examples.json").read_text()) if e.get("followup"))
+FILES = [str(EXAMPLES_DIR / f) for f in EXAMPLE["files"]]
+FIRST, SECOND = EXAMPLE["text"], EXAMPLE["followup"]
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +82,13 @@ def test_a_first_question_costs_snapkv_the_second_and_not_h2o(store):
     square's, so the follow-up fails with a kept cache and succeeds when the conversation is re-read. H2O's
     accumulated attention is not tied to one question and answers both."""
     expected = [expected_answer(SCENE, "needle", q) for q in (FIRST, SECOND)]
-    snap = [_answer(u) for u in _turns(store, H.AppState(), "snapkv", 0.5, keep=True)]
+    assert expected == [EXAMPLE["answer"], EXAMPLE["followup_answer"]]
+    method, budget = EXAMPLE["method"], EXAMPLE["budget"]
+    snap = [_answer(u) for u in _turns(store, H.AppState(), method, budget, keep=True)]
     assert snap[0] == expected[0] and snap[1] != expected[1], snap
-    assert [_answer(u) for u in _turns(store, H.AppState(), "snapkv", 0.5, keep=False)] == expected
-    assert [_answer(u) for u in _turns(store, H.AppState(), "h2o", 0.5, keep=True)] == expected
+    assert [_answer(u) for u in _turns(store, H.AppState(), method, budget, keep=False)] == expected
+    for other in EXAMPLE["compare"]:
+        assert [_answer(u) for u in _turns(store, H.AppState(), other, budget, keep=True)] == expected, other
 
 
 def test_compare_runs_a_two_question_conversation_per_method(store):
@@ -90,8 +96,8 @@ def test_compare_runs_a_two_question_conversation_per_method(store):
         store,
         H.AppState(),
         {"text": FIRST, "files": FILES},
-        ["snapkv", "h2o"],
-        0.5,
+        [EXAMPLE["method"], *EXAMPLE["compare"]],
+        EXAMPLE["budget"],
         max_new_tokens=16,
         followup=SECOND,
     )
