@@ -103,6 +103,8 @@ def _rec(method, budget, setting, seed, t1, t2, prefilled=10, kv=1000):
         "seed": seed,
         "index": 0,
         "distance": 7,
+        "turn1_image": 1,
+        "turn2_image": 8,
         "turn1_correct": t1,
         "turn2_correct": t2,
         "turn2_text": "x" if t2 else "y",
@@ -130,6 +132,7 @@ def test_summary_arithmetic():
     assert kept["turn2_given_turn1"] == pytest.approx(2 / 3)  # turn 2 right in 2 of the 3 with turn 1 right
     assert kept["turn2_prefilled"] == pytest.approx(12) and kept["turn2_kv_bytes"] == pytest.approx(3000)
     assert kept["turn2_prefill_ms"] == pytest.approx(2.0) and kept["mean_distance"] == 7
+    assert kept["turn2_acc_later"] == pytest.approx(0.6) and math.isnan(kept["turn2_acc_earlier"])
     assert reread["turn2_acc"] == 1.0 and reread["turn2_given_turn1"] == 1.0 and reread["turn2_prefilled"] == 200
     assert h2o["samples"] == 1 and math.isnan(h2o["turn2_given_turn1"])  # turn 1 never right
     table = markdown([kept, reread, h2o])
@@ -185,3 +188,6 @@ def test_cli_writes_the_table(tmp_path, capsys):
     assert table.startswith("| method | budget |") and "| full | 1.0 | 2 |" in table and "| snapkv | 0.2 | 2 |" in table
     assert len((out / "samples.jsonl").read_text().splitlines()) == 8  # 2 cells x 2 samples x 2 settings
     assert "| snapkv | 0.2 |" in capsys.readouterr().out
+    again = tmp_path / "again"  # the table rebuilt from the per-sample records alone
+    assert cli_main(["eval", "--followup", "--report", str(out / "samples.jsonl"), "--out", str(again)]) == 0
+    assert (again / "followup.md").read_text() == table

@@ -21,7 +21,8 @@ compression), as the papers. ::
     mmkv eval --followup ...            # the same command
 
 writes ``OUT/results.jsonl`` (one summary per cell), ``OUT/samples.jsonl`` (one record per sample and cell),
-``OUT/followup.md`` (the table) and ``OUT/followup.html`` (the plot; skipped without plotly).
+``OUT/followup.md`` (the table) and ``OUT/followup.html`` (the plot; skipped without plotly);
+``--report OUT/samples.jsonl --out DIR`` rebuilds the last three from the per-sample records alone.
 """
 
 from __future__ import annotations
@@ -255,6 +256,13 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 "turn2_kv_bytes": _mean([r["turn2_cache_bytes"] for r in rs]),
                 "turn2_held_tokens": _mean([r["turn2_held_tokens"] for r in rs]),
                 "mean_distance": _mean([r["distance"] for r in rs]),
+                # turn 2's needle after turn 1's in the prompt (the later image) / before it
+                "turn2_acc_later": _mean(
+                    [float(r["turn2_correct"]) for r in rs if r["turn2_image"] > r["turn1_image"]]
+                ),
+                "turn2_acc_earlier": _mean(
+                    [float(r["turn2_correct"]) for r in rs if r["turn2_image"] < r["turn1_image"]]
+                ),
                 "retokenized": sum(bool(r["retokenized"]) for r in rs),
             }
         )
@@ -448,11 +456,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest for the bundled model)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--report",
+        metavar="SAMPLES_JSONL",
+        help="rebuild results.jsonl / followup.md / followup.html in --out from a run's samples.jsonl (no model)",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.report:
+        lines = Path(args.report).read_text().splitlines()
+        summaries = summarize(json.loads(line) for line in lines if line.strip())
+        write_report(summaries, Path(args.out))
+        print(markdown(summaries))
+        return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = [_budget(b) for b in args.budgets.split(",") if b.strip()]
     unknown = [m for m in methods if m not in METHODS]
