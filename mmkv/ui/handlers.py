@@ -348,7 +348,9 @@ def chat_turn(
     result = stream.run()  # the deltas are all read: this only returns the result
     trace = _cpu_trace(result.trace)
     turn = sum(m["role"] == "user" for m in chat)
-    how = "" if not keep_cache else " · kept cache" if getattr(result, "prefilled", 0) < result.prepared.length else ""
+    # a TurnResult says how much of the conversation this turn read; a plain re-read read all of it
+    kept_cache = getattr(result, "prefilled", result.prepared.length) < result.prepared.length
+    how = " · kept cache" if kept_cache else ""
     run = Run(
         label=f"chat · {method} @ {_fmt_budget(budget)} · turn {turn}{how}",
         trace=trace,
