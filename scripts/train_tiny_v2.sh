@@ -106,22 +106,20 @@ stage m1 n2 --seed 121 --steps 400 --lr 1.5e-3 "${COMMON[@]}" --eval-every 200 -
   --spot-frac 0.1 --video-frac 0.3 --count-frac 0.2 --password-frac 0.5 \
   --weights needle=4,text_needle=1,spot_difference=1,count=1,video_direction=1,video_colour=1 \
   --diff-weight 0.5 --presence-weight 0.5 "${V2AUX[@]}"
-# ---- c1: count focus (K 2 -> 8) with the colour-presence probe, needle replayed
-stage c1 m1 --seed 131 --steps 400 --lr 1.5e-3 "${COMMON[@]}" --eval-every 200 --k-start 2 --k-hold 50 --k-ramp 250 \
-  --k-max 8 --spot-frac 0.1 --video-frac 0.15 --count-frac 0.7 --password-frac 0.3 \
-  --weights needle=1,text_needle=0.5,spot_difference=1,count=4,video_direction=1,video_colour=1 \
-  --diff-weight 0.5 --presence-weight 1 "${V2AUX[@]}"
-# ---- m2: all tasks at K = 8
-stage m2 c1 --seed 122 --steps 400 --lr 1e-3 "${COMMON[@]}" --eval-every 200 "${MIX[@]}" --diff-weight 0.5 \
-  --presence-weight 0.5 "${V2AUX[@]}"
-# ---- v1: video focus, image tasks replayed at K = 8
-stage v1 m2 --seed 141 --steps 300 --lr 1e-3 "${COMMON[@]}" --eval-every 150 --k-start 8 --k-max 8 --spot-frac 0.1 \
-  --video-frac 0.6 --count-frac 0.5 --password-frac 0.5 \
-  --weights needle=2,text_needle=1,spot_difference=1,count=1,video_direction=3,video_colour=1 \
-  --diff-weight 0.5 --presence-weight 0.5 "${V2AUX[@]}"
-# ---- m3: all tasks at K = 8, LR down
-stage m3 v1 --seed 123 --steps 400 --lr 6e-4 "${COMMON[@]}" --eval-every 200 "${MIX[@]}" --diff-weight 0.5 \
-  --presence-weight 0.5 "${V2AUX[@]}"
+# ---- Third sitting. After two sittings spot_difference (0.00-0.08) and count (0.00-0.05) had not left chance,
+# so by the issue's rule v2 ships without them: from here they get no episodes and no loss, and the capacity
+# goes to the shipped tasks. (c1, a count focus stage from m1 with the colour-presence probe, ran 200 of 400
+# steps in the second sitting and was dropped; it is not part of the chain.)
+SHIPPED=(--spot-frac 0 --count-frac 0 --diff-weight 0 --presence-weight 0)
+# ---- v1: video focus (60% video episodes; video_colour fell from g0's 1.00 to 0.69 in the mixes), image needle
+# and text needle replayed at K = 8
+stage v1 m1 --seed 141 --steps 300 --lr 1e-3 "${COMMON[@]}" --eval-every 150 --k-start 8 --k-max 8 \
+  --video-frac 0.6 --password-frac 0.5 "${SHIPPED[@]}" \
+  --weights needle=2,text_needle=1,spot_difference=0,count=0,video_direction=3,video_colour=2
+# ---- m2: the shipped tasks at K = 8, LR down, a long decay
+stage m2 v1 --seed 122 --steps 300 --lr 6e-4 --batch 16 --warmup 20 --decay 0.5 --retrieval-weight 3 --eval-every 150 \
+  --k-start 8 --k-max 8 --video-frac 0.35 --password-frac 0.5 "${SHIPPED[@]}" \
+  --weights needle=3,text_needle=1,spot_difference=0,count=0,video_direction=2,video_colour=1
 echo "chain finished: every stage in this file is in $T"
 }
 main "$@"
