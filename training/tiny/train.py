@@ -673,7 +673,7 @@ def parse_weights(text: str) -> dict[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.tiny.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="mmkv/assets/mmkv-tiny-qwen2vl", help="where the trained model is exported")
+    p.add_argument("--out", default="training/tiny-v1/model", help="where a v1 run exports its model (v2 stages: --stage-out)")
     p.add_argument("--work", default=".cache/tiny-train", help="checkpoint + log directory (resumes from it)")
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (raise it to continue a run)")
     p.add_argument(
@@ -795,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     v2 = args.arch == "v2"
     if v2 and args.out == build_parser().get_default("out"):
-        args.out = None  # v2 stages never write over the shipped v1 model; pass --out to export one
+        args.out = None  # v2 stages write --stage-out; pass --out to export one as well
     if args.retrieval_layer is None:
         args.retrieval_layer = 3 if v2 else 2
     if v2 and args.image_size is None:
