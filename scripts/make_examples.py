@@ -148,7 +148,8 @@ def tasked_examples(
                 "answer": f"The password is {needle.password}.",
                 "method": "lookm",
                 "budget": 0.05,
-                "shows": "Text prior: at 5% LOOK-M keeps the sentence while most image tokens go; SnapKV and H2O lose it.",
+                "shows": "Text prior: at 5% LOOK-M keeps the sentence while most image tokens go; H2O (attention "
+                "accumulated over the prompt) and PyramidKV (thin upper layers) lose it.",
             },
         ),
         (
@@ -158,8 +159,9 @@ def tasked_examples(
                 "files": images,
                 "answer": expected_answer(needle, "needle", late),
                 "method": "madakv",
-                "budget": 0.5,
-                "shows": "Per-head budgets: MadaKV gives each KV head its own share by modality preference (Inspect).",
+                "budget": 0.3,
+                "shows": "Per-head budgets: MadaKV gives each KV head its own share by modality preference (Inspect); "
+                "at 30% it keeps image 7, where SnapKV and H2O, one share per head, answer image 8.",
             },
         ),
         (
@@ -206,6 +208,18 @@ def tasked_examples(
                 "budget": 0.5,
                 "params": {"decode_evict": True},
                 "shows": "Decode-time eviction: H2O drops one cached token per head at every generated token (replay).",
+            },
+        ),
+        (
+            "video_direction",
+            {
+                "text": "Which way does the ball move?",
+                "files": ["ball.webm"],
+                "answer": expected_answer(video, "video_direction", "Which way does the ball move?"),
+                "method": "meda",
+                "budget": 0.2,
+                "shows": "Layer budgets from cross-modal entropy: at 20% MEDA keeps the ball's motion; SnapKV and H2O, "
+                "with the same share in every layer, lose it (Compare; Inspect shows MEDA's per-layer budgets).",
             },
         ),
     ]

@@ -116,10 +116,9 @@ SHIPPED=(--spot-frac 0 --count-frac 0 --diff-weight 0 --presence-weight 0)
 stage v1 m1 --seed 141 --steps 300 --lr 1e-3 "${COMMON[@]}" --eval-every 150 --k-start 8 --k-max 8 \
   --video-frac 0.6 --password-frac 0.5 "${SHIPPED[@]}" \
   --weights needle=2,text_needle=1,spot_difference=0,count=0,video_direction=3,video_colour=2
-# ---- m2: the shipped tasks at K = 8, LR down, a long decay
-stage m2 v1 --seed 122 --steps 300 --lr 6e-4 --batch 16 --warmup 20 --decay 0.5 --retrieval-weight 3 --eval-every 150 \
-  --k-start 8 --k-max 8 --video-frac 0.35 --password-frac 0.5 "${SHIPPED[@]}" \
-  --weights needle=3,text_needle=1,spot_difference=0,count=0,video_direction=2,video_colour=1
+# v1 met the bar (held-out 100 per task with mmkv.generate, Full: needle@8 0.98, text_needle@8 1.00,
+# video_direction 1.00, video_colour 0.98) and is the shipped model (scripts/ship_tiny.py training/tiny-v2/v1).
+# An anneal stage queued after it (m2, LR 6e-4) was stopped at step 30 and removed from the chain.
 echo "chain finished: every stage in this file is in $T"
 }
 main "$@"

@@ -48,24 +48,29 @@ def test_suggested_method_answers_at_its_budget(store, item):
     assert _answer(store, item, item["method"], item["budget"], item.get("params")) == item["answer"]
 
 
-def test_text_prior_example_separates_lookm_from_query_aware_eviction(store):
-    """The LOOK-M example's claim, run through Compare: at its budget LOOK-M keeps the text fact and
-    answers; SnapKV and H2O, which rank tokens by attention alone, lose it."""
-    item = next(e for e in EXAMPLES if e["method"] == "lookm")
-    res = H.compare(
-        store,
-        H.AppState(),
-        _message(item),
-        ["lookm", "snapkv", "h2o"],
-        item["budget"],
-        0,
-        "",
-        True,
-        16,
-        8,
-        False,
-        Limits(),
-    )
-    answers = {r["method"]: r["answer"] for r in res.rows}
-    assert answers["full"] == answers["lookm"] == item["answer"]
-    assert answers["snapkv"] != item["answer"] and answers["h2o"] != item["answer"]
+def _compare(store: ModelStore, item: dict, methods: list[str]) -> dict[str, str]:
+    res = H.compare(store, H.AppState(), _message(item), methods, item["budget"], 0, "", True, 16, 8, False, Limits())
+    return {r["method"]: r["answer"] for r in res.rows}
+
+
+# What each example's ``shows`` line claims, run through Compare at the example's budget: the suggested method
+# (and Full) answer, the methods the line names lose the answer.
+CLAIMS = {
+    # text prior: LOOK-M keeps the sentence; H2O's accumulated attention and PyramidKV's thin upper layers lose it
+    "lookm": ["h2o", "pyramidkv"],
+    # per-head budgets: MadaKV keeps image 7 where one share per head (SnapKV, H2O) answers image 8
+    "madakv": ["snapkv", "h2o"],
+    # per-layer budgets: MEDA keeps the ball's motion where the same share in every layer loses it
+    "meda": ["snapkv", "h2o"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(CLAIMS))
+def test_example_claim_separates_its_method_from_the_named_ones(store, method):
+    item = next(e for e in EXAMPLES if e["method"] == method and "followup" not in e)
+    losers = CLAIMS[method]
+    for name in losers:
+        assert name in item["shows"].lower(), (name, item["shows"])
+    answers = _compare(store, item, [method, *losers])
+    assert answers["full"] == answers[method] == item["answer"]
+    assert all(answers[m] != item["answer"] for m in losers), answers

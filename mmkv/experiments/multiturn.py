@@ -43,7 +43,15 @@ import torch
 from ..methods import METHODS
 from ..models import load
 from ..runtime.conversation import Conversation
-from ..tiny.tasks import Episode, MultiImageScene, check_answer, expected_answer, make_image_scene
+from ..tiny.tasks import (
+    IMAGE_SIZE,
+    Episode,
+    MultiImageScene,
+    check_answer,
+    expected_answer,
+    make_image_scene,
+    suite_of,
+)
 
 TASK = "needle"
 IMAGES = 8
@@ -117,8 +125,9 @@ class FollowupSample:
         return self.episode().context_parts()
 
 
-def make_followup_sample(seed: Any, k: int = IMAGES) -> FollowupSample:
-    """One two-turn sample, deterministic in ``(seed, k)`` (its own random namespace, ``mmkv-tiny/followup/``).
+def make_followup_sample(seed: Any, k: int = IMAGES, size: int = IMAGE_SIZE) -> FollowupSample:
+    """One two-turn sample, deterministic in ``(seed, k, size)`` (its own random namespace, ``mmkv-tiny/followup/``);
+    ``size``: px per image, the model's suite (:func:`mmkv.tiny.tasks.suite_of`; 112 px is v1's flat grey).
 
     Scenes come from :func:`mmkv.tiny.tasks.make_image_scene` (as ``make_sample``'s needle scenes); a scene
     is redrawn until two unique pairs lie in different images. Turn 1 and turn 2 ask about a unique pair in
@@ -126,7 +135,7 @@ def make_followup_sample(seed: Any, k: int = IMAGES) -> FollowupSample:
     """
     rng = random.Random(f"mmkv-tiny/followup/{seed}/{k}")
     while True:
-        scene = make_image_scene(rng, k)
+        scene = make_image_scene(rng, k, size=size)
         pairs = unique_pairs(scene)
         images = sorted(set(pairs.values()))
         if len(images) >= 2:
@@ -137,10 +146,10 @@ def make_followup_sample(seed: Any, k: int = IMAGES) -> FollowupSample:
     return FollowupSample(str(seed), scene, first, second, pairs[first], pairs[second])
 
 
-def followup_set(n: int, seed: int = 10_000, k: int = IMAGES) -> list[FollowupSample]:
+def followup_set(n: int, seed: int = 10_000, k: int = IMAGES, size: int = IMAGE_SIZE) -> list[FollowupSample]:
     """``n`` held-out samples, seeds ``followup-heldout-<seed>-<i>`` (disjoint from training's
     ``mmkv-tiny-train/`` and from the single-question ``heldout-`` sets)."""
-    return [make_followup_sample(f"{SEED_PREFIX}-{seed}-{i}", k) for i in range(n)]
+    return [make_followup_sample(f"{SEED_PREFIX}-{seed}-{i}", k, size) for i in range(n)]
 
 
 class FullMismatch(AssertionError):
@@ -289,6 +298,7 @@ def run_followup_eval(
     seed: int = 10_000,
     *,
     samples: Sequence[FollowupSample] | None = None,
+    size: int = IMAGE_SIZE,
     max_new_tokens: int = MAX_NEW_TOKENS,
     sink: Any = None,
     progress: bool = False,
@@ -297,13 +307,13 @@ def run_followup_eval(
 
     ``methods``: default every method in :data:`mmkv.METHODS`; Full runs once, at budget 1.0, and first, and its
     answers must agree kept vs re-read (:func:`check_full`). ``samples``: default :func:`followup_set` (``n``,
-    ``seed``). ``sink``: called with each cell's records as the cell ends (e.g. to append them to a file).
+    ``seed``, ``size``: px per image, the model's suite). ``sink``: called with each cell's records as the cell ends (e.g. to append them to a file).
     """
     methods = list(methods) if methods is not None else sorted(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
-    samples = list(samples) if samples is not None else followup_set(n, seed)
+    samples = list(samples) if samples is not None else followup_set(n, seed, size=size)
     cells: list[tuple[str, float | int]] = [("full", 1.0)] if "full" in methods else []
     cells += [(m, b) for m in methods if m != "full" for b in budgets]
     records: list[dict[str, Any]] = []
@@ -507,6 +517,7 @@ def _run(args: argparse.Namespace, methods: list[str], budgets: list[float | int
             budgets,
             args.samples,
             args.seed,
+            size=suite_of(args.model).size(TASK) or IMAGE_SIZE,
             max_new_tokens=args.max_new_tokens,
             sink=sink,
             progress=True,
