@@ -77,10 +77,10 @@ def test_kept_cache_answers_like_a_reread_and_prefills_only_the_new_turn(store):
     )
 
 
-def test_a_first_question_costs_snapkv_the_second_and_not_h2o(store):
-    """SnapKV scores with the first question: at 0.5 it keeps the red circle's image and drops the blue
-    square's, so the follow-up fails with a kept cache and succeeds when the conversation is re-read. H2O's
-    accumulated attention is not tied to one question and answers both."""
+def test_a_first_question_costs_the_second_with_a_kept_cache_and_not_when_reread(store):
+    """SnapKV scores with the first question: at 0.2 it keeps the orange circle's image and drops the blue
+    square's, so the follow-up fails with a kept cache and succeeds when the conversation is re-read (turn 2
+    compressed with its own question). H2O, compared in the example, loses the second image with a kept cache too."""
     expected = [expected_answer(SCENE, "needle", q) for q in (FIRST, SECOND)]
     assert expected == [EXAMPLE["answer"], EXAMPLE["followup_answer"]]
     method, budget = EXAMPLE["method"], EXAMPLE["budget"]
@@ -88,7 +88,8 @@ def test_a_first_question_costs_snapkv_the_second_and_not_h2o(store):
     assert snap[0] == expected[0] and snap[1] != expected[1], snap
     assert [_answer(u) for u in _turns(store, H.AppState(), method, budget, keep=False)] == expected
     for other in EXAMPLE["compare"]:
-        assert [_answer(u) for u in _turns(store, H.AppState(), other, budget, keep=True)] == expected, other
+        kept = [_answer(u) for u in _turns(store, H.AppState(), other, budget, keep=True)]
+        assert kept[0] == expected[0] and kept[1] != expected[1], (other, kept)
 
 
 def test_compare_runs_a_two_question_conversation_per_method(store):
@@ -104,8 +105,9 @@ def test_compare_runs_a_two_question_conversation_per_method(store):
     assert "two-question conversations" in res.status
     answers = {r["method"]: r["answer"] for r in res.rows}
     expected = [expected_answer(SCENE, "needle", q) for q in (FIRST, SECOND)]
-    assert answers["full"] == " ⟶ ".join(expected) and answers["h2o"] == answers["full"]
-    assert answers["snapkv"].startswith(expected[0]) and not answers["snapkv"].endswith(expected[1])
+    assert answers["full"] == " ⟶ ".join(expected)
+    for method in (EXAMPLE["method"], *EXAMPLE["compare"]):  # turn 1 right, turn 2 lost with the kept cache
+        assert answers[method].startswith(expected[0]) and not answers[method].endswith(expected[1]), answers
     assert all(r.get("kl") is None for r in res.rows)
     assert all(label.endswith("turn 2") for label in res.state.runs)
 
