@@ -132,7 +132,10 @@ def test_full_answers_the_example_and_labels_come_from_the_template(bundled):
     )
     assert "Image 1:" not in bare and bare.count("<|vision_start|>") == len(FILES)
     prepared = adapter_for(model).prepare(model, processor, chat)
-    assert prepared.modality.counts()["image"] == len(FILES) * 16
+    from PIL import Image
+
+    side = Image.open(FILES[0]).size[0] // 28  # 14 px patches, 2 x 2 merged: one token per 28 px cell
+    assert prepared.modality.counts()["image"] == len(FILES) * side * side
 
 
 def test_the_shipped_template_is_the_trainers(bundled):

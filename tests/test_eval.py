@@ -287,14 +287,17 @@ def test_report_sets_the_papers_figure_and_source_beside_ours_only_where_all_key
 
 
 def test_synthetic_samples_follow_the_models_suite() -> None:
-    """`mmkv eval` draws the evaluated model's own image sizes (training_metrics.json's suite): the bundled
-    model's are today's defaults; a v2 suite gives 168 px shaded images and two 196 px pictures."""
-    from mmkv.tiny.tasks import V2_SUITE, heldout_set
+    """`mmkv eval` draws the evaluated model's own image sizes (training_metrics.json's suite): no suite gives
+    the generator's defaults (v1: 112 px flat grey); the bundled model (v2) 168 px shaded images and two
+    196 px pictures."""
+    from mmkv.tiny.tasks import V1_SUITE, V2_SUITE, heldout_set
 
     plain = mmkv_eval.synthetic_samples(["needle", "video_colour"], 2, 3, 10_000)
     assert [
-        (s.question, s.scene) for s in mmkv_eval.synthetic_samples(["needle", "video_colour"], 2, 3, 10_000, SUITE)
+        (s.question, s.scene) for s in mmkv_eval.synthetic_samples(["needle", "video_colour"], 2, 3, 10_000, V1_SUITE)
     ] == [(s.question, s.scene) for s in plain]
     assert [s.scene for s in plain[:2]] == [s.scene for s in heldout_set("needle", 2, 3, 10_000)]
-    v2 = mmkv_eval.synthetic_samples(["needle", "spot_difference"], 2, 8, 10_000, V2_SUITE)
+    assert [(s.scene.size, s.scene.shaded) for s in plain[:2]] == [(112, False)] * 2
+    assert SUITE == V2_SUITE.__class__.from_json(SUITE.to_json()) and SUITE.version == 2
+    v2 = mmkv_eval.synthetic_samples(["needle", "spot_difference"], 2, 8, 10_000, SUITE)
     assert [(s.scene.size, s.scene.shaded, s.scene.k) for s in v2] == [(168, True, 8)] * 2 + [(196, True, 2)] * 2

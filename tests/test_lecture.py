@@ -82,7 +82,7 @@ def test_example_runs_open_and_inspect_without_loading_a_model():
     assert [n for _, n in H.example_run_choices()] == NAMES
     state, status = H.open_runs(H.AppState(), H.example_run_files(NAMES))
     assert list(state.runs) == [_label(n) for n in NAMES] and state.last == _label(NAMES[-1])
-    assert status.startswith("Opened 5 saved runs")
+    assert status.startswith(f"Opened {len(NAMES)} saved runs")
     for entry in INDEX:
         run = state.runs[_label(entry["file"])]
         assert (run.trace.method, run.trace.budget, run.answer) == (entry["method"], entry["budget"], entry["answer"])
@@ -156,6 +156,7 @@ def test_compare_saved_runs_rows_follow_the_recorded_numbers(full_run_file):
     # caption is the mean over the picture's cells of the share of (layer, KV head) pairs keeping the cell
     captions = [c for _, c in res.gallery]
     assert [c.split(" @ ")[0] for c in captions] == ["SnapKV"] * 3 + ["HybridKV"]
+    fully_evicted = 0  # SnapKV pictures with a cell no (layer, KV head) pair keeps
     traces = {"SnapKV": load_run(files[0]).trace, "HybridKV": load_run(files[1]).trace}
     for img, caption in res.gallery:
         assert isinstance(img, Image.Image)
@@ -172,8 +173,11 @@ def test_compare_saved_runs_rows_follow_the_recorded_numbers(full_run_file):
         kept = [set(k) for lt in trace.layers for k in lt.kept]
         share = np.mean([sum(p in k for k in kept) / len(kept) for p in cells])
         assert f"— {100 * share:.0f}% kept" in caption, (caption, share)
-        if caption.startswith("SnapKV"):  # cells every pair evicted: the vermillion hatch at full strength
+        if caption.startswith("SnapKV") and any(all(p not in k for k in kept) for p in cells):
+            # a cell every (layer, KV head) pair evicted: the vermillion hatch at full strength
             assert (np.asarray(img).reshape(-1, 3) == EVICTED).all(1).any(), caption
+            fully_evicted += 1
+    assert fully_evicted >= 1
     assert list(state.runs) == ["saved · chat · full @ 1 · turn 1", _label("01-snapkv.mmkvrun"), _label(HYBRID)]
     assert Path(res.report_path).is_file() and Path(res.traces_path).is_file()
 

@@ -458,7 +458,7 @@ def test_ship_tiny_writes_the_v2_model_dir_and_follows_it(tmp_path, monkeypatch)
     assert "6 layers, 8 attention heads over 4 KV heads" in card and "scripts/train_tiny_v2.sh" in card
 
     items = make_examples.tasked_examples(model=out)
-    assert {t for t, _ in items} == {"needle", "text_needle", "spot_difference", "video_colour"}
+    assert {t for t, _ in items} == {"needle", "text_needle", "spot_difference", "video_direction", "video_colour"}
     needle, _video = make_examples.task_scenes(model=out)
     assert (needle.size, needle.shaded) == (168, True) and make_examples.spot_scene(out).size == 196
     assert all(item["answer"] for _t, item in items)
