@@ -260,6 +260,62 @@ def train_chain(tmp_path: Path) -> None:
         build_parser().parse_args(["--threads", "2", "--eval-n", "64", *shlex.split(call)])
 
 
+def v2_chain_stages() -> list[tuple[str, str, list[str]]]:
+    """``scripts/train_tiny_v2.sh``'s stages as (name, input stage, trainer arguments), arrays and variables expanded."""
+    script = (ROOT / "scripts" / "train_tiny_v2.sh").read_text().replace("\\\n", " ")
+    script = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))
+    variables = dict(re.findall(r"^(\w+)=([^(\s]\S*)$", script, re.M))
+    arrays = dict(re.findall(r"^(\w+)=\((.*?)\)\s*$", script, re.M | re.S))
+
+    def expand(text: str) -> str:
+        text = re.sub(r'"\$\{(\w+)\[@\]\}"', lambda m: expand(arrays[m.group(1)]), text)
+        return re.sub(r"\$\{?(\w+)\}?", lambda m: variables[m.group(1)], text)
+
+    stages = re.findall(r"^stage (\w+) (\w+) (.*)$", script, re.M)
+    return [(name, source, shlex.split(expand(rest))) for name, source, rest in stages]
+
+
+def train_chain_v2(tmp_path: Path) -> None:
+    """The v2 chain (hours of CPU) as far as a test can: every stage in the script is committed in
+    training/tiny-v2/ and ran with exactly the script's arguments (its recorded args.json, parsed by the
+    trainer's own parser), each from the stage before it, back to g0 (grown from v1); the last one is the
+    bundled model, byte for byte."""
+    from training.tiny.train import build_parser
+
+    stages = v2_chain_stages()
+    assert [s[0] for s in stages][:1] == ["s1"] and len(stages) >= 7
+    previous = "g0"
+    for name, source, argv in stages:
+        assert source == previous, (name, source)
+        fixed = ["--arch", "v2", "--threads", "2", "--eval-n", "64", "--init", f"training/tiny-v2/{source}"]
+        fixed += ["--work", f".cache/tiny-v2/{name}", "--stage-out", f"training/tiny-v2/{name}"]
+        parsed = vars(build_parser().parse_args([*fixed, *argv]))
+        recorded = json.loads((ROOT / "training" / "tiny-v2" / name / "args.json").read_text())
+        # set by the trainer after parsing for v2: no v1 export, the retrieval layer 3, 168 px images
+        parsed.update(out=None, retrieval_layer=3, image_size=parsed["image_size"] or 168)
+        assert {k: parsed[k] for k in recorded} == recorded, name
+        previous = name
+    bundled = json.loads((ROOT / "mmkv" / "assets" / "mmkv-tiny-qwen2vl" / "training_metrics.json").read_text())
+    assert bundled["stage"] == previous and [c["stage"] for c in bundled["chain"]] == ["g0", *[s[0] for s in stages]]
+    shipped = (ROOT / "mmkv" / "assets" / "mmkv-tiny-qwen2vl" / "model.safetensors").read_bytes()
+    assert shipped == (ROOT / "training" / "tiny-v2" / previous / "model.safetensors").read_bytes()
+
+
+def ship_tiny(tmp_path: Path) -> None:
+    """The README's ship command verifies the stage and writes the bundled folder; here into a temporary folder,
+    3 held-out samples per task: the same model bytes, suite and shipped tasks as the bundled model."""
+    stage = "training/tiny-v2/v1"
+    out = tmp_path / "model"
+    _run([sys.executable, "scripts/ship_tiny.py", stage, "--out", str(out), "--samples", "3", "--threads", "1"], ROOT)
+    bundled = ROOT / "mmkv" / "assets" / "mmkv-tiny-qwen2vl"
+    assert (out / "model.safetensors").read_bytes() == (bundled / "model.safetensors").read_bytes()
+    ours, theirs = (json.loads((d / "training_metrics.json").read_text()) for d in (out, bundled))
+    assert ours["suite"] == theirs["suite"] and ours["n_per_task"] == 3
+    assert set(ours["shipped_tasks"]) >= {
+        "needle"
+    }  # 3 samples decide little; the bundled model's 100 are tested elsewhere
+
+
 def eval_synthetic(tmp_path: Path) -> None:
     """As written: the CPU defaults (Full + 4 methods, 5 samples per task) at two budgets."""
     out = _run([*_mmkv("eval"), "--model", "bundled", "--budgets", "0.1,0.2", "--out", "eval-results"], tmp_path)
@@ -356,6 +412,8 @@ MIRRORS: dict[str, Callable[[Path], None]] = {
     "mmkv bench --model tiny-wide --budgets 0.2": bench_tiny_wide,
     "mmkv bench --model qwen2.5-vl-7b --contexts 8192,32768,65536 --budgets 0.1,0.2": bench_gpu_shape,
     "bash scripts/train_tiny.sh .cache/tiny-replay/model": train_chain,
+    "bash scripts/train_tiny_v2.sh": train_chain_v2,
+    "python scripts/ship_tiny.py training/tiny-v2/v1": ship_tiny,
     "mmkv eval --model bundled --budgets 0.1,0.2 --out eval-results": eval_synthetic,
     "mmkv eval --report eval-results/results.jsonl --out report": eval_report,
 }

@@ -673,7 +673,9 @@ def parse_weights(text: str) -> dict[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.tiny.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="training/tiny-v1/model", help="where a v1 run exports its model (v2 stages: --stage-out)")
+    p.add_argument(
+        "--out", default="training/tiny-v1/model", help="where a v1 run exports its model (v2 stages: --stage-out)"
+    )
     p.add_argument("--work", default=".cache/tiny-train", help="checkpoint + log directory (resumes from it)")
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (raise it to continue a run)")
     p.add_argument(
