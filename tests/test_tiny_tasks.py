@@ -378,6 +378,10 @@ def test_shipped_model_answers_heldout_set(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, processor = mmkv.models.load(ASSET, device="cpu")
     assert (ASSET / "model.safetensors").stat().st_size <= 25 * 2**20
+    text = model.config.text_config  # grouped-query attention with layers and heads worth drawing
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert text.num_hidden_layers >= 6 and text.num_attention_heads >= 8 and text.num_key_value_heads >= 4
+    assert text.num_attention_heads > text.num_key_value_heads
     suite = suite_of(ASSET)  # the tasks and image sizes the model was trained on
     tasks = _shipped_tasks()
     assert tasks and set(tasks) <= set(suite.tasks)
@@ -389,6 +393,23 @@ def test_shipped_model_answers_heldout_set(monkeypatch):
             out = mmkv.generate(model, processor, s.chat, method="full", max_new_tokens=16, record_attention=False)
             right += s.check(out.text)
         assert right / n >= 0.95, f"{task}: {right}/{n}"
+
+
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="the teaching model is not in mmkv/assets/")
+def test_shipped_image_prompts_are_mostly_visual_as_in_the_papers():
+    """Every shipped task's prompt at its hardest setting, built as users build it (the model's processor and
+    chat template through the adapter), is at least 75% visual tokens (the papers' regime: 576 per LLaVA image)."""
+    import mmkv
+    from mmkv.models import adapter_for
+    from mmkv.tiny.tasks import suite_of
+
+    model, processor = mmkv.models.load(ASSET, device="cpu")
+    suite = suite_of(ASSET)
+    for task in _shipped_tasks():
+        for s in suite.heldout(task, 5, suite.hardest(task), seed=777):
+            counts = adapter_for(model).prepare(model, processor, s.chat).modality.counts()
+            visual = counts.get("image", 0) + counts.get("video", 0)
+            assert visual / sum(counts.values()) >= 0.75, (task, counts)
 
 
 def test_example_answers_are_what_the_scenes_imply():
