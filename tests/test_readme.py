@@ -179,6 +179,8 @@ def mmkv_run_trace(tmp_path: Path) -> None:
     trace = json.loads((cwd / "trace.json").read_text())
     assert trace["method"] == "adakv" and trace["budget"] == 0.3 and "trace written to trace.json" in out.stdout
     assert len(trace["generated_ids"]) >= 1
+    answer = out.stdout.splitlines()[0]  # the README: AdaKV at 30% evicts the circle and names another image
+    assert answer.startswith("The orange circle is in image ") and answer != "The orange circle is in image 1.", answer
     import mmkv
 
     run = mmkv.load_run(cwd / "needle.mmkvrun")  # the same run, with thumbnails and tokens, opens without the model
