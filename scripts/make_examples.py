@@ -224,9 +224,10 @@ def tasked_examples(
         ),
     ]
     # A two-question conversation (Chat keeps the compressed cache between the questions; Compare's follow-up):
-    # the first question about the earliest image, the follow-up about the latest one. Appended last, so the
+    # the first question about an earlier image, the follow-up about the latest one. Appended last, so the
     # example runs (scripts/make_runs.py, one turn each; it skips this one) keep their numbers.
-    earlier = first
+    # a first question of its own (the examples are picked by their text), about an image before the follow-up's
+    earlier = next((q for q in questions if "purple circle" in q), questions[1])
     items.append(
         (
             "needle",
@@ -238,9 +239,9 @@ def tasked_examples(
                 "followup_answer": expected_answer(needle, "needle", late),
                 "method": "snapkv",
                 "budget": 0.2,
-                "compare": ["h2o"],
+                "compare": ["adakv"],
                 "shows": f'A first question costs the second: send this, then ask "{late}". With the cache kept, '
-                "SnapKV scored the cache with the first question and lost the second image (so does H2O; Compare "
+                "SnapKV scored the cache with the first question and lost the second image (so does AdaKV; Compare "
                 "runs both questions); with the switch off the conversation is re-read and SnapKV answers both.",
             },
         )

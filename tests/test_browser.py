@@ -155,6 +155,7 @@ def test_app_in_chromium(app_url):
                 page.locator("#chat-examples").get_by_text(example["text"].splitlines()[-1], exact=False).first.click()
                 expect(box).to_have_value(example["text"])
                 expect(page.locator("#chat-method input")).to_have_value(example["method"])  # the example sets it
+                expect(page.locator("#chat-budget input").first).to_have_value(str(example["budget"]))
                 box.press("Enter")
                 expect(page.locator("#chat-status")).to_contain_text("Done", timeout=90_000)
                 answer = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").last
@@ -163,9 +164,13 @@ def test_app_in_chromium(app_url):
                 if example.get("followup"):  # the two-question example: the kept cache lost the second image
                     box.fill(example["followup"])
                     box.press("Enter")
-                    expect(page.locator("#chat-summary")).to_contain_text("kept for the next turn", timeout=90_000)
+                    # wait for turn 2 itself: its summary and its own answer (turn 1's are on the page meanwhile)
+                    expect(page.locator("#chat-summary")).to_contain_text("turn 2", timeout=90_000)
+                    expect(page.locator("#chat-summary")).to_contain_text("kept for the next turn")
                     expect(page.locator("#chat-status")).to_contain_text("Done")
+                    expect(page.locator("#chatbot [data-testid='bot']")).to_have_count(2)
                     second = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").last
+                    expect(second).to_contain_text("The blue square is in image")
                     expect(second).not_to_contain_text(example["followup_answer"])
                     page.screenshot(path=str(ARTIFACTS / "app-chat-followup.png"), full_page=True)
             expect(page.locator("#chat-summary")).to_contain_text("KV bytes")

@@ -78,9 +78,9 @@ def test_kept_cache_answers_like_a_reread_and_prefills_only_the_new_turn(store):
 
 
 def test_a_first_question_costs_the_second_with_a_kept_cache_and_not_when_reread(store):
-    """SnapKV scores with the first question: at 0.2 it keeps the orange circle's image and drops the blue
+    """SnapKV scores with the first question: at 0.2 it keeps the purple circle's image and drops the blue
     square's, so the follow-up fails with a kept cache and succeeds when the conversation is re-read (turn 2
-    compressed with its own question). H2O, compared in the example, loses the second image with a kept cache too."""
+    compressed with its own question). AdaKV, compared in the example, loses the second image with a kept cache too."""
     expected = [expected_answer(SCENE, "needle", q) for q in (FIRST, SECOND)]
     assert expected == [EXAMPLE["answer"], EXAMPLE["followup_answer"]]
     method, budget = EXAMPLE["method"], EXAMPLE["budget"]
