@@ -530,8 +530,11 @@ class AppUI:
         shown[self.step] = gr.Slider(minimum=0, maximum=steps - 1, value=0, step=1, interactive=steps > 1)
         return shown | self.on_inspect(state, label, None, None, alpha) | self.on_replay(state, label, 0, None, None)
 
-    def on_open_runs(self, files, examples, state) -> dict[Any, Any]:
-        """Open saved runs (uploads and/or shipped examples) in Inspect; the newest is selected."""
+    def on_open_runs(self, files, examples, state, present=False) -> dict[Any, Any]:
+        """Open saved runs (uploads and/or shipped examples) in Inspect; the newest is selected. ``present``: the
+        presentation switch as shown, so the runs are drawn at its size even when this event overtook the switch's
+        own (both return the session state: the later one would otherwise undo the other's flag)."""
+        state.present = bool(present)
         try:
             state, status = H.open_runs(state, [*(files or []), *H.example_run_files(examples)])
         except Exception as exc:  # noqa: BLE001
@@ -931,7 +934,7 @@ class AppUI:
             )
             self.open_btn.click(
                 self.on_open_runs,
-                [self.ins_files, self.ins_examples, state],
+                [self.ins_files, self.ins_examples, state, self.present],
                 [state, self.ins_summary, self.run_dd],
                 **light,
             )
