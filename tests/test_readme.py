@@ -282,7 +282,7 @@ def train_chain_v2(tmp_path: Path) -> None:
     training/tiny-v2/ and ran with exactly the script's arguments (its recorded args.json, parsed by the
     trainer's own parser), each from the stage before it, back to g0 (grown from v1); the last one is the
     bundled model, byte for byte."""
-    from training.tiny.train import build_parser
+    from training.tiny.train import build_parser, resolve_defaults
 
     stages = v2_chain_stages()
     assert [s[0] for s in stages][:1] == ["s1"] and len(stages) >= 7
@@ -291,10 +291,8 @@ def train_chain_v2(tmp_path: Path) -> None:
         assert source == previous, (name, source)
         fixed = ["--arch", "v2", "--threads", "2", "--eval-n", "64", "--init", f"training/tiny-v2/{source}"]
         fixed += ["--work", f".cache/tiny-v2/{name}", "--stage-out", f"training/tiny-v2/{name}"]
-        parsed = vars(build_parser().parse_args([*fixed, *argv]))
+        parsed = vars(resolve_defaults(build_parser().parse_args([*fixed, *argv])))
         recorded = json.loads((ROOT / "training" / "tiny-v2" / name / "args.json").read_text())
-        # set by the trainer after parsing for v2: no v1 export, the retrieval layer 3, 168 px images
-        parsed.update(out=None, retrieval_layer=3, image_size=parsed["image_size"] or 168)
         assert {k: parsed[k] for k in recorded} == recorded, name
         previous = name
     bundled = json.loads((ROOT / "mmkv" / "assets" / "mmkv-tiny-qwen2vl" / "training_metrics.json").read_text())

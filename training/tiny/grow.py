@@ -69,7 +69,7 @@ V2_TEXT = {
 V2_VISION = {"hidden_size": 256}  # the merger's output width = the text hidden size
 V2_MAX_PIXELS = 196 * 196  # spot_difference's pictures (49 tokens); the other image tasks use 168 px (36)
 NEW_AFTER = (1, 3)  # v2 = [v1.0, v1.1, new, v1.2, v1.3, new]
-V1_ASSET = Path(__file__).resolve().parents[2] / "training" / "tiny-v1"  # v1 as shipped until v2 (a copy)
+V1_ASSET = Path(__file__).resolve().parents[1] / "tiny-v1"  # training/tiny-v1: v1 as shipped until v2 (a copy)
 
 
 def build_v2_config(tokenizer: Any) -> Any:

@@ -671,6 +671,18 @@ def parse_weights(text: str) -> dict[str, float]:
     return out
 
 
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """The defaults that depend on ``--arch``, filled in place after parsing (what a run records in args.json)."""
+    v2 = args.arch == "v2"
+    if v2 and args.out == build_parser().get_default("out"):
+        args.out = None  # v2 stages write --stage-out; pass --out to export one as well
+    if args.retrieval_layer is None:
+        args.retrieval_layer = 3 if v2 else 2
+    if v2 and args.image_size is None:
+        args.image_size = V2_SIZES["needle"]
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.tiny.train", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -795,13 +807,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .model import build_model, build_processor, save
 
+    resolve_defaults(args)
     v2 = args.arch == "v2"
-    if v2 and args.out == build_parser().get_default("out"):
-        args.out = None  # v2 stages write --stage-out; pass --out to export one as well
-    if args.retrieval_layer is None:
-        args.retrieval_layer = 3 if v2 else 2
-    if v2 and args.image_size is None:
-        args.image_size = V2_SIZES["needle"]
     ship_tasks = V2_TASKS if v2 else TASKS
     if v2:
         from .grow import build_v2_model, build_v2_processor
